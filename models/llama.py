@@ -1,0 +1,102 @@
+"""The Llama family (Llama, Mistral, Qwen2) as one graph builder.
+
+The three differ only in configuration: qkv bias (Qwen2), sliding window (Mistral),
+rope scaling (Llama 3). Projections that read the same input are stored
+concatenated (q|k|v and gate|up), as the fused kernels want them.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from fusec.fusion.dtypes import DType
+from fusec.fusion.ir import Graph
+from fusec.models.config import ModelConfig
+
+T = "T"
+INPUTS = ("token_ids", "positions", "slot_mapping", "block_tables", "context_lens",
+          "query_start_loc", "logits_indices")
+
+
+def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight the graph reads, by name, with its shape."""
+    h, qkv = cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size
+    shapes: dict[str, tuple[int, ...]] = {"embed_tokens": (cfg.vocab_size, h), "norm": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        shapes[p + "input_norm"] = (h,)
+        shapes[p + "qkv"] = (qkv, h)
+        if cfg.qkv_bias:
+            shapes[p + "qkv_bias"] = (qkv,)
+        shapes[p + "o"] = (h, cfg.q_size)
+        if cfg.o_bias:
+            shapes[p + "o_bias"] = (h,)
+        shapes[p + "post_norm"] = (h,)
+        shapes[p + "gate_up"] = (2 * cfg.intermediate_size, h)
+        shapes[p + "down"] = (h, cfg.intermediate_size)
+    return shapes
+
+
+def kv_cache_shape(cfg: ModelConfig, block_size: int) -> tuple[int | str, ...]:
+    return (2, "NB", block_size, cfg.num_kv_heads, cfg.head_dim)
+
+
+def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size: int = 16) -> Graph:
+    g = Graph(f"{cfg.architecture}-{cfg.num_layers}L")
+    h, hd = cfg.hidden_size, cfg.head_dim
+    ids = g.input("token_ids", (T,))
+    positions = g.input("positions", (T,))
+    slots = g.input("slot_mapping", (T,))
+    tables = g.input("block_tables", ("S", "B"))
+    ctx_lens = g.input("context_lens", ("S",))
+    qstart = g.input("query_start_loc", ("S1",))
+    logit_rows = g.input("logits_indices", ("L",))
+    w = {name: g.weight(name, shape, dtype) for name, shape in weight_shapes(cfg).items()}
+    rope_freqs = tuple(float(f) for f in inv_freq)
+
+    x = g.op("embed", [ids, w["embed_tokens"]], (T, h), dtype, name="embed")
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        residual = x
+        x = g.op("rms_norm", [x, w[p + "input_norm"]], (T, h), dtype, name=p + "input_norm.out",
+                 eps=cfg.rms_norm_eps, layer=i)
+        qkv_cols = cfg.q_size + 2 * cfg.kv_size
+        qkv = g.op("matmul", [x, w[p + "qkv"]], (T, qkv_cols), dtype, name=p + "qkv.out", layer=i)
+        if cfg.qkv_bias:
+            qkv = g.op("bias_add", [qkv, w[p + "qkv_bias"]], (T, qkv_cols), dtype,
+                       name=p + "qkv_bias.out", layer=i)
+        q = g.op("slice", [qkv], (T, cfg.q_size), dtype, name=p + "q", start=0, stop=cfg.q_size, layer=i)
+        k = g.op("slice", [qkv], (T, cfg.kv_size), dtype, name=p + "k",
+                 start=cfg.q_size, stop=cfg.q_size + cfg.kv_size, layer=i)
+        v = g.op("slice", [qkv], (T, cfg.kv_size), dtype, name=p + "v",
+                 start=cfg.q_size + cfg.kv_size, stop=qkv_cols, layer=i)
+        q = g.op("rope", [q, positions], (T, cfg.q_size), dtype, name=p + "q_rope",
+                 n_heads=cfg.num_heads, head_dim=hd, inv_freq=rope_freqs, layer=i)
+        k = g.op("rope", [k, positions], (T, cfg.kv_size), dtype, name=p + "k_rope",
+                 n_heads=cfg.num_kv_heads, head_dim=hd, inv_freq=rope_freqs, layer=i)
+        cache = g.state(p + "kv_cache", kv_cache_shape(cfg, block_size), dtype)
+        cache = g.op("kv_write", [k, v, cache, slots], kv_cache_shape(cfg, block_size), dtype,
+                     name=p + "kv_write", layer=i)
+        attn = g.op("attention", [q, cache, tables, ctx_lens, qstart], (T, cfg.q_size), dtype,
+                    name=p + "attention", n_heads=cfg.num_heads, n_kv_heads=cfg.num_kv_heads,
+                    head_dim=hd, scale=hd ** -0.5, sliding_window=cfg.sliding_window, layer=i)
+        o = g.op("matmul", [attn, w[p + "o"]], (T, h), dtype, name=p + "o.out", layer=i)
+        if cfg.o_bias:
+            o = g.op("bias_add", [o, w[p + "o_bias"]], (T, h), dtype, name=p + "o_bias.out", layer=i)
+        x = g.op("add", [residual, o], (T, h), dtype, name=p + "attn_residual", layer=i)
+        residual = x
+        x = g.op("rms_norm", [x, w[p + "post_norm"]], (T, h), dtype, name=p + "post_norm.out",
+                 eps=cfg.rms_norm_eps, layer=i)
+        inter = cfg.intermediate_size
+        gu = g.op("matmul", [x, w[p + "gate_up"]], (T, 2 * inter), dtype, name=p + "gate_up.out", layer=i)
+        act = g.op("silu_mul", [gu], (T, inter), dtype, name=p + "silu_mul", layer=i)
+        down = g.op("matmul", [act, w[p + "down"]], (T, h), dtype, name=p + "down.out", layer=i)
+        x = g.op("add", [residual, down], (T, h), dtype, name=p + "mlp_residual", layer=i)
+
+    x = g.op("rms_norm", [x, w["norm"]], (T, h), dtype, name="final_norm", eps=cfg.rms_norm_eps)
+    x = g.op("gather_rows", [x, logit_rows], ("L", h), dtype, name="logit_rows")
+    head = w["embed_tokens"] if cfg.tie_word_embeddings else w["lm_head"]
+    logits = g.op("matmul", [x, head], ("L", cfg.vocab_size), DType.F32, name="logits")
+    g.set_outputs(logits)
+    return g

