@@ -30,12 +30,12 @@ def validate_prompts(model: Model, prompts: Sequence[Sequence[int]], max_model_l
     limit = context_limit(model, max_model_len)
     for i, p in enumerate(prompts):
         if not p:
-            raise InputError(f"prompt {i} is empty")
+            raise InputError(f"prompt {i + 1} is empty")
         if len(p) >= limit:
-            raise InputError(f"prompt {i} has {len(p)} tokens; the context holds {limit} "
+            raise InputError(f"prompt {i + 1} has {len(p)} tokens; the context holds {limit} "
                              f"(prompt plus at least one generated token)")
         if max(p) >= model.config.vocab_size or min(p) < 0:
-            raise InputError(f"prompt {i} has token ids outside the vocabulary (0..{model.config.vocab_size - 1})")
+            raise InputError(f"prompt {i + 1} has token ids outside the vocabulary (0..{model.config.vocab_size - 1})")
     return limit
 
 

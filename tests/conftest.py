@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny random HF checkpoints written by transformers itself, and the
+default model. The HF oracle (torch + transformers) is imported only here and in tests."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    name: str
+    arch: str
+    kwargs: dict
+
+
+# Odd sizes everywhere; between them they cover GQA (and MQA), tied and untied
+# embeddings, qkv bias, Llama-3 rope scaling, an explicit head_dim and a sliding window.
+TINY_SPECS = [
+    TinySpec("llama", "llama", dict(
+        vocab_size=301, hidden_size=72, intermediate_size=136, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        tie_word_embeddings=False, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 5000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    TinySpec("mistral", "mistral", dict(
+        vocab_size=257, hidden_size=80, intermediate_size=150, num_hidden_layers=2,
+        num_attention_heads=5, num_key_value_heads=1, max_position_embeddings=128,
+        tie_word_embeddings=True, sliding_window=7, rms_norm_eps=1e-6)),
+    TinySpec("qwen2", "qwen2", dict(
+        vocab_size=311, hidden_size=60, intermediate_size=98, num_hidden_layers=3,
+        num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=128,
+        tie_word_embeddings=True, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+]
+
+
+def make_hf_model(spec: TinySpec, seed: int = 0):
+    import torch
+    import transformers
+
+    cls_config, cls_model = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[spec.arch]
+    config = cls_config(**spec.kwargs, attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = cls_model(config).eval()
+    # HF's init (std 0.02) gives near-uniform logits; larger weights make the test sharp.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """name -> directory written by `save_pretrained` (float32 safetensors)."""
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for spec in TINY_SPECS:
+        path = root / spec.name
+        make_hf_model(spec).save_pretrained(path, safe_serialization=True)
+        out[spec.name] = path
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    from fusec.models.loader import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)

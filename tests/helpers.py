@@ -1,0 +1,35 @@
+"""Small assertions and builders shared by tests."""
+from __future__ import annotations
+
+import numpy as np
+
+from fusec.models.loader import Model
+from fusec.runtime.model_runner import ModelRunner, SequenceChunk
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert np.isfinite(got).all()
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def scattered_tables(num_blocks: int, per_seq: list[int], seed: int = 0) -> list[list[int]]:
+    """Disjoint, shuffled block tables, so paging bugs cannot hide behind contiguity."""
+    ids = np.random.default_rng(seed).permutation(num_blocks)
+    out, at = [], 0
+    for n in per_seq:
+        out.append([int(b) for b in ids[at:at + n]])
+        at += n
+    return out
+
+
+def poisoned_runner(model: Model, num_blocks: int, block_size: int) -> ModelRunner:
+    """A runner whose KV cache starts as NaN: reading an unwritten slot poisons the output."""
+    runner = ModelRunner(model, num_blocks, block_size)
+    for cache in runner.kv_state.values():
+        cache.fill(np.nan)
+    return runner
+
+
+__all__ = ["rel_err", "scattered_tables", "poisoned_runner", "SequenceChunk"]
