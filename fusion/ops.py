@@ -26,6 +26,10 @@ class OpSpec:
     arity: int
     reference: Callable[..., np.ndarray]
     doc: str
+    # Fusion legality: an elementwise op reads only the elements it writes; any other op
+    # reads whole rows. A split-output op (a GEMV) writes each row from many blocks.
+    elementwise: bool = False
+    split_output: bool = False
 
 
 def _registry(*specs: OpSpec) -> dict[str, OpSpec]:
@@ -129,10 +133,10 @@ def gather_rows(x: np.ndarray, indices: np.ndarray) -> np.ndarray:
 
 OPS: dict[str, OpSpec] = _registry(
     OpSpec("embed", 2, embed, "rows of an embedding table: (ids[T], table[V, H]) -> [T, H]"),
-    OpSpec("add", 2, add, "elementwise sum"),
+    OpSpec("add", 2, add, "elementwise sum", elementwise=True),
     OpSpec("rms_norm", 2, rms_norm, "x / rms(x) * w over the last axis; attr eps"),
-    OpSpec("matmul", 2, matmul, "x[T, K] @ w[N, K]^T"),
-    OpSpec("bias_add", 2, bias_add, "x + b, b broadcast over rows"),
+    OpSpec("matmul", 2, matmul, "x[T, K] @ w[N, K]^T", split_output=True),
+    OpSpec("bias_add", 2, bias_add, "x + b, b broadcast over rows", elementwise=True),
     OpSpec("slice", 1, slice_cols, "columns [start, stop)"),
     OpSpec("rope", 2, rope, "rotary embedding (rotate-half) of x[T, heads*hd] at positions[T]"),
     OpSpec("kv_write", 4, kv_write, "(k, v, cache, slot_mapping) -> cache with rows written"),

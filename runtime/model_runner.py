@@ -6,7 +6,10 @@ from typing import Sequence
 
 import numpy as np
 
+from fusec.fusion.cache import KernelCache
+from fusec.fusion.codegen.target import HOST
 from fusec.fusion.interpreter import Interpreter
+from fusec.fusion.plan import PlanOptions
 from fusec.models.loader import Model
 
 
@@ -46,16 +49,27 @@ def build_inputs(chunks: Sequence[SequenceChunk], block_size: int, all_logits: b
 
 
 class ModelRunner:
-    """Runs a model's unfused graph with the reference interpreter over a paged KV cache."""
+    """Runs a model's graph over a paged KV cache: with the reference interpreter of the
+    unfused graph, or (fused=True) the compiled plans on the host backend."""
 
-    def __init__(self, model: Model, num_blocks: int, block_size: int = 16) -> None:
+    def __init__(self, model: Model, num_blocks: int, block_size: int = 16, fused: bool = False,
+                 cache: KernelCache | None = None) -> None:
         self.model = model
         self.block_size = block_size
-        self.interpreter = Interpreter(model.graph(block_size), model.weights)
-        self.kv_state = self.interpreter.new_state({"NB": num_blocks})
+        graph = model.graph(block_size)
+        if fused:
+            from fusec.kernels.registry import default_registry
+            from fusec.runtime.backends.cpu import CpuExecutor
+
+            options = PlanOptions(HOST, max_positions=model.config.max_position_embeddings)
+            self.executor: Interpreter | CpuExecutor = CpuExecutor(graph, model.weights, default_registry(),
+                                                                   options, cache)
+        else:
+            self.executor = Interpreter(graph, model.weights)
+        self.kv_state = self.executor.new_state({"NB": num_blocks})
 
     def execute(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> np.ndarray:
         """Logits (float32) of each chunk's last token, or of every token with all_logits."""
         inputs = build_inputs(chunks, self.block_size, all_logits)
-        (logits,) = self.interpreter.run(inputs, self.kv_state).values()
+        (logits,) = self.executor.run(inputs, self.kv_state).values()
         return logits

@@ -1,0 +1,100 @@
+"""Content-addressed kernel cache on disk.
+
+key = SHA-256 over the kernel's IR text, the target (triple, CPU, features), the
+compile options and the llvmlite / LLVM / fusec versions. Each entry stores a header
+with the SHA-256 of its payload, so a truncated or corrupted file is detected,
+discarded and rebuilt, never loaded. Writes go to a temporary file in the same folder
+and are renamed into place, so concurrent compiles never see a torn file.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import llvmlite
+import llvmlite.binding as llvm
+
+from fusec import __version__
+
+log = logging.getLogger(__name__)
+MAGIC = b"FUSEC-ARTIFACT 1\n"
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("FUSEC_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(base).expanduser() / "fusec"
+
+
+def artifact_key(ir_text: str, target_fingerprint: str, options: str = "") -> str:
+    h = hashlib.sha256()
+    for part in (ir_text, target_fingerprint, options, llvmlite.__version__,
+                 ".".join(map(str, llvm.llvm_version_info)), __version__):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    corrupt: int = 0
+    hit_names: list[str] = field(default_factory=list)
+    miss_names: list[str] = field(default_factory=list)
+
+
+class KernelCache:
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root is not None else default_cache_dir()
+        self.stats = CacheStats()
+
+    def path(self, key: str, suffix: str) -> Path:
+        return self.root / key[:2] / f"{key}{suffix}"
+
+    def get_or_build(self, key: str, suffix: str, build: Callable[[], bytes], label: str = "") -> bytes:
+        path = self.path(key, suffix)
+        payload = self._read(path)
+        if payload is not None:
+            self.stats.hits += 1
+            self.stats.hit_names.append(label or key)
+            return payload
+        self.stats.misses += 1
+        self.stats.miss_names.append(label or key)
+        payload = build()
+        self._write(path, payload)
+        return payload
+
+    def _read(self, path: Path) -> bytes | None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        header_end = len(MAGIC) + 65
+        if data[: len(MAGIC)] == MAGIC and len(data) >= header_end:
+            digest, payload = data[len(MAGIC): header_end - 1].decode("ascii", "replace"), data[header_end:]
+            if hashlib.sha256(payload).hexdigest() == digest:
+                return payload
+        self.stats.corrupt += 1
+        log.warning("discarding corrupt cache entry %s", path)
+        path.unlink(missing_ok=True)
+        return None
+
+    def _write(self, path: Path, payload: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

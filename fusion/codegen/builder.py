@@ -1,0 +1,304 @@
+"""An SPMD kernel builder over llvmlite.ir, with one body for two targets.
+
+A kernel runs as a grid of blocks, each with `lanes()` lanes. On NVPTX lanes are
+threads (a multiple of 32), reductions are warp shuffles plus shared memory, shared
+arrays live in shared memory. On the host a block has one lane, reductions are the
+identity, and an exported launcher loops over a range of blocks so the backend can
+split the grid across CPU threads. Write every kernel to be correct for any lane
+count: that is what lets the host target check GPU kernels' arithmetic and indexing.
+
+Values are llvmlite values: i32 for indices, float for data (loads convert f16/bf16
+to float, stores convert back), i64 for large offsets.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from llvmlite import ir
+
+from fusec.fusion.codegen.target import Target
+from fusec.fusion.dtypes import DType
+
+F32, F16, I16, I32, I64, I1 = ir.FloatType(), ir.HalfType(), ir.IntType(16), ir.IntType(32), ir.IntType(64), ir.IntType(1)
+PTR = ir.PointerType()
+FAST = ("reassoc", "contract")  # lets LLVM vectorize and reorder reductions
+WARP = 32
+PARAM_TYPES = {"ptr": PTR, "i32": I32, "f32": F32}
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: str  # "ptr" | "i32" | "f32"
+
+
+class Var:
+    """A mutable scalar (an alloca that LLVM promotes to a register)."""
+
+    def __init__(self, kb: "KernelBuilder", typ: ir.Type, init: ir.Value) -> None:
+        self.kb, self.typ = kb, typ
+        self.ptr = kb._alloca(typ)
+        kb.b.store(init, self.ptr)
+
+    def get(self) -> ir.Value:
+        return self.kb.b.load(self.ptr, typ=self.typ)
+
+    def set(self, value: ir.Value) -> None:
+        self.kb.b.store(value, self.ptr)
+
+
+class KernelBuilder:
+    def __init__(self, name: str, target: Target, params: Sequence[Param]) -> None:
+        self.name, self.target, self.params = name, target, tuple(params)
+        self.module = ir.Module(name=name)
+        self.module.triple = target.triple
+        self.module.data_layout = str(target.machine().target_data)
+        types = [PARAM_TYPES[p.kind] for p in params]
+        if target.is_gpu:
+            self.fn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), types), name=name)
+            self.fn.calling_convention = "ptx_kernel"
+        else:
+            self.fn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), types + [I32, I32]),
+                                  name=f"{name}_block")
+            self.fn.linkage = "internal"
+            self.fn.attributes.add("alwaysinline")
+        for arg, p in zip(self.fn.args, params):
+            arg.name = p.name
+            if p.kind == "ptr":
+                arg.add_attribute("noalias")
+        self.args = {p.name: a for p, a in zip(params, self.fn.args)}
+        self._alloca_block = self.fn.append_basic_block("allocas")
+        self._allocas = ir.IRBuilder(self._alloca_block)
+        self.b = ir.IRBuilder(self.fn.append_basic_block("start"))
+        self._reduce_scratch: ir.Value | None = None
+
+    def __getitem__(self, name: str) -> ir.Value:
+        return self.args[name]
+
+    # -- constants and conversions ------------------------------------------------
+    @staticmethod
+    def i32(v: int) -> ir.Constant:
+        return ir.Constant(I32, int(v))
+
+    @staticmethod
+    def i64(v: int) -> ir.Constant:
+        return ir.Constant(I64, int(v))
+
+    @staticmethod
+    def f32(v: float) -> ir.Constant:
+        return ir.Constant(F32, float(v))
+
+    def wide(self, v: ir.Value) -> ir.Value:
+        """An index as i64 (sign-extended), for offsets that may pass 2**31."""
+        return v if v.type == I64 else self.b.sext(v, I64)
+
+    def to_f32(self, v: ir.Value) -> ir.Value:
+        return v if v.type == F32 else self.b.sitofp(v, F32)
+
+    def var(self, init: ir.Value) -> Var:
+        return Var(self, init.type, init)
+
+    def _alloca(self, typ: ir.Type, count: int | None = None) -> ir.Value:
+        return self._allocas.alloca(typ, size=None if count is None else ir.Constant(I32, count))
+
+    # -- grid -----------------------------------------------------------------------
+    def _sreg(self, name: str) -> ir.Value:
+        fn = self.module.globals.get(f"llvm.nvvm.read.ptx.sreg.{name}")
+        if fn is None:
+            fn = ir.Function(self.module, ir.FunctionType(I32, []), f"llvm.nvvm.read.ptx.sreg.{name}")
+        return self.b.call(fn, [])
+
+    def block_id(self, axis: int = 0) -> ir.Value:
+        if self.target.is_gpu:
+            return self._sreg("ctaid." + "xyz"[axis])
+        return self.fn.args[len(self.params) + axis]
+
+    def lane(self) -> ir.Value:
+        return self._sreg("tid.x") if self.target.is_gpu else self.i32(0)
+
+    def lanes(self) -> ir.Value:
+        return self._sreg("ntid.x") if self.target.is_gpu else self.i32(1)
+
+    # -- control flow ---------------------------------------------------------------
+    @contextmanager
+    def loop(self, start: ir.Value | int, stop: ir.Value | int, step: ir.Value | int = 1) -> Iterator[ir.Value]:
+        """for i in range(start, stop, step) with step > 0."""
+        b = self.b
+        start = self.i32(start) if isinstance(start, int) else start
+        stop = self.i32(stop) if isinstance(stop, int) else stop
+        step = self.i32(step) if isinstance(step, int) else step
+        pre = b.block
+        header = self.fn.append_basic_block("loop")
+        body = self.fn.append_basic_block("body")
+        after = self.fn.append_basic_block("after")
+        b.branch(header)
+        b.position_at_end(header)
+        i = b.phi(I32, name="i")
+        i.add_incoming(start, pre)
+        b.cbranch(b.icmp_signed("<", i, stop), body, after)
+        b.position_at_end(body)
+        yield i
+        nxt = b.add(i, step, flags=["nsw"])
+        i.add_incoming(nxt, b.block)
+        b.branch(header)
+        b.position_at_end(after)
+
+    def lane_loop(self, stop: ir.Value | int) -> contextmanager:
+        """for i in range(lane, stop, lanes): the lane-strided loop."""
+        return self.loop(self.lane(), stop, self.lanes())
+
+    @contextmanager
+    def when(self, cond: ir.Value) -> Iterator[None]:
+        with self.b.if_then(cond):
+            yield
+
+    # -- memory ---------------------------------------------------------------------
+    @staticmethod
+    def _elem(dtype: DType) -> ir.Type:
+        return {DType.F32: F32, DType.F16: F16, DType.BF16: I16, DType.I32: I32}[dtype]
+
+    def addr(self, ptr: ir.Value, index: ir.Value, dtype: DType) -> ir.Value:
+        return self.b.gep(ptr, [self.wide(index)], inbounds=True, source_etype=self._elem(dtype))
+
+    def load(self, ptr: ir.Value, index: ir.Value, dtype: DType) -> ir.Value:
+        """Element `index` of `ptr` as float (int32 stays i32)."""
+        b = self.b
+        raw = b.load(self.addr(ptr, index, dtype), typ=self._elem(dtype))
+        if dtype is DType.F16:
+            return b.fpext(raw, F32)
+        if dtype is DType.BF16:
+            return b.bitcast(b.shl(b.zext(raw, I32), self.i32(16)), F32)
+        return raw
+
+    def store(self, ptr: ir.Value, index: ir.Value, value: ir.Value, dtype: DType) -> None:
+        b = self.b
+        if dtype is DType.F16:
+            value = b.fptrunc(value, F16)
+        elif dtype is DType.BF16:
+            value = self._f32_to_bf16(value)
+        b.store(value, self.addr(ptr, index, dtype))
+
+    def _f32_to_bf16(self, v: ir.Value) -> ir.Value:
+        """Round to nearest even, NaN kept NaN (same as fusion.dtypes.f32_to_bf16_bits)."""
+        b = self.b
+        bits = b.bitcast(v, I32)
+        lsb = b.and_(b.lshr(bits, self.i32(16)), self.i32(1))
+        rounded = b.lshr(b.add(bits, b.add(lsb, self.i32(0x7FFF))), self.i32(16))
+        is_nan = b.fcmp_unordered("uno", v, v)
+        return b.trunc(b.select(is_nan, self.i32(0x7FC0), rounded), I16)
+
+    def shared(self, n: int, name: str) -> ir.Value:
+        """A per-block float array of n elements (shared memory on the GPU)."""
+        if not self.target.is_gpu:
+            return self._alloca(F32, n)
+        gv = ir.GlobalVariable(self.module, ir.ArrayType(F32, n), f"{self.name}_{name}", addrspace=3)
+        gv.linkage = "internal"
+        gv.initializer = ir.Constant(ir.ArrayType(F32, n), ir.Undefined)
+        gv.align = 16
+        return self.b.addrspacecast(gv, PTR)
+
+    def barrier(self) -> None:
+        if self.target.is_gpu:
+            fn = self.module.globals.get("llvm.nvvm.barrier.cta.sync.aligned.all")
+            if fn is None:
+                fn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), [I32]),
+                                 "llvm.nvvm.barrier.cta.sync.aligned.all")
+            self.b.call(fn, [self.i32(0)])
+
+    # -- arithmetic -----------------------------------------------------------------
+    def fadd(self, a: ir.Value, c: ir.Value) -> ir.Value:
+        return self.b.fadd(a, c, flags=FAST)
+
+    def fmul(self, a: ir.Value, c: ir.Value) -> ir.Value:
+        return self.b.fmul(a, c, flags=FAST)
+
+    def _intrinsic(self, name: str, args: Sequence[ir.Value], ret: ir.Type = F32) -> ir.Value:
+        fn = self.module.globals.get(name)
+        if fn is None:
+            fn = ir.Function(self.module, ir.FunctionType(ret, [a.type for a in args]), name)
+        return self.b.call(fn, list(args))
+
+    def sqrt(self, x: ir.Value) -> ir.Value:
+        return self._intrinsic("llvm.sqrt.f32", [x])
+
+    def exp(self, x: ir.Value) -> ir.Value:
+        if self.target.is_gpu:  # ex2.approx: about 2 ulp, no libm on the device
+            return self._intrinsic("llvm.nvvm.ex2.approx.ftz.f", [self.b.fmul(x, self.f32(math.log2(math.e)))])
+        return self._intrinsic("llvm.exp.f32", [x])
+
+    def fmax(self, a: ir.Value, c: ir.Value) -> ir.Value:
+        return self._intrinsic("llvm.maxnum.f32", [a, c])
+
+    def fmin(self, a: ir.Value, c: ir.Value) -> ir.Value:
+        return self._intrinsic("llvm.minnum.f32", [a, c])
+
+    def imin(self, a: ir.Value, c: ir.Value) -> ir.Value:
+        return self.b.select(self.b.icmp_signed("<", a, c), a, c)
+
+    def imax(self, a: ir.Value, c: ir.Value) -> ir.Value:
+        return self.b.select(self.b.icmp_signed(">", a, c), a, c)
+
+    # -- cross-lane -----------------------------------------------------------------
+    def _shfl(self, v: ir.Value, offset: int) -> ir.Value:
+        return self._intrinsic("llvm.nvvm.shfl.sync.bfly.f32",
+                               [self.i32(-1), v, self.i32(offset), self.i32(WARP - 1)])
+
+    def reduce(self, v: ir.Value, op: str = "add") -> ir.Value:
+        """The sum (op "add"), "max" or "min" of v over the block's lanes; every lane gets
+        it. Call it from all lanes (it holds barriers); on the GPU the lane count is a
+        multiple of 32."""
+        if not self.target.is_gpu:
+            return v
+        combine = {"add": self.fadd, "max": self.fmax, "min": self.fmin}[op]
+        identity = self.f32({"add": 0.0, "max": -math.inf, "min": math.inf}[op])
+
+        def warp_reduce(x: ir.Value) -> ir.Value:
+            for off in (16, 8, 4, 2, 1):
+                x = combine(x, self._shfl(x, off))
+            return x
+
+        if self._reduce_scratch is None:
+            self._reduce_scratch = self.shared(WARP, "reduce")
+        scratch, b = self._reduce_scratch, self.b
+        v = warp_reduce(v)
+        lane = self.lane()
+        self.barrier()  # earlier reads of the scratch are done
+        with self.when(b.icmp_unsigned("==", b.and_(lane, self.i32(WARP - 1)), self.i32(0))):
+            b.store(v, self.addr(scratch, b.lshr(lane, self.i32(5)), DType.F32))
+        self.barrier()
+        warps = b.lshr(self.lanes(), self.i32(5))
+        mine = self.var(identity)
+        with self.when(b.icmp_unsigned("<", lane, warps)):
+            mine.set(b.load(self.addr(scratch, lane, DType.F32), typ=F32))
+        return warp_reduce(mine.get())
+
+    # -- finishing ------------------------------------------------------------------
+    def finish(self) -> ir.Module:
+        self.b.ret_void()
+        self._allocas.branch(self.fn.blocks[1])
+        if not self.target.is_gpu:
+            self._host_launcher()
+        return self.module
+
+    def _host_launcher(self) -> None:
+        """void name(params..., i32 grid_x, i32 begin, i32 end): blocks begin..end-1."""
+        types = [PARAM_TYPES[p.kind] for p in self.params]
+        fn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), types + [I32, I32, I32]), name=self.name)
+        *args, grid_x, begin, end = fn.args
+        b = ir.IRBuilder(fn.append_basic_block("entry"))
+        header, body, done = (fn.append_basic_block(n) for n in ("loop", "body", "done"))
+        entry = b.block
+        b.branch(header)
+        b.position_at_end(header)
+        i = b.phi(I32)
+        i.add_incoming(begin, entry)
+        b.cbranch(b.icmp_signed("<", i, end), body, done)
+        b.position_at_end(body)
+        b.call(self.fn, [*args, b.srem(i, grid_x), b.sdiv(i, grid_x)])
+        i.add_incoming(b.add(i, ir.Constant(I32, 1)), b.block)
+        b.branch(header)
+        b.position_at_end(done)
+        b.ret_void()

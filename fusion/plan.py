@@ -1,0 +1,211 @@
+"""From a graph to Plans: fusion by the pattern registry, ordering, buffer planning.
+
+A `Plan` is an ordered list of `Launch`es for one bucket: "gemv" (T <= crossover:
+fused GEMV kernels) or "gemm" (library GEMMs with fused row kernels between them).
+Values keep their graph node names. A launch's arguments name values, runtime dims
+or plan constants (e.g. RoPE cos/sin tables).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import networkx as nx
+import numpy as np
+
+from fusec.fusion.codegen.target import Target
+from fusec.fusion.ir import Graph, Node
+from fusec.fusion.patterns import BUCKETS, Match, Registry
+
+log = logging.getLogger(__name__)
+
+# An op whose output IS one of its inputs, updated in place (the KV cache).
+IN_PLACE = {"kv_write": 2}
+
+
+@dataclass(frozen=True)
+class Arg:
+    """A launch argument: a value ("value"), the key or value half of a KV cache
+    ("k_cache" / "v_cache"), a plan constant ("const") or a runtime dim ("dim")."""
+
+    kind: str
+    name: str
+
+
+@dataclass
+class Launch:
+    name: str
+    pattern: str
+    nodes: tuple[str, ...]
+    kind: str  # "kernel" | "gemm" | "reference"
+    args: tuple[Arg, ...]
+    outputs: tuple[str, ...]
+    grid_dims: Mapping[str, str] = field(default_factory=dict)  # kernel dim -> graph dim
+    kernel: Any = None  # a fusec.kernels.base.Kernel for kind "kernel"
+    layer: int | None = None
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.args if a.kind in ("value", "k_cache", "v_cache"))
+
+
+@dataclass
+class LowerContext:
+    """What a pattern's `lower` needs besides the match."""
+
+    graph: Graph
+    target: Target
+    bucket: str
+    max_positions: int
+    constants: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def kernel_launch(self, match: Match, kernel: Any, args: Mapping[str, Arg], outputs: tuple[str, ...],
+                      grid_dims: Mapping[str, str]) -> Launch:
+        missing = [p.name for p in kernel.params() if p.name not in args]
+        if missing:
+            raise ValueError(f"{match.pattern.name}: no argument for kernel params {missing}")
+        ordered = tuple(args[p.name] for p in kernel.params())
+        return Launch(name="", pattern=match.pattern.name, nodes=(), kind="kernel", args=ordered,
+                      outputs=outputs, grid_dims=dict(grid_dims), kernel=kernel)
+
+
+@dataclass
+class Plan:
+    bucket: str
+    target: Target
+    launches: list[Launch]
+    slots: dict[str, int]  # intermediate value -> buffer slot (liveness-based reuse)
+    aliases: dict[str, str]  # value -> the state buffer it is (in-place ops)
+    constants: dict[str, np.ndarray]
+    graph: Graph
+
+    @property
+    def num_slots(self) -> int:
+        return len(set(self.slots.values()))
+
+    def kernels(self) -> list[Any]:
+        """Distinct kernels, in first-use order."""
+        seen: dict[str, Any] = {}
+        for launch in self.launches:
+            if launch.kernel is not None:
+                seen.setdefault(launch.kernel.name, launch.kernel)
+        return list(seen.values())
+
+    def resolve(self, value: str) -> str:
+        while value in self.aliases:
+            value = self.aliases[value]
+        return value
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    target: Target
+    max_positions: int
+    crossover: int = 8  # the largest T served by the "gemv" plan
+
+
+def dead_code_elimination(graph: Graph) -> set[str]:
+    """Names of op nodes that no graph output depends on."""
+    live: set[str] = set(graph.outputs)
+    for out in graph.outputs:
+        live |= nx.ancestors(graph.nx, out)
+    return {n.name for n in graph.ops() if n.name not in live}
+
+
+def fuse(graph: Graph, registry: Registry, ctx: LowerContext) -> list[tuple[Match, Launch]]:
+    """Greedy matching in priority order; every live op ends up in exactly one group."""
+    dead = dead_code_elimination(graph)
+    if dead:
+        log.info("dropping %d dead ops", len(dead))
+    order = {n.name: i for i, n in enumerate(graph.nodes())}
+    op_names = [n.name for n in graph.ops() if n.name not in dead]
+    ops = graph.nx.subgraph(op_names)
+    claimed: set[str] = set()
+    groups: list[tuple[Match, Launch]] = []
+    for pattern in registry.for_bucket(ctx.bucket):
+        found = sorted(pattern.matches(graph, ops), key=lambda m: max(order[n] for n in m.names))
+        for match in found:
+            if match.names & claimed or (pattern.constraint and not pattern.constraint(match)):
+                continue
+            launch = pattern.lower(match, ctx)
+            claimed |= match.names
+            groups.append((match, launch))
+    for name in op_names:
+        if name not in claimed:
+            groups.append((None, _reference_launch(graph.node(name), ctx)))  # type: ignore[arg-type]
+    return groups
+
+
+def _reference_launch(node: Node, ctx: LowerContext) -> Launch:
+    """An op no pattern covers runs its numpy reference, on the host only. In-place ops
+    (the KV cache write) cannot: the host backend's state is in storage dtype."""
+    if ctx.target.is_gpu or node.kind in IN_PLACE:
+        raise ValueError(f"no kernel pattern covers op {node.name} ({node.kind}) for {ctx.target.arch}")
+    return Launch(name=node.name, pattern=f"reference:{node.kind}", nodes=(node.name,), kind="reference",
+                  args=tuple(Arg("value", i) for i in node.inputs), outputs=(node.name,), layer=node.layer)
+
+
+def build_plan(graph: Graph, registry: Registry, options: PlanOptions, bucket: str) -> Plan:
+    if bucket not in BUCKETS:
+        raise ValueError(f"unknown bucket {bucket!r}")
+    ctx = LowerContext(graph, options.target, bucket, options.max_positions)
+    groups = fuse(graph, registry, ctx)
+    owner: dict[str, int] = {}
+    position = {n: i for i, n in enumerate(graph.nx.nodes)}
+    for gi, (match, launch) in enumerate(groups):
+        nodes = tuple(sorted(match.names)) if match is not None else launch.nodes
+        launch.nodes = nodes
+        layers = [graph.node(n).layer for n in nodes if graph.node(n).layer is not None]
+        launch.layer = max(layers) if layers else None
+        if not launch.name:
+            launch.name = max(nodes, key=position.__getitem__)
+        for n in nodes:
+            owner[n] = gi
+    # order groups topologically by the dependencies between their nodes
+    deps = nx.DiGraph()
+    deps.add_nodes_from(range(len(groups)))
+    for u, v in graph.nx.edges:
+        if u in owner and v in owner and owner[u] != owner[v]:
+            deps.add_edge(owner[u], owner[v])
+    first = {gi: min(position[n] for n in groups[gi][1].nodes) for gi in range(len(groups))}
+    order = list(nx.lexicographical_topological_sort(deps, key=first.__getitem__))
+    launches = [groups[gi][1] for gi in order]
+    aliases = {n.name: n.inputs[IN_PLACE[n.kind]] for n in graph.ops() if n.kind in IN_PLACE}
+    plan = Plan(bucket, options.target, launches, {}, aliases, ctx.constants, graph)
+    plan.slots = plan_buffers(plan)
+    return plan
+
+
+def plan_buffers(plan: Plan) -> dict[str, int]:
+    """Assign each intermediate value a slot; a slot is reused once its value is dead."""
+    graph = plan.graph
+    sources = {n.name for n in graph.nodes() if n.is_source}
+    last_use: dict[str, int] = {}
+    for i, launch in enumerate(plan.launches):
+        for v in launch.inputs:
+            last_use[plan.resolve(v)] = i
+    for out in graph.outputs:
+        last_use[plan.resolve(out)] = len(plan.launches)
+    slots: dict[str, int] = {}
+    free: list[int] = []
+    live: dict[str, int] = {}
+    next_slot = 0
+    for i, launch in enumerate(plan.launches):
+        for v in [v for v in live if last_use.get(v, -1) < i]:
+            free.append(live.pop(v))
+        for out in launch.outputs:
+            value = plan.resolve(out)
+            if value in sources or value in slots:
+                continue
+            if free:
+                slot = free.pop(0)
+            else:
+                slot, next_slot = next_slot, next_slot + 1
+            slots[value] = slot
+            live[value] = slot
+    return slots
+
+
+def build_plans(graph: Graph, registry: Registry, options: PlanOptions) -> dict[str, Plan]:
+    return {bucket: build_plan(graph, registry, options, bucket) for bucket in BUCKETS}

@@ -1,0 +1,79 @@
+"""What every kernel generator provides, and shared helpers for writing bodies."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar, Mapping
+
+from llvmlite import ir
+
+from fusec.fusion.codegen.builder import KernelBuilder, Param
+from fusec.fusion.codegen.target import Target
+from fusec.fusion.dtypes import DType
+
+GPU_LANES = 128  # threads per block unless a kernel says otherwise
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A kernel specialised on its static shape, dtypes and options.
+
+    Subclasses are frozen dataclasses (their fields are the specialisation), set
+    `family`, and implement `params`, `grid` and `body`. `name` is unique per
+    specialisation, so identical kernels across layers are compiled once.
+    """
+
+    family: ClassVar[str] = "kernel"
+
+    @property
+    def name(self) -> str:
+        spec = repr(sorted((k, str(v)) for k, v in asdict(self).items()))
+        return f"{self.family}_{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
+
+    def describe(self) -> str:
+        parts = [f"{f.name}={getattr(self, f.name).value if isinstance(getattr(self, f.name), DType) else getattr(self, f.name)}"
+                 for f in fields(self)]
+        return f"{self.family}({', '.join(parts)})"
+
+    def params(self) -> list[Param]:
+        raise NotImplementedError
+
+    def grid(self, dims: Mapping[str, int]) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def lanes(self, target: Target) -> int:
+        return GPU_LANES if target.is_gpu else 1
+
+    def body(self, kb: KernelBuilder) -> None:
+        raise NotImplementedError
+
+    def build(self, target: Target) -> str:
+        """LLVM IR text of this kernel for `target`."""
+        kb = KernelBuilder(self.name, target, self.params())
+        self.body(kb)
+        return str(kb.finish())
+
+
+def round_to(kb: KernelBuilder, v: ir.Value, dtype: DType) -> ir.Value:
+    """v rounded to dtype's precision and back to float (what a store + load would do)."""
+    b = kb.b
+    if dtype is DType.F16:
+        return b.fpext(b.fptrunc(v, ir.HalfType()), ir.FloatType())
+    if dtype is DType.BF16:
+        bits = b.zext(kb._f32_to_bf16(v), ir.IntType(32))
+        return b.bitcast(b.shl(bits, kb.i32(16)), ir.FloatType())
+    return v
+
+
+def row_offset(kb: KernelBuilder, row: ir.Value, width: int) -> ir.Value:
+    """row * width as i64."""
+    return kb.b.mul(kb.wide(row), kb.i64(width))
+
+
+def silu(kb: KernelBuilder, g: ir.Value) -> ir.Value:
+    b = kb.b
+    return b.fdiv(g, b.fadd(kb.f32(1.0), kb.exp(b.fneg(g))))
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)

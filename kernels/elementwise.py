@@ -1,0 +1,178 @@
+"""Row-wise kernels between library GEMMs (and the odd standalone op): one block per row."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+from fusec.fusion.codegen.builder import KernelBuilder, Param
+from fusec.fusion.dtypes import DType
+from fusec.kernels.base import Kernel, round_to, row_offset, silu
+
+
+class RowKernel(Kernel):
+    """Grid: one block per row of `num_rows`."""
+
+    def grid(self, dims: Mapping[str, int]) -> tuple[int, int]:
+        return dims["num_rows"], 1
+
+    @staticmethod
+    def _params(*names: str) -> list[Param]:
+        return [Param(n, "ptr") for n in names] + [Param("num_rows", "i32")]
+
+
+@dataclass(frozen=True)
+class Embed(RowKernel):
+    family = "embed"
+    cols: int
+    table: DType
+    out: DType
+
+    def params(self) -> list[Param]:
+        return self._params("ids", "table", "y")
+
+    def body(self, kb: KernelBuilder) -> None:
+        b, r = kb.b, kb.block_id(0)
+        src = row_offset(kb, kb.load(kb["ids"], r, DType.I32), self.cols)
+        dst = row_offset(kb, r, self.cols)
+        with kb.lane_loop(self.cols) as i:
+            v = kb.load(kb["table"], b.add(src, kb.wide(i)), self.table)
+            kb.store(kb["y"], b.add(dst, kb.wide(i)), round_to(kb, v, self.out), self.out)
+
+
+@dataclass(frozen=True)
+class AddRmsNorm(RowKernel):
+    """[s = a + b, written out;] y = rms_norm(s or x) * w."""
+
+    family = "add_rms_norm"
+    cols: int
+    act: DType
+    weight: DType
+    eps: float
+    add: bool = True
+
+    def params(self) -> list[Param]:
+        return self._params(*(("a", "b", "norm_w", "sum", "y") if self.add else ("x", "norm_w", "y")))
+
+    def body(self, kb: KernelBuilder) -> None:
+        b = kb.b
+        row = row_offset(kb, kb.block_id(0), self.cols)
+
+        def at(i):
+            return b.add(row, kb.wide(i))
+
+        sq = kb.var(kb.f32(0.0))
+        with kb.lane_loop(self.cols) as i:
+            if self.add:
+                v = round_to(kb, kb.fadd(kb.load(kb["a"], at(i), self.act), kb.load(kb["b"], at(i), self.act)), self.act)
+                kb.store(kb["sum"], at(i), v, self.act)
+            else:
+                v = kb.load(kb["x"], at(i), self.act)
+            sq.set(kb.fadd(sq.get(), kb.fmul(v, v)))
+        inv = b.fdiv(kb.f32(1.0), kb.sqrt(b.fadd(b.fdiv(kb.reduce(sq.get()), kb.f32(self.cols)), kb.f32(self.eps))))
+        kb.barrier()  # the sum row written above is re-read below, possibly by other lanes
+        src = kb["sum"] if self.add else kb["x"]
+        with kb.lane_loop(self.cols) as i:
+            v = b.fmul(b.fmul(kb.load(src, at(i), self.act), inv), kb.load(kb["norm_w"], i, self.weight))
+            kb.store(kb["y"], at(i), round_to(kb, v, self.act), self.act)
+
+
+@dataclass(frozen=True)
+class Add(RowKernel):
+    family = "add"
+    cols: int
+    act: DType
+
+    def params(self) -> list[Param]:
+        return self._params("a", "b", "y")
+
+    def body(self, kb: KernelBuilder) -> None:
+        b = kb.b
+        row = row_offset(kb, kb.block_id(0), self.cols)
+        with kb.lane_loop(self.cols) as i:
+            at = b.add(row, kb.wide(i))
+            v = kb.fadd(kb.load(kb["a"], at, self.act), kb.load(kb["b"], at, self.act))
+            kb.store(kb["y"], at, v, self.act)
+
+
+@dataclass(frozen=True)
+class BiasAdd(RowKernel):
+    family = "bias_add"
+    cols: int
+    act: DType
+    weight: DType
+
+    def params(self) -> list[Param]:
+        return self._params("x", "bias", "y")
+
+    def body(self, kb: KernelBuilder) -> None:
+        b = kb.b
+        row = row_offset(kb, kb.block_id(0), self.cols)
+        with kb.lane_loop(self.cols) as i:
+            at = b.add(row, kb.wide(i))
+            v = kb.fadd(kb.load(kb["x"], at, self.act), kb.load(kb["bias"], i, self.weight))
+            kb.store(kb["y"], at, v, self.act)
+
+
+@dataclass(frozen=True)
+class SiluMul(RowKernel):
+    family = "silu_mul"
+    cols: int  # output width; the input row is [gate | up], twice as wide
+    act: DType
+
+    def params(self) -> list[Param]:
+        return self._params("gu", "y")
+
+    def body(self, kb: KernelBuilder) -> None:
+        b = kb.b
+        r = kb.block_id(0)
+        src, dst = row_offset(kb, r, 2 * self.cols), row_offset(kb, r, self.cols)
+        with kb.lane_loop(self.cols) as i:
+            g = kb.load(kb["gu"], b.add(src, kb.wide(i)), self.act)
+            u = kb.load(kb["gu"], b.add(src, kb.wide(b.add(i, kb.i32(self.cols)))), self.act)
+            kb.store(kb["y"], b.add(dst, kb.wide(i)), b.fmul(silu(kb, g), u), self.act)
+
+
+@dataclass(frozen=True)
+class GatherRows(RowKernel):
+    family = "gather_rows"
+    cols: int
+    act: DType
+
+    def params(self) -> list[Param]:
+        return self._params("x", "rows", "y")
+
+    def body(self, kb: KernelBuilder) -> None:
+        b, r = kb.b, kb.block_id(0)
+        src = row_offset(kb, kb.load(kb["rows"], r, DType.I32), self.cols)
+        dst = row_offset(kb, r, self.cols)
+        with kb.lane_loop(self.cols) as i:
+            kb.store(kb["y"], b.add(dst, kb.wide(i)), kb.load(kb["x"], b.add(src, kb.wide(i)), self.act), self.act)
+
+
+@dataclass(frozen=True)
+class Argmax(RowKernel):
+    """Index of each row's maximum (the first one on ties, as numpy.argmax): greedy sampling."""
+
+    family = "argmax"
+    cols: int
+    act: DType
+
+    def params(self) -> list[Param]:
+        return self._params("x", "y")
+
+    def body(self, kb: KernelBuilder) -> None:
+        b, r = kb.b, kb.block_id(0)
+        row = row_offset(kb, r, self.cols)
+        best, best_i = kb.var(kb.f32(-math.inf)), kb.var(kb.f32(self.cols))
+        with kb.lane_loop(self.cols) as i:
+            v = kb.load(kb["x"], b.add(row, kb.wide(i)), self.act)
+            better = b.fcmp_ordered(">", v, best.get())  # strict: keeps each lane's first max
+            best.set(b.select(better, v, best.get()))
+            best_i.set(b.select(better, b.sitofp(i, best_i.typ), best_i.get()))
+        top = kb.reduce(best.get(), "max")
+        # indices are exact in float32 below 2**24, far above any vocabulary
+        mine = b.select(b.fcmp_ordered("==", best.get(), top), best_i.get(), kb.f32(self.cols))
+        index = b.fptosi(kb.reduce(mine, "min"), kb.i32(0).type)
+        with kb.when(b.icmp_unsigned("==", kb.lane(), kb.i32(0))):
+            kb.store(kb["y"], r, index, DType.I32)

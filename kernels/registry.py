@@ -1,0 +1,251 @@
+"""The kernel library's fusion patterns: what each matches, and how it lowers.
+
+`default_registry()` returns a fresh Registry holding them. Each pattern also has an
+example graph builder (`kernels.examples`), which the test suite uses to check the
+fused kernel against the unfused reference for every registered pattern.
+"""
+from __future__ import annotations
+
+import hashlib
+
+from fusec.fusion.dtypes import DType
+from fusec.fusion.ir import Node
+from fusec.fusion.patterns import Match, Pattern, PNode, Registry
+from fusec.fusion.plan import Arg, Launch, LowerContext
+from fusec.kernels.attention import PagedAttention
+from fusec.kernels.elementwise import Add, AddRmsNorm, BiasAdd, Embed, GatherRows, SiluMul
+from fusec.kernels.gemv import Gemv
+from fusec.kernels.rope_kv import RopeKVWrite, cos_sin_table
+
+
+def V(name: str) -> Arg:
+    return Arg("value", name)
+
+
+def D(name: str) -> Arg:
+    return Arg("dim", name)
+
+
+def _dtype(match: Match, name: str) -> DType:
+    return match.graph.node(name).type.dtype
+
+
+def _rows(node: Node) -> str:
+    dim = node.type.shape[0]
+    assert isinstance(dim, str), f"{node.name}: rows must be a symbolic dim"
+    return dim
+
+
+# -- GEMV family -------------------------------------------------------------------------
+def _gemv_parts(m: Match) -> tuple[Node, Node]:
+    mm = m["matmul"]
+    return mm, m.get("bias") or mm
+
+
+def gemv_constraint(m: Match) -> bool:
+    """One weight dtype for the whole group, and a bias of the GEMV's own dtype."""
+    mm, out = _gemv_parts(m)
+    weights = [mm.inputs[1]] + [m[r].inputs[1] for r in ("norm", "bias") if m.get(r) is not None]
+    if len({_dtype(m, w) for w in weights}) != 1:
+        return False
+    return out.type.dtype == mm.type.dtype
+
+
+def lower_gemv(m: Match, ctx: LowerContext) -> Launch:
+    mm, out = _gemv_parts(m)
+    add, norm, gather, silu, bias = (m.get(r) for r in ("add", "norm", "gather", "silu", "bias"))
+    args = {"w": V(mm.inputs[1]), "y": V(out.name), "num_rows": D(_rows(out))}
+    outputs = [out.name]
+    residual_out = add is not None and m.escapes("add")
+    if add is not None:
+        prologue, first = "add_rms_norm", add
+        args |= {"a": V(add.inputs[0]), "b": V(add.inputs[1]), "norm_w": V(norm.inputs[1])}
+        if residual_out:
+            args["residual"] = V(add.name)
+            outputs.append(add.name)
+    elif norm is not None:
+        prologue, first = "rms_norm", norm
+        args |= {"x": V(norm.inputs[0]), "norm_w": V(norm.inputs[1])}
+    elif silu is not None:
+        prologue, first = "silu_mul", silu
+        args["gu"] = V(silu.inputs[0])
+    else:
+        prologue, first = "none", mm
+        args["x"] = V(mm.inputs[0])
+    if gather is not None:
+        args["rows"] = V(gather.inputs[1])
+    if bias is not None:
+        args["bias"] = V(bias.inputs[1])
+    k = m.graph.node(mm.inputs[1]).type.shape[1]
+    kernel = Gemv(k=k, n=mm.type.shape[1], act=_dtype(m, first.inputs[0]), weight=_dtype(m, mm.inputs[1]),
+                  out=out.type.dtype, prologue=prologue, bias=bias is not None, gather=gather is not None,
+                  residual_out=residual_out, eps=norm.attrs["eps"] if norm is not None else 0.0,
+                  rows_per_block=4 if ctx.target.is_gpu else 8)
+    return ctx.kernel_launch(m, kernel, args, tuple(outputs), {"num_rows": _rows(out)})
+
+
+def gather_private(m: Match) -> bool:
+    """With a row gather the norm runs on gathered rows only, so the sum may not escape."""
+    return gemv_constraint(m) and (m.get("add") is None or not m.escapes("add"))
+
+
+ADD = PNode("add", "add")
+NORM_AFTER_ADD = PNode("norm", "rms_norm", (("add", 0),))
+NORM = PNode("norm", "rms_norm")
+
+
+def _mm(src: str | None) -> PNode:
+    return PNode("matmul", "matmul", ((src, 0),) if src else ())
+
+
+BIAS = PNode("bias", "bias_add", (("matmul", 0),))
+GATHER = PNode("gather", "gather_rows", (("norm", 0),))
+MM_AFTER_GATHER = PNode("matmul", "matmul", (("gather", 0),))
+
+
+def gemv_patterns() -> list[Pattern]:
+    specs = [
+        ("add_rms_norm_gemv_bias", 60, (ADD, NORM_AFTER_ADD, _mm("norm"), BIAS), {"add"}, gemv_constraint,
+         "residual add + RMSNorm + GEMV + bias (Qwen2's QKV)"),
+        ("add_rms_norm_gather_gemv", 58, (ADD, NORM_AFTER_ADD, GATHER, MM_AFTER_GATHER), set(), gather_private,
+         "last residual add + final norm on the rows that need logits + LM head"),
+        ("add_rms_norm_gemv", 55, (ADD, NORM_AFTER_ADD, _mm("norm")), {"add"}, gemv_constraint,
+         "residual add + RMSNorm + GEMV (QKV, gate|up)"),
+        ("rms_norm_gemv_bias", 50, (NORM, _mm("norm"), BIAS), set(), gemv_constraint,
+         "RMSNorm + GEMV + bias (first layer's QKV with bias)"),
+        ("rms_norm_gather_gemv", 48, (NORM, GATHER, MM_AFTER_GATHER), set(), gemv_constraint,
+         "final norm on the rows that need logits + LM head"),
+        ("rms_norm_gemv", 45, (NORM, _mm("norm")), set(), gemv_constraint, "RMSNorm + GEMV (first layer's QKV)"),
+        ("silu_mul_gemv", 40, (PNode("silu", "silu_mul"), _mm("silu")), set(), gemv_constraint,
+         "SiLU(gate) * up + down-projection GEMV"),
+        ("gemv_bias", 30, (_mm(None), BIAS), set(), gemv_constraint, "GEMV + bias"),
+        ("gemv", 20, (_mm(None),), set(), gemv_constraint, "plain GEMV (O-projection)"),
+    ]
+    return [Pattern(name, prio, nodes, lower_gemv, buckets=("gemv",), escapes=frozenset(esc), constraint=c, doc=doc)
+            for name, prio, nodes, esc, c, doc in specs]
+
+
+# -- RoPE + KV write ------------------------------------------------------------------
+def rope_kv_constraint(m: Match) -> bool:
+    sq, sk, sv, rq, rk = (m[r] for r in ("q", "k", "v", "q_rope", "k_rope"))
+    return (sq.inputs[0] == sk.inputs[0] == sv.inputs[0] and rq.inputs[1] == rk.inputs[1]
+            and rq.attrs["inv_freq"] == rk.attrs["inv_freq"] and rq.attrs["head_dim"] == rk.attrs["head_dim"]
+            and sk.attrs["stop"] - sk.attrs["start"] == sv.attrs["stop"] - sv.attrs["start"]
+            and len({rq.type.dtype, rk.type.dtype, sv.type.dtype, m["kv_write"].type.dtype}) == 1)
+
+
+def lower_rope_kv(m: Match, ctx: LowerContext) -> Launch:
+    sq, sk, sv, rq, rk, kvw = (m[r] for r in ("q", "k", "v", "q_rope", "k_rope", "kv_write"))
+    inv_freq = rq.attrs["inv_freq"]
+    table = f"cos_sin_{hashlib.sha256(repr((inv_freq, ctx.max_positions)).encode()).hexdigest()[:12]}"
+    if table not in ctx.constants:
+        ctx.constants[table] = cos_sin_table(inv_freq, ctx.max_positions)
+    qkv = sq.inputs[0]
+    kernel = RopeKVWrite(n_heads=rq.attrs["n_heads"], n_kv_heads=rk.attrs["n_heads"], head_dim=rq.attrs["head_dim"],
+                         qkv_cols=m.graph.node(qkv).type.shape[1], q_offset=sq.attrs["start"],
+                         k_offset=sk.attrs["start"], v_offset=sv.attrs["start"], act=rq.type.dtype)
+    cache = kvw.inputs[2]
+    args = {"qkv": V(qkv), "positions": V(rq.inputs[1]), "cos_sin": Arg("const", table),
+            "slots": V(kvw.inputs[3]), "k_cache": Arg("k_cache", cache), "v_cache": Arg("v_cache", cache),
+            "q_out": V(rq.name), "num_tokens": D(_rows(rq))}
+    return ctx.kernel_launch(m, kernel, args, (rq.name, kvw.name), {"num_tokens": _rows(rq)})
+
+
+ROPE_KV = (PNode("q", "slice"), PNode("k", "slice"), PNode("v", "slice"),
+           PNode("q_rope", "rope", (("q", 0),)), PNode("k_rope", "rope", (("k", 0),)),
+           PNode("kv_write", "kv_write", (("k_rope", 0), ("v", 1))))
+
+
+# -- single ops -----------------------------------------------------------------------
+def lower_attention(m: Match, ctx: LowerContext) -> Launch:
+    a = m["attention"]
+    q, cache, tables, ctx_lens, qstart = a.inputs
+    kernel = PagedAttention(n_heads=a.attrs["n_heads"], n_kv_heads=a.attrs["n_kv_heads"],
+                            head_dim=a.attrs["head_dim"], block_size=m.graph.node(cache).type.shape[2],
+                            scale=a.attrs["scale"], sliding_window=a.attrs.get("sliding_window") or 0,
+                            act=a.type.dtype)
+    args = {"q": V(q), "k_cache": Arg("k_cache", cache), "v_cache": Arg("v_cache", cache),
+            "block_tables": V(tables), "context_lens": V(ctx_lens), "query_start_loc": V(qstart), "out": V(a.name),
+            "num_seqs": D(m.graph.node(ctx_lens).type.shape[0]), "table_width": D(m.graph.node(tables).type.shape[1])}
+    return ctx.kernel_launch(m, kernel, args, (a.name,), {"num_tokens": _rows(a)})
+
+
+def attention_constraint(m: Match) -> bool:
+    a = m["attention"]
+    return m.graph.node(a.inputs[0]).type.dtype == a.type.dtype == m.graph.node(a.inputs[1]).type.dtype
+
+
+def lower_embed(m: Match, ctx: LowerContext) -> Launch:
+    e = m["embed"]
+    ids, table = e.inputs
+    kernel = Embed(cols=e.type.shape[1], table=_dtype(m, table), out=e.type.dtype)
+    return ctx.kernel_launch(m, kernel, {"ids": V(ids), "table": V(table), "y": V(e.name), "num_rows": D(_rows(e))},
+                             (e.name,), {"num_rows": _rows(e)})
+
+
+def lower_add_rms_norm(m: Match, ctx: LowerContext) -> Launch:
+    add, norm = m.get("add"), m["norm"]
+    kernel = AddRmsNorm(cols=norm.type.shape[1], act=norm.type.dtype, weight=_dtype(m, norm.inputs[1]),
+                        eps=norm.attrs["eps"], add=add is not None)
+    args = {"norm_w": V(norm.inputs[1]), "y": V(norm.name), "num_rows": D(_rows(norm))}
+    if add is not None:
+        args |= {"a": V(add.inputs[0]), "b": V(add.inputs[1]), "sum": V(add.name)}
+    else:
+        args["x"] = V(norm.inputs[0])
+    outputs = (norm.name, add.name) if add is not None else (norm.name,)
+    return ctx.kernel_launch(m, kernel, args, outputs, {"num_rows": _rows(norm)})
+
+
+def same_act_dtype(m: Match) -> bool:
+    """Activations in and out share one dtype (weights and int32 indices aside)."""
+    dtypes = {n.type.dtype for n in m.roles.values()}
+    for n in m.roles.values():
+        for i in n.inputs:
+            src = m.graph.node(i)
+            if src.kind != "weight" and src.type.dtype is not DType.I32:
+                dtypes.add(src.type.dtype)
+    return len(dtypes) == 1
+
+
+def _row_op(role: str, kernel_of, arg_names: tuple[str, ...]):
+    def lower(m: Match, ctx: LowerContext) -> Launch:
+        node = m[role]
+        args = {name: V(src) for name, src in zip(arg_names, node.inputs)}
+        args |= {"y": V(node.name), "num_rows": D(_rows(node))}
+        return ctx.kernel_launch(m, kernel_of(m, node), args, (node.name,), {"num_rows": _rows(node)})
+    return lower
+
+
+def lower_gemm(m: Match, ctx: LowerContext) -> Launch:
+    mm = m["matmul"]
+    return Launch(name=mm.name, pattern=m.pattern.name, nodes=(), kind="gemm",
+                  args=(V(mm.inputs[0]), V(mm.inputs[1])), outputs=(mm.name,))
+
+
+def default_registry() -> Registry:
+    reg = Registry()
+    for p in gemv_patterns():
+        reg.register(p)
+    reg.register(Pattern("rope_kv_write", 70, ROPE_KV, lower_rope_kv, escapes=frozenset({"q_rope"}),
+                         constraint=rope_kv_constraint, doc="RoPE on q and k + k, v written into the paged cache"))
+    reg.register(Pattern("paged_attention", 65, (PNode("attention", "attention"),), lower_attention,
+                         constraint=attention_constraint, doc="causal paged GQA attention (decode and prefill)"))
+    reg.register(Pattern("embed", 10, (PNode("embed", "embed"),), lower_embed, doc="embedding rows"))
+    reg.register(Pattern("add_rms_norm", 15, (ADD, NORM_AFTER_ADD), lower_add_rms_norm, buckets=("gemm",),
+                         escapes=frozenset({"add"}), constraint=same_act_dtype,
+                         doc="residual add + RMSNorm between library GEMMs"))
+    reg.register(Pattern("rms_norm", 5, (NORM,), lower_add_rms_norm, constraint=same_act_dtype, doc="RMSNorm"))
+    reg.register(Pattern("gemm", 5, (_mm(None),), lower_gemm, buckets=("gemm",), doc="library GEMM"))
+    reg.register(Pattern("bias_add", 5, (PNode("bias_add", "bias_add"),),
+                         _row_op("bias_add", lambda m, n: BiasAdd(n.type.shape[1], n.type.dtype, _dtype(m, n.inputs[1])),
+                                 ("x", "bias")), doc="bias add"))
+    reg.register(Pattern("silu_mul", 5, (PNode("silu_mul", "silu_mul"),),
+                         _row_op("silu_mul", lambda m, n: SiluMul(n.type.shape[1], n.type.dtype), ("gu",)),
+                         constraint=same_act_dtype, doc="SiLU(gate) * up"))
+    reg.register(Pattern("gather_rows", 5, (PNode("gather_rows", "gather_rows"),),
+                         _row_op("gather_rows", lambda m, n: GatherRows(n.type.shape[1], n.type.dtype), ("x", "rows")),
+                         constraint=same_act_dtype, doc="row gather (rows that need logits)"))
+    reg.register(Pattern("add", 4, (PNode("add", "add"),),
+                         _row_op("add", lambda m, n: Add(n.type.shape[1], n.type.dtype), ("a", "b")),
+                         constraint=same_act_dtype, doc="elementwise add"))
+    return reg
