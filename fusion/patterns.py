@@ -81,16 +81,38 @@ class Pattern:
     def kinds(self) -> tuple[str, ...]:
         return tuple(n.kind for n in self.nodes)
 
-    def matches(self, graph: Graph, ops: nx.DiGraph) -> Iterator[Match]:
-        """Every structurally valid match in `ops` (the op-only view of `graph`)."""
-        matcher = DiGraphMatcher(
-            ops, self._graph,
-            node_match=lambda g, p: g["node"].kind == p["kind"],
-            edge_match=lambda g, p: set(p["operands"]) <= set(g["operands"]))
-        for mapping in matcher.subgraph_monomorphisms_iter():
-            match = Match(self, {role: graph.node(name) for name, role in mapping.items()}, graph)
-            if self._operands_exact(match) and self._internal_values_private(match):
-                yield match
+    @property
+    def anchor(self) -> PNode:
+        """The last node: every match maps exactly one graph node to it."""
+        return self.nodes[-1]
+
+    def matches(self, graph: Graph, candidates: set[str], op_links: nx.Graph) -> Iterator[Match]:
+        """Every structurally valid match among the `candidates` op nodes of `graph`.
+
+        Matching runs DiGraphMatcher per anchor node on its small neighbourhood: the
+        candidates within the pattern's size of it in `op_links` (the undirected graph
+        of all ops, since pattern nodes may meet only at an outside producer such as a
+        QKV GEMV). That finds the same matches as one search over the whole graph at a
+        fraction of the cost.
+        """
+        undirected = op_links
+        radius = len(self.nodes)
+        anchor = self.anchor
+        for name in candidates:
+            if graph.node(name).kind != anchor.kind:
+                continue
+            near = nx.single_source_shortest_path_length(undirected, name, cutoff=radius)
+            local = graph.nx.subgraph([n for n in near if n in candidates])
+            matcher = DiGraphMatcher(
+                local, self._graph,
+                node_match=lambda g, p: g["node"].kind == p["kind"],
+                edge_match=lambda g, p: set(p["operands"]) <= set(g["operands"]))
+            for mapping in matcher.subgraph_monomorphisms_iter():
+                if mapping.get(name) != anchor.role:
+                    continue
+                match = Match(self, {role: graph.node(n) for n, role in mapping.items()}, graph)
+                if self._operands_exact(match) and self._internal_values_private(match):
+                    yield match
 
     def _operands_exact(self, match: Match) -> bool:
         """Operands the pattern does not name must come from outside the match."""

@@ -120,11 +120,14 @@ def fuse(graph: Graph, registry: Registry, ctx: LowerContext) -> list[tuple[Matc
         log.info("dropping %d dead ops", len(dead))
     order = {n.name: i for i, n in enumerate(graph.nodes())}
     op_names = [n.name for n in graph.ops() if n.name not in dead]
-    ops = graph.nx.subgraph(op_names)
     claimed: set[str] = set()
     groups: list[tuple[Match, Launch]] = []
+    op_links = graph.nx.subgraph(op_names).to_undirected()
     for pattern in registry.for_bucket(ctx.bucket):
-        found = sorted(pattern.matches(graph, ops), key=lambda m: max(order[n] for n in m.names))
+        # match only among unclaimed ops of the pattern's kinds: same matches, far less search
+        kinds = set(pattern.kinds)
+        candidates = {n for n in op_names if n not in claimed and graph.node(n).kind in kinds}
+        found = sorted(pattern.matches(graph, candidates, op_links), key=lambda m: max(order[n] for n in m.names))
         for match in found:
             if match.names & claimed or (pattern.constraint and not pattern.constraint(match)):
                 continue
@@ -154,12 +157,13 @@ def build_plan(graph: Graph, registry: Registry, options: PlanOptions, bucket: s
     owner: dict[str, int] = {}
     position = {n: i for i, n in enumerate(graph.nx.nodes)}
     for gi, (match, launch) in enumerate(groups):
-        nodes = tuple(sorted(match.names)) if match is not None else launch.nodes
+        nodes = tuple(sorted(match.names, key=position.__getitem__)) if match is not None else launch.nodes
         launch.nodes = nodes
-        layers = [graph.node(n).layer for n in nodes if graph.node(n).layer is not None]
-        launch.layer = max(layers) if layers else None
         if not launch.name:
-            launch.name = max(nodes, key=position.__getitem__)
+            launch.name = nodes[-1]
+        # a launch belongs to the layer of its last op (a residual add fused into the next
+        # layer's first kernel counts there)
+        launch.layer = graph.node(nodes[-1]).layer
         for n in nodes:
             owner[n] = gi
     # order groups topologically by the dependencies between their nodes

@@ -80,8 +80,9 @@ def resolve_model_path(model: str | None) -> Path:
 
 
 def load_model(model: str | None = None, dtype: str = "auto", load_format: str = "auto",
-               seed: int = 0) -> Model:
-    """Load a model. dtype "auto" is f32 for now (the CPU reference path)."""
+               seed: int = 0, with_weights: bool = True) -> Model:
+    """Load a model. dtype "auto" is f32 for now (the CPU reference path). Without
+    weights (for compiling) only the config, rope frequencies and tokenizer are read."""
     if load_format not in LOAD_FORMATS:
         raise ModelLoadError(f"unknown load format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}")
     try:
@@ -97,13 +98,13 @@ def load_model(model: str | None = None, dtype: str = "auto", load_format: str =
             raise ModelLoadError(f"{path}: not a .gguf file or a model directory")
         if load_format == "safetensors":
             raise ModelLoadError(f"{path}: --load-format safetensors needs an HF model directory")
-        return _load_gguf(path, name, dt, dummy=load_format == "dummy", seed=seed)
+        return _load_gguf(path, name, dt, load_format, seed, with_weights)
     if load_format == "gguf":
         raise ModelLoadError(f"{path}: --load-format gguf needs a .gguf file")
-    return _load_hf_dir(path, name, dt, dummy=load_format == "dummy", seed=seed)
+    return _load_hf_dir(path, name, dt, load_format, seed, with_weights)
 
 
-def _load_hf_dir(path: Path, name: str, dtype: DType, dummy: bool, seed: int) -> Model:
+def _load_hf_dir(path: Path, name: str, dtype: DType, load_format: str, seed: int, with_weights: bool) -> Model:
     try:
         raw = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
@@ -112,7 +113,9 @@ def _load_hf_dir(path: Path, name: str, dtype: DType, dummy: bool, seed: int) ->
         raise ModelLoadError(f"{path / 'config.json'}: not a JSON object")
     config = config_from_hf(raw, str(path / "config.json"))
     tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
-    if dummy:
+    if not with_weights:
+        weights = {}
+    elif load_format == "dummy":
         weights = dummy_weights(config, dtype, seed)
     else:
         files = sorted(path.glob("*.safetensors"))
@@ -125,13 +128,15 @@ def _load_hf_dir(path: Path, name: str, dtype: DType, dummy: bool, seed: int) ->
     return Model(name, path, config, dtype, weights, inv_freq(config), tokenizer)
 
 
-def _load_gguf(path: Path, name: str, dtype: DType, dummy: bool, seed: int) -> Model:
+def _load_gguf(path: Path, name: str, dtype: DType, load_format: str, seed: int, with_weights: bool) -> Model:
     f = GGUFFile(path)
     names = f.names()
     config = config_from_gguf(f.metadata, names, str(path))
     tokenizer = Tokenizer.from_gguf_metadata(f.metadata, str(path)) if "tokenizer.ggml.tokens" in f.metadata else None
     factors = f.get_f32("rope_freqs.weight") if "rope_freqs.weight" in names else None
-    if dummy:
+    if not with_weights:
+        weights = {}
+    elif load_format == "dummy":
         weights = dummy_weights(config, dtype, seed)
     else:
         weights = load_weights(config, f, names, gguf_names, dtype, fixup=unpermute_llama_gguf)

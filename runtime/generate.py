@@ -48,8 +48,9 @@ def _sample(logits: np.ndarray, temperature: float, rng: np.random.Generator) ->
 
 
 def generate(model: Model, prompts: Sequence[Sequence[int]], params: GenerationParams,
-             max_model_len: int | None = None, block_size: int = 16) -> list[list[int]]:
-    """Generated token ids for each prompt (stops at EOS unless ignore_eos)."""
+             max_model_len: int | None = None, block_size: int = 16, fused: bool = False) -> list[list[int]]:
+    """Generated token ids for each prompt (stops at EOS unless ignore_eos). fused=True
+    runs the compiled plans on the host instead of the reference interpreter."""
     if params.temperature < 0:
         raise InputError("temperature must be >= 0")
     if params.max_tokens < 1:
@@ -57,7 +58,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], params: GenerationP
     limit = validate_prompts(model, prompts, max_model_len)
     budgets = [min(params.max_tokens, limit - len(p)) for p in prompts]
     blocks = BlockManager(sum(-(-(len(p) + b) // block_size) for p, b in zip(prompts, budgets)), block_size)
-    runner = ModelRunner(model, blocks.num_blocks, block_size)
+    runner = ModelRunner(model, blocks.num_blocks, block_size, fused=fused)
     eos = set(model.config.eos_token_ids)
     if model.tokenizer and model.tokenizer.eos_token_id is not None:
         eos.add(model.tokenizer.eos_token_id)

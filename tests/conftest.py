@@ -3,6 +3,7 @@ default model. The HF oracle (torch + transformers) is imported only here and in
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Kernel artifacts go to a fresh cache per test session, never the user's ~/.cache/fusec.
+os.environ["FUSEC_CACHE_DIR"] = tempfile.mkdtemp(prefix="fusec-test-cache-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

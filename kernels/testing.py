@@ -1,0 +1,61 @@
+"""Checks for kernel developers: a pattern's fused kernel against the unfused reference."""
+from __future__ import annotations
+
+import numpy as np
+
+from fusec.fusion.cache import KernelCache
+from fusec.fusion.codegen.target import HOST
+from fusec.fusion.dtypes import DType, from_storage, to_storage
+from fusec.fusion.interpreter import Interpreter
+from fusec.fusion.patterns import Registry
+from fusec.fusion.plan import PlanOptions
+from fusec.kernels.examples import Example
+
+TOLERANCE = {DType.F32: 1e-5, DType.F16: 2e-2, DType.BF16: 2e-2}
+
+
+def random_weights(ex: Example, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Norm-like vectors near 1, matrices scaled by 1/sqrt(fan-in); never zeros."""
+    out = {}
+    for node in ex.graph.nodes("weight"):
+        shape = node.type.shape
+        w = 1.0 + 0.3 * rng.standard_normal(shape) if len(shape) == 1 else rng.standard_normal(shape) / np.sqrt(shape[-1])
+        out[node.name] = to_storage(w.astype(np.float32), node.type.dtype)
+    return out
+
+
+def random_state(ex: Example, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {n.name: to_storage(rng.standard_normal(n.type.bind(ex.state_dims)).astype(np.float32), n.type.dtype)
+            for n in ex.graph.nodes("state")}
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got.shape != want.shape or not np.isfinite(got).all():
+        return float("inf")  # an unwritten (poisoned) element or a wrong shape
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+def check_pattern(registry: Registry, pattern: str, ex: Example, dtype: DType, cache: KernelCache,
+                  seed: int = 0) -> dict[str, float]:
+    """Run `ex` through the fused host plan (outputs poisoned first) and the reference
+    interpreter; assert `pattern` was used and every output (and state) agrees within
+    the dtype's tolerance. Returns the relative error per output."""
+    from fusec.runtime.backends.cpu import CpuExecutor
+
+    rng = np.random.default_rng(seed)
+    weights, state = random_weights(ex, rng), random_state(ex, rng)
+    ref_state = {k: from_storage(v, ex.graph.node(k).type.dtype).copy() for k, v in state.items()}
+    want = Interpreter(ex.graph, weights).run(ex.inputs, ref_state)
+    executor = CpuExecutor(ex.graph, weights, registry, PlanOptions(HOST, max_positions=256), cache, poison=True)
+    plan = executor.plan_for(ex.tokens)
+    used = [launch.pattern for launch in plan.launches]
+    assert pattern in used, f"pattern {pattern} did not match; launches: {used}"
+    got = executor.run(ex.inputs, state)
+    errors = {}
+    for name, value in want.items():
+        node = ex.graph.node(plan.resolve(name))
+        errors[name] = relative_error(from_storage(got[name], node.type.dtype), value)
+        assert errors[name] < TOLERANCE[dtype], f"{pattern} {dtype.value}: {name} off by {errors[name]:.3g}"
+    executor.close()
+    return errors
