@@ -43,12 +43,18 @@ def _file_digest(path: str) -> str:
 def generator_digest(kernel: Any) -> str:
     """SHA-256 over the source files that generate this kernel's IR."""
     files = {str(p) for p in CODEGEN_DIR.glob("*.py")}
-    for cls in type(kernel).__mro__:
-        if cls is not object:
+    untracked = []
+    for cls in type(kernel).__mro__[:-1]:  # all but object
+        try:
             source = inspect.getsourcefile(cls)
-            if source:
-                files.add(source)
-    return hashlib.sha256("".join(_file_digest(f) for f in sorted(files)).encode()).hexdigest()
+        except TypeError:  # defined where no file records it (exec'd code)
+            source = None
+        if source and Path(source).is_file():
+            files.add(source)
+        else:
+            untracked.append(f"{cls.__module__}.{cls.__qualname__}")
+    parts = [_file_digest(f) for f in sorted(files)] + untracked
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
 def compile_kernel(kernel: Any, target: Target, cache: KernelCache) -> Artifact:
