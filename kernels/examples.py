@@ -136,7 +136,8 @@ def _attention(rng, size: int, dtype: DType) -> Example:
     s = SIZES[size]
     window = [0, 0, 9][size]  # the widest example also has a sliding window
     h, kv, hd, bs = s["h"], s["kv"], s["hd"], s["bs"]
-    new, ctx = [[1], [2, 1, 3], [4, 1, 1, 7]][size], [[5], [2, 9, 14], [4, 40, 17, 30]][size]
+    # size 1 has contexts past one 128-key GPU tile; size 2 a sliding window
+    new, ctx = [[1], [2, 1, 3], [4, 1, 1, 7]][size], [[5], [2, 300, 141], [4, 40, 17, 30]][size]
     g, inputs = Graph("example"), {}
     num_blocks = _paged_metadata(rng, s, new, ctx, inputs)
     q = _act(g, rng, "q", sum(new), h * hd, dtype, inputs)

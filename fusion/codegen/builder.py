@@ -269,10 +269,12 @@ class KernelBuilder:
         with self.when(b.icmp_unsigned("==", b.and_(lane, self.i32(WARP - 1)), self.i32(0))):
             b.store(v, self.addr(scratch, b.lshr(lane, self.i32(5)), DType.F32))
         self.barrier()
+        # every warp reduces the per-warp partials again, so every lane gets the total
         warps = b.lshr(self.lanes(), self.i32(5))
+        in_warp = b.and_(lane, self.i32(WARP - 1))
         mine = self.var(identity)
-        with self.when(b.icmp_unsigned("<", lane, warps)):
-            mine.set(b.load(self.addr(scratch, lane, DType.F32), typ=F32))
+        with self.when(b.icmp_unsigned("<", in_warp, warps)):
+            mine.set(b.load(self.addr(scratch, in_warp, DType.F32), typ=F32))
         return warp_reduce(mine.get())
 
     # -- finishing ------------------------------------------------------------------
