@@ -49,24 +49,34 @@ def cli(log_level: str) -> None:
 def generate(model: str | None, dtype: str, load_format: str, prompts: tuple[str, ...], chat: bool,
              max_tokens: int, temperature: float, seed: int | None, max_model_len: int | None,
              ignore_eos: bool, fused: bool) -> None:
-    """Generate text for one or more prompts over a paged KV cache."""
-    from fusec.models.loader import load_model
-    from fusec.runtime.generate import GenerationParams, generate as run_generate
+    """Generate text for one or more prompts (continuous batching over a paged KV cache)."""
+    from fusec.runtime.engine import EngineConfig, LLMEngine
+    from fusec.runtime.sequence import SamplingParams
 
-    m = load_model(model, dtype=dtype, load_format=load_format, seed=seed or 0)
-    tok = m.tokenizer
+    engine = LLMEngine(EngineConfig(model=model, dtype=dtype, load_format=load_format, seed=seed or 0,
+                                    max_model_len=max_model_len, executor="fused" if fused else "reference"))
+    tok = engine.tokenizer
     if tok is None:
-        raise FusecError(f"{m.path}: no tokenizer found (tokenizer.json or GGUF vocabulary)")
-    if chat:
-        ids = [tok.encode_chat([{"role": "user", "content": p}]) for p in prompts]
-    else:
-        ids = [tok.encode(p) for p in prompts]
-    params = GenerationParams(max_tokens=max_tokens, temperature=temperature, seed=seed, ignore_eos=ignore_eos)
-    outputs = run_generate(m, ids, params, max_model_len=max_model_len, fused=fused)
-    for i, out in enumerate(outputs):
-        if len(outputs) > 1:
+        raise FusecError(f"{engine.model.path}: no tokenizer found (tokenizer.json or GGUF vocabulary)")
+    for i, p in enumerate(prompts):
+        ids = tok.encode_chat([{"role": "user", "content": p}]) if chat else tok.encode(p)
+        room = engine.max_model_len - len(ids)
+        if room < 1:
+            raise FusecError(f"prompt {i + 1} has {len(ids)} tokens; the context holds {engine.max_model_len} "
+                             f"(prompt plus at least one generated token)")
+        params = SamplingParams(max_tokens=min(max_tokens, room), temperature=temperature, ignore_eos=ignore_eos,
+                                seed=None if seed is None else seed + i)
+        engine.add_request(str(i), None, params, prompt_token_ids=ids)
+    texts: dict[str, str] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                texts[out.request_id] = out.outputs[0].text
+    engine.close()
+    for i in range(len(prompts)):
+        if len(prompts) > 1:
             click.echo(f"=== prompt {i + 1} ===")
-        click.echo(tok.decode(out))
+        click.echo(texts[str(i)])
 
 
 @cli.command()

@@ -68,6 +68,18 @@ class ModelRunner:
             self.executor = Interpreter(graph, model.weights)
         self.kv_state = self.executor.new_state({"NB": num_blocks})
 
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Copy KV blocks src -> dst in every layer (copy-on-write of shared blocks)."""
+        src = [s for s, _ in pairs]
+        dst = [d for _, d in pairs]
+        for cache in self.kv_state.values():
+            cache[:, dst] = cache[:, src]
+
+    def close(self) -> None:
+        close = getattr(self.executor, "close", None)
+        if close is not None:
+            close()
+
     def execute(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> np.ndarray:
         """Logits (float32) of each chunk's last token, or of every token with all_logits."""
         inputs = build_inputs(chunks, self.block_size, all_logits)

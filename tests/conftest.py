@@ -90,3 +90,22 @@ def smollm2_path() -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(autouse=True)
+def kv_blocks_all_free(monkeypatch):
+    """After every test, every engine it made has freed every KV block."""
+    from fusec.runtime.engine import LLMEngine
+
+    engines = []
+    original = LLMEngine.__init__
+
+    def tracking_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        engines.append(self)
+
+    monkeypatch.setattr(LLMEngine, "__init__", tracking_init)
+    yield
+    for engine in engines:
+        assert not engine.has_unfinished_requests(), "a request was left unfinished"
+        assert engine.blocks.all_free(), f"{engine.blocks.num_blocks - engine.blocks.num_free} KV blocks leaked"

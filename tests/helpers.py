@@ -32,4 +32,22 @@ def poisoned_runner(model: Model, num_blocks: int, block_size: int) -> ModelRunn
     return runner
 
 
-__all__ = ["rel_err", "scattered_tables", "poisoned_runner", "SequenceChunk"]
+__all__ = ["rel_err", "scattered_tables", "poisoned_runner", "SequenceChunk", "engine_generate"]
+
+
+def engine_generate(model: Model, prompts: list[list[int]], params, executor: str = "reference",
+                    **config) -> list[list[int]]:
+    """Token ids of each prompt's first completion, all prompts submitted together."""
+    from fusec.runtime.engine import EngineConfig, LLMEngine
+
+    engine = LLMEngine(EngineConfig(executor=executor, **config), model=model)
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), None, params, prompt_token_ids=ids)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert engine.blocks.all_free()
+    engine.close()
+    return [done[str(i)].outputs[0].token_ids for i in range(len(prompts))]

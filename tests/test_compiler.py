@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 
 from conftest import TINY_SPECS
+from helpers import engine_generate
 from fusec.fusion.codegen.target import HOST, parse_arch
 from fusec.fusion.explain import layer_summary
 from fusec.fusion.patterns import Pattern, PNode
 from fusec.fusion.plan import PlanOptions, build_plans
 from fusec.kernels.registry import default_registry, lower_gemv
 from fusec.models.loader import load_model
-from fusec.runtime.generate import GenerationParams, generate
+from fusec.runtime.sequence import SamplingParams
 
 FUSEC = str(Path(sys.executable).with_name("fusec"))
 MODELS = ["smollm2"] + [s.name for s in TINY_SPECS]
@@ -84,9 +85,9 @@ def test_fused_generation_equals_reference(name, tiny_checkpoints, smollm2_path)
                    m.tokenizer.encode("The quick brown fox"), m.tokenizer.encode("1, 2, 3,")]
     else:
         prompts = [rng.integers(0, m.config.vocab_size, n).tolist() for n in (13, 4, 9)]
-    params = GenerationParams(max_tokens=16, ignore_eos=True)
-    ref = generate(m, prompts, params)
-    fused = generate(m, prompts, params, fused=True)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    ref = engine_generate(m, prompts, params, "reference")
+    fused = engine_generate(m, prompts, params, "fused")
     assert fused == ref
     assert len(set(map(tuple, ref))) > 1
 

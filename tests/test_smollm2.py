@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SequenceChunk, poisoned_runner, rel_err
+from helpers import SequenceChunk, engine_generate, poisoned_runner, rel_err
 from fusec.models.loader import load_model
-from fusec.runtime.generate import GenerationParams, generate
+from fusec.runtime.sequence import SamplingParams
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,7 @@ def test_greedy_tokens_identical(ours, hf):
     batch = prompts(tok)
     for ids in batch:
         assert ours.tokenizer.encode(tok.decode(ids, skip_special_tokens=False), add_special_tokens=False) == ids
-    got = generate(ours, batch, GenerationParams(max_tokens=STEPS, ignore_eos=True))  # all prompts in one batch
+    got = engine_generate(ours, batch, SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True))
     for ids, out in zip(batch, got):
         assert out == hf_greedy(model, ids, STEPS), tok.decode(ids)
 
@@ -74,6 +74,6 @@ def test_greedy_tokens_identical(ours, hf):
 def test_chat_answer_names_paris(ours):
     tok = ours.tokenizer
     ids = tok.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
-    (out,) = generate(ours, [ids], GenerationParams(max_tokens=24))
+    (out,) = engine_generate(ours, [ids], SamplingParams(temperature=0, max_tokens=24))
     assert "Paris" in tok.decode(out)
     assert np.isfinite(out).all()

@@ -1,0 +1,236 @@
+"""LLMEngine: the synchronous core. `step()` = schedule -> batch -> execute -> sample ->
+update, detokenize, check stops, finish."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Sequence as Seq
+
+import numpy as np
+
+from fusec.errors import InputError
+from fusec.models.detokenizer import IncrementalDetokenizer
+from fusec.models.loader import Model, load_model
+from fusec.runtime.block_manager import BlockManager
+from fusec.runtime.model_runner import ModelRunner, SequenceChunk
+from fusec.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from fusec.runtime.sampler import sample
+from fusec.runtime.scheduler import Scheduler
+from fusec.runtime.sequence import SamplingParams, Sequence, SequenceStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None
+    dtype: str = "auto"
+    load_format: str = "auto"
+    seed: int = 0
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    block_size: int = 16
+    kv_cache_gb: float = 1.0  # KV cache memory; the block count follows from it
+    num_kv_blocks: int | None = None  # overrides kv_cache_gb
+    enable_prefix_caching: bool = True
+    executor: str = "fused"  # "fused" (compiled plans) | "reference" (the interpreter)
+
+
+@dataclass
+class EngineStats:
+    prompt_tokens: int = 0  # prompt tokens of admitted requests
+    computed_tokens: int = 0  # tokens actually run through the model (recompute included)
+    generated_tokens: int = 0
+    steps: int = 0
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer]
+    texts: list[str]
+    metrics: RequestMetrics
+    finished_reported: bool = False
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, model: Model | None = None) -> None:
+        self.config = config
+        self.model = model or load_model(config.model, dtype=config.dtype, load_format=config.load_format,
+                                         seed=config.seed)
+        cfg = self.model.config
+        self.tokenizer = self.model.tokenizer
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        bytes_per_block = 2 * cfg.num_layers * config.block_size * cfg.kv_size * self.model.dtype.itemsize
+        if config.executor == "reference":
+            bytes_per_block = bytes_per_block * 4 // self.model.dtype.itemsize  # the interpreter keeps f32
+        num_blocks = config.num_kv_blocks or int(config.kv_cache_gb * 2**30 // bytes_per_block)
+        needed = -(-self.max_model_len // config.block_size)
+        if num_blocks < needed:
+            raise InputError(f"the KV cache holds {num_blocks} blocks of {config.block_size} tokens, fewer than one "
+                             f"sequence of --max-model-len {self.max_model_len} needs ({needed}); "
+                             f"raise the KV cache size or lower --max-model-len")
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, max(config.max_num_batched_tokens, 1))
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, fused=config.executor == "fused")
+        self.end_ids: set[int] = set(cfg.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.end_ids.add(self.tokenizer.eos_token_id)
+        self.requests: dict[str, _Request] = {}
+        self.stats = EngineStats()
+
+    # -- requests ---------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InputError("this model has no tokenizer: pass prompt token ids")
+        return self.tokenizer.encode(prompt)
+
+    def add_request(self, request_id: str, prompt: str | None, params: SamplingParams,
+                    prompt_token_ids: Seq[int] | None = None, arrival: float | None = None) -> None:
+        if request_id in self.requests:
+            raise InputError(f"duplicate request id {request_id!r}")
+        ids = list(prompt_token_ids) if prompt_token_ids is not None else self.tokenize(prompt or "")
+        if not ids:
+            raise InputError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InputError(f"prompt token ids must be in [0, {vocab})")
+        wanted = len(ids) + (params.max_tokens or 1)
+        if wanted > self.max_model_len:
+            raise InputError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                             f"requested {wanted} tokens ({len(ids)} in the prompt, "
+                             f"{params.max_tokens or 1} in the completion). Please reduce the length.")
+        max_len = len(ids) + params.max_tokens if params.max_tokens else self.max_model_len
+        now = time.monotonic() if arrival is None else arrival
+        seqs = [Sequence(request_id, i, ids, params, now, max_len) for i in range(params.n)]
+        detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer else None
+                  for _ in seqs]
+        self.requests[request_id] = _Request(request_id, prompt, ids, params, seqs, detoks, [""] * params.n,
+                                             RequestMetrics(now))
+        self.scheduler.add(seqs[0])  # the other n - 1 fork from it once its prompt is in the cache
+        self.stats.prompt_tokens += len(ids)
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.finished:
+                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+            self.scheduler.remove(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if sched.copies:
+            self.runner.copy_blocks(sched.copies)
+        if not sched.chunks:
+            if self.scheduler.has_work():
+                raise RuntimeError("scheduler made no progress")  # admission checks make this unreachable
+            return []
+        self.stats.steps += 1
+        batch = [SequenceChunk(c.seq.tokens[c.start:c.start + c.num_tokens], c.start, c.seq.block_table)
+                 for c in sched.chunks]
+        logits = self.runner.execute(batch)
+        now = time.monotonic()
+        touched: dict[str, _Request] = {}
+        rows, sampling = [], []
+        for row, c in enumerate(sched.chunks):
+            c.seq.num_computed += c.num_tokens
+            self.stats.computed_tokens += c.num_tokens
+            self.blocks.register_full_blocks(c.seq)
+            if c.completes:
+                rows.append(row)
+                sampling.append(c.seq)
+        if not sampling:
+            return []
+        tokens, records = sample(logits[rows], sampling, [self.end_ids] * len(sampling))
+        for row, seq, token, record in zip(rows, sampling, tokens, records):
+            req = self.requests[seq.request_id]
+            touched[req.request_id] = req
+            self._append(req, seq, token, record, now)
+            if seq.index == 0 and len(seq.output_ids) == 1 and req.params.n > 1:
+                self._fork_children(req, seq, logits[row:row + 1], now)
+        return [self._output(req, now) for req in touched.values()]
+
+    def _fork_children(self, req: _Request, parent: Sequence, logits: np.ndarray, now: float) -> None:
+        for child in req.seqs[1:]:
+            self.blocks.fork(parent, child)
+            (token,), (record,) = sample(logits, [child], [self.end_ids])
+            self.scheduler.add_running(child)
+            self._append(req, child, token, record, now)
+
+    def _append(self, req: _Request, seq: Sequence, token: int, record, now: float) -> None:
+        if seq.finished:
+            return
+        seq.output_ids.append(token)
+        self.stats.generated_tokens += 1
+        if record is not None:
+            seq.logprobs.append(record)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            req.metrics.first_token_time = req.metrics.first_token_time or now
+            req.metrics.num_cached_tokens = max(req.metrics.num_cached_tokens, seq.num_cached)
+        seq.token_times.append(now)
+        p = seq.params
+        detok = req.detoks[seq.index]
+        new_from = 0
+        if detok is not None:
+            new_from = len(detok.text)
+            detok.push(token)
+            req.texts[seq.index] = detok.text
+        reason: tuple[str, int | str | None] | None = None
+        if not p.ignore_eos and token in self.end_ids and len(seq.output_ids) > p.min_tokens - 1:
+            reason = ("stop", None)
+        elif token in p.stop_token_ids and len(seq.output_ids) >= p.min_tokens:
+            reason = ("stop", token)
+        elif p.stop and detok is not None and len(seq.output_ids) >= p.min_tokens:
+            hit = self._find_stop(detok.text, p.stop, new_from)
+            if hit is not None:
+                at, stop = hit
+                req.texts[seq.index] = detok.text[:at + (len(stop) if p.include_stop_str_in_output else 0)]
+                reason = ("stop", stop)
+        if reason is None and (len(seq.output_ids) >= (p.max_tokens or 1 << 62) or len(seq) >= seq.max_len):
+            reason = ("length", None)
+        if reason is not None:
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason, seq.stop_reason = reason
+            self.scheduler.remove(seq)
+
+    @staticmethod
+    def _find_stop(text: str, stops: list[str], new_from: int) -> tuple[int, str] | None:
+        """The earliest stop string that ends inside the newly added text."""
+        best: tuple[int, str] | None = None
+        for stop in stops:
+            at = text.find(stop, max(0, new_from - len(stop) + 1))
+            if at != -1 and (best is None or at < best[0]):
+                best = (at, stop)
+        return best
+
+    def _output(self, req: _Request, now: float) -> RequestOutput:
+        finished = all(s.finished for s in req.seqs)
+        hold = max((len(s) for s in req.params.stop), default=1) - 1  # a stop string may still be forming
+        outs = []
+        for seq, text in zip(req.seqs, req.texts):
+            if not seq.finished and hold:
+                text = text[:max(0, len(text) - hold)]
+            lps = seq.logprobs if req.params.logprobs is not None else None
+            outs.append(CompletionOutput(seq.index, text, list(seq.output_ids),
+                                         sum(l.logprob for l in lps) if lps else None, lps,
+                                         seq.finish_reason, seq.stop_reason))
+        if finished:
+            req.metrics.finished_time = now
+            self.requests.pop(req.request_id, None)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished, req.metrics)
+
+    def close(self) -> None:
+        self.runner.close()

@@ -1,0 +1,67 @@
+"""The offline Python API, in vLLM's shape: LLM(...).generate(...) and .chat(...)."""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Mapping, Sequence as Seq
+
+from tqdm import tqdm
+
+from fusec.errors import InputError
+from fusec.runtime.engine import EngineConfig, LLMEngine
+from fusec.runtime.outputs import RequestOutput
+from fusec.runtime.sequence import SamplingParams
+
+Messages = Seq[Mapping[str, Any]]
+
+
+class LLM:
+    """`LLM(model=None)` loads the default model. Keyword arguments are EngineConfig's."""
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: str | Seq[str] | None = None,
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 prompt_token_ids: Seq[Seq[int]] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Completions for each prompt (text, or token ids), in the order given."""
+        if prompt_token_ids is not None:
+            items: list[tuple[str | None, Seq[int] | None]] = [(None, ids) for ids in prompt_token_ids]
+        else:
+            if prompts is None:
+                raise InputError("give prompts or prompt_token_ids")
+            items = [(p, None) for p in ([prompts] if isinstance(prompts, str) else prompts)]
+        params = sampling_params or SamplingParams()
+        per = list(params) if isinstance(params, (list, tuple)) else [params] * len(items)
+        if len(per) != len(items):
+            raise InputError("give one SamplingParams, or one per prompt")
+        ids = []
+        for (text, tokens), p in zip(items, per):
+            rid = str(next(self._ids))
+            self.engine.add_request(rid, text, p, prompt_token_ids=tokens)
+            ids.append(rid)
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: Messages | Seq[Messages], sampling_params: SamplingParams | None = None,
+             add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Completions of one conversation (a list of messages) or of several."""
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise InputError("this model has no tokenizer")
+        convs = [messages] if messages and isinstance(messages[0], Mapping) else list(messages)
+        token_ids = [tok.encode_chat(c, add_generation_prompt) for c in convs]
+        return self.generate(prompt_token_ids=token_ids, sampling_params=sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(request_ids), desc="generating", unit="req", disable=not use_tqdm)
+        while self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+                    bar.update(1)
+        bar.close()
+        return [done[r] for r in request_ids]
