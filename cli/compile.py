@@ -8,6 +8,7 @@ import click
 from tqdm import tqdm
 
 from fusec.cli.options import DTYPE_CHOICES, model_option
+from fusec.errors import FusecError
 
 
 @click.command("compile")
@@ -38,7 +39,10 @@ def compile_cmd(model: str | None, arch: str, dtype: str, block_size: int, cross
     m = load_model(model, dtype=dtype, with_weights=False)
     graph = m.graph(block_size)
     t0 = time.perf_counter()
-    plans = build_plans(graph, default_registry(), PlanOptions(target, m.config.max_position_embeddings, crossover))
+    try:
+        plans = build_plans(graph, default_registry(), PlanOptions(target, m.config.max_position_embeddings, crossover))
+    except ValueError as e:  # e.g. an op no kernel covers on a GPU target
+        raise FusecError(f"cannot compile {m.name} for {arch}: {e}") from None
     t_plan = time.perf_counter() - t0
     click.echo(f"{m.name}: {m.config.architecture}, {m.config.num_layers} layers, {m.dtype.value}, target {arch}")
     for plan in plans.values():

@@ -24,6 +24,8 @@ class FusecGroup(click.Group):
             return super().invoke(ctx)
         except FusecError as e:
             raise UserError(str(e)) from None
+        except OSError as e:  # an unreadable file, a full disk: the user's to fix, not a crash
+            raise UserError(f"{e.strerror or e}: {e.filename}" if e.filename else str(e)) from None
 
 
 @click.group(cls=FusecGroup)
@@ -42,7 +44,7 @@ def cli(log_level: str) -> None:
 @click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
               help="0 = greedy")
-@click.option("--seed", default=None, type=int, help="Seed for sampling.")
+@click.option("--seed", default=None, type=click.IntRange(min=0), help="Seed for sampling.")
 @click.option("--max-model-len", default=None, type=click.IntRange(min=1), help="Cap on prompt + output tokens.")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
 @click.option("--fused", is_flag=True, help="Run the compiled fused plans (host target) instead of the reference.")

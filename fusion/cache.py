@@ -78,6 +78,9 @@ class KernelCache:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as e:  # unreadable: rebuild rather than fail
+            log.warning("cannot read cache entry %s (%s)", path, e)
+            return None
         header_end = len(MAGIC) + 65
         if data[: len(MAGIC)] == MAGIC and len(data) >= header_end:
             digest, payload = data[len(MAGIC): header_end - 1].decode("ascii", "replace"), data[header_end:]
@@ -85,17 +88,24 @@ class KernelCache:
                 return payload
         self.stats.corrupt += 1
         log.warning("discarding corrupt cache entry %s", path)
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError:
+            pass
         return None
 
     def _write(self, path: Path, payload: bytes) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Store an entry; a cache that cannot be written only costs a rebuild next time."""
         data = MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache is read by others
             os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        except OSError as e:
+            log.warning("cannot write cache entry %s (%s)", path, e)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)

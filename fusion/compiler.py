@@ -19,7 +19,7 @@ from fusec.fusion.cache import KernelCache, artifact_key
 from fusec.fusion.codegen.compile import compile_ir
 from fusec.fusion.codegen.target import Target
 
-COMPILE_OPTIONS = "O3 vectorize reloc=default"
+COMPILE_OPTIONS = "O3 vectorize reloc=default"  # what fusion.codegen.compile does; part of every key
 CODEGEN_DIR = Path(__file__).parent / "codegen"
 
 
@@ -32,7 +32,11 @@ class Artifact:
 
     @property
     def suffix(self) -> str:
-        return ".ptx" if self.target.is_gpu else ".o"
+        return artifact_suffix(self.target)
+
+
+def artifact_suffix(target: Target) -> str:
+    return ".ptx" if target.is_gpu else ".o"
 
 
 @lru_cache(maxsize=None)
@@ -60,6 +64,6 @@ def generator_digest(kernel: Any) -> str:
 def compile_kernel(kernel: Any, target: Target, cache: KernelCache) -> Artifact:
     spec = f"{kernel.name}|{kernel.describe()}|{generator_digest(kernel)}"
     key = artifact_key(spec, target.fingerprint(), COMPILE_OPTIONS)
-    suffix = ".ptx" if target.is_gpu else ".o"
-    data = cache.get_or_build(key, suffix, lambda: compile_ir(kernel.build(target), target), label=kernel.name)
+    data = cache.get_or_build(key, artifact_suffix(target), lambda: compile_ir(kernel.build(target), target),
+                              label=kernel.name)
     return Artifact(kernel, target, data, key)

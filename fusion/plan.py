@@ -47,7 +47,9 @@ class Launch:
 
     @property
     def inputs(self) -> tuple[str, ...]:
-        return tuple(a.name for a in self.args if a.kind in ("value", "k_cache", "v_cache"))
+        """Values the launch reads (kernels take their outputs as arguments too)."""
+        return tuple(a.name for a in self.args
+                     if a.kind in ("value", "k_cache", "v_cache") and a.name not in self.outputs)
 
 
 @dataclass
@@ -106,9 +108,10 @@ class PlanOptions:
 
 
 def dead_code_elimination(graph: Graph) -> set[str]:
-    """Names of op nodes that no graph output depends on."""
-    live: set[str] = set(graph.outputs)
-    for out in graph.outputs:
+    """Names of op nodes that neither a graph output nor a state update depends on."""
+    roots = set(graph.outputs) | {n.name for n in graph.ops() if n.kind in IN_PLACE}
+    live: set[str] = set(roots)
+    for out in roots:
         live |= nx.ancestors(graph.nx, out)
     return {n.name for n in graph.ops() if n.name not in live}
 

@@ -1,6 +1,6 @@
 """Paged causal GQA attention over the KV cache, for decode and prefill alike.
 
-One block per (query head, token). The block walks its sequence's keys in tiles of
+One block per (token, query head). The block walks its sequence's keys in tiles of
 `lanes` keys: each lane scores one key, the block keeps an online-softmax running
 max and sum, then lanes switch to head dimensions to accumulate p * V. On the host
 (one lane) a tile is one key. Sliding windows clip the first key.
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from fusec.fusion.codegen.builder import KernelBuilder, Param
-from fusec.fusion.codegen.target import Target
 from fusec.fusion.dtypes import DType
 from fusec.kernels.base import GPU_LANES, Kernel, round_to, row_offset
 
@@ -34,12 +33,12 @@ class PagedAttention(Kernel):
             + [Param("num_seqs", "i32"), Param("table_width", "i32")]
 
     def grid(self, dims: Mapping[str, int]) -> tuple[int, int]:
-        return self.n_heads, dims["num_tokens"]
+        return dims["num_tokens"], self.n_heads  # tokens on x: no 65535 limit on prefill length
 
     def body(self, kb: KernelBuilder) -> None:
         b, hd, bs = kb.b, self.head_dim, self.block_size
         tile = GPU_LANES if kb.target.is_gpu else 1
-        h, t = kb.block_id(0), kb.block_id(1)
+        t, h = kb.block_id(0), kb.block_id(1)
         lane = kb.lane()
         # which sequence owns token t
         seq = kb.var(kb.i32(0))
@@ -100,6 +99,3 @@ class PagedAttention(Kernel):
         with kb.lane_loop(hd) as d:
             kb.store(kb["out"], b.add(q_row, kb.wide(d)),
                      round_to(kb, b.fmul(kb.load(acc_sh, d, DType.F32), inv), self.act), self.act)
-
-    def lanes(self, target: Target) -> int:
-        return GPU_LANES if target.is_gpu else 1

@@ -70,7 +70,7 @@ class AddRmsNorm(RowKernel):
                 v = kb.load(kb["x"], at(i), self.act)
             sq.set(kb.fadd(sq.get(), kb.fmul(v, v)))
         inv = b.fdiv(kb.f32(1.0), kb.sqrt(b.fadd(b.fdiv(kb.reduce(sq.get()), kb.f32(self.cols)), kb.f32(self.eps))))
-        kb.barrier()  # the sum row written above is re-read below, possibly by other lanes
+        # each lane re-reads only the sums it wrote itself: no barrier needed
         src = kb["sum"] if self.add else kb["x"]
         with kb.lane_loop(self.cols) as i:
             v = b.fmul(b.fmul(kb.load(src, at(i), self.act), inv), kb.load(kb["norm_w"], i, self.weight))
@@ -152,7 +152,8 @@ class GatherRows(RowKernel):
 
 @dataclass(frozen=True)
 class Argmax(RowKernel):
-    """Index of each row's maximum (the first one on ties, as numpy.argmax): greedy sampling."""
+    """Index of each row's maximum (the first one on ties, as numpy.argmax), for greedy
+    sampling on the device. Rows are assumed free of NaN."""
 
     family = "argmax"
     cols: int
@@ -167,7 +168,9 @@ class Argmax(RowKernel):
         best, best_i = kb.var(kb.f32(-math.inf)), kb.var(kb.f32(self.cols))
         with kb.lane_loop(self.cols) as i:
             v = kb.load(kb["x"], b.add(row, kb.wide(i)), self.act)
-            better = b.fcmp_ordered(">", v, best.get())  # strict: keeps each lane's first max
+            # strict: keeps each lane's first max; a lane's first element is always taken
+            first = b.fcmp_ordered("==", best_i.get(), kb.f32(self.cols))
+            better = b.or_(b.fcmp_ordered(">", v, best.get()), first)
             best.set(b.select(better, v, best.get()))
             best_i.set(b.select(better, b.sitofp(i, best_i.typ), best_i.get()))
         top = kb.reduce(best.get(), "max")

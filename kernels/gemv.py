@@ -52,11 +52,12 @@ class Gemv(Kernel):
         return [Param(n, "ptr") for n in p] + [Param("num_rows", "i32")]
 
     def grid(self, dims: Mapping[str, int]) -> tuple[int, int]:
-        return cdiv(self.n, self.rows_per_block), dims["num_rows"]
+        # rows on x (up to 2**31 - 1 blocks), output blocks on y (65535: N <= 262140 at 4 per block)
+        return dims["num_rows"], cdiv(self.n, self.rows_per_block)
 
     def body(self, kb: KernelBuilder) -> None:
         b, k_dim = kb.b, self.k
-        out_row = kb.block_id(1)
+        out_row = kb.block_id(0)
         src = kb.load(kb["rows"], out_row, DType.I32) if self.gather else out_row
         width = 2 * k_dim if self.prologue == "silu_mul" else k_dim
         base = row_offset(kb, src, width)
@@ -80,7 +81,7 @@ class Gemv(Kernel):
             mean = b.fdiv(kb.reduce(sq.get()), kb.f32(k_dim))
             inv_rms = b.fdiv(kb.f32(1.0), kb.sqrt(b.fadd(mean, kb.f32(self.eps))))
         if self.residual_out:
-            with kb.when(b.icmp_unsigned("==", kb.block_id(0), kb.i32(0))):
+            with kb.when(b.icmp_unsigned("==", kb.block_id(1), kb.i32(0))):
                 with kb.lane_loop(k_dim) as i:
                     kb.store(kb["residual"], at(i), raw(i), self.act)
 
@@ -95,7 +96,7 @@ class Gemv(Kernel):
             return round_to(kb, normed, self.act)
 
         rpb = self.rows_per_block
-        n0 = b.mul(kb.block_id(0), kb.i32(rpb))
+        n0 = b.mul(kb.block_id(1), kb.i32(rpb))
         last = kb.i32(self.n - 1)
         # rows past the end read the last row (kept in bounds) and are not stored
         w_rows = [row_offset(kb, kb.imin(b.add(n0, kb.i32(j)), last), k_dim) for j in range(rpb)]

@@ -43,12 +43,20 @@ def _gemv_parts(m: Match) -> tuple[Node, Node]:
 
 
 def gemv_constraint(m: Match) -> bool:
-    """One weight dtype for the whole group, and a bias of the GEMV's own dtype."""
+    """The kernel has one weight dtype (matrix, norm weight, bias), one activation dtype
+    (its inputs and the values its prologue makes) and one output dtype."""
     mm, out = _gemv_parts(m)
     weights = [mm.inputs[1]] + [m[r].inputs[1] for r in ("norm", "bias") if m.get(r) is not None]
-    if len({_dtype(m, w) for w in weights}) != 1:
+    if len({_dtype(m, w) for w in weights}) != 1 or out.type.dtype != mm.type.dtype:
         return False
-    return out.type.dtype == mm.type.dtype
+    acts = {_dtype(m, a) for a in m["add"].inputs} | {m["add"].type.dtype} if m.get("add") else set()
+    for role in ("norm", "silu", "gather"):
+        node = m.get(role)
+        if node is not None:
+            acts |= {node.type.dtype, _dtype(m, node.inputs[0])}
+    if not any(m.get(r) for r in ("add", "norm", "silu", "gather")):
+        acts.add(_dtype(m, mm.inputs[0]))
+    return len(acts) == 1
 
 
 def lower_gemv(m: Match, ctx: LowerContext) -> Launch:
@@ -84,11 +92,6 @@ def lower_gemv(m: Match, ctx: LowerContext) -> Launch:
     return ctx.kernel_launch(m, kernel, args, tuple(outputs), {"num_rows": _rows(out)})
 
 
-def gather_private(m: Match) -> bool:
-    """With a row gather the norm runs on gathered rows only, so the sum may not escape."""
-    return gemv_constraint(m) and (m.get("add") is None or not m.escapes("add"))
-
-
 ADD = PNode("add", "add")
 NORM_AFTER_ADD = PNode("norm", "rms_norm", (("add", 0),))
 NORM = PNode("norm", "rms_norm")
@@ -107,8 +110,8 @@ def gemv_patterns() -> list[Pattern]:
     specs = [
         ("add_rms_norm_gemv_bias", 60, (ADD, NORM_AFTER_ADD, _mm("norm"), BIAS), {"add"}, gemv_constraint,
          "residual add + RMSNorm + GEMV + bias (Qwen2's QKV)"),
-        ("add_rms_norm_gather_gemv", 58, (ADD, NORM_AFTER_ADD, GATHER, MM_AFTER_GATHER), set(), gather_private,
-         "last residual add + final norm on the rows that need logits + LM head"),
+        ("add_rms_norm_gather_gemv", 58, (ADD, NORM_AFTER_ADD, GATHER, MM_AFTER_GATHER), set(), gemv_constraint,
+         "last residual add + final norm on the rows that need logits + LM head (the sum stays private)"),
         ("add_rms_norm_gemv", 55, (ADD, NORM_AFTER_ADD, _mm("norm")), {"add"}, gemv_constraint,
          "residual add + RMSNorm + GEMV (QKV, gate|up)"),
         ("rms_norm_gemv_bias", 50, (NORM, _mm("norm"), BIAS), set(), gemv_constraint,
@@ -226,8 +229,7 @@ def default_registry() -> Registry:
     reg = Registry()
     for p in gemv_patterns():
         reg.register(p)
-    reg.register(Pattern("rope_kv_write", 70, ROPE_KV, lower_rope_kv, escapes=frozenset({"q_rope"}),
-                         constraint=rope_kv_constraint, doc="RoPE on q and k + k, v written into the paged cache"))
+    reg.register(Pattern("rope_kv_write", 70, ROPE_KV, lower_rope_kv, constraint=rope_kv_constraint, doc="RoPE on q and k + k, v written into the paged cache"))
     reg.register(Pattern("paged_attention", 65, (PNode("attention", "attention"),), lower_attention,
                          constraint=attention_constraint, doc="causal paged GQA attention (decode and prefill)"))
     reg.register(Pattern("embed", 10, (PNode("embed", "embed"),), lower_embed, doc="embedding rows"))
@@ -238,7 +240,7 @@ def default_registry() -> Registry:
     reg.register(Pattern("gemm", 5, (_mm(None),), lower_gemm, buckets=("gemm",), doc="library GEMM"))
     reg.register(Pattern("bias_add", 5, (PNode("bias_add", "bias_add"),),
                          _row_op("bias_add", lambda m, n: BiasAdd(n.type.shape[1], n.type.dtype, _dtype(m, n.inputs[1])),
-                                 ("x", "bias")), doc="bias add"))
+                                 ("x", "bias")), constraint=same_act_dtype, doc="bias add"))
     reg.register(Pattern("silu_mul", 5, (PNode("silu_mul", "silu_mul"),),
                          _row_op("silu_mul", lambda m, n: SiluMul(n.type.shape[1], n.type.dtype), ("gu",)),
                          constraint=same_act_dtype, doc="SiLU(gate) * up"))

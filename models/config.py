@@ -37,6 +37,10 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ModelLoadError(f"config: {name} must be positive, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
@@ -66,6 +70,15 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
 
 
 def config_from_hf(cfg: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
+    try:
+        return _config_from_hf(cfg, source)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        if isinstance(e, ModelLoadError):
+            raise
+        raise ModelLoadError(f"{source}: invalid config ({type(e).__name__}: {e})") from None
+
+
+def _config_from_hf(cfg: Mapping[str, Any], source: str) -> ModelConfig:
     archs = cfg.get("architectures") or []
     arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
     if arch is None:
@@ -108,6 +121,15 @@ def config_from_hf(cfg: Mapping[str, Any], source: str = "config.json") -> Model
 
 
 def config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], source: str) -> ModelConfig:
+    try:
+        return _config_from_gguf(meta, tensor_names, source)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        if isinstance(e, ModelLoadError):
+            raise
+        raise ModelLoadError(f"{source}: invalid GGUF metadata ({type(e).__name__}: {e})") from None
+
+
+def _config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], source: str) -> ModelConfig:
     arch = meta.get("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedModelError(

@@ -21,7 +21,11 @@ def inv_freq(config: ModelConfig, freq_factors: np.ndarray | None = None) -> np.
     if kind == "linear":
         return (base / np.float32(params["factor"])).astype(np.float32)
     if kind == "llama3":
-        return _llama3(base, params)
+        try:
+            return _llama3(base, params)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+            raise UnsupportedModelError(f"llama3 rope scaling needs factor, low_freq_factor, high_freq_factor and "
+                                        f"original_max_position_embeddings ({type(e).__name__}: {e})") from None
     if kind == "freq_factors":
         if freq_factors is None or freq_factors.shape != base.shape:
             raise UnsupportedModelError("rope_freqs tensor missing or of the wrong size")

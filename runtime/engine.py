@@ -78,7 +78,8 @@ class LLMEngine:
                              f"raise the KV cache size or lower --max-model-len")
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, max(config.max_num_batched_tokens, 1))
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, fused=config.executor == "fused")
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, fused=config.executor == "fused",
+                                  max_positions=self.max_model_len)
         self.end_ids: set[int] = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.end_ids.add(self.tokenizer.eos_token_id)

@@ -24,6 +24,8 @@ class SequenceChunk:
 
 def build_inputs(chunks: Sequence[SequenceChunk], block_size: int, all_logits: bool = False) -> dict[str, np.ndarray]:
     lens = [len(c.token_ids) for c in chunks]
+    if not chunks or min(lens) < 1:
+        raise ValueError("every chunk needs at least one token")
     qstart = np.zeros(len(chunks) + 1, dtype=np.int32)
     qstart[1:] = np.cumsum(lens)
     positions = np.concatenate([np.arange(c.start, c.start + n) for c, n in zip(chunks, lens)]).astype(np.int32)
@@ -53,7 +55,7 @@ class ModelRunner:
     unfused graph, or (fused=True) the compiled plans on the host backend."""
 
     def __init__(self, model: Model, num_blocks: int, block_size: int = 16, fused: bool = False,
-                 cache: KernelCache | None = None) -> None:
+                 cache: KernelCache | None = None, max_positions: int | None = None) -> None:
         self.model = model
         self.block_size = block_size
         graph = model.graph(block_size)
@@ -61,7 +63,7 @@ class ModelRunner:
             from fusec.kernels.registry import default_registry
             from fusec.runtime.backends.cpu import CpuExecutor
 
-            options = PlanOptions(HOST, max_positions=model.config.max_position_embeddings)
+            options = PlanOptions(HOST, max_positions=max_positions or model.config.max_position_embeddings)
             self.executor: Interpreter | CpuExecutor = CpuExecutor(graph, model.weights, default_registry(),
                                                                    options, cache)
         else:

@@ -198,7 +198,8 @@ class KernelBuilder:
         gv.linkage = "internal"
         gv.initializer = ir.Constant(ir.ArrayType(F32, n), ir.Undefined)
         gv.align = 16
-        return self.b.addrspacecast(gv, PTR)
+        # cast once at the top so the pointer dominates every use, wherever it is made
+        return self._allocas.addrspacecast(gv, PTR)
 
     def barrier(self) -> None:
         if self.target.is_gpu:

@@ -17,8 +17,9 @@ MIN_BLOCKS_PER_THREAD = 4  # below this a grid runs on the calling thread
 class HostKernel:
     """A linked kernel: `fn(*args, grid_x, first_block, end_block)` through ctypes."""
 
-    def __init__(self, name: str, fn: ctypes._CFuncPtr) -> None:
+    def __init__(self, name: str, fn: ctypes._CFuncPtr, linker: "HostLinker") -> None:
         self.name, self.fn = name, fn
+        self.linker = linker  # the engine owning the code must outlive the pointer
 
 
 class HostLinker:
@@ -39,7 +40,7 @@ class HostLinker:
             raise RuntimeError(f"kernel {name} not found in its object code")
         types = [_CTYPES[p.kind] for p in params] + [ctypes.c_int32] * 3
         # CFUNCTYPE calls release the GIL, so blocks run in parallel on threads.
-        kernel = HostKernel(name, ctypes.CFUNCTYPE(None, *types)(addr))
+        kernel = HostKernel(name, ctypes.CFUNCTYPE(None, *types)(addr), self)
         self.kernels[name] = kernel
         return kernel
 

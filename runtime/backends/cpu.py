@@ -12,7 +12,7 @@ from fusec.fusion.codegen.host import HostLauncher, HostLinker
 from fusec.fusion.codegen.target import HOST
 from fusec.fusion.compiler import compile_kernel
 from fusec.fusion.dtypes import DType, from_storage, round_to, to_storage
-from fusec.fusion.ir import Graph
+from fusec.fusion.ir import Graph, Node
 from fusec.fusion.ops import OPS
 from fusec.fusion.patterns import Registry
 from fusec.fusion.plan import Launch, Plan, PlanOptions, build_plans
@@ -20,6 +20,26 @@ from fusec.fusion.plan import Launch, Plan, PlanOptions, build_plans
 log = logging.getLogger(__name__)
 POISON = {DType.F32: np.float32(np.nan), DType.F16: np.float16(np.nan), DType.BF16: np.uint16(0x7FC0),
           DType.I32: np.int32(-(2 ** 31))}
+
+
+def bind_dims(node: Node, arr: np.ndarray, dims: dict[str, int]) -> None:
+    """Bind node's symbolic dims from arr's shape; a shape that disagrees is an error,
+    never an out-of-bounds read in a kernel."""
+    if arr.ndim != len(node.type.shape):
+        raise ValueError(f"{node.name}: rank {arr.ndim}, expected {node.type}")
+    for want, got in zip(node.type.shape, arr.shape):
+        if isinstance(want, str):
+            if dims.setdefault(want, got) != got:
+                raise ValueError(f"{node.name}: dim {want}={got}, bound to {dims[want]} earlier")
+        elif want != got:
+            raise ValueError(f"{node.name}: shape {arr.shape}, expected {node.type}")
+
+
+def check_positions(inputs: Mapping[str, np.ndarray], max_positions: int) -> None:
+    """RoPE kernels index a cos/sin table of max_positions rows."""
+    pos = inputs.get("positions")
+    if pos is not None and len(pos) and (int(np.min(pos)) < 0 or int(np.max(pos)) >= max_positions):
+        raise ValueError(f"positions must be in [0, {max_positions})")
 
 
 class CpuExecutor:
@@ -60,10 +80,9 @@ class CpuExecutor:
                 arr = self.weights[node.name]
             else:
                 continue
-            for want, got in zip(node.type.shape, arr.shape):
-                if isinstance(want, str):
-                    dims.setdefault(want, got)
+            bind_dims(node, arr, dims)
             values[node.name] = arr
+        check_positions(inputs, self.options.max_positions)
         plan = self.plan_for(dims["T"])
         self._allocate(plan, dims, values)
         for launch in plan.launches:

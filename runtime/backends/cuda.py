@@ -21,6 +21,7 @@ from fusec.fusion.ir import Graph
 from fusec.fusion.patterns import Registry
 from fusec.fusion.plan import Launch, Plan, PlanOptions, build_plans
 from fusec.kernels.base import GPU_LANES
+from fusec.runtime.backends.cpu import bind_dims, check_positions
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class DeviceArray:
 
     def __init__(self, device, stream, shape: tuple[int, ...], dtype: np.dtype) -> None:
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.ndim = len(self.shape)
         self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
         self.buffer = device.allocate(max(self.nbytes, 1), stream=stream)
         stream.sync()  # stream-ordered allocation; the copies below are synchronous
@@ -123,10 +125,9 @@ class CudaExecutor:
                 arr = self.weights[node.name]
             else:
                 continue
-            for want, got in zip(node.type.shape, arr.shape):
-                if isinstance(want, str):
-                    dims.setdefault(want, got)
+            bind_dims(node, arr, dims)
             values[node.name] = arr
+        check_positions(inputs, self.options.max_positions)
         plan = self.plan_for(dims["T"])
         for value in plan.slots:  # one buffer per value: slot reuse comes with the real arena
             t = self.graph.node(value).type

@@ -1,0 +1,100 @@
+"""AsyncEngine: concurrent streams, aborts, errors."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from fusec.errors import InputError
+from fusec.models.loader import load_model
+from fusec.runtime.async_engine import AsyncEngine
+from fusec.runtime.engine import EngineConfig, LLMEngine
+from fusec.runtime.sequence import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoints):
+    return load_model(str(tiny_checkpoints["llama"]))
+
+
+def test_concurrent_streams_match_offline(model):
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, model.config.vocab_size, int(rng.integers(2, 30))).tolist() for _ in range(12)]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    offline = LLMEngine(EngineConfig(), model=model)
+    for i, p in enumerate(prompts):
+        offline.add_request(str(i), None, params, prompt_token_ids=p)
+    want = {}
+    while offline.has_unfinished_requests():
+        for o in offline.step():
+            want[o.request_id] = o.outputs[0].token_ids
+    engine = AsyncEngine(LLMEngine(EngineConfig(), model=model))
+
+    async def one(i):
+        steps = []
+        async for out in engine.generate(None, params, request_id=str(i), prompt_token_ids=prompts[i]):
+            steps.append(len(out.outputs[0].token_ids))
+        assert steps == sorted(steps) and out.finished
+        return out.outputs[0].token_ids
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+
+    try:
+        got = asyncio.run(main())
+        assert got == [want[str(i)] for i in range(len(prompts))]
+        assert engine.load().running == 0
+    finally:
+        engine.shutdown()
+
+
+def test_cancelled_consumer_aborts_request(model):
+    engine = AsyncEngine(LLMEngine(EngineConfig(), model=model))
+    params = SamplingParams(temperature=0, max_tokens=90, ignore_eos=True)
+
+    async def leave_early():
+        stream = engine.generate(None, params, prompt_token_ids=list(range(30)))
+        async for out in stream:
+            if len(out.outputs[0].token_ids) >= 3:
+                break
+        await stream.aclose()  # what a server does when its client disconnects
+
+    async def consume_forever():
+        async for _ in engine.generate(None, params, prompt_token_ids=list(range(20))):
+            await asyncio.sleep(0)
+
+    async def main():
+        tasks = [asyncio.create_task(consume_forever()) for _ in range(3)]
+        await asyncio.gather(*(leave_early() for _ in range(5)))
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for _ in range(100):  # the engine thread applies aborts between steps
+            load = engine.load()
+            if load.running == 0 and load.waiting == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert load.running == 0 and load.waiting == 0 and load.kv_usage == 0.0
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
+def test_bad_request_raises_before_streaming(model):
+    engine = AsyncEngine(LLMEngine(EngineConfig(max_model_len=32), model=model))
+
+    async def main():
+        with pytest.raises(InputError):
+            async for _ in engine.generate(None, SamplingParams(max_tokens=40), prompt_token_ids=[1, 2, 3]):
+                pass
+        outs = [o async for o in engine.generate(None, SamplingParams(max_tokens=3, temperature=0),
+                                                 prompt_token_ids=[1, 2, 3])]
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 3
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
