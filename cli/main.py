@@ -7,6 +7,7 @@ import sys
 import click
 
 from fusec import __version__
+from fusec.cli.bench import bench_cmd
 from fusec.cli.compile import compile_cmd
 from fusec.cli.options import model_options
 from fusec.errors import FusecError
@@ -109,6 +110,7 @@ def info() -> None:
 
 
 cli.add_command(compile_cmd)
+cli.add_command(bench_cmd)
 
 
 def main() -> None:

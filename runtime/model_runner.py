@@ -50,6 +50,11 @@ def build_inputs(chunks: Sequence[SequenceChunk], block_size: int, all_logits: b
     }
 
 
+# Largest batch (tokens) the host runs through fused GEMVs: past it, BLAS GEMMs (which
+# read each weight once per step) win. Measured on the SmolLM2 decode step.
+HOST_CROSSOVER = 2
+
+
 class ModelRunner:
     """Runs a model's graph over a paged KV cache: with the reference interpreter of the
     unfused graph, or (fused=True) the compiled plans on the host backend."""
@@ -63,7 +68,8 @@ class ModelRunner:
             from fusec.kernels.registry import default_registry
             from fusec.runtime.backends.cpu import CpuExecutor
 
-            options = PlanOptions(HOST, max_positions=max_positions or model.config.max_position_embeddings)
+            options = PlanOptions(HOST, max_positions=max_positions or model.config.max_position_embeddings,
+                                  crossover=HOST_CROSSOVER)
             self.executor: Interpreter | CpuExecutor = CpuExecutor(graph, model.weights, default_registry(),
                                                                    options, cache)
         else:

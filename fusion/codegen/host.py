@@ -50,7 +50,7 @@ class HostLauncher:
 
     def __init__(self, threads: int) -> None:
         self.threads = max(1, threads)
-        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="fusec-host") if self.threads > 1 else None
+        self.pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="fusec-host") if self.threads > 1 else None
 
     def launch(self, module: HostKernel, args: Sequence[int | float], grid: tuple[int, int]) -> None:
         gx, gy = grid
@@ -62,7 +62,19 @@ class HostLauncher:
             module.fn(*args, gx, 0, total)
             return
         bounds = [total * i // parts for i in range(parts + 1)]
-        futures = [self.pool.submit(module.fn, *args, gx, lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+        futures = [self.pool.submit(module.fn, *args, gx, lo, hi) for lo, hi in zip(bounds[1:], bounds[2:])]
+        module.fn(*args, gx, bounds[0], bounds[1])  # the calling thread takes the first share
+        for f in futures:
+            f.result()
+
+    def parallel(self, tasks: Sequence) -> None:
+        """Run no-argument callables (that release the GIL) over the threads, the first inline."""
+        if self.pool is None or len(tasks) == 1:
+            for task in tasks:
+                task()
+            return
+        futures = [self.pool.submit(task) for task in tasks[1:]]
+        tasks[0]()
         for f in futures:
             f.result()
 

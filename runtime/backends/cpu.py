@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from fusec.fusion.cache import KernelCache
 from fusec.fusion.codegen.host import HostLauncher, HostLinker
@@ -44,7 +47,15 @@ def check_positions(inputs: Mapping[str, np.ndarray], max_positions: int) -> Non
 
 class CpuExecutor:
     """Runs a graph's fused plans on the host; the KV caches are state arrays it owns
-    in storage dtype (`new_state`)."""
+    in storage dtype (`new_state`).
+
+    A plan is bound to concrete dims once (scratch and input buffers allocated, every
+    launch's arguments resolved to pointers) and reused while the dims and the state
+    arrays stay the same, as a decode loop's do; a step is then a walk over prepared
+    calls, like replaying a CUDA graph.
+    """
+
+    MAX_BOUND = 16
 
     def __init__(self, graph: Graph, weights: Mapping[str, np.ndarray], registry: Registry, options: PlanOptions,
                  cache: KernelCache | None = None, threads: int | None = None, poison: bool = False) -> None:
@@ -54,9 +65,13 @@ class CpuExecutor:
         self.cache = cache or KernelCache()
         self.linker = HostLinker()
         self.launcher = HostLauncher(threads or os.cpu_count() or 1)
+        # GEMMs are split over our own threads; BLAS's own would spin against the kernels'
+        threadpool_limits(limits=1, user_api="blas")
         self.poison = poison
         self.weights = {n.name: np.ascontiguousarray(weights[n.name]) for n in graph.nodes("weight")}
+        self._sources = [n for n in graph.nodes() if n.is_source]
         self._gemm_weights: dict[str, np.ndarray] = {}
+        self._bound: OrderedDict[tuple, _BoundPlan] = OrderedDict()
         for plan in self.plans.values():
             for kernel in plan.kernels():
                 art = compile_kernel(kernel, HOST, self.cache)
@@ -69,43 +84,57 @@ class CpuExecutor:
         return self.plans["gemv" if num_tokens <= self.options.crossover else "gemm"]
 
     def run(self, inputs: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Graph outputs (storage dtype; logits are float32) for these inputs."""
         dims: dict[str, int] = {}
-        values: dict[str, np.ndarray] = {}
-        for node in self.graph.nodes():
-            if node.kind == "input":
-                arr = np.ascontiguousarray(inputs[node.name], dtype=node.type.dtype.storage)
-            elif node.kind == "state":
-                arr = state[node.name]
-            elif node.kind == "weight":
-                arr = self.weights[node.name]
-            else:
-                continue
-            bind_dims(node, arr, dims)
-            values[node.name] = arr
+        for node in self._sources:
+            source = inputs if node.kind == "input" else state if node.kind == "state" else self.weights
+            bind_dims(node, np.asarray(source[node.name]), dims)
         check_positions(inputs, self.options.max_positions)
         plan = self.plan_for(dims["T"])
-        self._allocate(plan, dims, values)
-        for launch in plan.launches:
-            self._execute(plan, launch, dims, values)
-        return {name: values[plan.resolve(name)] for name in self.graph.outputs}
+        key = (plan.bucket, tuple(sorted(dims.items())), tuple(id(state[n.name]) for n in self.graph.nodes("state")))
+        bound = self._bound.get(key)
+        if bound is None:
+            bound = self._bind(plan, dims, state)
+            self._bound[key] = bound
+            if len(self._bound) > self.MAX_BOUND:
+                self._bound.popitem(last=False)
+        else:
+            self._bound.move_to_end(key)
+        for name, buf in bound.inputs.items():
+            np.copyto(buf, inputs[name], casting="unsafe")
+        if self.poison:
+            for arr in bound.scratch:
+                arr.fill(POISON[bound.scratch_dtypes[id(arr)]])
+        for call in bound.calls:
+            call()
+        return {name: bound.values[plan.resolve(name)].copy() for name in self.graph.outputs}
 
-    def _allocate(self, plan: Plan, dims: Mapping[str, int], values: dict[str, np.ndarray]) -> None:
+    def _bind(self, plan: Plan, dims: Mapping[str, int], state: Mapping[str, np.ndarray]) -> "_BoundPlan":
+        values: dict[str, np.ndarray] = dict(self.weights)
+        values.update({n.name: state[n.name] for n in self.graph.nodes("state")})
+        inputs = {}
+        for node in self.graph.nodes("input"):
+            inputs[node.name] = values[node.name] = np.empty(node.type.bind(dims), node.type.dtype.storage)
         sizes: dict[int, int] = {}
         for value, slot in plan.slots.items():
             t = self.graph.node(value).type
             sizes[slot] = max(sizes.get(slot, 0), int(np.prod(t.bind(dims))) * t.dtype.itemsize)
         arenas = {slot: np.empty(size, np.uint8) for slot, size in sizes.items()}
+        scratch, scratch_dtypes = [], {}
         for value, slot in plan.slots.items():
             t = self.graph.node(value).type
             shape = t.bind(dims)
             arr = arenas[slot][: int(np.prod(shape)) * t.dtype.itemsize].view(t.dtype.storage).reshape(shape)
-            if self.poison:
-                arr.fill(POISON[t.dtype])
             values[value] = arr
+            scratch.append(arr)
+            scratch_dtypes[id(arr)] = t.dtype
+        calls = [self._prepare(plan, launch, dims, values) for launch in plan.launches]
+        return _BoundPlan(values, inputs, calls, scratch, scratch_dtypes)
 
-    def _execute(self, plan: Plan, launch: Launch, dims: Mapping[str, int], values: dict[str, np.ndarray]) -> None:
+    def _prepare(self, plan: Plan, launch: Launch, dims: Mapping[str, int], values: dict[str, np.ndarray]):
+        """A no-argument callable that performs the launch on these buffers."""
         if launch.kind == "kernel":
-            args: list[int | float] = []
+            args: list[int] = []
             for a in launch.args:
                 if a.kind == "dim":
                     args.append(int(dims[a.name]))
@@ -116,20 +145,48 @@ class CpuExecutor:
                     args.append(arr[1].ctypes.data if a.kind == "v_cache" else arr.ctypes.data)
             kernel = launch.kernel
             grid = kernel.grid({k: dims[v] for k, v in launch.grid_dims.items()})
-            self.launcher.launch(self.linker.kernels[kernel.name], args, grid)
-        elif launch.kind == "gemm":
-            x_name, w_name = (a.name for a in launch.args)
-            (out,) = launch.outputs
-            t_x, t_out = self.graph.node(x_name).type, self.graph.node(out).type
-            x = from_storage(values[x_name], t_x.dtype)
-            y = x @ self._gemm_weight(w_name).T
-            values[out][...] = to_storage(round_to(y, t_out.dtype), t_out.dtype)
-        else:
-            (name,) = launch.outputs
-            node = self.graph.node(name)
-            ins = [from_storage(values[plan.resolve(i)], self.graph.node(i).type.dtype) for i in node.inputs]
-            y = OPS[node.kind].reference(*ins, **node.attrs)
-            values[plan.resolve(name)][...] = to_storage(round_to(y, node.type.dtype), node.type.dtype)
+            fn, launcher = self.linker.kernels[kernel.name], self.launcher
+            return lambda: launcher.launch(fn, args, grid)
+        if launch.kind == "gemm":
+            return self._prepare_gemm(launch, values)
+        (name,) = launch.outputs
+        node = self.graph.node(name)
+        srcs = [(values[plan.resolve(i)], self.graph.node(i).type.dtype) for i in node.inputs]
+        dst = values[plan.resolve(name)]
+
+        def reference() -> None:
+            y = OPS[node.kind].reference(*(from_storage(v, d) for v, d in srcs), **node.attrs)
+            np.copyto(dst, to_storage(round_to(y, node.type.dtype), node.type.dtype))
+        return reference
+
+    def _prepare_gemm(self, launch: Launch, values: dict[str, np.ndarray]):
+        """y = x @ w.T with the output columns split over the launcher's threads; BLAS
+        itself runs one thread each (see __init__), so no BLAS worker spins against
+        the kernels' threads."""
+        x_name, w_name = (a.name for a in launch.args)
+        (out,) = launch.outputs
+        x, y, w = values[x_name], values[out], self._gemm_weight(w_name)
+        x_dtype, y_dtype = self.graph.node(x_name).type.dtype, self.graph.node(out).type.dtype
+        xf = x if x_dtype is DType.F32 else np.empty(x.shape, np.float32)
+        n = w.shape[0]
+        bounds = [n * i // self.launcher.threads for i in range(self.launcher.threads + 1)]
+        # (w_part @ x.T).T: BLAS then streams the big weight once and packs only the small
+        # activation block; x @ w_part.T would pack (copy) the whole weight slice first
+        parts = [(w[a:b], np.empty((b - a, x.shape[0]), np.float32), a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+        def part(wp: np.ndarray, yp: np.ndarray, a: int, b: int):
+            def run() -> None:
+                np.matmul(wp, xf.T, out=yp)
+                y[:, a:b] = yp.T if y_dtype is DType.F32 else to_storage(round_to(yp.T, y_dtype), y_dtype)
+            return run
+
+        tasks = [part(*p) for p in parts]
+
+        def gemm() -> None:
+            if xf is not x:
+                np.copyto(xf, from_storage(x, x_dtype))
+            self.launcher.parallel(tasks)
+        return gemm
 
     def _gemm_weight(self, name: str) -> np.ndarray:
         """float32 copies of GEMM weights stored as f16/bf16, made once."""
@@ -142,3 +199,12 @@ class CpuExecutor:
 
     def close(self) -> None:
         self.launcher.close()
+
+
+@dataclass
+class _BoundPlan:
+    values: dict[str, np.ndarray]
+    inputs: dict[str, np.ndarray]
+    calls: list
+    scratch: list[np.ndarray]
+    scratch_dtypes: dict[int, DType]

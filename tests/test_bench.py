@@ -1,0 +1,32 @@
+"""`fusec bench` end to end on a tiny model (numbers are benchmarks' business; here
+the command, its report and its files)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+FUSEC = str(Path(sys.executable).with_name("fusec"))
+
+
+def test_bench_reports_levels_and_writes_json_and_plot(tiny_checkpoints, tmp_path):
+    out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
+    res = subprocess.run([FUSEC, "bench", "--model", str(tiny_checkpoints["llama"]), "--n", "1,4", "--input-len", "8",
+                          "--output-len", "6", "--json", str(out_json), "--plot", str(out_png)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(out_json.read_text())
+    assert [r["n"] for r in report["results"]] == [1, 4]
+    for r in report["results"]:
+        assert r["output_tokens"] == r["num_prompts"] * 6 and r["output_tok_s"] > 0
+        assert 0 < r["ttft_p50_ms"] <= r["ttft_p95_ms"] and 0 < r["itl_p50_ms"] <= r["itl_p95_ms"]
+        assert r["peak_rss_mb"] > 0
+    assert report["startup_s"] > 0 and report["machine"]["cores"] >= 1
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "tok/s" in res.stdout and "TTFT" in res.stdout
+
+
+def test_bench_rejects_bad_levels():
+    res = subprocess.run([FUSEC, "bench", "--n", "1,x"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "comma-separated" in res.stderr
