@@ -21,9 +21,11 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Until the OpenAI server lands, the main job is generation on the default model.
+# The main job: the OpenAI-compatible server on the default model, on the CPU.
+HOST ?= 127.0.0.1
+PORT ?= 8000
 serve: $(STAMP)
-	$(BIN)/fusec generate --chat --prompt "What is the capital of France?" --max-tokens 64
+	$(BIN)/fusec serve --host $(HOST) --port $(PORT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -9,6 +9,7 @@ import click
 from fusec import __version__
 from fusec.cli.bench import bench_cmd
 from fusec.cli.compile import compile_cmd
+from fusec.cli.serve import serve_cmd
 from fusec.cli.options import model_options
 from fusec.errors import FusecError
 
@@ -111,6 +112,7 @@ def info() -> None:
 
 cli.add_command(compile_cmd)
 cli.add_command(bench_cmd)
+cli.add_command(serve_cmd)
 
 
 def main() -> None:
