@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from fusec.cli.options import model_options
+from fusec.cli.options import device_option, model_options
 from fusec.errors import FusecError
 
 
@@ -35,8 +35,9 @@ def _levels(value: str) -> list[int]:
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@device_option
 def bench_cmd(model, dtype, load_format, levels, num_prompts, input_len, output_len, ignore_eos, executor,
-              max_num_seqs, max_num_batched_tokens, seed, json_path, plot_path) -> None:
+              max_num_seqs, max_num_batched_tokens, seed, json_path, plot_path, device) -> None:
     """Throughput and latency of the engine at each concurrency level."""
     from fusec.runtime.benchmark import benchmark, plot
     from fusec.runtime.engine import EngineConfig
@@ -49,6 +50,7 @@ def bench_cmd(model, dtype, load_format, levels, num_prompts, input_len, output_
     if max(levels) > max_num_seqs:
         raise FusecError(f"--n {max(levels)} exceeds --max-num-seqs {max_num_seqs}")
     config = EngineConfig(model=model, dtype=dtype, load_format=load_format, executor=executor, seed=seed,
+                          device=device if executor == "fused" else "cpu",
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                           max_model_len=input_len + output_len + 16)
 

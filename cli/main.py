@@ -10,7 +10,7 @@ from fusec import __version__
 from fusec.cli.bench import bench_cmd
 from fusec.cli.compile import compile_cmd
 from fusec.cli.serve import serve_cmd
-from fusec.cli.options import model_options
+from fusec.cli.options import device_option, model_options
 from fusec.errors import FusecError
 
 
@@ -49,16 +49,18 @@ def cli(log_level: str) -> None:
 @click.option("--seed", default=None, type=click.IntRange(min=0), help="Seed for sampling.")
 @click.option("--max-model-len", default=None, type=click.IntRange(min=1), help="Cap on prompt + output tokens.")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
-@click.option("--fused", is_flag=True, help="Run the compiled fused plans (host target) instead of the reference.")
+@click.option("--fused", is_flag=True, help="Run the compiled fused plans instead of the reference interpreter.")
+@device_option
 def generate(model: str | None, dtype: str, load_format: str, prompts: tuple[str, ...], chat: bool,
              max_tokens: int, temperature: float, seed: int | None, max_model_len: int | None,
-             ignore_eos: bool, fused: bool) -> None:
+             ignore_eos: bool, fused: bool, device: str) -> None:
     """Generate text for one or more prompts (continuous batching over a paged KV cache)."""
     from fusec.runtime.engine import EngineConfig, LLMEngine
     from fusec.runtime.sequence import SamplingParams
 
     engine = LLMEngine(EngineConfig(model=model, dtype=dtype, load_format=load_format, seed=seed or 0,
-                                    max_model_len=max_model_len, executor="fused" if fused else "reference"))
+                                    max_model_len=max_model_len, executor="fused" if fused else "reference",
+                                    device=device if fused else "cpu"))
     tok = engine.tokenizer
     if tok is None:
         raise FusecError(f"{engine.model.path}: no tokenizer found (tokenizer.json or GGUF vocabulary)")
@@ -106,8 +108,19 @@ def info() -> None:
     click.echo("backends:")
     click.echo("  reference  yes (numpy interpreter of the unfused graph)")
     click.echo("  host       yes (fused kernels JIT-compiled with llvmlite, numpy GEMMs; generate --fused)")
-    driver = ctypes.util.find_library("cuda")
-    click.echo(f"  cuda       no (backend not built yet; NVIDIA driver {'found' if driver else 'not found'})")
+    from fusec.runtime.engine import cuda_available
+
+    if cuda_available():
+        from cuda.core import Device
+
+        dev = Device()
+        major, minor = dev.compute_capability
+        click.echo(f"  cuda       yes: {dev.name}, compute capability {major}.{minor} "
+                   f"(fused-GEMV plans; cuBLASLt GEMMs and GPU sampling are in progress)")
+    else:
+        driver = ctypes.util.find_library("cuda")
+        click.echo(f"  cuda       no ({'no usable device' if driver else 'no NVIDIA driver'}; "
+                   f"pip install 'fusec[cuda]' on a GPU machine)")
 
 
 cli.add_command(compile_cmd)

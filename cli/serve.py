@@ -49,9 +49,7 @@ def serve_cmd(model_tag, model, host, port, served_names, dtype, max_model_len, 
     if model_tag and model and model_tag != model:
         raise FusecError("give the model once: as the argument or as --model")
     model = model or model_tag
-    if device == "cuda":
-        raise FusecError("--device cuda: the CUDA backend is not available in this build yet; use --device cpu")
-    engine = LLMEngine(EngineConfig(model=model, dtype=dtype, load_format=load_format, seed=seed,
+    engine = LLMEngine(EngineConfig(model=model, dtype=dtype, load_format=load_format, seed=seed, device=device,
                                     max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                     max_num_batched_tokens=max_num_batched_tokens, kv_cache_gb=kv_cache_gb,
                                     enable_prefix_caching=enable_prefix_caching))
@@ -62,7 +60,7 @@ def serve_cmd(model_tag, model, host, port, served_names, dtype, max_model_len, 
                             access_log=not disable_log_requests)
     server = uvicorn.Server(config)
     click.echo(f"fusec serving {names[0]} ({engine.model.config.architecture}, {engine.model.dtype.value}, "
-               f"cpu backend, fused plans, {engine.blocks.num_blocks} KV blocks, max_model_len "
+               f"{engine.device} backend, fused plans, {engine.blocks.num_blocks} KV blocks, max_model_len "
                f"{engine.max_model_len}) on http://{host}:{port}/v1", err=True)
     # uvicorn drains on SIGINT / SIGTERM, then re-raises the signal to the handler it found:
     # make that a no-op so the process finishes its own shutdown and exits 0

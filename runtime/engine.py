@@ -36,6 +36,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides kv_cache_gb
     enable_prefix_caching: bool = True
     executor: str = "fused"  # "fused" (compiled plans) | "reference" (the interpreter)
+    device: str = "cpu"  # "auto" | "cpu" | "cuda"
 
 
 @dataclass
@@ -59,6 +60,28 @@ class _Request:
     finished_reported: bool = False
 
 
+def cuda_available() -> bool:
+    try:
+        from cuda.core import Device
+
+        Device().set_current()
+        return True
+    except Exception:  # no cuda-python, no driver, or no device
+        return False
+
+
+def resolve_device(device: str) -> str:
+    if device == "cpu":
+        return "cpu"
+    if device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if device == "cuda":
+        if not cuda_available():
+            raise InputError("no CUDA device found; use --device cpu")
+        return "cuda"
+    raise InputError(f"unknown device {device!r}; expected auto, cpu or cuda")
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, model: Model | None = None) -> None:
         self.config = config
@@ -78,8 +101,13 @@ class LLMEngine:
                              f"raise the KV cache size or lower --max-model-len")
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, max(config.max_num_batched_tokens, 1))
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, fused=config.executor == "fused",
-                                  max_positions=self.max_model_len)
+        self.device = resolve_device(config.device)
+        if self.device == "cuda" and config.executor == "reference":
+            raise InputError("the reference executor runs on the CPU; use --device cpu")
+        backend = "reference" if config.executor == "reference" else self.device
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, backend=backend,
+                                  max_positions=self.max_model_len,
+                                  max_batch_tokens=max(config.max_num_batched_tokens, config.max_num_seqs))
         self.end_ids: set[int] = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.end_ids.add(self.tokenizer.eos_token_id)

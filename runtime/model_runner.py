@@ -55,29 +55,48 @@ def build_inputs(chunks: Sequence[SequenceChunk], block_size: int, all_logits: b
 HOST_CROSSOVER = 2
 
 
-class ModelRunner:
-    """Runs a model's graph over a paged KV cache: with the reference interpreter of the
-    unfused graph, or (fused=True) the compiled plans on the host backend."""
+BACKENDS = ("reference", "cpu", "cuda")
 
-    def __init__(self, model: Model, num_blocks: int, block_size: int = 16, fused: bool = False,
-                 cache: KernelCache | None = None, max_positions: int | None = None) -> None:
+
+class ModelRunner:
+    """Runs a model's graph over a paged KV cache, on one backend: "reference" (the
+    interpreter of the unfused graph), "cpu" (the compiled plans on the host) or "cuda"
+    (the compiled plans on a GPU; until cuBLASLt GEMMs land every batch runs through
+    the fused-GEMV plan there)."""
+
+    def __init__(self, model: Model, num_blocks: int, block_size: int = 16, backend: str = "reference",
+                 cache: KernelCache | None = None, max_positions: int | None = None,
+                 max_batch_tokens: int = 1 << 20) -> None:
         self.model = model
         self.block_size = block_size
         graph = model.graph(block_size)
-        if fused:
+        positions = max_positions or model.config.max_position_embeddings
+        if backend == "reference":
+            self.executor = Interpreter(graph, model.weights)
+        elif backend == "cpu":
             from fusec.kernels.registry import default_registry
             from fusec.runtime.backends.cpu import CpuExecutor
 
-            options = PlanOptions(HOST, max_positions=max_positions or model.config.max_position_embeddings,
-                                  crossover=HOST_CROSSOVER)
-            self.executor: Interpreter | CpuExecutor = CpuExecutor(graph, model.weights, default_registry(),
-                                                                   options, cache)
+            options = PlanOptions(HOST, max_positions=positions, crossover=HOST_CROSSOVER)
+            self.executor = CpuExecutor(graph, model.weights, default_registry(), options, cache)
+        elif backend == "cuda":
+            from cuda.core import Device
+
+            from fusec.kernels.registry import default_registry
+            from fusec.runtime.backends.cuda import CudaExecutor, device_target
+
+            options = PlanOptions(device_target(Device()), max_positions=positions, crossover=max_batch_tokens)
+            self.executor = CudaExecutor(graph, model.weights, default_registry(), options, cache)
         else:
-            self.executor = Interpreter(graph, model.weights)
+            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         self.kv_state = self.executor.new_state({"NB": num_blocks})
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy KV blocks src -> dst in every layer (copy-on-write of shared blocks)."""
+        copy = getattr(self.executor, "copy_blocks", None)
+        if copy is not None:
+            copy(self.kv_state, pairs)
+            return
         src = [s for s, _ in pairs]
         dst = [d for _, d in pairs]
         for cache in self.kv_state.values():

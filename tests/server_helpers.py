@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,12 +25,14 @@ class LiveServer:
     def __init__(self, *args: str, startup_timeout: float = 120) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # output goes to a file: an unread pipe fills up and blocks the server's logging
+        self.log = tempfile.NamedTemporaryFile(mode="w+", prefix="fusec-serve-", suffix=".log", delete=False)
         self.proc = subprocess.Popen([FUSEC, "serve", "--port", str(self.port), *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
+                raise RuntimeError(f"server exited: {self.output()}")
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
@@ -47,14 +50,22 @@ class LiveServer:
                 values[name.split("{")[0]] = float(value)
         return values
 
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
     def stop(self) -> tuple[int, str]:
-        self.proc.send_signal(signal.SIGTERM)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
         try:
-            _, err = self.proc.communicate(timeout=60)
+            self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            _, err = self.proc.communicate()
-        return self.proc.returncode, err
+            self.proc.wait()
+        out = self.output()
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+        return self.proc.returncode, out
 
 
 def write_tiny_chat_model(path: Path, gguf: Path) -> Path:

@@ -68,7 +68,7 @@ def test_pattern_on_gpu_equals_reference(pattern, size, dtype, target, tmp_path_
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
 def test_tiny_model_decode_on_gpu_equals_reference(name, dtype, target, tiny_checkpoints, tmp_path):
-    """Prefill and 8 greedy decode steps of two sequences, every step in the fused-GEMV plan."""
+    """Prefill and 16 greedy decode steps of two sequences, every step in the fused-GEMV plan."""
     from fusec.models.loader import load_model
     from fusec.runtime.model_runner import SequenceChunk, build_inputs
 
@@ -79,9 +79,9 @@ def test_tiny_model_decode_on_gpu_equals_reference(name, dtype, target, tiny_che
     gpu_state, ref_state = gpu.new_state({"NB": 16}), ref.new_state({"NB": 16})
     rng = np.random.default_rng(3)
     chunks = [SequenceChunk(rng.integers(0, model.config.vocab_size, n).tolist(), 0, list(blocks))
-              for n, blocks in ((11, (3, 9, 1, 12, 5)), (6, (0, 7, 14, 2, 8)))]
+              for n, blocks in ((11, (3, 9, 1, 12, 5, 10, 4, 15)), (6, (0, 7, 14, 2, 8, 6, 11, 13)))]
     tokens = {"gpu": [[], []], "ref": [[], []]}
-    for step in range(9):
+    for step in range(17):  # prefill, then 16 decode steps
         inputs = build_inputs(chunks, 4)
         logits = {"gpu": gpu.run(inputs, gpu_state)["logits"], "ref": ref.run(inputs, ref_state)["logits"]}
         assert relative_error(logits["gpu"], logits["ref"]) < (1e-4 if dtype == "f32" else 3e-2)
@@ -92,3 +92,30 @@ def test_tiny_model_decode_on_gpu_equals_reference(name, dtype, target, tiny_che
             c.token_ids = [tokens["ref"][i][-1]]
     if dtype == "f32":
         assert tokens["gpu"] == tokens["ref"]
+
+
+def test_engine_on_gpu_equals_cpu(tiny_checkpoints):
+    """The whole engine (continuous batching, prefix cache, copy-on-write for n > 1) on
+    the GPU backend gives the CPU backend's greedy tokens."""
+    from fusec.models.loader import load_model
+    from fusec.runtime.engine import EngineConfig, LLMEngine
+    from fusec.runtime.sequence import SamplingParams
+
+    model = load_model(str(tiny_checkpoints["qwen2"]))
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, model.config.vocab_size, int(rng.integers(3, 40))).tolist() for _ in range(6)]
+    params = SamplingParams(n=2, temperature=0, max_tokens=16, ignore_eos=True)
+    results = {}
+    for device in ("cpu", "cuda"):
+        engine = LLMEngine(EngineConfig(device=device, max_num_batched_tokens=64), model=model)
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), None, params, prompt_token_ids=p)
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = [c.token_ids for c in out.outputs]
+        assert engine.blocks.all_free()
+        engine.close()
+        results[device] = [done[str(i)] for i in range(len(prompts))]
+    assert results["cuda"] == results["cpu"]

@@ -108,6 +108,20 @@ class CudaExecutor:
             state[n.name] = arr
         return state
 
+    def copy_blocks(self, state: Mapping[str, DeviceArray], pairs) -> None:
+        """Copy KV blocks src -> dst in every layer's cache (copy-on-write)."""
+        from cuda.bindings import driver
+
+        for arr in state.values():
+            half = arr.nbytes // 2
+            block = half // arr.shape[1]
+            for src, dst in pairs:
+                for base in (0, half):
+                    _check(driver.cuMemcpyDtoD(arr.ptr + base + dst * block, arr.ptr + base + src * block, block))
+
+    def close(self) -> None:
+        self.device.sync()
+
     def plan_for(self, num_tokens: int) -> Plan:
         return self.plans["gemv" if num_tokens <= self.options.crossover else "gemm"]
 
