@@ -55,34 +55,30 @@ def generate(model: str | None, dtype: str, load_format: str, prompts: tuple[str
              max_tokens: int, temperature: float, seed: int | None, max_model_len: int | None,
              ignore_eos: bool, fused: bool, device: str) -> None:
     """Generate text for one or more prompts (continuous batching over a paged KV cache)."""
-    from fusec.runtime.engine import EngineConfig, LLMEngine
+    from fusec.runtime.llm import LLM
     from fusec.runtime.sequence import SamplingParams
 
-    engine = LLMEngine(EngineConfig(model=model, dtype=dtype, load_format=load_format, seed=seed or 0,
-                                    max_model_len=max_model_len, executor="fused" if fused else "reference",
-                                    device=device if fused else "cpu"))
+    llm = LLM(model, dtype=dtype, load_format=load_format, seed=seed or 0, max_model_len=max_model_len,
+              executor="fused" if fused else "reference", device=device if fused else "cpu")
+    engine = llm.engine
     tok = engine.tokenizer
     if tok is None:
         raise FusecError(f"{engine.model.path}: no tokenizer found (tokenizer.json or GGUF vocabulary)")
+    ids, params = [], []
     for i, p in enumerate(prompts):
-        ids = tok.encode_chat([{"role": "user", "content": p}]) if chat else tok.encode(p)
-        room = engine.max_model_len - len(ids)
+        ids.append(tok.encode_chat([{"role": "user", "content": p}]) if chat else tok.encode(p))
+        room = engine.max_model_len - len(ids[-1])
         if room < 1:
-            raise FusecError(f"prompt {i + 1} has {len(ids)} tokens; the context holds {engine.max_model_len} "
+            raise FusecError(f"prompt {i + 1} has {len(ids[-1])} tokens; the context holds {engine.max_model_len} "
                              f"(prompt plus at least one generated token)")
-        params = SamplingParams(max_tokens=min(max_tokens, room), temperature=temperature, ignore_eos=ignore_eos,
-                                seed=None if seed is None else seed + i)
-        engine.add_request(str(i), None, params, prompt_token_ids=ids)
-    texts: dict[str, str] = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                texts[out.request_id] = out.outputs[0].text
+        params.append(SamplingParams(max_tokens=min(max_tokens, room), temperature=temperature,
+                                     ignore_eos=ignore_eos, seed=None if seed is None else seed + i))
+    outputs = llm.generate(prompt_token_ids=ids, sampling_params=params)
     engine.close()
-    for i in range(len(prompts)):
-        if len(prompts) > 1:
+    for i, out in enumerate(outputs):
+        if len(outputs) > 1:
             click.echo(f"=== prompt {i + 1} ===")
-        click.echo(texts[str(i)])
+        click.echo(out.outputs[0].text)
 
 
 @cli.command()

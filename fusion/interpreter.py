@@ -6,7 +6,7 @@ from typing import Mapping
 import numpy as np
 
 from fusec.fusion.dtypes import DType, from_storage, round_to
-from fusec.fusion.ir import Graph, Node
+from fusec.fusion.ir import Graph, Node, bind_dims
 from fusec.fusion.ops import OPS
 
 
@@ -54,14 +54,6 @@ class Interpreter:
 
 
 def _check_shape(node: Node, value: np.ndarray, dims: dict[str, int]) -> None:
-    shape = node.type.shape
-    if value.ndim != len(shape):
-        raise ValueError(f"{node.name}: rank {value.ndim}, expected {node.type}")
-    for want, got in zip(shape, value.shape):
-        if isinstance(want, str):
-            if dims.setdefault(want, got) != got:
-                raise ValueError(f"{node.name}: dim {want}={got}, bound to {dims[want]} earlier")
-        elif want != got:
-            raise ValueError(f"{node.name}: shape {value.shape}, expected {node.type}")
+    bind_dims(node, value.shape, dims)
     if node.type.dtype is DType.I32 and value.dtype != np.int32:
         raise ValueError(f"{node.name}: expected int32, got {value.dtype}")

@@ -50,6 +50,19 @@ class Node:
         return f"{self.name}: {self.type} = {self.kind}({', '.join(self.inputs)}{attrs})"
 
 
+def bind_dims(node: Node, shape: tuple[int, ...], dims: dict[str, int]) -> None:
+    """Bind node's symbolic dims from a concrete shape; a shape that disagrees is an
+    error (never an out-of-bounds read in a kernel)."""
+    if len(shape) != len(node.type.shape):
+        raise ValueError(f"{node.name}: rank {len(shape)}, expected {node.type}")
+    for want, got in zip(node.type.shape, shape):
+        if isinstance(want, str):
+            if dims.setdefault(want, got) != got:
+                raise ValueError(f"{node.name}: dim {want}={got}, bound to {dims[want]} earlier")
+        elif want != got:
+            raise ValueError(f"{node.name}: shape {tuple(shape)}, expected {node.type}")
+
+
 class Graph:
     """A dataflow graph of `Node`s with an ordered list of graph outputs."""
 

@@ -75,6 +75,7 @@ def run_level(engine: LLMEngine, n: int, num_prompts: int, input_len: int, outpu
     last_seen: dict[str, tuple[int, float]] = {}
     ttft, itl = [], []
     out_tokens = 0
+    done: set[str] = set()
     start = time.perf_counter()
 
     def submit() -> None:
@@ -84,7 +85,6 @@ def run_level(engine: LLMEngine, n: int, num_prompts: int, input_len: int, outpu
             arrival[rid] = time.perf_counter()
             engine.add_request(rid, None, params, prompt_token_ids=ids)
 
-    done: set[str] = set()
     submit()
     while engine.has_unfinished_requests():
         outs = engine.step()

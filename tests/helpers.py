@@ -32,7 +32,23 @@ def poisoned_runner(model: Model, num_blocks: int, block_size: int) -> ModelRunn
     return runner
 
 
-__all__ = ["rel_err", "scattered_tables", "poisoned_runner", "SequenceChunk", "engine_generate"]
+__all__ = ["rel_err", "scattered_tables", "poisoned_runner", "SequenceChunk", "engine_generate", "run_requests"]
+
+
+def run_requests(engine, prompts: list[list[int]], params) -> list:
+    """Submit every prompt at once (one SamplingParams, or one per prompt), step the
+    engine until all finish, and return the final RequestOutputs in prompt order."""
+    from fusec.runtime.sequence import SamplingParams
+
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"r{i}", None, params if isinstance(params, SamplingParams) else params[i],
+                           prompt_token_ids=ids)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return [done[f"r{i}"] for i in range(len(prompts))]
 
 
 def engine_generate(model: Model, prompts: list[list[int]], params, executor: str = "reference",
@@ -41,13 +57,7 @@ def engine_generate(model: Model, prompts: list[list[int]], params, executor: st
     from fusec.runtime.engine import EngineConfig, LLMEngine
 
     engine = LLMEngine(EngineConfig(executor=executor, **config), model=model)
-    for i, ids in enumerate(prompts):
-        engine.add_request(str(i), None, params, prompt_token_ids=ids)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
+    outputs = run_requests(engine, prompts, params)
     assert engine.blocks.all_free()
     engine.close()
-    return [done[str(i)].outputs[0].token_ids for i in range(len(prompts))]
+    return [out.outputs[0].token_ids for out in outputs]

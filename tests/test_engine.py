@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers import run_requests
 from fusec.errors import InputError
 from fusec.models.loader import load_model
 from fusec.runtime.engine import EngineConfig, LLMEngine
@@ -19,16 +20,7 @@ def tiny(tiny_checkpoints):
     return {name: load_model(str(path)) for name, path in tiny_checkpoints.items()}
 
 
-def run(engine: LLMEngine, prompts, params) -> list:
-    for i, ids in enumerate(prompts):
-        engine.add_request(f"r{i}", None, params if isinstance(params, SamplingParams) else params[i],
-                           prompt_token_ids=ids)
-    done = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-    return [done[f"r{i}"] for i in range(len(prompts))]
+run = run_requests
 
 
 def mixed_prompts(vocab: int, n: int = 16, seed: int = 0) -> list[list[int]]:

@@ -97,6 +97,8 @@ def test_tiny_model_decode_on_gpu_equals_reference(name, dtype, target, tiny_che
 def test_engine_on_gpu_equals_cpu(tiny_checkpoints):
     """The whole engine (continuous batching, prefix cache, copy-on-write for n > 1) on
     the GPU backend gives the CPU backend's greedy tokens."""
+    from helpers import run_requests
+
     from fusec.models.loader import load_model
     from fusec.runtime.engine import EngineConfig, LLMEngine
     from fusec.runtime.sequence import SamplingParams
@@ -108,14 +110,8 @@ def test_engine_on_gpu_equals_cpu(tiny_checkpoints):
     results = {}
     for device in ("cpu", "cuda"):
         engine = LLMEngine(EngineConfig(device=device, max_num_batched_tokens=64), model=model)
-        for i, p in enumerate(prompts):
-            engine.add_request(str(i), None, params, prompt_token_ids=p)
-        done = {}
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = [c.token_ids for c in out.outputs]
+        outputs = run_requests(engine, prompts, params)
         assert engine.blocks.all_free()
         engine.close()
-        results[device] = [done[str(i)] for i in range(len(prompts))]
+        results[device] = [[c.token_ids for c in out.outputs] for out in outputs]
     assert results["cuda"] == results["cpu"]

@@ -15,7 +15,7 @@ from fusec.fusion.codegen.host import HostLauncher, HostLinker
 from fusec.fusion.codegen.target import HOST
 from fusec.fusion.compiler import compile_kernel
 from fusec.fusion.dtypes import DType, from_storage, round_to, to_storage
-from fusec.fusion.ir import Graph, Node
+from fusec.fusion.ir import Graph, bind_dims
 from fusec.fusion.ops import OPS
 from fusec.fusion.patterns import Registry
 from fusec.fusion.plan import Launch, Plan, PlanOptions, build_plans
@@ -23,19 +23,6 @@ from fusec.fusion.plan import Launch, Plan, PlanOptions, build_plans
 log = logging.getLogger(__name__)
 POISON = {DType.F32: np.float32(np.nan), DType.F16: np.float16(np.nan), DType.BF16: np.uint16(0x7FC0),
           DType.I32: np.int32(-(2 ** 31))}
-
-
-def bind_dims(node: Node, arr: np.ndarray, dims: dict[str, int]) -> None:
-    """Bind node's symbolic dims from arr's shape; a shape that disagrees is an error,
-    never an out-of-bounds read in a kernel."""
-    if arr.ndim != len(node.type.shape):
-        raise ValueError(f"{node.name}: rank {arr.ndim}, expected {node.type}")
-    for want, got in zip(node.type.shape, arr.shape):
-        if isinstance(want, str):
-            if dims.setdefault(want, got) != got:
-                raise ValueError(f"{node.name}: dim {want}={got}, bound to {dims[want]} earlier")
-        elif want != got:
-            raise ValueError(f"{node.name}: shape {arr.shape}, expected {node.type}")
 
 
 def check_positions(inputs: Mapping[str, np.ndarray], max_positions: int) -> None:
@@ -70,6 +57,7 @@ class CpuExecutor:
         self.poison = poison
         self.weights = {n.name: np.ascontiguousarray(weights[n.name]) for n in graph.nodes("weight")}
         self._sources = [n for n in graph.nodes() if n.is_source]
+        self._states = [n.name for n in self._sources if n.kind == "state"]
         self._gemm_weights: dict[str, np.ndarray] = {}
         self._bound: OrderedDict[tuple, _BoundPlan] = OrderedDict()
         for plan in self.plans.values():
@@ -88,10 +76,10 @@ class CpuExecutor:
         dims: dict[str, int] = {}
         for node in self._sources:
             source = inputs if node.kind == "input" else state if node.kind == "state" else self.weights
-            bind_dims(node, np.asarray(source[node.name]), dims)
+            bind_dims(node, np.shape(source[node.name]), dims)
         check_positions(inputs, self.options.max_positions)
         plan = self.plan_for(dims["T"])
-        key = (plan.bucket, tuple(sorted(dims.items())), tuple(id(state[n.name]) for n in self.graph.nodes("state")))
+        key = (plan.bucket, tuple(sorted(dims.items())), tuple(id(state[name]) for name in self._states))
         bound = self._bound.get(key)
         if bound is None:
             bound = self._bind(plan, dims, state)
@@ -103,8 +91,8 @@ class CpuExecutor:
         for name, buf in bound.inputs.items():
             np.copyto(buf, inputs[name], casting="unsafe")
         if self.poison:
-            for arr in bound.scratch:
-                arr.fill(POISON[bound.scratch_dtypes[id(arr)]])
+            for arr, poison in bound.scratch:
+                arr.fill(poison)
         for call in bound.calls:
             call()
         return {name: bound.values[plan.resolve(name)].copy() for name in self.graph.outputs}
@@ -120,16 +108,15 @@ class CpuExecutor:
             t = self.graph.node(value).type
             sizes[slot] = max(sizes.get(slot, 0), int(np.prod(t.bind(dims))) * t.dtype.itemsize)
         arenas = {slot: np.empty(size, np.uint8) for slot, size in sizes.items()}
-        scratch, scratch_dtypes = [], {}
+        scratch = []
         for value, slot in plan.slots.items():
             t = self.graph.node(value).type
             shape = t.bind(dims)
             arr = arenas[slot][: int(np.prod(shape)) * t.dtype.itemsize].view(t.dtype.storage).reshape(shape)
             values[value] = arr
-            scratch.append(arr)
-            scratch_dtypes[id(arr)] = t.dtype
+            scratch.append((arr, POISON[t.dtype]))
         calls = [self._prepare(plan, launch, dims, values) for launch in plan.launches]
-        return _BoundPlan(values, inputs, calls, scratch, scratch_dtypes)
+        return _BoundPlan(values, inputs, calls, scratch)
 
     def _prepare(self, plan: Plan, launch: Launch, dims: Mapping[str, int], values: dict[str, np.ndarray]):
         """A no-argument callable that performs the launch on these buffers."""
@@ -206,5 +193,4 @@ class _BoundPlan:
     values: dict[str, np.ndarray]
     inputs: dict[str, np.ndarray]
     calls: list
-    scratch: list[np.ndarray]
-    scratch_dtypes: dict[int, DType]
+    scratch: list[tuple[np.ndarray, object]]  # buffer, the value that poisons it

@@ -17,11 +17,11 @@ import numpy as np
 from fusec.fusion.cache import KernelCache
 from fusec.fusion.codegen.target import Target
 from fusec.fusion.compiler import compile_kernel
-from fusec.fusion.ir import Graph
+from fusec.fusion.ir import Graph, bind_dims
 from fusec.fusion.patterns import Registry
 from fusec.fusion.plan import Launch, Plan, PlanOptions, build_plans
 from fusec.kernels.base import GPU_LANES
-from fusec.runtime.backends.cpu import bind_dims, check_positions
+from fusec.runtime.backends.cpu import check_positions
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,6 @@ class DeviceArray:
 
     def __init__(self, device, stream, shape: tuple[int, ...], dtype: np.dtype) -> None:
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
-        self.ndim = len(self.shape)
         self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
         self.buffer = device.allocate(max(self.nbytes, 1), stream=stream)
         stream.sync()  # stream-ordered allocation; the copies below are synchronous
@@ -139,7 +138,7 @@ class CudaExecutor:
                 arr = self.weights[node.name]
             else:
                 continue
-            bind_dims(node, arr, dims)
+            bind_dims(node, arr.shape, dims)
             values[node.name] = arr
         check_positions(inputs, self.options.max_positions)
         plan = self.plan_for(dims["T"])
