@@ -1,7 +1,6 @@
 """Row-wise kernels between library GEMMs (and the odd standalone op): one block per row."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -148,34 +147,3 @@ class GatherRows(RowKernel):
         dst = row_offset(kb, r, self.cols)
         with kb.lane_loop(self.cols) as i:
             kb.store(kb["y"], b.add(dst, kb.wide(i)), kb.load(kb["x"], b.add(src, kb.wide(i)), self.act), self.act)
-
-
-@dataclass(frozen=True)
-class Argmax(RowKernel):
-    """Index of each row's maximum (the first one on ties, as numpy.argmax), for greedy
-    sampling on the device. Rows are assumed free of NaN."""
-
-    family = "argmax"
-    cols: int
-    act: DType
-
-    def params(self) -> list[Param]:
-        return self._params("x", "y")
-
-    def body(self, kb: KernelBuilder) -> None:
-        b, r = kb.b, kb.block_id(0)
-        row = row_offset(kb, r, self.cols)
-        best, best_i = kb.var(kb.f32(-math.inf)), kb.var(kb.f32(self.cols))
-        with kb.lane_loop(self.cols) as i:
-            v = kb.load(kb["x"], b.add(row, kb.wide(i)), self.act)
-            # strict: keeps each lane's first max; a lane's first element is always taken
-            first = b.fcmp_ordered("==", best_i.get(), kb.f32(self.cols))
-            better = b.or_(b.fcmp_ordered(">", v, best.get()), first)
-            best.set(b.select(better, v, best.get()))
-            best_i.set(b.select(better, b.sitofp(i, best_i.typ), best_i.get()))
-        top = kb.reduce(best.get(), "max")
-        # indices are exact in float32 below 2**24, far above any vocabulary
-        mine = b.select(b.fcmp_ordered("==", best.get(), top), best_i.get(), kb.f32(self.cols))
-        index = b.fptosi(kb.reduce(mine, "min"), kb.i32(0).type)
-        with kb.when(b.icmp_unsigned("==", kb.lane(), kb.i32(0))):
-            kb.store(kb["y"], r, index, DType.I32)

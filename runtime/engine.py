@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass
 from typing import Sequence as Seq
 
-import numpy as np
 
 from fusec.errors import InputError
 from fusec.models.detokenizer import IncrementalDetokenizer
@@ -15,7 +14,6 @@ from fusec.models.loader import Model, load_model
 from fusec.runtime.block_manager import BlockManager
 from fusec.runtime.model_runner import ModelRunner, SequenceChunk
 from fusec.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from fusec.runtime.sampler import sample
 from fusec.runtime.scheduler import Scheduler
 from fusec.runtime.sequence import SamplingParams, Sequence, SequenceStatus
 
@@ -107,7 +105,8 @@ class LLMEngine:
         backend = "reference" if config.executor == "reference" else self.device
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, backend=backend,
                                   max_positions=self.max_model_len,
-                                  max_batch_tokens=max(config.max_num_batched_tokens, config.max_num_seqs))
+                                  max_batch_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
+                                  max_sample_rows=config.max_num_seqs)
         self.end_ids: set[int] = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.end_ids.add(self.tokenizer.eos_token_id)
@@ -169,7 +168,7 @@ class LLMEngine:
         self.stats.steps += 1
         batch = [SequenceChunk(c.seq.tokens[c.start:c.start + c.num_tokens], c.start, c.seq.block_table)
                  for c in sched.chunks]
-        logits = self.runner.execute(batch)
+        logits = self.runner.forward(batch)
         now = time.monotonic()
         touched: dict[str, _Request] = {}
         rows, sampling = [], []
@@ -182,20 +181,23 @@ class LLMEngine:
                 sampling.append(c.seq)
         if not sampling:
             return []
-        tokens, records = sample(logits[rows], sampling, [self.end_ids] * len(sampling))
+        tokens, records = self.runner.sample(logits, rows, sampling, [self.end_ids] * len(sampling))
         for row, seq, token, record in zip(rows, sampling, tokens, records):
             req = self.requests[seq.request_id]
             touched[req.request_id] = req
             self._append(req, seq, token, record, now)
             if seq.index == 0 and len(seq.output_ids) == 1 and req.params.n > 1:
-                self._fork_children(req, seq, logits[row:row + 1], now)
+                self._fork_children(req, seq, logits, row, now)
         return [self._output(req, now) for req in touched.values()]
 
-    def _fork_children(self, req: _Request, parent: Sequence, logits: np.ndarray, now: float) -> None:
-        for child in req.seqs[1:]:
+    def _fork_children(self, req: _Request, parent: Sequence, logits, row: int, now: float) -> None:
+        children = req.seqs[1:]
+        for child in children:
             self.blocks.fork(parent, child)
-            (token,), (record,) = sample(logits, [child], [self.end_ids])
             self.scheduler.add_running(child)
+        tokens, records = self.runner.sample(logits, [row] * len(children), children,
+                                             [self.end_ids] * len(children))
+        for child, token, record in zip(children, tokens, records):
             self._append(req, child, token, record, now)
 
     def _append(self, req: _Request, seq: Sequence, token: int, record, now: float) -> None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -11,6 +11,8 @@ from fusec.fusion.codegen.target import HOST
 from fusec.fusion.interpreter import Interpreter
 from fusec.fusion.plan import PlanOptions
 from fusec.models.loader import Model
+from fusec.runtime.sampler import KernelSampler, SamplingBatch, reference_sample
+from fusec.runtime.sequence import Logprob, Sequence as Seq
 
 
 @dataclass
@@ -66,7 +68,7 @@ class ModelRunner:
 
     def __init__(self, model: Model, num_blocks: int, block_size: int = 16, backend: str = "reference",
                  cache: KernelCache | None = None, max_positions: int | None = None,
-                 max_batch_tokens: int = 1 << 20) -> None:
+                 max_batch_tokens: int = 1 << 20, max_sample_rows: int = 64) -> None:
         self.model = model
         self.block_size = block_size
         graph = model.graph(block_size)
@@ -90,6 +92,12 @@ class ModelRunner:
         else:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         self.kv_state = self.executor.new_state({"NB": num_blocks})
+        self.vocab = model.config.vocab_size
+        self.max_sample_rows = max(1, max_sample_rows)
+        # the compiled sampling kernels on the executor's device; the reference executor
+        # samples with their numpy oracle
+        self.sampler = (None if backend == "reference"
+                        else KernelSampler(self.executor, self.vocab, self.max_sample_rows))
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy KV blocks src -> dst in every layer (copy-on-write of shared blocks)."""
@@ -107,8 +115,29 @@ class ModelRunner:
         if close is not None:
             close()
 
-    def execute(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> np.ndarray:
-        """Logits (float32) of each chunk's last token, or of every token with all_logits."""
+    def forward(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> Any:
+        """Logits (float32, [rows, vocab]) of each chunk's last token, or of every token
+        with all_logits, where the executor keeps them (device memory on a GPU)."""
         inputs = build_inputs(chunks, self.block_size, all_logits)
         (logits,) = self.executor.run(inputs, self.kv_state).values()
         return logits
+
+    def execute(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> np.ndarray:
+        """forward(), as a host array."""
+        logits = self.forward(chunks, all_logits)
+        to_host = getattr(self.executor, "to_host", None)
+        return to_host(logits) if to_host is not None else logits
+
+    def sample(self, logits: Any, rows: Sequence[int], seqs: Sequence[Seq], end_ids: Sequence[set[int]]
+               ) -> tuple[list[int], list[Logprob | None]]:
+        """The next token of seqs[i] from logits row rows[i], and its logprob record if
+        the request asked for logprobs."""
+        tokens: list[int] = []
+        records: list[Logprob | None] = []
+        step = self.max_sample_rows
+        for a in range(0, len(rows), step):
+            batch = SamplingBatch.build(rows[a:a + step], seqs[a:a + step], end_ids[a:a + step], self.vocab)
+            result = reference_sample(logits, batch) if self.sampler is None else self.sampler.sample(logits, batch)
+            tokens += result.tokens.tolist()
+            records += result.records(batch)
+        return tokens, records

@@ -1,82 +1,258 @@
-"""Next-token selection for a batch, vectorised with numpy.
+"""Next-token selection for a batch.
 
-Order, as in vLLM: logprobs are taken from the raw model distribution; then
-penalties (repetition over prompt + output, frequency and presence over the output),
-min_tokens (end tokens masked until then), then greedy argmax or temperature, top-k,
-top-p and min-p, and a draw from each sequence's own seeded generator, so a seeded
-request gives the same tokens whatever else is in the batch.
+Order, as in vLLM: logprobs come from the raw model distribution; then penalties
+(repetition over prompt + output, frequency and presence over the output), min_tokens
+(end tokens banned until then), then greedy argmax, or temperature with top-k, top-p
+and min-p and a Gumbel-max draw whose uniforms are hash(seed, step, token), so a
+seeded request gives the same tokens whatever else is in the batch.
+
+`SamplingBatch` is the batch as flat arrays; `KernelSampler` runs it through the
+compiled sampling kernels (`fusec.kernels.sampling`) on the executor's device, and
+`reference_sample` is the numpy oracle those kernels are tested against (and what the
+reference executor uses).
 """
 from __future__ import annotations
 
-from typing import Sequence as Seq
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence as Seq
 
 import numpy as np
 
+from fusec.fusion.dtypes import DType
+from fusec.kernels.elementwise import GatherRows
+from fusec.kernels.random import uniform
+from fusec.kernels.sampling import MAX_LOGPROBS, ApplyPenalties, SampleRows, TopLogprobs
 from fusec.runtime.sequence import Logprob, Sequence
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64) - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+@dataclass
+class SamplingBatch:
+    """Per sampled row r: the logits row it reads and its parameters; penalties as
+    sparse entries starts[r]..starts[r+1]-1 of (token, rep, sub)."""
+
+    rows: np.ndarray  # int32 [B]
+    temperature: np.ndarray  # float32 [B]; 0 = greedy
+    top_k: np.ndarray  # int32 [B]; 0 = off
+    top_p: np.ndarray  # float32 [B]
+    min_p: np.ndarray  # float32 [B]
+    seeds: np.ndarray  # int32 [B] (uint32 bits)
+    counters: np.ndarray  # int32 [B]: tokens generated so far
+    starts: np.ndarray  # int32 [B + 1]
+    tokens: np.ndarray  # int32 [E]
+    rep: np.ndarray  # float32 [E]
+    sub: np.ndarray  # float32 [E]; +inf bans the token
+    logprob_rows: np.ndarray  # int32 [R]: batch rows that want logprobs
+    num_logprobs: np.ndarray  # int32 [R]: how many top logprobs each wants
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def k(self) -> int:
+        return int(self.num_logprobs.max()) if len(self.num_logprobs) else 0
+
+    @classmethod
+    def build(cls, rows: Seq[int], seqs: Seq[Sequence], end_ids: Seq[set[int]], vocab: int) -> "SamplingBatch":
+        starts, tokens, rep, sub = [0], [], [], []
+        for seq, ends in zip(seqs, end_ids):
+            edits = _penalty_edits(seq, ends, vocab)
+            for token in sorted(edits):
+                tokens.append(token)
+                rep.append(edits[token][0])
+                sub.append(edits[token][1])
+            starts.append(len(tokens))
+        params = [s.params for s in seqs]
+        want = [(i, p.logprobs) for i, p in enumerate(params) if p.logprobs is not None]
+        return cls(
+            rows=np.asarray(rows, np.int32),
+            temperature=np.asarray([0.0 if p.greedy else p.temperature for p in params], np.float32),
+            top_k=np.asarray([p.top_k for p in params], np.int32),
+            top_p=np.asarray([p.top_p for p in params], np.float32),
+            min_p=np.asarray([p.min_p for p in params], np.float32),
+            seeds=np.asarray([s.seed for s in seqs], np.uint32).view(np.int32),
+            counters=np.asarray([len(s.output_ids) for s in seqs], np.int32),
+            starts=np.asarray(starts, np.int32),
+            tokens=np.asarray(tokens, np.int32),
+            rep=np.asarray(rep, np.float32),
+            sub=np.asarray(sub, np.float32),
+            logprob_rows=np.asarray([i for i, _ in want], np.int32),
+            num_logprobs=np.asarray([k for _, k in want], np.int32),
+        )
 
 
-def apply_penalties(logits: np.ndarray, seqs: Seq[Sequence], end_ids: Seq[set[int]]) -> np.ndarray:
-    out = logits.astype(np.float32, copy=True)
-    vocab = out.shape[1]
-    for row, seq in enumerate(seqs):
-        p = seq.params
-        if p.repetition_penalty != 1.0:
-            seen = np.unique(np.asarray(seq.tokens, dtype=np.int64))
-            vals = out[row, seen]
-            out[row, seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if (p.frequency_penalty or p.presence_penalty) and seq.output_ids:
-            counts = np.bincount(np.asarray(seq.output_ids, dtype=np.int64), minlength=vocab)[:vocab]
-            out[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
-        if len(seq.output_ids) < p.min_tokens:
-            banned = [t for t in end_ids[row] if 0 <= t < vocab]
-            out[row, banned] = -np.inf
-    return out
+def _penalty_edits(seq: Sequence, ends: set[int], vocab: int) -> dict[int, tuple[float, float]]:
+    """token -> (rep, sub) for one sequence."""
+    p = seq.params
+    edits: dict[int, list[float]] = {}
+    if p.repetition_penalty != 1.0:
+        for t in np.unique(np.asarray(seq.tokens, np.int64)).tolist():
+            edits[t] = [p.repetition_penalty, 0.0]
+    if (p.frequency_penalty or p.presence_penalty) and seq.output_ids:
+        ids, counts = np.unique(np.asarray(seq.output_ids, np.int64), return_counts=True)
+        for t, c in zip(ids.tolist(), counts.tolist()):
+            edits.setdefault(t, [1.0, 0.0])[1] += p.frequency_penalty * c + p.presence_penalty
+    if len(seq.output_ids) < p.min_tokens:
+        for t in ends:
+            if 0 <= t < vocab:
+                edits.setdefault(t, [1.0, 0.0])[1] = np.inf
+    return {t: (r, s) for t, (r, s) in edits.items()}
 
 
-def _filter(probs: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
-    """Zero the probabilities top-k / top-p / min-p exclude (never the most likely token)."""
-    if top_k and top_k < probs.size:
-        kth = np.partition(probs, -top_k)[-top_k]
-        probs = np.where(probs >= kth, probs, 0.0)
+@dataclass
+class SampleResult:
+    tokens: np.ndarray  # int32 [B]
+    picked: np.ndarray  # float32 [B]: the chosen token's logit after penalties
+    orig: np.ndarray  # float32 [E]: logits the penalties replaced
+    lse: np.ndarray  # float32 [R]: raw log-sum-exp of each logprob row
+    top_ids: np.ndarray  # int32 [R, MAX_LOGPROBS]
+    top_vals: np.ndarray  # float32 [R, MAX_LOGPROBS]: raw logits
+
+    def records(self, batch: SamplingBatch) -> list[Logprob | None]:
+        out: list[Logprob | None] = [None] * len(batch)
+        for j, (row, k) in enumerate(zip(batch.logprob_rows.tolist(), batch.num_logprobs.tolist())):
+            token = int(self.tokens[row])
+            raw = float(self.picked[row])
+            a, b = int(batch.starts[row]), int(batch.starts[row + 1])
+            hit = np.nonzero(batch.tokens[a:b] == token)[0]
+            if len(hit):  # a penalty replaced it: the raw value was saved
+                raw = float(self.orig[a + hit[0]])
+            lse = float(self.lse[j])
+            top = [(int(t), float(v) - lse) for t, v in zip(self.top_ids[j, :k], self.top_vals[j, :k])]
+            out[row] = Logprob(token, raw - lse, top)
+        return out
+
+
+# -- the numpy oracle ------------------------------------------------------------------------
+def reference_sample(logits: np.ndarray, batch: SamplingBatch) -> SampleResult:
+    """What the sampling kernels compute, in numpy (float64 where they use float32)."""
+    x = np.asarray(logits, np.float32)[batch.rows].copy()
+    B, V = x.shape
+    R = len(batch.logprob_rows)
+    lse = np.zeros(R, np.float32)
+    top_ids = np.zeros((R, MAX_LOGPROBS), np.int32)
+    top_vals = np.zeros((R, MAX_LOGPROBS), np.float32)
+    for j, (row, k) in enumerate(zip(batch.logprob_rows, batch.num_logprobs)):
+        raw = x[row].astype(np.float64)
+        m = raw.max()
+        lse[j] = m + np.log(np.exp(raw - m).sum())
+        order = np.argsort(-x[row], kind="stable")[:k]
+        top_ids[j, :k], top_vals[j, :k] = order, x[row, order]
+    orig = np.zeros(len(batch.tokens), np.float32)
+    for r in range(B):
+        a, b = batch.starts[r], batch.starts[r + 1]
+        toks = batch.tokens[a:b]
+        v = x[r, toks]
+        orig[a:b] = v
+        scaled = np.where(v > 0, v / batch.rep[a:b], v * batch.rep[a:b])
+        x[r, toks] = scaled - batch.sub[a:b]
+    tokens = np.zeros(B, np.int32)
+    for r in range(B):
+        t = batch.temperature[r]
+        tokens[r] = np.argmax(x[r]) if t <= 0 else _draw(x[r], batch, r)
+    picked = x[np.arange(B), tokens]
+    return SampleResult(tokens, picked, orig, lse, top_ids, top_vals)
+
+
+def kept_tokens(x: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(z - max z, which tokens the filters keep) for one row of logits x."""
+    z = x * (np.float32(1.0) / np.float32(temperature))
+    z = (z - z.max()).astype(np.float64)
+    V = len(z)
+    keep = np.ones(V, bool)
+    if 0 < top_k < V:
+        keep = z >= np.partition(z, -top_k)[-top_k]
+    e = np.where(keep, np.exp(z), 0.0)
     if top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        sorted_p = probs[order] / probs.sum()
-        keep = np.cumsum(sorted_p) - sorted_p < top_p  # tokens before the mass reaches top_p
-        mask = np.zeros_like(probs, dtype=bool)
-        mask[order[keep]] = True
-        probs = np.where(mask, probs, 0.0)
-    if min_p > 0.0:
-        probs = np.where(probs >= min_p * probs.max(), probs, 0.0)
-    return probs
+        asc = np.sort(e)
+        suffix = np.concatenate([np.cumsum(asc[::-1])[::-1], [0.0]])  # mass of asc[i:]
+        above = suffix[np.searchsorted(asc, e, side="right")]  # mass strictly greater
+        keep &= above < top_p * e.sum()
+    keep &= (e > 0) & (e >= min_p)
+    return z, keep
 
 
-def sample(logits: np.ndarray, seqs: Seq[Sequence], end_ids: Seq[set[int]]) -> tuple[list[int], list[Logprob | None]]:
-    """One token per row of logits [B, V] (float32), and its logprob record if asked."""
-    want_logprobs = [s.params.logprobs is not None for s in seqs]
-    raw = log_softmax(logits) if any(want_logprobs) else None
-    processed = apply_penalties(logits, seqs, end_ids)
-    tokens: list[int] = []
-    for row, seq in enumerate(seqs):
-        p = seq.params
-        if p.greedy:
-            tokens.append(int(np.argmax(processed[row])))
-            continue
-        z = processed[row].astype(np.float64) / p.temperature
-        probs = np.exp(z - z.max())
-        probs = _filter(probs, p.top_k, p.top_p, p.min_p)
-        cdf = np.cumsum(probs)
-        tokens.append(int(min(np.searchsorted(cdf, seq.rng.random() * cdf[-1], side="right"), len(cdf) - 1)))
-    records: list[Logprob | None] = []
-    for row, (seq, token) in enumerate(zip(seqs, tokens)):
-        if raw is None or seq.params.logprobs is None:
-            records.append(None)
-            continue
-        k = seq.params.logprobs
-        top_ids = np.argsort(-raw[row], kind="stable")[:k] if k else np.array([], dtype=np.int64)
-        records.append(Logprob(token, float(raw[row, token]), [(int(t), float(raw[row, t])) for t in top_ids]))
-    return tokens, records
+def _draw(x: np.ndarray, batch: SamplingBatch, r: int) -> int:
+    z, keep = kept_tokens(x, batch.temperature[r], int(batch.top_k[r]), float(batch.top_p[r]),
+                          float(batch.min_p[r]))
+    u = uniform(batch.seeds[r], batch.counters[r], np.arange(len(z))).astype(np.float64)
+    score = np.where(keep, z - np.log(-np.log(u)), -np.inf)
+    return int(np.argmax(score))
+
+
+# -- the kernels on a device ------------------------------------------------------------------
+class KernelDevice(Protocol):
+    """What an executor offers for running standalone kernels."""
+
+    def buffer(self, shape: tuple[int, ...], dtype: Any) -> Any: ...
+    def upload(self, buf: Any, host: np.ndarray) -> None: ...
+    def download(self, buf: Any, count: int) -> np.ndarray: ...
+    def launch_kernel(self, kernel: Any, args: Seq[Any], grid: tuple[int, int]) -> None: ...
+
+
+class KernelSampler:
+    """Runs a SamplingBatch through the sampling kernels on `device`. Buffers are
+    allocated once for `max_rows` rows and grown only when a batch has more penalty
+    entries than any before."""
+
+    def __init__(self, device: KernelDevice, vocab: int, max_rows: int) -> None:
+        self.device, self.vocab, self.max_rows = device, vocab, max(1, max_rows)
+        self.gather, self.penalties, self.sampler, self.top = self.kernel_specs(vocab)
+        per_row = {"rows": np.int32, "temperature": np.float32, "top_k": np.int32, "top_p": np.float32,
+                   "min_p": np.float32, "seeds": np.int32, "counters": np.int32, "out_tokens": np.int32,
+                   "picked": np.float32, "logprob_rows": np.int32, "lse": np.float32}
+        n = self.max_rows
+        self.bufs = {name: device.buffer((n,), dtype) for name, dtype in per_row.items()}
+        self.bufs["starts"] = device.buffer((n + 1,), np.int32)
+        self.bufs["work"] = device.buffer((n, vocab), np.float32)
+        self.bufs["penalised"] = device.buffer((n, vocab), np.float32)
+        self.bufs["identity"] = device.buffer((n,), np.int32)
+        device.upload(self.bufs["identity"], np.arange(n, dtype=np.int32))
+        self.bufs["top_ids"] = device.buffer((n, MAX_LOGPROBS), np.int32)
+        self.bufs["top_vals"] = device.buffer((n, MAX_LOGPROBS), np.float32)
+        self.entries = 0
+        self._grow(1024)
+
+    @staticmethod
+    def kernel_specs(vocab: int) -> tuple[GatherRows, ApplyPenalties, SampleRows, TopLogprobs]:
+        return GatherRows(vocab, DType.F32), ApplyPenalties(vocab), SampleRows(vocab), TopLogprobs(vocab)
+
+    def _grow(self, entries: int) -> None:
+        if entries <= self.entries:
+            return
+        self.entries = max(entries, 2 * self.entries)
+        for name, dtype in (("tokens", np.int32), ("rep", np.float32), ("sub", np.float32), ("orig", np.float32)):
+            self.bufs[name] = self.device.buffer((self.entries,), dtype)
+
+    def sample(self, logits: Any, batch: SamplingBatch) -> SampleResult:
+        """logits: the executor's [rows, vocab] float32 logits buffer."""
+        B, E, R = len(batch), len(batch.tokens), len(batch.logprob_rows)
+        if B > self.max_rows:
+            raise ValueError(f"{B} rows to sample, more than the {self.max_rows} this sampler holds")
+        dev, bufs = self.device, self.bufs
+        self._grow(E)
+        for name in ("rows", "temperature", "top_k", "top_p", "min_p", "seeds", "counters", "starts"):
+            dev.upload(bufs[name], getattr(batch, name))
+        if R:
+            dev.upload(bufs["logprob_rows"], batch.rows[batch.logprob_rows])
+            dev.launch_kernel(self.top, [logits, bufs["logprob_rows"], bufs["lse"], bufs["top_ids"], bufs["top_vals"],
+                                         np.int32(batch.k), np.int32(R)], (R, 1))
+        source, rows = logits, bufs["rows"]
+        if E:
+            # penalties edit a private copy: the logits stay raw for another draw from them
+            for name in ("tokens", "rep", "sub"):
+                dev.upload(bufs[name], getattr(batch, name))
+            dev.launch_kernel(self.gather, [logits, bufs["rows"], bufs["penalised"], np.int32(B)], (B, 1))
+            dev.launch_kernel(self.penalties, [bufs["penalised"], bufs["starts"], bufs["tokens"], bufs["rep"],
+                                               bufs["sub"], bufs["orig"], np.int32(B)], (B, 1))
+            source, rows = bufs["penalised"], bufs["identity"]
+        dev.launch_kernel(self.sampler, [source, rows, bufs["temperature"], bufs["top_k"], bufs["top_p"],
+                                         bufs["min_p"], bufs["seeds"], bufs["counters"], bufs["work"],
+                                         bufs["out_tokens"], bufs["picked"], np.int32(B)], (B, 1))
+        empty_i, empty_f = np.zeros((0, MAX_LOGPROBS), np.int32), np.zeros((0, MAX_LOGPROBS), np.float32)
+        return SampleResult(
+            tokens=dev.download(bufs["out_tokens"], B), picked=dev.download(bufs["picked"], B),
+            orig=dev.download(bufs["orig"], E) if E else np.zeros(0, np.float32),
+            lse=dev.download(bufs["lse"], R) if R else np.zeros(0, np.float32),
+            top_ids=dev.download(bufs["top_ids"], R) if R else empty_i,
+            top_vals=dev.download(bufs["top_vals"], R) if R else empty_f)

@@ -9,6 +9,9 @@ from typing import Sequence as Seq
 import numpy as np
 
 from fusec.errors import InputError
+from fusec.kernels.random import hash3
+
+SEED_STREAM = 0x5EED
 
 
 @dataclass
@@ -99,8 +102,10 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.stop_reason: int | str | None = None
         self.logprobs: list[Logprob] = []
-        seed = None if params.seed is None else (params.seed, index)
-        self.rng = np.random.default_rng(seed)
+        # the sampler's uniforms are hash(seed, tokens generated so far, token id): a
+        # seeded request draws the same numbers in any batch, its n completions differ
+        self.seed = (int(hash3(params.seed, index, SEED_STREAM)) if params.seed is not None
+                     else int(np.random.default_rng().integers(2 ** 32)))
         self.first_token_time: float | None = None
         self.token_times: list[float] = []
 

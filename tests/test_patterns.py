@@ -65,29 +65,3 @@ def test_ptx_assembles(pattern, arch, cache, tmp_path):
                                  capture_output=True, text=True)
             assert res.returncode == 0, f"{kernel.describe()}: {res.stderr}"
             assert f".target {arch}" in art.data.decode()
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.value)
-def test_argmax_kernel(dtype, cache, tmp_path):
-    """Argmax has no op pattern (device-side greedy sampling uses it directly)."""
-    from fusec.fusion.codegen.host import HostLauncher, HostLinker
-    from fusec.fusion.codegen.target import HOST
-    from fusec.fusion.dtypes import from_storage, to_storage
-    from fusec.kernels.elementwise import Argmax
-
-    rng = np.random.default_rng(0)
-    rows, cols = 7, 1003
-    x = rng.standard_normal((rows, cols)).astype(np.float32)
-    x[1, [5, 900]] = 50.0  # a tie: the first index wins
-    x[2] = -np.inf  # all -inf: index 0, like numpy
-    xs = to_storage(x, dtype)
-    kernel = Argmax(cols=cols, act=dtype)
-    linked = HostLinker().load(compile_kernel(kernel, HOST, cache).data, kernel.name, kernel.params())
-    out = np.full(rows, -7, np.int32)
-    HostLauncher(2).launch(linked, [xs.ctypes.data, out.ctypes.data, rows], kernel.grid({"num_rows": rows}))
-    np.testing.assert_array_equal(out, np.argmax(from_storage(xs, dtype), axis=1))
-    tool = ptxas()
-    if tool:
-        path = tmp_path / "argmax.ptx"
-        path.write_bytes(compile_kernel(kernel, parse_arch("sm_90"), cache).data)
-        assert subprocess.run([tool, "-arch=sm_90", str(path), "-o", str(tmp_path / "a.cubin")]).returncode == 0

@@ -230,6 +230,11 @@ class KernelBuilder:
             return self._intrinsic("llvm.nvvm.ex2.approx.ftz.f", [self.b.fmul(x, self.f32(math.log2(math.e)))])
         return self._intrinsic("llvm.exp.f32", [x])
 
+    def log(self, x: ir.Value) -> ir.Value:
+        if self.target.is_gpu:  # lg2.approx: about 2 ulp
+            return self.b.fmul(self._intrinsic("llvm.nvvm.lg2.approx.f", [x]), self.f32(math.log(2.0)))
+        return self._intrinsic("llvm.log.f32", [x])
+
     def fmax(self, a: ir.Value, c: ir.Value) -> ir.Value:
         return self._intrinsic("llvm.maxnum.f32", [a, c])
 

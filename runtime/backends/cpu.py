@@ -32,7 +32,41 @@ def check_positions(inputs: Mapping[str, np.ndarray], max_positions: int) -> Non
         raise ValueError(f"positions must be in [0, {max_positions})")
 
 
-class CpuExecutor:
+class HostDevice:
+    """Host-JIT kernels launched over CPU threads, on numpy buffers: what the sampler
+    and the dummy-weight fill need from a device (the KernelDevice protocol)."""
+
+    def __init__(self, cache: KernelCache | None = None, threads: int | None = None) -> None:
+        self.cache = cache or KernelCache()
+        self.linker = HostLinker()
+        self.launcher = HostLauncher(threads or os.cpu_count() or 1)
+
+    def buffer(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        return np.empty(shape, dtype)
+
+    @staticmethod
+    def upload(buf: np.ndarray, host: np.ndarray) -> None:
+        """host's elements into the start of buf."""
+        host = np.asarray(host, buf.dtype).reshape(-1)
+        buf.reshape(-1)[: host.size] = host
+
+    @staticmethod
+    def download(buf: np.ndarray, count: int) -> np.ndarray:
+        """The first `count` rows of buf."""
+        return buf[:count].copy()
+
+    def launch_kernel(self, kernel, args, grid: tuple[int, int]) -> None:
+        fn = self.linker.kernels.get(kernel.name)
+        if fn is None:
+            fn = self.linker.load(compile_kernel(kernel, HOST, self.cache).data, kernel.name, kernel.params())
+        values = [a.ctypes.data if isinstance(a, np.ndarray) else a.item() for a in args]
+        self.launcher.launch(fn, values, grid)
+
+    def close(self) -> None:
+        self.launcher.close()
+
+
+class CpuExecutor(HostDevice):
     """Runs a graph's fused plans on the host; the KV caches are state arrays it owns
     in storage dtype (`new_state`).
 
@@ -48,10 +82,8 @@ class CpuExecutor:
                  cache: KernelCache | None = None, threads: int | None = None, poison: bool = False) -> None:
         self.graph = graph
         self.options = options
+        super().__init__(cache, threads)
         self.plans = build_plans(graph, registry, options)
-        self.cache = cache or KernelCache()
-        self.linker = HostLinker()
-        self.launcher = HostLauncher(threads or os.cpu_count() or 1)
         # GEMMs are split over our own threads; BLAS's own would spin against the kernels'
         threadpool_limits(limits=1, user_api="blas")
         self.poison = poison
@@ -184,8 +216,6 @@ class CpuExecutor:
             self._gemm_weights[name] = w
         return w
 
-    def close(self) -> None:
-        self.launcher.close()
 
 
 @dataclass
