@@ -11,6 +11,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from fusec.models.llama import build_graph
 from fusec.models.rope import inv_freq
 from fusec.models.safetensors_file import SafetensorsFile
 from fusec.models.tokenizer import Tokenizer
-from fusec.models.weights import (dummy_weights, gguf_names, hf_names, load_weights,
+from fusec.models.weights import (DummyWeights, gguf_names, hf_names, load_weights,
                                   unpermute_llama_gguf)
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class Model:
     path: Path
     config: ModelConfig
     dtype: DType
-    weights: dict[str, np.ndarray]
+    weights: Mapping[str, np.ndarray]  # DummyWeights for --load-format dummy
     inv_freq: np.ndarray
     tokenizer: Tokenizer | None
 
@@ -116,7 +117,7 @@ def _load_hf_dir(path: Path, name: str, dtype: DType, load_format: str, seed: in
     if not with_weights:
         weights = {}
     elif load_format == "dummy":
-        weights = dummy_weights(config, dtype, seed)
+        weights = DummyWeights(config, dtype, seed)
     else:
         files = sorted(path.glob("*.safetensors"))
         if not files:
@@ -137,7 +138,7 @@ def _load_gguf(path: Path, name: str, dtype: DType, load_format: str, seed: int,
     if not with_weights:
         weights = {}
     elif load_format == "dummy":
-        weights = dummy_weights(config, dtype, seed)
+        weights = DummyWeights(config, dtype, seed)
     else:
         weights = load_weights(config, f, names, gguf_names, dtype, fixup=unpermute_llama_gguf)
     return Model(name, path, config, dtype, weights, inv_freq(config, factors), tokenizer)

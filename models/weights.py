@@ -5,13 +5,14 @@ make up each fusec weight. Weights come out in the storage form of the model dty
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Mapping, Protocol
 
 import numpy as np
 from tqdm import tqdm
 
 from fusec.errors import ModelLoadError
 from fusec.fusion.dtypes import DType, to_storage
+from fusec.kernels.random import fill_random_reference, weight_fill
 from fusec.models.config import ModelConfig
 from fusec.models.llama import weight_shapes
 
@@ -91,14 +92,36 @@ def load_weights(cfg: ModelConfig, source: TensorSource, available: set[str],
     return weights
 
 
-def dummy_weights(cfg: ModelConfig, dtype: DType, seed: int) -> dict[str, np.ndarray]:
-    """Seeded random weights with sane scales (norm weights near 1), for benchmarks and tests."""
-    rng = np.random.default_rng(seed)
-    weights = {}
-    for name, shape in weight_shapes(cfg).items():
-        if name.endswith("norm"):
-            w = 1.0 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
-        else:
-            w = rng.standard_normal(shape, dtype=np.float32) * np.float32(shape[-1] ** -0.5)
-        weights[name] = to_storage(w, dtype)
-    return weights
+class DummyWeights(Mapping[str, np.ndarray]):
+    """Seeded random weights (`--load-format dummy`) with sane scales: norm weights near
+    1, matrices with standard deviation 1/sqrt(fan-in). Each tensor is a FillRandom
+    draw with its own stream: a GPU executor runs that kernel into device memory
+    (`fills`), a host reader gets the same values from the kernel's numpy reference,
+    made on first access."""
+
+    def __init__(self, cfg: ModelConfig, dtype: DType, seed: int) -> None:
+        self.dtype, self.seed = dtype, seed
+        self.shapes = weight_shapes(cfg)
+        self._host: dict[str, np.ndarray] = {}
+
+    def fills(self) -> Iterator[tuple[str, tuple[int, ...], int, float, float]]:
+        """(name, shape, stream, scale, shift) per tensor."""
+        for stream, (name, shape) in enumerate(self.shapes.items()):
+            yield (name, shape, stream, *weight_fill(name, shape))
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._host:
+            for n, shape, stream, scale, shift in self.fills():
+                if n == name:
+                    w = fill_random_reference(int(np.prod(shape)), self.seed, stream, scale, shift)
+                    self._host[name] = to_storage(w.reshape(shape), self.dtype)
+                    break
+            else:
+                raise KeyError(name)
+        return self._host[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
