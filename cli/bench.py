@@ -30,14 +30,16 @@ def _levels(value: str) -> list[int]:
 @click.option("--output-len", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--ignore-eos/--no-ignore-eos", default=True, show_default=True)
 @click.option("--executor", default="fused", show_default=True, type=click.Choice(["fused", "reference"]))
-@click.option("--max-num-seqs", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-num-seqs", default=None, type=click.IntRange(min=1), help="[default: the largest N]")
 @click.option("--max-num-batched-tokens", default=1024, show_default=True, type=click.IntRange(min=1))
+@click.option("--gpu-memory-utilization", default=0.9, show_default=True, type=click.FloatRange(0.05, 1.0),
+              help="GPU memory share for weights, activations and KV cache (CUDA backend).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @device_option
 def bench_cmd(model, dtype, load_format, levels, num_prompts, input_len, output_len, ignore_eos, executor,
-              max_num_seqs, max_num_batched_tokens, seed, json_path, plot_path, device) -> None:
+              max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, seed, json_path, plot_path, device) -> None:
     """Throughput and latency of the engine at each concurrency level."""
     from fusec.runtime.benchmark import benchmark, plot
     from fusec.runtime.engine import EngineConfig
@@ -47,11 +49,13 @@ def bench_cmd(model, dtype, load_format, levels, num_prompts, input_len, output_
             import matplotlib  # noqa: F401
         except ImportError:
             raise FusecError("--plot needs matplotlib: pip install 'fusec[bench]'") from None
+    max_num_seqs = max_num_seqs or max(levels)
     if max(levels) > max_num_seqs:
         raise FusecError(f"--n {max(levels)} exceeds --max-num-seqs {max_num_seqs}")
     config = EngineConfig(model=model, dtype=dtype, load_format=load_format, executor=executor, seed=seed,
                           device=device if executor == "fused" else "cpu",
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                          gpu_memory_utilization=gpu_memory_utilization,
                           max_model_len=input_len + output_len + 16)
 
     def bar(n: int, total: int):

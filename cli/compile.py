@@ -11,6 +11,23 @@ from fusec.cli.options import DTYPE_CHOICES, model_option
 from fusec.errors import FusecError
 
 
+def model_kernels(model, target, crossover: int, block_size: int = 16) -> tuple[dict, list]:
+    """A model's plans for a target, and the distinct kernels serving it needs: the
+    plans', the sampler's, and (on a GPU) the dummy-weight fill."""
+    from fusec.fusion.plan import PlanOptions, build_plans
+    from fusec.kernels.random import FillRandom
+    from fusec.kernels.registry import default_registry
+    from fusec.runtime.sampler import KernelSampler
+
+    options = PlanOptions(target, model.config.max_position_embeddings, crossover)
+    plans = build_plans(model.graph(block_size), default_registry(), options)
+    kernels = [k for plan in plans.values() for k in plan.kernels()]
+    kernels += KernelSampler.kernel_specs(model.config.vocab_size)
+    if target.is_gpu:
+        kernels.append(FillRandom(model.dtype))
+    return plans, list({k.name: k for k in kernels}.values())
+
+
 @click.command("compile")
 @model_option
 @click.option("--arch", default="sm_90", show_default=True, type=click.Choice(["sm_80", "sm_90", "host"]))
@@ -29,18 +46,15 @@ def compile_cmd(model: str | None, arch: str, dtype: str, block_size: int, cross
     from fusec.fusion.codegen.target import parse_arch
     from fusec.fusion.compiler import compile_kernel
     from fusec.fusion.explain import report
-    from fusec.fusion.plan import PlanOptions, build_plans
-    from fusec.kernels.registry import default_registry
     from fusec.models.loader import load_model
 
     target = parse_arch(arch)
     if dtype == "auto":
         dtype = "f16" if target.is_gpu else "f32"
     m = load_model(model, dtype=dtype, with_weights=False)
-    graph = m.graph(block_size)
     t0 = time.perf_counter()
     try:
-        plans = build_plans(graph, default_registry(), PlanOptions(target, m.config.max_position_embeddings, crossover))
+        plans, kernels = model_kernels(m, target, crossover, block_size)
     except ValueError as e:  # e.g. an op no kernel covers on a GPU target
         raise FusecError(f"cannot compile {m.name} for {arch}: {e}") from None
     t_plan = time.perf_counter() - t0
@@ -48,7 +62,6 @@ def compile_cmd(model: str | None, arch: str, dtype: str, block_size: int, cross
     for plan in plans.values():
         for line in report(plan, explain):
             click.echo(line)
-    kernels = list({k.name: k for plan in plans.values() for k in plan.kernels()}.values())
     cache = KernelCache()
     if emit_dir is not None:
         emit_dir.mkdir(parents=True, exist_ok=True)

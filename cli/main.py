@@ -106,17 +106,52 @@ def info() -> None:
     click.echo("  host       yes (fused kernels JIT-compiled with llvmlite, numpy GEMMs; generate --fused)")
     from fusec.runtime.engine import cuda_available
 
+    arch = None
     if cuda_available():
+        from cuda.bindings import driver
         from cuda.core import Device
+
+        from fusec.runtime.backends.cuda import device_target
 
         dev = Device()
         major, minor = dev.compute_capability
-        click.echo(f"  cuda       yes: {dev.name}, compute capability {major}.{minor} "
-                   f"(fused-GEMV plans; cuBLASLt GEMMs and GPU sampling are in progress)")
+        _, free, total = driver.cuMemGetInfo()
+        _, version = driver.cuDriverGetVersion()
+        arch = device_target(dev).arch
+        click.echo(f"  cuda       yes: {dev.name}, compute capability {major}.{minor}, {total / 2**30:.1f} GiB "
+                   f"({free / 2**30:.1f} GiB free), driver CUDA {version // 1000}.{version % 1000 // 10}; "
+                   f"kernels target {arch}")
     else:
-        driver = ctypes.util.find_library("cuda")
-        click.echo(f"  cuda       no ({'no usable device' if driver else 'no NVIDIA driver'}; "
+        driver_lib = ctypes.util.find_library("cuda")
+        click.echo(f"  cuda       no ({'no usable device' if driver_lib else 'no NVIDIA driver'}; "
                    f"pip install 'fusec[cuda]' on a GPU machine)")
+    _cache_state(["host"] + ([arch] if arch else []))
+
+
+def _cache_state(arches: list[str]) -> None:
+    """How many of the default model's kernels the cache holds per target."""
+    from dataclasses import replace
+
+    from fusec.cli.compile import model_kernels
+    from fusec.fusion.cache import KernelCache
+    from fusec.fusion.codegen.target import parse_arch
+    from fusec.fusion.compiler import is_cached
+    from fusec.fusion.dtypes import DType
+    from fusec.models.loader import load_model
+
+    cache = KernelCache()
+    click.echo(f"kernel cache: {cache.root}")
+    try:
+        m = load_model(None, with_weights=False)
+    except FusecError:
+        return
+    for arch in arches:
+        target = parse_arch(arch)
+        dtype = DType.F32 if arch == "host" else DType.F16
+        _plans, kernels = model_kernels(replace(m, dtype=dtype), target, 8)
+        cached = sum(is_cached(k, target, cache) for k in kernels)
+        click.echo(f"  {arch:<6} {m.name} ({dtype.value}): {cached}/{len(kernels)} kernels cached"
+                   f"{'' if cached == len(kernels) else f' (fusec compile --arch {arch} builds them)'}")
 
 
 cli.add_command(compile_cmd)

@@ -52,7 +52,8 @@ def serve_cmd(model_tag, model, host, port, served_names, dtype, max_model_len, 
     engine = LLMEngine(EngineConfig(model=model, dtype=dtype, load_format=load_format, seed=seed, device=device,
                                     max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                     max_num_batched_tokens=max_num_batched_tokens, kv_cache_gb=kv_cache_gb,
-                                    enable_prefix_caching=enable_prefix_caching))
+                                    enable_prefix_caching=enable_prefix_caching,
+                                    gpu_memory_utilization=gpu_memory_utilization))
     names = list(served_names) or [model or engine.model.name]
     app = create_app(AsyncEngine(engine), ServerSettings(names, api_key, disable_log_requests, str(engine.model.path)))
     logging.getLogger("fusec").setLevel(log_level.upper())

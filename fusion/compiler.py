@@ -61,9 +61,17 @@ def generator_digest(kernel: Any) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
-def compile_kernel(kernel: Any, target: Target, cache: KernelCache) -> Artifact:
+def kernel_key(kernel: Any, target: Target) -> str:
     spec = f"{kernel.name}|{kernel.describe()}|{generator_digest(kernel)}"
-    key = artifact_key(spec, target.fingerprint(), COMPILE_OPTIONS)
+    return artifact_key(spec, target.fingerprint(), COMPILE_OPTIONS)
+
+
+def is_cached(kernel: Any, target: Target, cache: KernelCache) -> bool:
+    return cache.path(kernel_key(kernel, target), artifact_suffix(target)).is_file()
+
+
+def compile_kernel(kernel: Any, target: Target, cache: KernelCache) -> Artifact:
+    key = kernel_key(kernel, target)
     data = cache.get_or_build(key, artifact_suffix(target), lambda: compile_ir(kernel.build(target), target),
                               label=kernel.name)
     return Artifact(kernel, target, data, key)

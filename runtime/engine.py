@@ -35,6 +35,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     executor: str = "fused"  # "fused" (compiled plans) | "reference" (the interpreter)
     device: str = "cpu"  # "auto" | "cpu" | "cuda"
+    gpu_memory_utilization: float = 0.9  # share of the GPU for weights, activations and KV cache
 
 
 @dataclass
@@ -88,25 +89,31 @@ class LLMEngine:
         cfg = self.model.config
         self.tokenizer = self.model.tokenizer
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        bytes_per_block = 2 * cfg.num_layers * config.block_size * cfg.kv_size * self.model.dtype.itemsize
-        if config.executor == "reference":
-            bytes_per_block = bytes_per_block * 4 // self.model.dtype.itemsize  # the interpreter keeps f32
-        num_blocks = config.num_kv_blocks or int(config.kv_cache_gb * 2**30 // bytes_per_block)
-        needed = -(-self.max_model_len // config.block_size)
-        if num_blocks < needed:
-            raise InputError(f"the KV cache holds {num_blocks} blocks of {config.block_size} tokens, fewer than one "
-                             f"sequence of --max-model-len {self.max_model_len} needs ({needed}); "
-                             f"raise the KV cache size or lower --max-model-len")
-        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, max(config.max_num_batched_tokens, 1))
         self.device = resolve_device(config.device)
         if self.device == "cuda" and config.executor == "reference":
             raise InputError("the reference executor runs on the CPU; use --device cpu")
         backend = "reference" if config.executor == "reference" else self.device
+        bytes_per_block = 2 * cfg.num_layers * config.block_size * cfg.kv_size * self.model.dtype.itemsize
+        if backend == "reference":
+            bytes_per_block = bytes_per_block * 4 // self.model.dtype.itemsize  # the interpreter keeps f32
+        needed = -(-self.max_model_len // config.block_size)
+        num_blocks = config.num_kv_blocks
+        if num_blocks is None and backend != "cuda":
+            num_blocks = int(config.kv_cache_gb * 2**30 // bytes_per_block)
+        if num_blocks is not None and num_blocks < needed:
+            raise InputError(f"the KV cache holds {num_blocks} blocks of {config.block_size} tokens, fewer than one "
+                             f"sequence of --max-model-len {self.max_model_len} needs ({needed}); "
+                             f"raise the KV cache size or lower --max-model-len")
+        # on a GPU without a set block count, the runner sizes the KV cache from what is left
+        # of --gpu-memory-utilization once weights, activations and sampler buffers are placed
         self.runner = ModelRunner(self.model, num_blocks, config.block_size, backend=backend,
                                   max_positions=self.max_model_len,
                                   max_batch_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
-                                  max_sample_rows=config.max_num_seqs)
+                                  max_sample_rows=config.max_num_seqs,
+                                  gpu_memory_utilization=config.gpu_memory_utilization,
+                                  kv_bytes_per_block=bytes_per_block, min_kv_blocks=needed)
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, max(config.max_num_batched_tokens, 1))
         self.end_ids: set[int] = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.end_ids.add(self.tokenizer.eos_token_id)

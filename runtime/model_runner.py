@@ -1,6 +1,7 @@
 """Turns a batch of sequences into graph inputs (paged-attention metadata) and runs it."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -11,8 +12,11 @@ from fusec.fusion.codegen.target import HOST
 from fusec.fusion.interpreter import Interpreter
 from fusec.fusion.plan import PlanOptions
 from fusec.models.loader import Model
+from fusec.runtime.memory import kv_blocks_for_memory, max_dims
 from fusec.runtime.sampler import KernelSampler, SamplingBatch, reference_sample
 from fusec.runtime.sequence import Logprob, Sequence as Seq
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -55,6 +59,9 @@ def build_inputs(chunks: Sequence[SequenceChunk], block_size: int, all_logits: b
 # Largest batch (tokens) the host runs through fused GEMVs: past it, BLAS GEMMs (which
 # read each weight once per step) win. Measured on the SmolLM2 decode step.
 HOST_CROSSOVER = 2
+# The GPU's: fused GEMVs re-read the weights once per token, cuBLASLt reads them once.
+# A default until `fusec autotune` measures it per GPU.
+GPU_CROSSOVER = 8
 
 
 BACKENDS = ("reference", "cpu", "cuda")
@@ -63,12 +70,12 @@ BACKENDS = ("reference", "cpu", "cuda")
 class ModelRunner:
     """Runs a model's graph over a paged KV cache, on one backend: "reference" (the
     interpreter of the unfused graph), "cpu" (the compiled plans on the host) or "cuda"
-    (the compiled plans on a GPU; until cuBLASLt GEMMs land every batch runs through
-    the fused-GEMV plan there)."""
+    (the compiled plans on a GPU, cuBLASLt for the large-batch GEMMs)."""
 
-    def __init__(self, model: Model, num_blocks: int, block_size: int = 16, backend: str = "reference",
+    def __init__(self, model: Model, num_blocks: int | None, block_size: int = 16, backend: str = "reference",
                  cache: KernelCache | None = None, max_positions: int | None = None,
-                 max_batch_tokens: int = 1 << 20, max_sample_rows: int = 64) -> None:
+                 max_batch_tokens: int = 1 << 20, max_sample_rows: int = 64, gpu_memory_utilization: float = 0.9,
+                 kv_bytes_per_block: int = 0, min_kv_blocks: int = 1) -> None:
         self.model = model
         self.block_size = block_size
         graph = model.graph(block_size)
@@ -82,22 +89,27 @@ class ModelRunner:
             options = PlanOptions(HOST, max_positions=positions, crossover=HOST_CROSSOVER)
             self.executor = CpuExecutor(graph, model.weights, default_registry(), options, cache)
         elif backend == "cuda":
-            from cuda.core import Device
-
             from fusec.kernels.registry import default_registry
-            from fusec.runtime.backends.cuda import CudaExecutor, device_target
+            from fusec.runtime.backends.cuda import CudaDevice, CudaExecutor
 
-            options = PlanOptions(device_target(Device()), max_positions=positions, crossover=max_batch_tokens)
-            self.executor = CudaExecutor(graph, model.weights, default_registry(), options, cache)
+            device = CudaDevice(cache)
+            self.executor = CudaExecutor(device, graph, model.weights, default_registry(),
+                                         device.plan_options(positions, GPU_CROSSOVER),
+                                         max_dims=max_dims(max_batch_tokens, max_sample_rows, positions, block_size))
         else:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-        self.kv_state = self.executor.new_state({"NB": num_blocks})
+        self.device = getattr(self.executor, "device", None)  # where kernels run; None: the interpreter
         self.vocab = model.config.vocab_size
         self.max_sample_rows = max(1, max_sample_rows)
         # the compiled sampling kernels on the executor's device; the reference executor
         # samples with their numpy oracle
-        self.sampler = (None if backend == "reference"
-                        else KernelSampler(self.executor, self.vocab, self.max_sample_rows))
+        self.sampler = None if self.device is None else KernelSampler(self.device, self.vocab, self.max_sample_rows)
+        if num_blocks is None:  # a GPU: what is left of its share holds the KV cache
+            free, total = self.device.memory_info()
+            num_blocks = kv_blocks_for_memory(total, free, gpu_memory_utilization, kv_bytes_per_block, min_kv_blocks)
+            log.info("KV cache: %d blocks (%.2f GiB)", num_blocks, num_blocks * kv_bytes_per_block / 2 ** 30)
+        self.num_blocks = num_blocks
+        self.kv_state = self.executor.new_state({"NB": num_blocks})
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy KV blocks src -> dst in every layer (copy-on-write of shared blocks)."""
@@ -125,8 +137,7 @@ class ModelRunner:
     def execute(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> np.ndarray:
         """forward(), as a host array."""
         logits = self.forward(chunks, all_logits)
-        to_host = getattr(self.executor, "to_host", None)
-        return to_host(logits) if to_host is not None else logits
+        return logits if self.device is None else self.device.to_host(logits)
 
     def sample(self, logits: Any, rows: Sequence[int], seqs: Sequence[Seq], end_ids: Sequence[set[int]]
                ) -> tuple[list[int], list[Logprob | None]]:

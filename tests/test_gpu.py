@@ -1,5 +1,8 @@
-"""GPU checks: the same PTX kernels the host tests cover, run on a real device."""
+"""GPU checks: the PTX kernels, cuBLASLt, the sampler, the executor and the engine on a
+real device, against the numpy references and the CPU backend."""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -7,12 +10,16 @@ import pytest
 from fusec.fusion.cache import KernelCache
 from fusec.fusion.dtypes import DType, from_storage
 from fusec.fusion.interpreter import Interpreter
-from fusec.fusion.plan import PlanOptions
 from fusec.kernels.examples import EXAMPLES
 from fusec.kernels.registry import default_registry
 from fusec.kernels.testing import TOLERANCE, random_state, random_weights, relative_error
 
 pytestmark = pytest.mark.gpu
+
+
+# FUSEC_GPU_TESTS_ON_HOST=1 runs this module on the host-memory device double
+# (tests/host_cuda.py), to check the tests' own code on a machine without a GPU.
+ON_HOST = os.environ.get("FUSEC_GPU_TESTS_ON_HOST") == "1"
 
 
 def _has_gpu() -> bool:
@@ -25,93 +32,199 @@ def _has_gpu() -> bool:
         return False
 
 
-if not _has_gpu():
+if not ON_HOST and not _has_gpu():
     pytest.skip("no CUDA device", allow_module_level=True)
 
-from fusec.runtime.backends.cuda import CudaExecutor, device_target  # noqa: E402
+from fusec.runtime.backends.cuda import CudaDevice, CudaExecutor  # noqa: E402
+from test_cuda_host import decode_against_reference, engine_on_cuda_equals_cpu  # noqa: E402
 
 REGISTRY = default_registry()
-GPU_PATTERNS = [p.name for p in REGISTRY if p.name != "gemm"]  # library GEMMs come with the CUDA backend
+GPU_PATTERNS = [p.name for p in REGISTRY]
+real_gpu_only = pytest.mark.skipif(ON_HOST, reason="needs the driver, not the host double")
+
+
+def make_device(cache: KernelCache | None = None):
+    if ON_HOST:
+        from host_cuda import HostMemoryCuda
+
+        return HostMemoryCuda(cache)
+    return CudaDevice(cache)
 
 
 @pytest.fixture(scope="module")
-def target():
-    from cuda.core import Device
+def gpu(tmp_path_factory):
+    return make_device(KernelCache(tmp_path_factory.mktemp("kernels")))
 
-    return device_target(Device())
+
+@pytest.fixture
+def on_gpu(monkeypatch):
+    """The engine's `--device cuda`, on the double when ON_HOST."""
+    if ON_HOST:
+        from host_cuda import HostMemoryCuda
+
+        monkeypatch.setattr("fusec.runtime.engine.cuda_available", lambda: True)
+        monkeypatch.setattr("fusec.runtime.backends.cuda.CudaDevice", HostMemoryCuda)
 
 
 @pytest.mark.parametrize("dtype", [DType.F32, DType.F16, DType.BF16], ids=lambda d: d.value)
 @pytest.mark.parametrize("size", [0, 1, 2])
 @pytest.mark.parametrize("pattern", GPU_PATTERNS)
-def test_pattern_on_gpu_equals_reference(pattern, size, dtype, target, tmp_path_factory):
+def test_pattern_on_gpu_equals_reference(pattern, size, dtype, gpu):
     rng = np.random.default_rng([size, 7])
     ex = EXAMPLES[pattern](rng, size, dtype)
     weights, state = random_weights(ex, rng), random_state(ex, rng)
     ref_state = {k: from_storage(v, ex.graph.node(k).type.dtype).copy() for k, v in state.items()}
     want = Interpreter(ex.graph, weights).run(ex.inputs, ref_state)
-    options = PlanOptions(target, max_positions=256, crossover=8)
-    ex_ = CudaExecutor(ex.graph, weights, REGISTRY, options, KernelCache(tmp_path_factory.mktemp("k")), poison=True)
+    ex_ = CudaExecutor(gpu, ex.graph, weights, REGISTRY, gpu.plan_options(256, 8), poison=True)
     plan = ex_.plan_for(ex.tokens)
     assert pattern in {launch.pattern for launch in plan.launches}
     dev_state = ex_.new_state(ex.state_dims)
     for name, arr in dev_state.items():
-        arr.upload(state[name])
+        gpu.upload(arr, state[name])
     got = ex_.run(ex.inputs, dev_state)
+    got.update(dev_state)
     for name, value in want.items():
         node = ex.graph.node(plan.resolve(name))
-        err = relative_error(from_storage(got[name], node.type.dtype), value)
+        err = relative_error(from_storage(gpu.to_host(got[name]), node.type.dtype), value)
         # ex2.approx and FMA contraction on the GPU: a little looser than the host in f32
         assert err < max(TOLERANCE[dtype], 1e-4), (name, err)
 
 
+@pytest.mark.parametrize("crossover", [64, 4], ids=["gemv", "gemm-prefill"])
 @pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
-def test_tiny_model_decode_on_gpu_equals_reference(name, dtype, target, tiny_checkpoints, tmp_path):
-    """Prefill and 16 greedy decode steps of two sequences, every step in the fused-GEMV plan."""
+def test_tiny_model_decode_on_gpu_equals_reference(name, dtype, crossover, gpu, tiny_checkpoints):
+    """Prefill and 16 greedy decode steps of two sequences: every step in the fused-GEMV
+    plan, or the prefill through cuBLASLt GEMMs."""
     from fusec.models.loader import load_model
-    from fusec.runtime.model_runner import SequenceChunk, build_inputs
 
-    model = load_model(str(tiny_checkpoints[name]), dtype=dtype)
-    graph = model.graph(4)
-    gpu = CudaExecutor(graph, model.weights, REGISTRY, PlanOptions(target, 128, crossover=64), KernelCache(tmp_path))
-    ref = Interpreter(graph, model.weights)
-    gpu_state, ref_state = gpu.new_state({"NB": 16}), ref.new_state({"NB": 16})
-    rng = np.random.default_rng(3)
-    chunks = [SequenceChunk(rng.integers(0, model.config.vocab_size, n).tolist(), 0, list(blocks))
-              for n, blocks in ((11, (3, 9, 1, 12, 5, 10, 4, 15)), (6, (0, 7, 14, 2, 8, 6, 11, 13)))]
-    tokens = {"gpu": [[], []], "ref": [[], []]}
-    for step in range(17):  # prefill, then 16 decode steps
-        inputs = build_inputs(chunks, 4)
-        logits = {"gpu": gpu.run(inputs, gpu_state)["logits"], "ref": ref.run(inputs, ref_state)["logits"]}
-        assert relative_error(logits["gpu"], logits["ref"]) < (1e-4 if dtype == "f32" else 3e-2)
-        for i, c in enumerate(chunks):
-            for k in tokens:
-                tokens[k][i].append(int(np.argmax(logits[k][i])))
-            c.start += len(c.token_ids)
-            c.token_ids = [tokens["ref"][i][-1]]
-    if dtype == "f32":
-        assert tokens["gpu"] == tokens["ref"]
+    decode_against_reference(load_model(str(tiny_checkpoints[name]), dtype=dtype), gpu, crossover, steps=17)
 
 
-def test_engine_on_gpu_equals_cpu(tiny_checkpoints):
-    """The whole engine (continuous batching, prefix cache, copy-on-write for n > 1) on
-    the GPU backend gives the CPU backend's greedy tokens."""
-    from helpers import run_requests
+def test_engine_on_gpu_equals_cpu(on_gpu, tiny_checkpoints):
+    from fusec.models.loader import load_model
 
+    engine_on_cuda_equals_cpu(load_model(str(tiny_checkpoints["qwen2"])))
+
+
+def test_engine_kv_cache_follows_gpu_memory_utilization(on_gpu, tiny_checkpoints):
+    from fusec.models.loader import load_model
+    from fusec.runtime.engine import EngineConfig, LLMEngine
+
+    model = load_model(str(tiny_checkpoints["llama"]), dtype="f16")
+    engine = LLMEngine(EngineConfig(device="cuda", gpu_memory_utilization=0.5), model=model)
+    free, total = engine.runner.device.memory_info()
+    assert engine.blocks.num_blocks > 1000
+    assert abs((total - free) / total - 0.5) < 0.03  # the KV cache took the rest of the share
+    engine.close()
+
+
+def test_sampling_kernels_on_gpu_equal_reference():
+    from test_sampling import PARAMS, VOCAB, check_against_reference, make_seq
+
+    from fusec.runtime.sampler import SamplingBatch
+
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((40, VOCAB)) * 3).astype(np.float32)
+    seqs = [make_seq(rng, i, **PARAMS[i % len(PARAMS)]) for i in range(36)]
+    rows = rng.integers(0, len(logits), len(seqs)).tolist()
+    batch = SamplingBatch.build(rows, seqs, [{1, 2, VOCAB - 1}] * len(seqs), VOCAB)
+    device = make_device()
+    dev_logits = device.buffer(logits.shape, np.float32)
+    device.upload(dev_logits, logits)
+    check_against_reference(_Poisoned(device), logits, batch, 48, dev_logits)
+
+
+class _Poisoned:
+    """A device whose new buffers are filled with 0xFF bytes (NaN, and -1 in int32)."""
+
+    def __init__(self, device) -> None:
+        self.device = device
+
+    def __getattr__(self, name):
+        return getattr(self.device, name)
+
+    def buffer(self, shape, dtype):
+        buf = self.device.buffer(shape, dtype)
+        self.device.fill_bytes(buf, 0xFF)
+        return buf
+
+
+@pytest.mark.parametrize("dtype", [DType.F32, DType.F16, DType.BF16], ids=lambda d: d.value)
+def test_fill_random_on_gpu_equals_reference(dtype):
+    from fusec.fusion.dtypes import to_storage
+    from fusec.kernels.random import fill_random_reference
+    device = make_device()
+    n = 5 * 4096 + 3
+    buf = device.buffer((n,), dtype.storage)
+    device.fill_bytes(buf, 0xFF)
+    device.fill_random(buf, dtype, 2 ** 32 - 5, 9, 0.25, 1.0)
+    np.testing.assert_array_equal(device.to_host(buf), to_storage(fill_random_reference(n, -5, 9, 0.25, 1.0), dtype))
+
+
+@real_gpu_only
+@pytest.mark.parametrize("dtype", [DType.F32, DType.F16, DType.BF16], ids=lambda d: d.value)
+@pytest.mark.parametrize("T,N,K", [(1, 64, 32), (9, 200, 96), (300, 1000, 512)])
+def test_cublaslt_gemm_equals_numpy(T, N, K, dtype):
+    from fusec.fusion.dtypes import to_storage
+    from fusec.runtime.backends.cublaslt import WORKSPACE_BYTES, CublasLt, GemmShape
+
+    device = CudaDevice()
+    rng = np.random.default_rng(T)
+    x, w = rng.standard_normal((T, K)).astype(np.float32), rng.standard_normal((N, K)).astype(np.float32) / np.sqrt(K)
+    bufs = {}
+    for name, host in (("x", x), ("w", w)):
+        bufs[name] = device.buffer(host.shape, dtype.storage)
+        device.upload(bufs[name], to_storage(host, dtype))
+    bufs["y"] = device.buffer((T, N), dtype.storage)
+    device.fill_bytes(bufs["y"], 0xFF)
+    workspace = device.buffer((WORKSPACE_BYTES,), np.uint8)
+    gemm = CublasLt(workspace.ptr)
+    gemm.matmul(GemmShape(T, N, K, dtype), bufs["x"].ptr, bufs["w"].ptr, bufs["y"].ptr, device.stream_handle)
+    got = from_storage(device.to_host(bufs["y"]), dtype)
+    want = from_storage(to_storage(x, dtype), dtype) @ from_storage(to_storage(w, dtype), dtype).T
+    assert relative_error(got, want) < (1e-5 if dtype is DType.F32 else 2e-2)
+    gemm.close()
+
+
+SMOLLM2_PROMPTS = ["The quick brown fox", "def fibonacci(n):\n    ", "Paris is the capital of"]
+
+
+def _smollm2_gguf():
+    """The default model's GGUF: installed, or joined from parts carried to the device
+    (FUSEC_SMOLLM2_GGUF, see bench/gpu_check.sh)."""
+    import os
+    from pathlib import Path
+
+    from fusec.errors import ModelLoadError
+    from fusec.models.loader import default_model_path
+
+    if os.environ.get("FUSEC_SMOLLM2_GGUF"):
+        return Path(os.environ["FUSEC_SMOLLM2_GGUF"])
+    try:
+        return default_model_path()
+    except ModelLoadError:
+        pytest.skip("SmolLM2 GGUF not available on this machine")
+
+
+def test_smollm2_greedy_on_gpu_equals_cpu(on_gpu):
+    """32 greedy tokens on 3 prompts: the GPU backend's text equals the CPU backend's."""
     from fusec.models.loader import load_model
     from fusec.runtime.engine import EngineConfig, LLMEngine
     from fusec.runtime.sequence import SamplingParams
 
-    model = load_model(str(tiny_checkpoints["qwen2"]))
-    rng = np.random.default_rng(1)
-    prompts = [rng.integers(0, model.config.vocab_size, int(rng.integers(3, 40))).tolist() for _ in range(6)]
-    params = SamplingParams(n=2, temperature=0, max_tokens=16, ignore_eos=True)
-    results = {}
+    model = load_model(str(_smollm2_gguf()), dtype="f32")
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    texts = {}
     for device in ("cpu", "cuda"):
-        engine = LLMEngine(EngineConfig(device=device, max_num_batched_tokens=64), model=model)
-        outputs = run_requests(engine, prompts, params)
-        assert engine.blocks.all_free()
+        engine = LLMEngine(EngineConfig(device=device, num_kv_blocks=64, max_model_len=256), model=model)
+        for i, prompt in enumerate(SMOLLM2_PROMPTS):
+            engine.add_request(str(i), prompt, params)
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0].text
+        texts[device] = [done[str(i)] for i in range(len(SMOLLM2_PROMPTS))]
         engine.close()
-        results[device] = [[c.token_ids for c in out.outputs] for out in outputs]
-    assert results["cuda"] == results["cpu"]
+    assert texts["cuda"] == texts["cpu"]

@@ -53,13 +53,16 @@ PARAMS = [
 ]
 
 
-def check_against_reference(device, logits: np.ndarray, batch: SamplingBatch, max_rows: int) -> None:
+def check_against_reference(device, logits: np.ndarray, batch: SamplingBatch, max_rows: int,
+                            device_logits=None) -> None:
+    """The sampler's outputs on `device` (its buffers poisoned: the host fixture fills
+    them here, a GPU device at allocation) against the numpy oracle."""
     want = reference_sample(logits, batch)
-    # poison the sampler's outputs so an unwritten element fails
     sampler = KernelSampler(device, logits.shape[1], max_rows)
-    for name in ("out_tokens", "picked", "lse", "top_ids", "top_vals", "orig"):
-        sampler.bufs[name].fill(-7)
-    got = sampler.sample(logits.copy(), batch)
+    if device_logits is None:
+        for name in ("out_tokens", "picked", "lse", "top_ids", "top_vals", "orig"):
+            sampler.bufs[name].fill(-7)
+    got = sampler.sample(logits.copy() if device_logits is None else device_logits, batch)
     assert (got.tokens >= 0).all() and (got.tokens < logits.shape[1]).all()
     np.testing.assert_array_equal(got.orig, want.orig)
     np.testing.assert_allclose(got.lse, want.lse, rtol=1e-5)

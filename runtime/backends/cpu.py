@@ -55,6 +55,10 @@ class HostDevice:
         """The first `count` rows of buf."""
         return buf[:count].copy()
 
+    @staticmethod
+    def to_host(buf: np.ndarray) -> np.ndarray:
+        return buf
+
     def launch_kernel(self, kernel, args, grid: tuple[int, int]) -> None:
         fn = self.linker.kernels.get(kernel.name)
         if fn is None:
@@ -68,7 +72,7 @@ class HostDevice:
 
 class CpuExecutor(HostDevice):
     """Runs a graph's fused plans on the host; the KV caches are state arrays it owns
-    in storage dtype (`new_state`).
+    in storage dtype (`new_state`). It is its own device (`device`).
 
     A plan is bound to concrete dims once (scratch and input buffers allocated, every
     launch's arguments resolved to pointers) and reused while the dims and the state
@@ -77,6 +81,10 @@ class CpuExecutor(HostDevice):
     """
 
     MAX_BOUND = 16
+
+    @property
+    def device(self) -> "CpuExecutor":
+        return self
 
     def __init__(self, graph: Graph, weights: Mapping[str, np.ndarray], registry: Registry, options: PlanOptions,
                  cache: KernelCache | None = None, threads: int | None = None, poison: bool = False) -> None:

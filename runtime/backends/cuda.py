@@ -1,18 +1,21 @@
-"""Executes fused Plans on an NVIDIA GPU through cuda.core (work in progress).
+"""Executes fused Plans on an NVIDIA GPU through cuda.core.
 
-What exists: PTX kernels from the fusec cache loaded with `ObjectCode.from_ptx`,
-weights, KV caches and scratch buffers in device memory, launches on one stream.
-Library GEMMs (cuBLASLt through nvmath-python), GPU sampling, CUDA graphs and
-memory sizing from --gpu-memory-utilization come with the CUDA backend issue; until
-then a plan that needs a GEMM raises, so run with a crossover that keeps every batch
-in the fused-GEMV plan. Imported only on the GPU path.
+PTX kernels come from the fusec cache (compiled on demand) and load with
+`ObjectCode.from_ptx`; GEMMs of the large-batch plan go to cuBLASLt; everything is
+enqueued on one stream. Memory: weights (uploaded, or filled on the device by the
+FillRandom kernel for dummy weights), one activation arena holding the graph inputs
+and every plan's buffer slots at the largest batch (`runtime.memory`), the sampler's
+buffers, then the KV cache. Only the sampled token ids come back each step.
+Imported only on the GPU path; `cuda.bindings.driver` is used where cuda.core has no
+call (async copies, memset, memory info).
 """
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from fusec.fusion.cache import KernelCache
 from fusec.fusion.codegen.target import Target
@@ -21,48 +24,39 @@ from fusec.fusion.ir import Graph, bind_dims
 from fusec.fusion.patterns import Registry
 from fusec.fusion.plan import Launch, Plan, PlanOptions, build_plans
 from fusec.kernels.base import GPU_LANES
+from fusec.kernels.random import FillRandom, fill_spans
+from fusec.models.weights import DummyWeights
 from fusec.runtime.backends.cpu import check_positions
+from fusec.runtime.memory import ArenaLayout, arena_layout
 
 log = logging.getLogger(__name__)
 
 
-def _check(result) -> None:
-    err = result[0] if isinstance(result, tuple) else result
+def _check(result) -> Any:
+    err, *rest = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
         raise RuntimeError(f"CUDA driver error {err}")
+    return rest[0] if len(rest) == 1 else rest
 
 
 class DeviceArray:
-    """A device buffer with a shape and a storage dtype."""
+    """A typed view of device memory (a pointer, a shape, a storage dtype)."""
 
-    def __init__(self, device, stream, shape: tuple[int, ...], dtype: np.dtype) -> None:
-        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
-        self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
-        self.buffer = device.allocate(max(self.nbytes, 1), stream=stream)
-        stream.sync()  # stream-ordered allocation; the copies below are synchronous
-        self.ptr = int(self.buffer.handle)
+    def __init__(self, ptr: int, shape: Sequence[int], dtype, owner: Any = None) -> None:
+        self.ptr, self.shape, self.dtype = int(ptr), tuple(int(s) for s in shape), np.dtype(dtype)
+        self.owner = owner  # keeps the allocation alive
 
-    def upload(self, host: np.ndarray) -> None:
-        from cuda.bindings import driver
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
 
-        host = np.ascontiguousarray(host, dtype=self.dtype)
-        assert host.nbytes == self.nbytes, (host.shape, self.shape)
-        if self.nbytes:
-            _check(driver.cuMemcpyHtoD(self.ptr, host.ctypes.data, self.nbytes))
+    def view(self, shape: Sequence[int], dtype=None, offset: int = 0) -> "DeviceArray":
+        return DeviceArray(self.ptr + offset, shape, dtype or self.dtype, self if self.owner is None else self.owner)
 
-    def download(self) -> np.ndarray:
-        from cuda.bindings import driver
 
-        out = np.empty(self.shape, self.dtype)
-        if self.nbytes:
-            _check(driver.cuMemcpyDtoH(out.ctypes.data, self.ptr, self.nbytes))
-        return out
-
-    def fill_bytes(self, byte: int) -> None:
-        from cuda.bindings import driver
-
-        if self.nbytes:
-            _check(driver.cuMemsetD8(self.ptr, byte, self.nbytes))
+def as_i32(v: int) -> np.int32:
+    """The low 32 bits of v as a signed kernel argument."""
+    return np.array([v & 0xFFFFFFFF], np.uint32).view(np.int32)[0]
 
 
 def device_target(device) -> Target:
@@ -70,107 +64,243 @@ def device_target(device) -> Target:
     return Target("sm_90" if major >= 9 else "sm_80")
 
 
-class CudaExecutor:
-    def __init__(self, graph: Graph, weights: Mapping[str, np.ndarray], registry: Registry, options: PlanOptions,
-                 cache: KernelCache | None = None, poison: bool = False) -> None:
-        from cuda.core import Device, ObjectCode
+class CudaDevice:
+    """The current GPU, one stream, and kernels loaded from the fusec cache: what the
+    sampler and the weight fill need (the KernelDevice protocol)."""
+
+    def __init__(self, cache: KernelCache | None = None) -> None:
+        from cuda.core import Device
 
         self.device = Device()
         self.device.set_current()
         self.stream = self.device.create_stream()
+        self.stream_handle = int(self.stream.handle)
+        self.target = device_target(self.device)
+        self.cache = cache or KernelCache()
+        self._kernels: dict[str, Any] = {}
+
+    def load(self, kernel) -> Any:
+        from cuda.core import ObjectCode
+
+        loaded = self._kernels.get(kernel)  # by value: hashing a spec is cheaper than naming it
+        if loaded is None:
+            ptx = compile_kernel(kernel, self.target, self.cache).data
+            loaded = self._kernels[kernel] = ObjectCode.from_ptx(ptx).get_kernel(kernel.name)
+        return loaded
+
+    def buffer(self, shape: Sequence[int], dtype) -> DeviceArray:
+        nbytes = max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 1)
+        buf = self.device.allocate(nbytes, stream=self.stream)
+        return DeviceArray(int(buf.handle), shape, dtype, buf)
+
+    def upload(self, buf: DeviceArray, host: np.ndarray) -> None:
+        """host's bytes into the start of buf (stream-ordered)."""
+        from cuda.bindings import driver
+
+        host = np.ascontiguousarray(host, dtype=buf.dtype)
+        if host.nbytes > buf.nbytes:
+            raise ValueError(f"{host.nbytes} bytes do not fit a {buf.nbytes}-byte buffer")
+        if host.nbytes:
+            _check(driver.cuMemcpyHtoDAsync(buf.ptr, host.ctypes.data, host.nbytes, self.stream_handle))
+
+    def download(self, buf: DeviceArray, count: int) -> np.ndarray:
+        """The first `count` rows of buf, after the stream's work so far."""
+        from cuda.bindings import driver
+
+        out = np.empty((count, *buf.shape[1:]), buf.dtype)
+        if out.nbytes:
+            _check(driver.cuMemcpyDtoHAsync(out.ctypes.data, buf.ptr, out.nbytes, self.stream_handle))
+        self.stream.sync()
+        return out
+
+    def to_host(self, buf: DeviceArray) -> np.ndarray:
+        return self.download(buf, buf.shape[0])
+
+    def fill_bytes(self, buf: DeviceArray, byte: int) -> None:
+        from cuda.bindings import driver
+
+        if buf.nbytes:
+            _check(driver.cuMemsetD8Async(buf.ptr, byte, buf.nbytes, self.stream_handle))
+
+    def copy_bytes(self, dst: int, src: int, nbytes: int) -> None:
+        from cuda.bindings import driver
+
+        _check(driver.cuMemcpyDtoDAsync(dst, src, nbytes, self.stream_handle))
+
+    def launch_kernel(self, kernel, args: Sequence[Any], grid: tuple[int, int]) -> None:
+        from cuda.core import LaunchConfig, launch
+
+        if grid[0] * grid[1] == 0:
+            return
+        values = [np.uint64(a.ptr) if isinstance(a, DeviceArray) else a for a in args]
+        launch(self.stream, LaunchConfig(grid=grid, block=GPU_LANES), self.load(kernel), *values)
+
+    def fill_random(self, buf: DeviceArray, dtype, seed: int, stream: int, scale: float, shift: float) -> None:
+        kernel = FillRandom(dtype)
+        n = int(np.prod(buf.shape))
+        for start, count, word in fill_spans(n, stream):
+            view = buf.view((count,), offset=start * buf.dtype.itemsize)
+            self.launch_kernel(kernel, [view, np.int32(count), as_i32(seed), as_i32(word), np.float32(scale),
+                                        np.float32(shift)],
+                               kernel.grid({"n": count}))
+
+    def memory_info(self) -> tuple[int, int]:
+        """(free, total) bytes on the device."""
+        from cuda.bindings import driver
+
+        free, total = _check(driver.cuMemGetInfo())
+        return int(free), int(total)
+
+    def sync(self) -> None:
+        self.stream.sync()
+
+    def plan_options(self, max_positions: int, crossover: int) -> PlanOptions:
+        return PlanOptions(self.target, max_positions=max_positions, crossover=crossover)
+
+    def gemm_library(self) -> Any:
+        """cuBLASLt with its workspace, for the large-batch plan's GEMMs."""
+        from fusec.runtime.backends.cublaslt import WORKSPACE_BYTES, CublasLt
+
+        self._workspace = self.buffer((WORKSPACE_BYTES,), np.uint8)
+        return CublasLt(self._workspace.ptr, WORKSPACE_BYTES)
+
+
+class CudaExecutor:
+    """Runs a graph's plans on a CudaDevice. `max_dims` sizes the activation arena up
+    front (the engine passes its largest batch); a batch past it grows the arena."""
+
+    def __init__(self, device: CudaDevice, graph: Graph, weights: Mapping[str, np.ndarray], registry: Registry,
+                 options: PlanOptions, poison: bool = False, max_dims: Mapping[str, int] | None = None) -> None:
+        self.device = device
         self.graph, self.options, self.poison = graph, options, poison
         self.plans = build_plans(graph, registry, options)
-        cache = cache or KernelCache()
-        self.kernels = {}
-        for plan in self.plans.values():
-            for kernel in plan.kernels():
-                if kernel.name not in self.kernels:
-                    ptx = compile_kernel(kernel, options.target, cache).data
-                    self.kernels[kernel.name] = ObjectCode.from_ptx(ptx).get_kernel(kernel.name)
-        self.weights = {}
-        for node in graph.nodes("weight"):
-            arr = DeviceArray(self.device, self.stream, node.type.shape, node.type.dtype.storage)
-            arr.upload(weights[node.name])
-            self.weights[node.name] = arr
+        kernels = {k.name: k for plan in self.plans.values() for k in plan.kernels()}
+        for kernel in tqdm(kernels.values(), desc="loading kernels", unit="kernel", disable=None, leave=False):
+            device.load(kernel)
+        self.weights = self._place_weights(weights)
         self.constants = {}
         for plan in self.plans.values():
             for name, value in plan.constants.items():
-                arr = DeviceArray(self.device, self.stream, value.shape, value.dtype)
-                arr.upload(value)
-                self.constants[name] = arr
+                arr = self.constants[name] = device.buffer(value.shape, value.dtype)
+                device.upload(arr, value)
+        has_gemm = any(launch.kind == "gemm" for plan in self.plans.values() for launch in plan.launches)
+        self.gemm = device.gemm_library() if has_gemm else None
+        self.max_dims: dict[str, int] = {}
+        self.layout: ArenaLayout | None = None
+        self.arena: DeviceArray | None = None
+        self._reserve(max_dims or {})
+        device.sync()
+
+    def _place_weights(self, weights: Mapping[str, np.ndarray]) -> dict[str, DeviceArray]:
+        placed = {}
+        nodes = list(self.graph.nodes("weight"))
+        if isinstance(weights, DummyWeights):
+            fills = {name: rest for name, *rest in weights.fills()}
+            for node in tqdm(nodes, desc="filling dummy weights", unit="tensor", disable=None, leave=False):
+                arr = placed[node.name] = self.device.buffer(node.type.shape, node.type.dtype.storage)
+                _shape, stream, scale, shift = fills[node.name]
+                self.device.fill_random(arr, node.type.dtype, weights.seed, stream, scale, shift)
+            return placed
+        for node in tqdm(nodes, desc="uploading weights", unit="tensor", disable=None, leave=False):
+            arr = placed[node.name] = self.device.buffer(node.type.shape, node.type.dtype.storage)
+            self.device.upload(arr, weights[node.name])
+        return placed
+
+    def _reserve(self, dims: Mapping[str, int]) -> None:
+        """Make the arena hold a batch of these dims (and every dim seen so far)."""
+        grown = {k: max(v, self.max_dims.get(k, 0)) for k, v in dims.items()}
+        grown.update({k: v for k, v in self.max_dims.items() if k not in grown})
+        if not grown or (self.arena is not None and grown == self.max_dims):
+            return
+        try:
+            layout = arena_layout(self.graph, self.plans, grown)
+        except KeyError:  # dims the graph needs are still unknown: sized on the first run
+            return
+        self.max_dims, self.layout = grown, layout
+        self.arena = None  # free the old one first
+        self.arena = self.device.buffer((self.layout.size,), np.uint8)
+        log.info("activation arena: %.1f MiB for %s", self.layout.size / 2 ** 20, grown)
 
     def new_state(self, dims: Mapping[str, int]) -> dict[str, DeviceArray]:
         state = {}
         for n in self.graph.nodes("state"):
-            arr = DeviceArray(self.device, self.stream, n.type.bind(dims), n.type.dtype.storage)
-            arr.fill_bytes(0)
-            state[n.name] = arr
+            arr = state[n.name] = self.device.buffer(n.type.bind(dims), n.type.dtype.storage)
+            self.device.fill_bytes(arr, 0)
         return state
 
     def copy_blocks(self, state: Mapping[str, DeviceArray], pairs) -> None:
         """Copy KV blocks src -> dst in every layer's cache (copy-on-write)."""
-        from cuda.bindings import driver
-
         for arr in state.values():
             half = arr.nbytes // 2
             block = half // arr.shape[1]
             for src, dst in pairs:
                 for base in (0, half):
-                    _check(driver.cuMemcpyDtoD(arr.ptr + base + dst * block, arr.ptr + base + src * block, block))
+                    self.device.copy_bytes(arr.ptr + base + dst * block, arr.ptr + base + src * block, block)
 
     def close(self) -> None:
         self.device.sync()
+        if self.gemm is not None:
+            self.gemm.close()
+            self.gemm = None
 
     def plan_for(self, num_tokens: int) -> Plan:
         return self.plans["gemv" if num_tokens <= self.options.crossover else "gemm"]
 
-    def run(self, inputs: Mapping[str, np.ndarray], state: Mapping[str, DeviceArray]) -> dict[str, np.ndarray]:
+    def run(self, inputs: Mapping[str, np.ndarray], state: Mapping[str, DeviceArray]) -> dict[str, DeviceArray]:
+        """Enqueue one step; the outputs are device views valid until the next run."""
         dims: dict[str, int] = {}
-        values: dict[str, DeviceArray] = {}
         for node in self.graph.nodes():
             if node.kind == "input":
-                host = np.ascontiguousarray(inputs[node.name], dtype=node.type.dtype.storage)
-                arr = DeviceArray(self.device, self.stream, host.shape, host.dtype)
-                arr.upload(host)
+                bind_dims(node, np.shape(inputs[node.name]), dims)
             elif node.kind == "state":
-                arr = state[node.name]
+                bind_dims(node, state[node.name].shape, dims)
             elif node.kind == "weight":
-                arr = self.weights[node.name]
-            else:
-                continue
-            bind_dims(node, arr.shape, dims)
-            values[node.name] = arr
+                bind_dims(node, self.weights[node.name].shape, dims)
         check_positions(inputs, self.options.max_positions)
+        self._reserve(dims)
         plan = self.plan_for(dims["T"])
-        for value in plan.slots:  # one buffer per value: slot reuse comes with the real arena
+        values: dict[str, DeviceArray] = dict(self.weights)
+        values.update(state)
+        for node in self.graph.nodes("input"):
+            arr = values[node.name] = self.arena.view(node.type.bind(dims), node.type.dtype.storage,
+                                                      self.layout.inputs[node.name])
+            self.device.upload(arr, inputs[node.name])
+        for value, slot in plan.slots.items():
             t = self.graph.node(value).type
-            arr = DeviceArray(self.device, self.stream, t.bind(dims), t.dtype.storage)
+            arr = values[value] = self.arena.view(t.bind(dims), t.dtype.storage, self.layout.slots[(plan.bucket, slot)])
             if self.poison:
-                arr.fill_bytes(0xFF)  # NaN in f32, f16 and bf16
-            values[value] = arr
+                self.device.fill_bytes(arr, 0xFF)  # NaN in f32, f16 and bf16
         for launch in plan.launches:
-            self._launch(plan, launch, dims, values)
-        self.device.sync()
-        return {name: values[plan.resolve(name)].download() for name in self.graph.outputs}
+            if launch.kind == "gemm":
+                self._gemm(plan, launch, values)
+            elif launch.kind == "kernel":
+                self._launch(plan, launch, dims, values)
+            else:
+                raise NotImplementedError(f"{launch.name}: {launch.kind} launches run on the host only")
+        return {name: values[plan.resolve(name)] for name in self.graph.outputs}
 
-    def _launch(self, plan: Plan, launch: Launch, dims: Mapping[str, int], values: dict[str, DeviceArray]) -> None:
-        from cuda.core import LaunchConfig, launch as cu_launch
+    def _gemm(self, plan: Plan, launch: Launch, values: Mapping[str, DeviceArray]) -> None:
+        from fusec.runtime.backends.cublaslt import GemmShape
 
-        if launch.kind != "kernel":
-            raise NotImplementedError(f"{launch.name}: {launch.kind} launches need the CUDA backend's GEMM path")
-        args = []
+        x_name, w_name = (a.name for a in launch.args)
+        (out,) = launch.outputs
+        x, w, y = values[plan.resolve(x_name)], values[w_name], values[plan.resolve(out)]
+        x_dtype, w_dtype, y_dtype = (self.graph.node(n).type.dtype for n in (x_name, w_name, out))
+        if x_dtype is not w_dtype:
+            raise NotImplementedError(f"{launch.name}: a GEMM of {x_dtype.value} by {w_dtype.value}")
+        shape = GemmShape(x.shape[0], w.shape[0], w.shape[1], x_dtype, y_dtype)
+        if shape.tokens:
+            self.gemm.matmul(shape, x.ptr, w.ptr, y.ptr, self.device.stream_handle)
+
+    def _launch(self, plan: Plan, launch: Launch, dims: Mapping[str, int], values: Mapping[str, DeviceArray]) -> None:
+        args: list[Any] = []
         for a in launch.args:
             if a.kind == "dim":
                 args.append(np.int32(dims[a.name]))
             elif a.kind == "const":
-                args.append(np.uint64(self.constants[a.name].ptr))
+                args.append(self.constants[a.name])
             else:
                 arr = values[plan.resolve(a.name)]
-                offset = arr.nbytes // 2 if a.kind == "v_cache" else 0
-                args.append(np.uint64(arr.ptr + offset))
+                args.append(arr.view(arr.shape, offset=arr.nbytes // 2) if a.kind == "v_cache" else arr)
         kernel = launch.kernel
-        grid = kernel.grid({k: dims[v] for k, v in launch.grid_dims.items()})
-        if grid[0] * grid[1] == 0:
-            return
-        config = LaunchConfig(grid=grid, block=GPU_LANES)
-        cu_launch(self.stream, config, self.kernels[kernel.name], *args)
+        self.device.launch_kernel(kernel, args, kernel.grid({k: dims[v] for k, v in launch.grid_dims.items()}))

@@ -1,0 +1,107 @@
+"""y[T, N] = x[T, K] @ w[N, K].T through cuBLASLt (nvmath-python's bindings): f16, bf16
+or f32 in, the same or f32 out (the logits), f32 accumulate, the algorithm from
+cuBLASLt's heuristic.
+
+cuBLASLt is column-major: a row-major [R, C] array is a column-major [C, R] one. So the
+product is computed as y.T[N, T] = op_T(w)[N, K] @ x.T[K, T]: A is w read as [K, N]
+with TRANSA, B is x read as [K, T], D is y read as [N, T].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fusec.fusion.dtypes import DType
+
+WORKSPACE_BYTES = 32 << 20
+CUDA_R_32F, CUDA_R_16F, CUDA_R_16BF = 0, 2, 14  # cudaDataType_t
+DATA_TYPES = {DType.F32: CUDA_R_32F, DType.F16: CUDA_R_16F, DType.BF16: CUDA_R_16BF}
+CUBLAS_COMPUTE_32F = 68
+CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
+
+
+@dataclass(frozen=True)
+class GemmShape:
+    tokens: int  # T
+    out_features: int  # N
+    in_features: int  # K
+    dtype: DType  # of x and w
+    out_dtype: DType | None = None  # of y; None: dtype
+
+    @property
+    def y_dtype(self) -> DType:
+        return self.out_dtype or self.dtype
+
+    def layouts(self) -> dict[str, tuple[int, int, int]]:
+        """(rows, cols, leading dimension) of the column-major A, B and D."""
+        T, N, K = self.tokens, self.out_features, self.in_features
+        return {"a": (K, N, K), "b": (K, T, K), "d": (N, T, N)}
+
+
+class _GemmPlan:
+    """Descriptors and the chosen algorithm for one shape."""
+
+    def __init__(self, lt, handle: int, shape: GemmShape, workspace_bytes: int) -> None:
+        self.lt = lt
+        types = {"a": DATA_TYPES[shape.dtype], "b": DATA_TYPES[shape.dtype], "d": DATA_TYPES[shape.y_dtype]}
+        self.desc = lt.matmul_desc_create(CUBLAS_COMPUTE_32F, CUDA_R_32F)
+        self._set(lt.matmul_desc_set_attribute, self.desc, lt.MatmulDescAttribute.TRANSA, np.int32(CUBLAS_OP_T))
+        self._set(lt.matmul_desc_set_attribute, self.desc, lt.MatmulDescAttribute.TRANSB, np.int32(CUBLAS_OP_N))
+        self.layouts = {k: lt.matrix_layout_create(types[k], rows, cols, ld)
+                        for k, (rows, cols, ld) in shape.layouts().items()}
+        pref = lt.matmul_preference_create()
+        try:
+            self._set(lt.matmul_preference_set_attribute, pref, lt.MatmulPreferenceAttribute.MAX_WORKSPACE_BYTES,
+                      np.uint64(workspace_bytes))
+            self.heuristic = lt.MatmulHeuristicResult(1)
+            found = np.zeros(1, np.int32)
+            a, b, d = self.layouts["a"], self.layouts["b"], self.layouts["d"]
+            lt.matmul_algo_get_heuristic(handle, self.desc, a, b, d, d, pref, 1, self.heuristic.ptr,
+                                         found.ctypes.data)
+        finally:
+            lt.matmul_preference_destroy(pref)
+        if found[0] < 1:
+            raise RuntimeError(f"cuBLASLt has no algorithm for {shape}")
+
+    @staticmethod
+    def _set(setter, obj: int, attr, value: np.generic) -> None:
+        buf = np.array(value)
+        setter(obj, attr, buf.ctypes.data, buf.nbytes)
+
+    def close(self) -> None:
+        for layout in self.layouts.values():
+            self.lt.matrix_layout_destroy(layout)
+        self.lt.matmul_desc_destroy(self.desc)
+
+
+class CublasLt:
+    """One cuBLASLt handle, a workspace, and a plan per GEMM shape met so far."""
+
+    def __init__(self, workspace_ptr: int, workspace_bytes: int = WORKSPACE_BYTES) -> None:
+        from nvmath.bindings import cublasLt as lt
+
+        self.lt = lt
+        self.handle = lt.create()
+        self.workspace_ptr, self.workspace_bytes = workspace_ptr, workspace_bytes
+        self.plans: dict[GemmShape, _GemmPlan] = {}
+        self._alpha, self._beta = np.ones(1, np.float32), np.zeros(1, np.float32)
+
+    def plan(self, shape: GemmShape) -> _GemmPlan:
+        plan = self.plans.get(shape)
+        if plan is None:
+            plan = self.plans[shape] = _GemmPlan(self.lt, self.handle, shape, self.workspace_bytes)
+        return plan
+
+    def matmul(self, shape: GemmShape, x: int, w: int, y: int, stream: int) -> None:
+        """Enqueue y = x @ w.T on the stream (device pointers)."""
+        p = self.plan(shape)
+        a, b, d = p.layouts["a"], p.layouts["b"], p.layouts["d"]
+        self.lt.matmul(self.handle, p.desc, self._alpha.ctypes.data, w, a, x, b, self._beta.ctypes.data, y, d, y, d,
+                       p.heuristic.ptr, self.workspace_ptr, self.workspace_bytes, stream)
+
+    def close(self) -> None:
+        for plan in self.plans.values():
+            plan.close()
+        self.plans.clear()
+        self.lt.destroy(self.handle)

@@ -1,0 +1,97 @@
+"""A CudaDevice double for machines without a GPU: "device" memory is host memory and
+kernels run their host-target builds. The CUDA executor's own logic (the activation
+arena and its views, launch arguments, KV-cache halves and copies, the GEMM calls,
+KV sizing from free memory, sampling and the dummy-weight fill on the device) then
+runs and is checked on the CPU; only the driver, PTX and cuBLASLt are left to the
+GPU tests."""
+from __future__ import annotations
+
+import ctypes
+from typing import Any, Sequence
+
+import numpy as np
+
+from fusec.fusion.cache import KernelCache
+from fusec.fusion.codegen.target import HOST
+from fusec.fusion.compiler import compile_kernel
+from fusec.fusion.dtypes import from_storage, round_to, to_storage
+from fusec.runtime.backends.cpu import HostDevice
+from fusec.runtime.backends.cuda import CudaDevice, DeviceArray
+
+GARBAGE = 0xA5  # fresh "device" memory is not zeroed
+
+
+def host_view(ptr: int, shape: Sequence[int], dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape))
+    raw = (ctypes.c_uint8 * (count * dtype.itemsize)).from_address(ptr)
+    return np.frombuffer(raw, dtype, count).reshape(shape)
+
+
+class NumpyGemm:
+    """cuBLASLt's role: y = x @ w.T on device pointers."""
+
+    def __init__(self) -> None:
+        self.shapes: list[Any] = []
+
+    def matmul(self, shape, x: int, w: int, y: int, stream: int) -> None:
+        self.shapes.append(shape)
+        dt, yt = shape.dtype, shape.y_dtype
+        xs = from_storage(host_view(x, (shape.tokens, shape.in_features), dt.storage), dt)
+        ws = from_storage(host_view(w, (shape.out_features, shape.in_features), dt.storage), dt)
+        out = host_view(y, (shape.tokens, shape.out_features), yt.storage)
+        out[...] = to_storage(round_to(xs @ ws.T, yt), yt)
+
+    def close(self) -> None:
+        pass
+
+
+class HostMemoryCuda(CudaDevice):
+    def __init__(self, cache: KernelCache | None = None, total_bytes: int = 4 << 30) -> None:
+        self.cache = cache or KernelCache()
+        self.target = HOST
+        self.stream_handle = 0
+        self.host = HostDevice(self.cache, threads=2)
+        self.total, self.used = total_bytes, 0
+        self.launches = 0
+
+    def load(self, kernel) -> Any:
+        fn = self.host.linker.kernels.get(kernel.name)
+        if fn is None:
+            fn = self.host.linker.load(compile_kernel(kernel, HOST, self.cache).data, kernel.name, kernel.params())
+        return fn
+
+    def buffer(self, shape: Sequence[int], dtype) -> DeviceArray:
+        nbytes = max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 1)
+        mem = np.full(nbytes, GARBAGE, np.uint8)
+        self.used += nbytes
+        return DeviceArray(mem.ctypes.data, shape, dtype, mem)
+
+    def upload(self, buf: DeviceArray, host: np.ndarray) -> None:
+        host = np.ascontiguousarray(host, dtype=buf.dtype)
+        if host.nbytes > buf.nbytes:
+            raise ValueError(f"{host.nbytes} bytes do not fit a {buf.nbytes}-byte buffer")
+        ctypes.memmove(buf.ptr, host.ctypes.data, host.nbytes)
+
+    def download(self, buf: DeviceArray, count: int) -> np.ndarray:
+        return host_view(buf.ptr, (count, *buf.shape[1:]), buf.dtype).copy()
+
+    def fill_bytes(self, buf: DeviceArray, byte: int) -> None:
+        ctypes.memset(buf.ptr, byte, buf.nbytes)
+
+    def copy_bytes(self, dst: int, src: int, nbytes: int) -> None:
+        ctypes.memmove(dst, src, nbytes)
+
+    def launch_kernel(self, kernel, args: Sequence[Any], grid: tuple[int, int]) -> None:
+        self.launches += 1
+        values = [a.ptr if isinstance(a, DeviceArray) else a.item() for a in args]
+        self.host.launcher.launch(self.load(kernel), values, grid)
+
+    def memory_info(self) -> tuple[int, int]:
+        return self.total - self.used, self.total
+
+    def sync(self) -> None:
+        pass
+
+    def gemm_library(self) -> NumpyGemm:
+        return NumpyGemm()
