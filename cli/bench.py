@@ -35,11 +35,12 @@ def _levels(value: str) -> list[int]:
 @click.option("--gpu-memory-utilization", default=0.9, show_default=True, type=click.FloatRange(0.05, 1.0),
               help="GPU memory share for weights, activations and KV cache (CUDA backend).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--profile", is_flag=True, help="Also print where each step's time goes (host overhead per N).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @device_option
 def bench_cmd(model, dtype, load_format, levels, num_prompts, input_len, output_len, ignore_eos, executor,
-              max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, seed, json_path, plot_path, device) -> None:
+              max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, seed, profile, json_path, plot_path, device) -> None:
     """Throughput and latency of the engine at each concurrency level."""
     from fusec.runtime.benchmark import benchmark, plot
     from fusec.runtime.engine import EngineConfig
@@ -68,6 +69,15 @@ def bench_cmd(model, dtype, load_format, levels, num_prompts, input_len, output_
     for r in report.results:
         click.echo(f"{r.n:>4} {r.output_tok_s:>9.1f} {r.ttft_p50_ms:>7.0f}ms {r.ttft_p95_ms:>7.0f}ms "
                    f"{r.itl_p50_ms:>6.1f}ms {r.itl_p95_ms:>6.1f}ms {r.peak_rss_mb:>7.0f}")
+    if profile:
+        from fusec.runtime.profile import PHASES
+
+        click.echo("per step (ms): " + ", ".join(PHASES) + "; host = schedule + prepare + postprocess")
+        click.echo(f"{'N':>4} {'step':>8} " + " ".join(f"{p[:8]:>8}" for p in PHASES) + f" {'host %':>7}")
+        for r in report.results:
+            p = r.profile
+            click.echo(f"{r.n:>4} {p['step_ms']:>8.2f} " + " ".join(f"{p[ph + '_ms']:>8.2f}" for ph in PHASES)
+                       + f" {100 * p['host_share']:>6.1f}%")
     if json_path is not None:
         json_path.write_text(json.dumps(report.to_json(), indent=2))
         click.echo(f"wrote {json_path}")

@@ -30,6 +30,7 @@ class LevelResult:
     itl_p50_ms: float
     itl_p95_ms: float
     peak_rss_mb: float
+    profile: dict[str, float] = field(default_factory=dict)  # StepProfile.summary() of this level
 
 
 @dataclass
@@ -76,6 +77,7 @@ def run_level(engine: LLMEngine, n: int, num_prompts: int, input_len: int, outpu
     ttft, itl = [], []
     out_tokens = 0
     done: set[str] = set()
+    engine.profile.reset()
     start = time.perf_counter()
 
     def submit() -> None:
@@ -107,7 +109,7 @@ def run_level(engine: LLMEngine, n: int, num_prompts: int, input_len: int, outpu
     wall = time.perf_counter() - start
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return LevelResult(n, num_prompts, input_len, output_len, wall, out_tokens, out_tokens / wall,
-                       _pct(ttft, 50), _pct(ttft, 95), _pct(itl, 50), _pct(itl, 95), rss)
+                       _pct(ttft, 50), _pct(ttft, 95), _pct(itl, 50), _pct(itl, 95), rss, engine.profile.summary())
 
 
 def benchmark(config: EngineConfig, levels: list[int], input_len: int, output_len: int, num_prompts: int | None,

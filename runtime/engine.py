@@ -14,6 +14,7 @@ from fusec.models.loader import Model, load_model
 from fusec.runtime.block_manager import BlockManager
 from fusec.runtime.model_runner import ModelRunner, SequenceChunk
 from fusec.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from fusec.runtime.profile import StepProfile
 from fusec.runtime.scheduler import Scheduler
 from fusec.runtime.sequence import SamplingParams, Sequence, SequenceStatus
 
@@ -119,6 +120,7 @@ class LLMEngine:
             self.end_ids.add(self.tokenizer.eos_token_id)
         self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()
+        self.profile = StepProfile()
 
     # -- requests ---------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
@@ -165,45 +167,63 @@ class LLMEngine:
 
     # -- the step -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
-        if sched.copies:
-            self.runner.copy_blocks(sched.copies)
-        if not sched.chunks:
-            if self.scheduler.has_work():
-                raise RuntimeError("scheduler made no progress")  # admission checks make this unreachable
-            return []
+        prof = self.profile
+        with prof.phase("schedule"):
+            sched = self.scheduler.schedule()
+            if sched.copies:
+                self.runner.copy_blocks(sched.copies)
+            if not sched.chunks:
+                if self.scheduler.has_work():
+                    raise RuntimeError("scheduler made no progress")  # admission checks make this unreachable
+                return []
         self.stats.steps += 1
-        batch = [SequenceChunk(c.seq.tokens[c.start:c.start + c.num_tokens], c.start, c.seq.block_table)
-                 for c in sched.chunks]
-        logits = self.runner.forward(batch)
-        now = time.monotonic()
-        touched: dict[str, _Request] = {}
-        rows, sampling = [], []
-        for row, c in enumerate(sched.chunks):
-            c.seq.num_computed += c.num_tokens
-            self.stats.computed_tokens += c.num_tokens
-            self.blocks.register_full_blocks(c.seq)
-            if c.completes:
-                rows.append(row)
-                sampling.append(c.seq)
+        prof.steps += 1
+        with prof.phase("prepare"):
+            inputs = self.runner.prepare([SequenceChunk(c.seq.tokens[c.start:c.start + c.num_tokens], c.start,
+                                                        c.seq.block_table) for c in sched.chunks])
+        with prof.phase("forward"):
+            logits = self.runner.run(inputs)
+        with prof.phase("postprocess"):
+            now = time.monotonic()
+            rows, sampling = [], []
+            for row, c in enumerate(sched.chunks):
+                c.seq.num_computed += c.num_tokens
+                self.stats.computed_tokens += c.num_tokens
+                self.blocks.register_full_blocks(c.seq)
+                if c.completes:
+                    rows.append(row)
+                    sampling.append(c.seq)
         if not sampling:
             return []
-        tokens, records = self.runner.sample(logits, rows, sampling, [self.end_ids] * len(sampling))
-        for row, seq, token, record in zip(rows, sampling, tokens, records):
-            req = self.requests[seq.request_id]
-            touched[req.request_id] = req
-            self._append(req, seq, token, record, now)
-            if seq.index == 0 and len(seq.output_ids) == 1 and req.params.n > 1:
-                self._fork_children(req, seq, logits, row, now)
-        return [self._output(req, now) for req in touched.values()]
+        tokens, records = self._sample(logits, rows, sampling)
+        with prof.phase("postprocess"):
+            touched: dict[str, _Request] = {}
+            for row, seq, token, record in zip(rows, sampling, tokens, records):
+                req = self.requests[seq.request_id]
+                touched[req.request_id] = req
+                self._append(req, seq, token, record, now)
+                if seq.index == 0 and len(seq.output_ids) == 1 and req.params.n > 1:
+                    self._fork_children(req, seq, logits, row, now)
+            return [self._output(req, now) for req in touched.values()]
+
+    def _sample(self, logits, rows: list[int], seqs: list[Sequence]) -> tuple[list[int], list]:
+        """The next token of seqs[i] from logits row rows[i], and its logprob record."""
+        with self.profile.phase("prepare"):
+            batches = self.runner.sampling_batches(rows, seqs, [self.end_ids] * len(seqs))
+        with self.profile.phase("sample"):
+            results = self.runner.sample(logits, batches)
+        tokens, records = [], []
+        for batch, result in zip(batches, results):
+            tokens += result.tokens.tolist()
+            records += result.records(batch)
+        return tokens, records
 
     def _fork_children(self, req: _Request, parent: Sequence, logits, row: int, now: float) -> None:
         children = req.seqs[1:]
         for child in children:
             self.blocks.fork(parent, child)
             self.scheduler.add_running(child)
-        tokens, records = self.runner.sample(logits, [row] * len(children), children,
-                                             [self.end_ids] * len(children))
+        tokens, records = self._sample(logits, [row] * len(children), children)
         for child, token, record in zip(children, tokens, records):
             self._append(req, child, token, record, now)
 

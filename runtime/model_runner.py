@@ -13,8 +13,8 @@ from fusec.fusion.interpreter import Interpreter
 from fusec.fusion.plan import PlanOptions
 from fusec.models.loader import Model
 from fusec.runtime.memory import kv_blocks_for_memory, max_dims
-from fusec.runtime.sampler import KernelSampler, SamplingBatch, reference_sample
-from fusec.runtime.sequence import Logprob, Sequence as Seq
+from fusec.runtime.sampler import KernelSampler, SampleResult, SamplingBatch, reference_sample
+from fusec.runtime.sequence import Sequence as Seq
 
 log = logging.getLogger(__name__)
 
@@ -127,28 +127,34 @@ class ModelRunner:
         if close is not None:
             close()
 
-    def forward(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> Any:
-        """Logits (float32, [rows, vocab]) of each chunk's last token, or of every token
-        with all_logits, where the executor keeps them (device memory on a GPU)."""
-        inputs = build_inputs(chunks, self.block_size, all_logits)
+    def prepare(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> dict[str, np.ndarray]:
+        """The graph inputs (paged-attention metadata) for a batch."""
+        return build_inputs(chunks, self.block_size, all_logits)
+
+    def run(self, inputs: dict[str, np.ndarray]) -> Any:
+        """Logits (float32, [rows, vocab]) where the executor keeps them (device memory on
+        a GPU, valid until the next run)."""
         (logits,) = self.executor.run(inputs, self.kv_state).values()
         return logits
+
+    def forward(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> Any:
+        """Logits of each chunk's last token, or of every token with all_logits."""
+        return self.run(self.prepare(chunks, all_logits))
 
     def execute(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> np.ndarray:
         """forward(), as a host array."""
         logits = self.forward(chunks, all_logits)
         return logits if self.device is None else self.device.to_host(logits)
 
-    def sample(self, logits: Any, rows: Sequence[int], seqs: Sequence[Seq], end_ids: Sequence[set[int]]
-               ) -> tuple[list[int], list[Logprob | None]]:
-        """The next token of seqs[i] from logits row rows[i], and its logprob record if
-        the request asked for logprobs."""
-        tokens: list[int] = []
-        records: list[Logprob | None] = []
+    def sampling_batches(self, rows: Sequence[int], seqs: Sequence[Seq], end_ids: Sequence[set[int]]
+                         ) -> list[SamplingBatch]:
+        """Sampling tensors for seqs[i] drawing from logits row rows[i], in batches the
+        sampler's buffers hold."""
         step = self.max_sample_rows
-        for a in range(0, len(rows), step):
-            batch = SamplingBatch.build(rows[a:a + step], seqs[a:a + step], end_ids[a:a + step], self.vocab)
-            result = reference_sample(logits, batch) if self.sampler is None else self.sampler.sample(logits, batch)
-            tokens += result.tokens.tolist()
-            records += result.records(batch)
-        return tokens, records
+        return [SamplingBatch.build(rows[a:a + step], seqs[a:a + step], end_ids[a:a + step], self.vocab)
+                for a in range(0, len(rows), step)]
+
+    def sample(self, logits: Any, batches: Sequence[SamplingBatch]) -> list[SampleResult]:
+        if self.sampler is None:
+            return [reference_sample(logits, b) for b in batches]
+        return [self.sampler.sample(logits, b) for b in batches]

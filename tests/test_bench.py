@@ -13,7 +13,7 @@ FUSEC = str(Path(sys.executable).with_name("fusec"))
 def test_bench_reports_levels_and_writes_json_and_plot(tiny_checkpoints, tmp_path):
     out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
     res = subprocess.run([FUSEC, "bench", "--model", str(tiny_checkpoints["llama"]), "--n", "1,4", "--input-len", "8",
-                          "--output-len", "6", "--json", str(out_json), "--plot", str(out_png)],
+                          "--output-len", "6", "--json", str(out_json), "--plot", str(out_png), "--profile"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     report = json.loads(out_json.read_text())
@@ -22,9 +22,15 @@ def test_bench_reports_levels_and_writes_json_and_plot(tiny_checkpoints, tmp_pat
         assert r["output_tokens"] == r["num_prompts"] * 6 and r["output_tok_s"] > 0
         assert 0 < r["ttft_p50_ms"] <= r["ttft_p95_ms"] and 0 < r["itl_p50_ms"] <= r["itl_p95_ms"]
         assert r["peak_rss_mb"] > 0
+        # the step profile: phases add up to the step, the model dominates it
+        p = r["profile"]
+        phases = ["schedule_ms", "prepare_ms", "forward_ms", "sample_ms", "postprocess_ms"]
+        assert abs(sum(p[k] for k in phases) - p["step_ms"]) < 1e-6 and min(p[k] for k in phases) >= 0
+        assert p["step_ms"] * 6 <= r["wall_s"] * 1000 * 1.05  # at least 6 steps in the level
+        assert 0 < p["host_share"] < 1
     assert report["startup_s"] > 0 and report["machine"]["cores"] >= 1
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "tok/s" in res.stdout and "TTFT" in res.stdout
+    assert "tok/s" in res.stdout and "TTFT" in res.stdout and "host %" in res.stdout
 
 
 def test_bench_rejects_bad_levels():
