@@ -7,6 +7,7 @@ import sys
 import click
 
 from fusec import __version__
+from fusec.cli.autotune import autotune_cmd
 from fusec.cli.bench import bench_cmd
 from fusec.cli.compile import compile_cmd
 from fusec.cli.serve import serve_cmd
@@ -155,6 +156,7 @@ def _cache_state(arches: list[str]) -> None:
 
 
 cli.add_command(compile_cmd)
+cli.add_command(autotune_cmd)
 cli.add_command(bench_cmd)
 cli.add_command(serve_cmd)
 

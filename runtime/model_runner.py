@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -104,12 +104,28 @@ class ModelRunner:
         # the compiled sampling kernels on the executor's device; the reference executor
         # samples with their numpy oracle
         self.sampler = None if self.device is None else KernelSampler(self.device, self.vocab, self.max_sample_rows)
+        if self.device is not None:
+            self._apply_tuning(model, cache)
         if num_blocks is None:  # a GPU: what is left of its share holds the KV cache
             free, total = self.device.memory_info()
             num_blocks = kv_blocks_for_memory(total, free, gpu_memory_utilization, kv_bytes_per_block, min_kv_blocks)
             log.info("KV cache: %d blocks (%.2f GiB)", num_blocks, num_blocks * kv_bytes_per_block / 2 ** 30)
         self.num_blocks = num_blocks
         self.kv_state = self.executor.new_state({"NB": num_blocks})
+
+    def _apply_tuning(self, model: Model, cache: KernelCache | None) -> None:
+        """`fusec autotune`'s choices for this device and model shape, if it ran."""
+        from fusec.runtime.autotune import TuningStore, model_key, parse_gemm_key
+
+        tuning = TuningStore(cache.root if cache else None).get(self.device.identity(), model_key(model))
+        if tuning is None:
+            return
+        self.executor.options = replace(self.executor.options, crossover=tuning.crossover)
+        library = getattr(self.executor, "gemm", None)
+        if library is not None:
+            for key, algo in tuning.gemm_algos.items():
+                library.tuned[parse_gemm_key(key)] = bytes.fromhex(algo)
+        log.info("autotuned: crossover %d, %d GEMM algorithms", tuning.crossover, len(tuning.gemm_algos))
 
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy KV blocks src -> dst in every layer (copy-on-write of shared blocks)."""

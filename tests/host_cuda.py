@@ -33,8 +33,16 @@ class NumpyGemm:
 
     def __init__(self) -> None:
         self.shapes: list[Any] = []
+        self.tuned: dict[Any, bytes] = {}
 
-    def matmul(self, shape, x: int, w: int, y: int, stream: int) -> None:
+    def candidates(self, shape, count: int) -> list[int]:
+        return [0, 1][:count]  # two "algorithms", both numpy
+
+    @staticmethod
+    def algo_bytes(algo: int) -> bytes:
+        return bytes([algo]) * 64
+
+    def matmul(self, shape, x: int, w: int, y: int, stream: int, algo: int | None = None) -> None:
         self.shapes.append(shape)
         dt, yt = shape.dtype, shape.y_dtype
         xs = from_storage(host_view(x, (shape.tokens, shape.in_features), dt.storage), dt)
@@ -86,6 +94,9 @@ class HostMemoryCuda(CudaDevice):
         self.launches += 1
         values = [a.ptr if isinstance(a, DeviceArray) else a.item() for a in args]
         self.host.launcher.launch(self.load(kernel), values, grid)
+
+    def identity(self) -> str:
+        return "host-memory CUDA double"
 
     def memory_info(self) -> tuple[int, int]:
         return self.total - self.used, self.total

@@ -59,6 +59,13 @@ class HostDevice:
     def to_host(buf: np.ndarray) -> np.ndarray:
         return buf
 
+    def sync(self) -> None:
+        """Launches return when done: nothing is in flight."""
+
+    def identity(self) -> str:
+        """What tuned choices are keyed by."""
+        return f"host {HOST.cpu} x{self.launcher.threads}"
+
     def launch_kernel(self, kernel, args, grid: tuple[int, int]) -> None:
         fn = self.linker.kernels.get(kernel.name)
         if fn is None:

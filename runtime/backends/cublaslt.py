@@ -19,6 +19,7 @@ CUDA_R_32F, CUDA_R_16F, CUDA_R_16BF = 0, 2, 14  # cudaDataType_t
 DATA_TYPES = {DType.F32: CUDA_R_32F, DType.F16: CUDA_R_16F, DType.BF16: CUDA_R_16BF}
 CUBLAS_COMPUTE_32F = 68
 CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
+ALGO_BYTES = 64  # sizeof(cublasLtMatmulAlgo_t)
 
 
 @dataclass(frozen=True)
@@ -40,9 +41,11 @@ class GemmShape:
 
 
 class _GemmPlan:
-    """Descriptors and the chosen algorithm for one shape."""
+    """Descriptors and the chosen algorithm for one shape: cuBLASLt's heuristic offers up
+    to `candidates` algorithms, best first; `algo` is the one used (an autotuned choice
+    replaces the first)."""
 
-    def __init__(self, lt, handle: int, shape: GemmShape, workspace_bytes: int) -> None:
+    def __init__(self, lt, handle: int, shape: GemmShape, workspace_bytes: int, candidates: int = 1) -> None:
         self.lt = lt
         types = {"a": DATA_TYPES[shape.dtype], "b": DATA_TYPES[shape.dtype], "d": DATA_TYPES[shape.y_dtype]}
         self.desc = lt.matmul_desc_create(CUBLAS_COMPUTE_32F, CUDA_R_32F)
@@ -54,15 +57,25 @@ class _GemmPlan:
         try:
             self._set(lt.matmul_preference_set_attribute, pref, lt.MatmulPreferenceAttribute.MAX_WORKSPACE_BYTES,
                       np.uint64(workspace_bytes))
-            self.heuristic = lt.MatmulHeuristicResult(1)
+            self.heuristic = lt.MatmulHeuristicResult(candidates)
             found = np.zeros(1, np.int32)
             a, b, d = self.layouts["a"], self.layouts["b"], self.layouts["d"]
-            lt.matmul_algo_get_heuristic(handle, self.desc, a, b, d, d, pref, 1, self.heuristic.ptr,
+            lt.matmul_algo_get_heuristic(handle, self.desc, a, b, d, d, pref, candidates, self.heuristic.ptr,
                                          found.ctypes.data)
         finally:
             lt.matmul_preference_destroy(pref)
         if found[0] < 1:
             raise RuntimeError(f"cuBLASLt has no algorithm for {shape}")
+        stride = lt.matmul_heuristic_result_dtype.itemsize
+        # an algorithm is the first ALGO_BYTES of its heuristic result
+        self.candidates = [self.heuristic.ptr + i * stride for i in range(int(found[0]))]
+        self.algo = self.candidates[0]
+        self._tuned: np.ndarray | None = None
+
+    def use(self, algo: bytes) -> None:
+        """Run with an algorithm chosen earlier (its ALGO_BYTES, from autotune)."""
+        self._tuned = np.frombuffer(algo, np.uint8).copy()
+        self.algo = self._tuned.ctypes.data
 
     @staticmethod
     def _set(setter, obj: int, attr, value: np.generic) -> None:
@@ -85,20 +98,38 @@ class CublasLt:
         self.handle = lt.create()
         self.workspace_ptr, self.workspace_bytes = workspace_ptr, workspace_bytes
         self.plans: dict[GemmShape, _GemmPlan] = {}
+        self.tuned: dict[GemmShape, bytes] = {}  # autotuned algorithms, for exact shapes
         self._alpha, self._beta = np.ones(1, np.float32), np.zeros(1, np.float32)
 
     def plan(self, shape: GemmShape) -> _GemmPlan:
         plan = self.plans.get(shape)
         if plan is None:
             plan = self.plans[shape] = _GemmPlan(self.lt, self.handle, shape, self.workspace_bytes)
+            if shape in self.tuned:
+                plan.use(self.tuned[shape])
         return plan
 
-    def matmul(self, shape: GemmShape, x: int, w: int, y: int, stream: int) -> None:
+    def candidates(self, shape: GemmShape, count: int) -> list[int]:
+        """Up to `count` algorithms for the shape, the heuristic's choice first (valid
+        while this library lives)."""
+        old = self.plans.pop(shape, None)
+        if old is not None:
+            old.close()
+        plan = self.plans[shape] = _GemmPlan(self.lt, self.handle, shape, self.workspace_bytes, count)
+        return plan.candidates
+
+    @staticmethod
+    def algo_bytes(algo: int) -> bytes:
+        import ctypes
+
+        return ctypes.string_at(algo, ALGO_BYTES)
+
+    def matmul(self, shape: GemmShape, x: int, w: int, y: int, stream: int, algo: int | None = None) -> None:
         """Enqueue y = x @ w.T on the stream (device pointers)."""
         p = self.plan(shape)
         a, b, d = p.layouts["a"], p.layouts["b"], p.layouts["d"]
         self.lt.matmul(self.handle, p.desc, self._alpha.ctypes.data, w, a, x, b, self._beta.ctypes.data, y, d, y, d,
-                       p.heuristic.ptr, self.workspace_ptr, self.workspace_bytes, stream)
+                       p.algo if algo is None else algo, self.workspace_ptr, self.workspace_bytes, stream)
 
     def close(self) -> None:
         for plan in self.plans.values():

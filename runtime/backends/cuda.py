@@ -154,6 +154,13 @@ class CudaDevice:
     def sync(self) -> None:
         self.stream.sync()
 
+    def identity(self) -> str:
+        """What tuned choices are keyed by: the GPU, its compute capability, the driver."""
+        from cuda.bindings import driver
+
+        major, minor = self.device.compute_capability
+        return f"{self.device.name} sm_{major}{minor} driver {_check(driver.cuDriverGetVersion())}"
+
     def plan_options(self, max_positions: int, crossover: int) -> PlanOptions:
         return PlanOptions(self.target, max_positions=max_positions, crossover=crossover)
 
