@@ -42,7 +42,8 @@ def autotune_cmd(model, dtype, load_format, device, max_tokens, gemm_m, max_algo
     block_size = 16
     blocks = max_tokens * -(-(context + 1) // block_size) + 1
     runner = ModelRunner(m, blocks, block_size, backend=backend, max_positions=context + 2,
-                         max_batch_tokens=max(max_tokens, *gemm_m), max_sample_rows=max_tokens)
+                         max_batch_tokens=max(max_tokens, *gemm_m), max_sample_rows=max_tokens,
+                         enforce_eager=True)  # graphs would fix each batch's plan
     label = f"{m.name} ({m.dtype.value}) on {runner.device.identity()}"
     click.echo(f"autotuning {label}")
     steps = len([c for c in CROSSOVER_CANDIDATES if c <= max_tokens])

@@ -35,12 +35,13 @@ def _levels(value: str) -> list[int]:
 @click.option("--gpu-memory-utilization", default=0.9, show_default=True, type=click.FloatRange(0.05, 1.0),
               help="GPU memory share for weights, activations and KV cache (CUDA backend).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--enforce-eager", is_flag=True, help="No CUDA graphs (CUDA backend).")
 @click.option("--profile", is_flag=True, help="Also print where each step's time goes (host overhead per N).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @device_option
 def bench_cmd(model, dtype, load_format, levels, num_prompts, input_len, output_len, ignore_eos, executor,
-              max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, seed, profile, json_path, plot_path, device) -> None:
+              max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, seed, enforce_eager, profile, json_path, plot_path, device) -> None:
     """Throughput and latency of the engine at each concurrency level."""
     from fusec.runtime.benchmark import benchmark, plot
     from fusec.runtime.engine import EngineConfig
@@ -56,7 +57,7 @@ def bench_cmd(model, dtype, load_format, levels, num_prompts, input_len, output_
     config = EngineConfig(model=model, dtype=dtype, load_format=load_format, executor=executor, seed=seed,
                           device=device if executor == "fused" else "cpu",
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                          gpu_memory_utilization=gpu_memory_utilization,
+                          gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
                           max_model_len=input_len + output_len + 16)
 
     def bar(n: int, total: int):

@@ -12,6 +12,13 @@ from fusec.errors import FusecError
 log = logging.getLogger("fusec.server")
 
 
+def _graphs_note(engine) -> str:
+    runner = engine.runner
+    if not runner.graph_buckets:
+        return ""
+    return f", CUDA graphs for batches {runner.graph_buckets} captured in {runner.capture_s:.1f}s"
+
+
 @click.command("serve")
 @click.argument("model_tag", required=False)
 @click.option("--model", default=None, help="HF directory, .gguf file, or directory with one .gguf [default: SmolLM2]")
@@ -30,7 +37,7 @@ log = logging.getLogger("fusec.server")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--load-format", default="auto", show_default=True,
               type=click.Choice(["auto", "safetensors", "gguf", "dummy"]))
-@click.option("--enforce-eager", is_flag=True, help="Accepted for vLLM compatibility (CUDA graphs: CUDA backend).")
+@click.option("--enforce-eager", is_flag=True, help="Run every step eagerly: no CUDA graphs (CUDA backend).")
 @click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=True, show_default=True)
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--disable-log-requests", is_flag=True)
@@ -53,7 +60,7 @@ def serve_cmd(model_tag, model, host, port, served_names, dtype, max_model_len, 
                                     max_model_len=max_model_len, max_num_seqs=max_num_seqs,
                                     max_num_batched_tokens=max_num_batched_tokens, kv_cache_gb=kv_cache_gb,
                                     enable_prefix_caching=enable_prefix_caching,
-                                    gpu_memory_utilization=gpu_memory_utilization))
+                                    gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager))
     names = list(served_names) or [model or engine.model.name]
     app = create_app(AsyncEngine(engine), ServerSettings(names, api_key, disable_log_requests, str(engine.model.path)))
     logging.getLogger("fusec").setLevel(log_level.upper())
@@ -62,7 +69,7 @@ def serve_cmd(model_tag, model, host, port, served_names, dtype, max_model_len, 
     server = uvicorn.Server(config)
     click.echo(f"fusec serving {names[0]} ({engine.model.config.architecture}, {engine.model.dtype.value}, "
                f"{engine.device} backend, fused plans, {engine.blocks.num_blocks} KV blocks, max_model_len "
-               f"{engine.max_model_len}) on http://{host}:{port}/v1", err=True)
+               f"{engine.max_model_len}{_graphs_note(engine)}) on http://{host}:{port}/v1", err=True)
     # uvicorn drains on SIGINT / SIGTERM, then re-raises the signal to the handler it found:
     # make that a no-op so the process finishes its own shutdown and exits 0
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -37,6 +37,7 @@ class EngineConfig:
     executor: str = "fused"  # "fused" (compiled plans) | "reference" (the interpreter)
     device: str = "cpu"  # "auto" | "cpu" | "cuda"
     gpu_memory_utilization: float = 0.9  # share of the GPU for weights, activations and KV cache
+    enforce_eager: bool = False  # no CUDA graphs
 
 
 @dataclass
@@ -112,7 +113,8 @@ class LLMEngine:
                                   max_batch_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
                                   max_sample_rows=config.max_num_seqs,
                                   gpu_memory_utilization=config.gpu_memory_utilization,
-                                  kv_bytes_per_block=bytes_per_block, min_kv_blocks=needed)
+                                  kv_bytes_per_block=bytes_per_block, min_kv_blocks=needed,
+                                  enforce_eager=config.enforce_eager)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, max(config.max_num_batched_tokens, 1))
         self.end_ids: set[int] = set(cfg.eos_token_ids)

@@ -18,6 +18,9 @@ def align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+BATCH_DIMS = ("T", "S", "S1", "L", "B")  # the dims that shape activations (not NB: the KV cache)
+
+
 def max_dims(max_tokens: int, max_seqs: int, max_positions: int, block_size: int) -> dict[str, int]:
     """The largest value of every batch dim in a step of at most max_tokens tokens from
     at most max_seqs sequences, each wanting the logits of its last token."""

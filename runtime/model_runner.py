@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
@@ -62,6 +63,9 @@ HOST_CROSSOVER = 2
 # The GPU's: fused GEMVs re-read the weights once per token, cuBLASLt reads them once.
 # A default until `fusec autotune` measures it per GPU.
 GPU_CROSSOVER = 8
+# Decode batch sizes captured as CUDA graphs (and the largest batch); a batch replays
+# the smallest that holds it, padded.
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 BACKENDS = ("reference", "cpu", "cuda")
@@ -75,7 +79,7 @@ class ModelRunner:
     def __init__(self, model: Model, num_blocks: int | None, block_size: int = 16, backend: str = "reference",
                  cache: KernelCache | None = None, max_positions: int | None = None,
                  max_batch_tokens: int = 1 << 20, max_sample_rows: int = 64, gpu_memory_utilization: float = 0.9,
-                 kv_bytes_per_block: int = 0, min_kv_blocks: int = 1) -> None:
+                 kv_bytes_per_block: int = 0, min_kv_blocks: int = 1, enforce_eager: bool = False) -> None:
         self.model = model
         self.block_size = block_size
         graph = model.graph(block_size)
@@ -112,6 +116,14 @@ class ModelRunner:
             log.info("KV cache: %d blocks (%.2f GiB)", num_blocks, num_blocks * kv_bytes_per_block / 2 ** 30)
         self.num_blocks = num_blocks
         self.kv_state = self.executor.new_state({"NB": num_blocks})
+        self.graph_buckets: list[int] = []
+        self.capture_s = 0.0
+        if backend == "cuda" and not enforce_eager:
+            start = time.perf_counter()
+            buckets = sorted({b for b in GRAPH_BUCKETS if b < max_sample_rows} | {max_sample_rows})
+            self.graph_buckets = self.executor.capture_graphs(buckets, self.kv_state)
+            self.capture_s = time.perf_counter() - start
+            log.info("CUDA graphs for decode batches %s captured in %.2fs", self.graph_buckets, self.capture_s)
 
     def _apply_tuning(self, model: Model, cache: KernelCache | None) -> None:
         """`fusec autotune`'s choices for this device and model shape, if it ran."""

@@ -31,7 +31,8 @@ def host_view(ptr: int, shape: Sequence[int], dtype) -> np.ndarray:
 class NumpyGemm:
     """cuBLASLt's role: y = x @ w.T on device pointers."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: "HostMemoryCuda") -> None:
+        self.device = device
         self.shapes: list[Any] = []
         self.tuned: dict[Any, bytes] = {}
 
@@ -43,6 +44,9 @@ class NumpyGemm:
         return bytes([algo]) * 64
 
     def matmul(self, shape, x: int, w: int, y: int, stream: int, algo: int | None = None) -> None:
+        if self.device.recording is not None:
+            self.device.recording.append(lambda: self.matmul(shape, x, w, y, stream, algo))
+            return
         self.shapes.append(shape)
         dt, yt = shape.dtype, shape.y_dtype
         xs = from_storage(host_view(x, (shape.tokens, shape.in_features), dt.storage), dt)
@@ -62,6 +66,8 @@ class HostMemoryCuda(CudaDevice):
         self.host = HostDevice(self.cache, threads=2)
         self.total, self.used = total_bytes, 0
         self.launches = 0
+        self.recording: list | None = None  # the "graph" being captured
+        self.replays = 0
 
     def load(self, kernel) -> Any:
         fn = self.host.linker.kernels.get(kernel.name)
@@ -76,6 +82,7 @@ class HostMemoryCuda(CudaDevice):
         return DeviceArray(mem.ctypes.data, shape, dtype, mem)
 
     def upload(self, buf: DeviceArray, host: np.ndarray) -> None:
+        assert self.recording is None, "a copy from pageable memory cannot be captured in a CUDA graph"
         host = np.ascontiguousarray(host, dtype=buf.dtype)
         if host.nbytes > buf.nbytes:
             raise ValueError(f"{host.nbytes} bytes do not fit a {buf.nbytes}-byte buffer")
@@ -91,9 +98,27 @@ class HostMemoryCuda(CudaDevice):
         ctypes.memmove(dst, src, nbytes)
 
     def launch_kernel(self, kernel, args: Sequence[Any], grid: tuple[int, int]) -> None:
-        self.launches += 1
         values = [a.ptr if isinstance(a, DeviceArray) else a.item() for a in args]
-        self.host.launcher.launch(self.load(kernel), values, grid)
+        fn, launcher = self.load(kernel), self.host.launcher
+        if self.recording is not None:
+            self.recording.append(lambda: launcher.launch(fn, values, grid))
+            return
+        self.launches += 1
+        launcher.launch(fn, values, grid)
+
+    def capture(self, body) -> list:
+        """A "graph": the recorded launches, replayed in order."""
+        self.recording = []
+        try:
+            body()
+            return self.recording
+        finally:
+            self.recording = None
+
+    def replay(self, graph: list) -> None:
+        self.replays += 1
+        for call in graph:
+            call()
 
     def identity(self) -> str:
         return "host-memory CUDA double"
@@ -105,4 +130,4 @@ class HostMemoryCuda(CudaDevice):
         pass
 
     def gemm_library(self) -> NumpyGemm:
-        return NumpyGemm()
+        return NumpyGemm(self)

@@ -82,14 +82,20 @@ def host_cuda(monkeypatch, tmp_path):
     monkeypatch.setattr("fusec.runtime.backends.cuda.CudaDevice", HostMemoryCuda)
 
 
-def test_engine_on_the_cuda_path_equals_cpu(host_cuda, tiny_checkpoints):
-    engine_on_cuda_equals_cpu(load_model(str(tiny_checkpoints["qwen2"])))
+@pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
+def test_engine_on_the_cuda_path_equals_cpu(eager, host_cuda, tiny_checkpoints):
+    engine = engine_on_cuda_equals_cpu(load_model(str(tiny_checkpoints["qwen2"])), eager)
+    device = engine.runner.device
+    if eager:
+        assert device.replays == 0 and not engine.runner.graph_buckets
+    else:  # decode steps replayed the captured graphs, padded to 1, 2, 4 or 8 rows
+        assert engine.runner.graph_buckets == [1, 2, 4, 8] and device.replays > 10
 
 
-def engine_on_cuda_equals_cpu(model) -> None:
+def engine_on_cuda_equals_cpu(model, enforce_eager: bool = False):
     """Continuous batching, chunked prefill through the GEMM plan, prefix caching, n > 1
     with copy-on-write, penalties, logprobs and seeded sampling: the CUDA path's tokens
-    equal the CPU backend's."""
+    equal the CPU backend's. Returns the CUDA engine."""
     rng = np.random.default_rng(1)
     shared = rng.integers(0, model.config.vocab_size, 20).tolist()
     prompts = [shared + rng.integers(0, model.config.vocab_size, int(rng.integers(1, 30))).tolist()
@@ -100,7 +106,7 @@ def engine_on_cuda_equals_cpu(model) -> None:
     results = {}
     for device in ("cpu", "cuda"):
         engine = LLMEngine(EngineConfig(device=device, max_num_batched_tokens=48, max_num_seqs=8,
-                                        num_kv_blocks=64), model=model)
+                                        num_kv_blocks=64, enforce_eager=enforce_eager), model=model)
         outputs = run_requests(engine, prompts, params)
         assert engine.blocks.all_free()
         results[device] = outputs
@@ -112,6 +118,7 @@ def engine_on_cuda_equals_cpu(model) -> None:
                 assert [r.token_id for r in c_cuda.logprobs] == [r.token_id for r in c_cpu.logprobs]
                 np.testing.assert_allclose([r.logprob for r in c_cuda.logprobs],
                                            [r.logprob for r in c_cpu.logprobs], atol=1e-3)
+    return engine
 
 
 def test_engine_sizes_the_kv_cache_from_gpu_memory_utilization(host_cuda, tiny_checkpoints):

@@ -101,10 +101,12 @@ def test_tiny_model_decode_on_gpu_equals_reference(name, dtype, crossover, gpu, 
     decode_against_reference(load_model(str(tiny_checkpoints[name]), dtype=dtype), gpu, crossover, steps=17)
 
 
-def test_engine_on_gpu_equals_cpu(on_gpu, tiny_checkpoints):
+@pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
+def test_engine_on_gpu_equals_cpu(eager, on_gpu, tiny_checkpoints):
     from fusec.models.loader import load_model
 
-    engine_on_cuda_equals_cpu(load_model(str(tiny_checkpoints["qwen2"])))
+    engine = engine_on_cuda_equals_cpu(load_model(str(tiny_checkpoints["qwen2"])), eager)
+    assert bool(engine.runner.graph_buckets) != eager
 
 
 def test_engine_kv_cache_follows_gpu_memory_utilization(on_gpu, tiny_checkpoints):

@@ -12,7 +12,7 @@ call (async copies, memset, memory info).
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -27,7 +27,7 @@ from fusec.kernels.base import GPU_LANES
 from fusec.kernels.random import FillRandom, fill_spans
 from fusec.models.weights import DummyWeights
 from fusec.runtime.backends.cpu import check_positions
-from fusec.runtime.memory import ArenaLayout, arena_layout
+from fusec.runtime.memory import BATCH_DIMS, ArenaLayout, arena_layout
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,20 @@ class CudaDevice:
         major, minor = self.device.compute_capability
         return f"{self.device.name} sm_{major}{minor} driver {_check(driver.cuDriverGetVersion())}"
 
+    def capture(self, body: Callable[[], None]) -> Any:
+        """A CUDA graph of the work `body` enqueues on the stream (no copies from pageable
+        memory and no allocations inside)."""
+        builder = self.stream.create_graph_builder()
+        builder.begin_building("thread_local")
+        try:
+            body()
+        finally:
+            graph = builder.end_building().complete()
+        return graph
+
+    def replay(self, graph: Any) -> None:
+        graph.launch(self.stream)
+
     def plan_options(self, max_positions: int, crossover: int) -> PlanOptions:
         return PlanOptions(self.target, max_positions=max_positions, crossover=crossover)
 
@@ -192,6 +206,8 @@ class CudaExecutor:
                 device.upload(arr, value)
         has_gemm = any(launch.kind == "gemm" for plan in self.plans.values() for launch in plan.launches)
         self.gemm = device.gemm_library() if has_gemm else None
+        self.graphs: dict[int, Any] = {}  # decode batch bucket -> captured step
+        self._graph_state: int | None = None  # id() of the KV state the graphs write
         self.max_dims: dict[str, int] = {}
         self.layout: ArenaLayout | None = None
         self.arena: DeviceArray | None = None
@@ -215,6 +231,7 @@ class CudaExecutor:
 
     def _reserve(self, dims: Mapping[str, int]) -> None:
         """Make the arena hold a batch of these dims (and every dim seen so far)."""
+        dims = {k: v for k, v in dims.items() if k in BATCH_DIMS}
         grown = {k: max(v, self.max_dims.get(k, 0)) for k, v in dims.items()}
         grown.update({k: v for k, v in self.max_dims.items() if k not in grown})
         if not grown or (self.arena is not None and grown == self.max_dims):
@@ -224,6 +241,7 @@ class CudaExecutor:
         except KeyError:  # dims the graph needs are still unknown: sized on the first run
             return
         self.max_dims, self.layout = grown, layout
+        self.graphs.clear()  # they point into the old arena
         self.arena = None  # free the old one first
         self.arena = self.device.buffer((self.layout.size,), np.uint8)
         log.info("activation arena: %.1f MiB for %s", self.layout.size / 2 ** 20, grown)
@@ -254,7 +272,61 @@ class CudaExecutor:
         return self.plans["gemv" if num_tokens <= self.options.crossover else "gemm"]
 
     def run(self, inputs: Mapping[str, np.ndarray], state: Mapping[str, DeviceArray]) -> dict[str, DeviceArray]:
-        """Enqueue one step; the outputs are device views valid until the next run."""
+        """Enqueue one step; the outputs are device views valid until the next run. A
+        decode step replays the captured graph of the smallest bucket that holds it."""
+        bucket = self._graph_bucket(inputs, state)
+        if bucket is not None:
+            rows = len(inputs["context_lens"])
+            inputs = pad_decode_inputs(inputs, bucket, self.max_dims["B"])
+        dims = self._bind_dims(inputs, state)
+        check_positions(inputs, self.options.max_positions)
+        self._reserve(dims)
+        plan = self.plan_for(dims["T"])
+        values = self._values(plan, dims, state)
+        for node in self.graph.nodes("input"):
+            self.device.upload(values[node.name], inputs[node.name])
+        if bucket is not None:
+            self.device.replay(self.graphs[bucket])
+            return {name: _rows(values[plan.resolve(name)], rows) for name in self.graph.outputs}
+        if self.poison:
+            for value in plan.slots:
+                self.device.fill_bytes(values[value], 0xFF)  # NaN in f32, f16 and bf16
+        self._launch_all(plan, dims, values)
+        return {name: values[plan.resolve(name)] for name in self.graph.outputs}
+
+    def capture_graphs(self, buckets: Sequence[int], state: Mapping[str, DeviceArray]) -> list[int]:
+        """Capture the decode step of each bucket size (batches padded up to it). Returns
+        the buckets captured: those the arena holds."""
+        self.graphs.clear()
+        self._graph_state = id(state)
+        nb = state[next(iter(state))].shape[1] if state else 0
+        for bucket in buckets:
+            if bucket > self.max_dims.get("S", 0):
+                continue
+            inputs = pad_decode_inputs(_empty_decode(), bucket, self.max_dims["B"])
+            dims = self._bind_dims(inputs, state)
+            plan = self.plan_for(bucket)
+            values = self._values(plan, dims, state)
+            for node in self.graph.nodes("input"):
+                self.device.upload(values[node.name], inputs[node.name])
+            self._launch_all(plan, dims, values)  # eager first: library plans and lazy init outside capture
+            self.device.sync()
+            self.graphs[bucket] = self.device.capture(lambda: self._launch_all(plan, dims, values))
+        self.device.sync()
+        log.info("captured decode graphs for batch sizes %s (%d KV blocks)", sorted(self.graphs), nb)
+        return sorted(self.graphs)
+
+    def _graph_bucket(self, inputs: Mapping[str, np.ndarray], state: Mapping[str, DeviceArray]) -> int | None:
+        if not self.graphs or id(state) != self._graph_state:
+            return None
+        rows = len(inputs["context_lens"])
+        if len(inputs["token_ids"]) != rows or len(inputs["logits_indices"]) != rows:
+            return None  # not a pure decode step (a prefill chunk, or all logits)
+        if inputs["block_tables"].shape[1] > self.max_dims["B"]:
+            return None
+        return min((b for b in self.graphs if b >= rows), default=None)
+
+    def _bind_dims(self, inputs: Mapping[str, np.ndarray], state: Mapping[str, DeviceArray]) -> dict[str, int]:
         dims: dict[str, int] = {}
         for node in self.graph.nodes():
             if node.kind == "input":
@@ -263,20 +335,21 @@ class CudaExecutor:
                 bind_dims(node, state[node.name].shape, dims)
             elif node.kind == "weight":
                 bind_dims(node, self.weights[node.name].shape, dims)
-        check_positions(inputs, self.options.max_positions)
-        self._reserve(dims)
-        plan = self.plan_for(dims["T"])
+        return dims
+
+    def _values(self, plan: Plan, dims: Mapping[str, int], state: Mapping[str, DeviceArray]) -> dict[str, DeviceArray]:
+        """Every value of the plan at these dims: weights, state, and arena views."""
         values: dict[str, DeviceArray] = dict(self.weights)
         values.update(state)
         for node in self.graph.nodes("input"):
-            arr = values[node.name] = self.arena.view(node.type.bind(dims), node.type.dtype.storage,
-                                                      self.layout.inputs[node.name])
-            self.device.upload(arr, inputs[node.name])
+            values[node.name] = self.arena.view(node.type.bind(dims), node.type.dtype.storage,
+                                                self.layout.inputs[node.name])
         for value, slot in plan.slots.items():
             t = self.graph.node(value).type
-            arr = values[value] = self.arena.view(t.bind(dims), t.dtype.storage, self.layout.slots[(plan.bucket, slot)])
-            if self.poison:
-                self.device.fill_bytes(arr, 0xFF)  # NaN in f32, f16 and bf16
+            values[value] = self.arena.view(t.bind(dims), t.dtype.storage, self.layout.slots[(plan.bucket, slot)])
+        return values
+
+    def _launch_all(self, plan: Plan, dims: Mapping[str, int], values: Mapping[str, DeviceArray]) -> None:
         for launch in plan.launches:
             if launch.kind == "gemm":
                 self._gemm(plan, launch, values)
@@ -284,7 +357,6 @@ class CudaExecutor:
                 self._launch(plan, launch, dims, values)
             else:
                 raise NotImplementedError(f"{launch.name}: {launch.kind} launches run on the host only")
-        return {name: values[plan.resolve(name)] for name in self.graph.outputs}
 
     def _gemm(self, plan: Plan, launch: Launch, values: Mapping[str, DeviceArray]) -> None:
         from fusec.runtime.backends.cublaslt import GemmShape
@@ -311,3 +383,33 @@ class CudaExecutor:
                 args.append(arr.view(arr.shape, offset=arr.nbytes // 2) if a.kind == "v_cache" else arr)
         kernel = launch.kernel
         self.device.launch_kernel(kernel, args, kernel.grid({k: dims[v] for k, v in launch.grid_dims.items()}))
+
+
+def _rows(arr: DeviceArray, rows: int) -> DeviceArray:
+    return arr.view((rows, *arr.shape[1:]))
+
+
+def _empty_decode() -> dict[str, np.ndarray]:
+    return {"token_ids": np.zeros(0, np.int32), "positions": np.zeros(0, np.int32),
+            "slot_mapping": np.zeros(0, np.int32), "block_tables": np.zeros((0, 1), np.int32),
+            "context_lens": np.zeros(0, np.int32), "query_start_loc": np.zeros(1, np.int32),
+            "logits_indices": np.zeros(0, np.int32)}
+
+
+def pad_decode_inputs(inputs: Mapping[str, np.ndarray], bucket: int, width: int) -> dict[str, np.ndarray]:
+    """A decode batch (one token per sequence) padded to `bucket` sequences and block
+    tables `width` wide. Padding rows write no KV (slot -1), attend to one key, and
+    their logits are never read."""
+    rows = len(inputs["context_lens"])
+    pad = bucket - rows
+
+    def grow(name: str, fill: int) -> np.ndarray:
+        return np.concatenate([np.asarray(inputs[name], np.int32), np.full(pad, fill, np.int32)])
+
+    tables = np.zeros((bucket, width), np.int32)
+    given = np.asarray(inputs["block_tables"], np.int32)
+    tables[:rows, :given.shape[1]] = given
+    return {"token_ids": grow("token_ids", 0), "positions": grow("positions", 0),
+            "slot_mapping": grow("slot_mapping", -1), "block_tables": tables,
+            "context_lens": grow("context_lens", 1), "query_start_loc": np.arange(bucket + 1, dtype=np.int32),
+            "logits_indices": np.arange(bucket, dtype=np.int32)}
