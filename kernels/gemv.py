@@ -8,7 +8,8 @@ with x_r produced in-kernel from row r (or rows[r] with `gather`) by the prologu
     add_rms_norm  s = A[r] + B[r]; x = rms_norm(s) * norm_w   (s written out if asked)
     silu_mul      x = silu(GU[r, :K]) * GU[r, K:]
 Each block computes `rows_per_block` outputs of one row and recomputes the prologue
-itself, so nothing reads a row that other blocks produce (the legality rule).
+itself, so nothing reads a row that other blocks produce (the legality rule). Lanes
+read `vec` consecutive elements per step (16-byte vector loads when K divides).
 Intermediates are rounded to the activation dtype where the unfused graph stores them.
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Gemv(Kernel):
     residual_out: bool = False
     eps: float = 0.0
     rows_per_block: int = 4
+    vec: int = 1  # elements per lane per step: 16-byte loads when K allows (`vector_width`)
 
     def params(self) -> list[Param]:
         p = {"none": ["x"], "rms_norm": ["x", "norm_w"], "add_rms_norm": ["a", "b", "norm_w"],
@@ -56,7 +58,7 @@ class Gemv(Kernel):
         return dims["num_rows"], cdiv(self.n, self.rows_per_block)
 
     def body(self, kb: KernelBuilder) -> None:
-        b, k_dim = kb.b, self.k
+        b, k_dim, vec = kb.b, self.k, self.vec
         out_row = kb.block_id(0)
         src = kb.load(kb["rows"], out_row, DType.I32) if self.gather else out_row
         width = 2 * k_dim if self.prologue == "silu_mul" else k_dim
@@ -65,35 +67,48 @@ class Gemv(Kernel):
         def at(i):
             return b.add(base, kb.wide(i))
 
-        def summed(i):
-            s = kb.fadd(kb.load(kb["a"], at(i), self.act), kb.load(kb["b"], at(i), self.act))
-            return round_to(kb, s, self.act)
+        def loads(name: str, i, dtype: DType, offset: int = 0) -> list:
+            """vec consecutive elements from i (+ offset) of a row of `name`."""
+            index = b.add(at(i), kb.i64(offset))
+            return kb.load_vector(kb[name], index, dtype, vec) if vec > 1 else [kb.load(kb[name], index, dtype)]
 
-        raw = {"none": lambda i: kb.load(kb["x"], at(i), self.act),
-               "rms_norm": lambda i: kb.load(kb["x"], at(i), self.act),
-               "add_rms_norm": summed}.get(self.prologue)
+        def raw(i) -> list:
+            if self.prologue == "add_rms_norm":
+                return [round_to(kb, kb.fadd(a, c), self.act)
+                        for a, c in zip(loads("a", i, self.act), loads("b", i, self.act))]
+            return loads("x", i, self.act)
+
+        def vec_loop(stop: int):
+            """for i in range(lane * vec, stop, lanes * vec): vec elements per lane a step."""
+            if vec == 1:
+                return kb.lane_loop(stop)
+            return kb.loop(b.mul(kb.lane(), kb.i32(vec)), stop, b.mul(kb.lanes(), kb.i32(vec)))
+
         inv_rms = None
         if self.prologue in ("rms_norm", "add_rms_norm"):
             sq = kb.var(kb.f32(0.0))
-            with kb.lane_loop(k_dim) as i:
-                v = raw(i)
-                sq.set(kb.fadd(sq.get(), kb.fmul(v, v)))
+            with vec_loop(k_dim) as i:
+                total = sq.get()
+                for v in raw(i):
+                    total = kb.fadd(total, kb.fmul(v, v))
+                sq.set(total)
             mean = b.fdiv(kb.reduce(sq.get()), kb.f32(k_dim))
             inv_rms = b.fdiv(kb.f32(1.0), kb.sqrt(b.fadd(mean, kb.f32(self.eps))))
         if self.residual_out:
             with kb.when(b.icmp_unsigned("==", kb.block_id(1), kb.i32(0))):
-                with kb.lane_loop(k_dim) as i:
-                    kb.store(kb["residual"], at(i), raw(i), self.act)
+                with vec_loop(k_dim) as i:
+                    for j, v in enumerate(raw(i)):
+                        kb.store(kb["residual"], b.add(at(i), kb.i64(j)), v, self.act)
 
-        def x_at(i):
+        def x_at(i) -> list:
             if self.prologue == "none":
                 return raw(i)
             if self.prologue == "silu_mul":
-                g = kb.load(kb["gu"], at(i), self.act)
-                u = kb.load(kb["gu"], b.add(at(i), kb.i64(k_dim)), self.act)
-                return round_to(kb, b.fmul(silu(kb, g), u), self.act)
-            normed = b.fmul(b.fmul(raw(i), inv_rms), kb.load(kb["norm_w"], i, self.weight))
-            return round_to(kb, normed, self.act)
+                return [round_to(kb, b.fmul(silu(kb, g), u), self.act)
+                        for g, u in zip(loads("gu", i, self.act), loads("gu", i, self.act, k_dim))]
+            norm_w = (kb.load_vector(kb["norm_w"], i, self.weight, vec) if vec > 1
+                      else [kb.load(kb["norm_w"], i, self.weight)])
+            return [round_to(kb, b.fmul(b.fmul(v, inv_rms), w), self.act) for v, w in zip(raw(i), norm_w)]
 
         rpb = self.rows_per_block
         n0 = b.mul(kb.block_id(1), kb.i32(rpb))
@@ -101,11 +116,15 @@ class Gemv(Kernel):
         # rows past the end read the last row (kept in bounds) and are not stored
         w_rows = [row_offset(kb, kb.imin(b.add(n0, kb.i32(j)), last), k_dim) for j in range(rpb)]
         accs = [kb.var(kb.f32(0.0)) for _ in range(rpb)]
-        with kb.lane_loop(k_dim) as i:
-            x = x_at(i)
+        with vec_loop(k_dim) as i:
+            xs = x_at(i)
             for acc, w_row in zip(accs, w_rows):
-                w = kb.load(kb["w"], b.add(w_row, kb.wide(i)), self.weight)
-                acc.set(kb.fadd(acc.get(), kb.fmul(x, w)))
+                w_at = b.add(w_row, kb.wide(i))
+                ws = kb.load_vector(kb["w"], w_at, self.weight, vec) if vec > 1 else [kb.load(kb["w"], w_at, self.weight)]
+                total = acc.get()
+                for x, w in zip(xs, ws):
+                    total = kb.fadd(total, kb.fmul(x, w))
+                acc.set(total)
         totals = [kb.reduce(acc.get()) for acc in accs]
         out_base = row_offset(kb, out_row, self.n)
         with kb.when(b.icmp_unsigned("==", kb.lane(), kb.i32(0))):
@@ -116,3 +135,9 @@ class Gemv(Kernel):
                     if self.bias:
                         y = b.fadd(y, kb.load(kb["bias"], n, self.weight))
                     kb.store(kb["y"], b.add(out_base, kb.wide(n)), y, self.out)
+
+
+def vector_width(k: int, *dtypes: DType) -> int:
+    """Elements per 16-byte load of the widest dtype, if k rows split into whole vectors."""
+    vec = 16 // max(d.itemsize for d in dtypes)
+    return vec if k % vec == 0 else 1

@@ -14,7 +14,7 @@ from fusec.fusion.patterns import Match, Pattern, PNode, Registry
 from fusec.fusion.plan import Arg, Launch, LowerContext
 from fusec.kernels.attention import PagedAttention
 from fusec.kernels.elementwise import Add, AddRmsNorm, BiasAdd, Embed, GatherRows, SiluMul
-from fusec.kernels.gemv import Gemv
+from fusec.kernels.gemv import Gemv, vector_width
 from fusec.kernels.rope_kv import RopeKVWrite, cos_sin_table
 
 
@@ -85,10 +85,12 @@ def lower_gemv(m: Match, ctx: LowerContext) -> Launch:
     if bias is not None:
         args["bias"] = V(bias.inputs[1])
     k = m.graph.node(mm.inputs[1]).type.shape[1]
-    kernel = Gemv(k=k, n=mm.type.shape[1], act=_dtype(m, first.inputs[0]), weight=_dtype(m, mm.inputs[1]),
+    act, weight = _dtype(m, first.inputs[0]), _dtype(m, mm.inputs[1])
+    kernel = Gemv(k=k, n=mm.type.shape[1], act=act, weight=weight,
                   out=out.type.dtype, prologue=prologue, bias=bias is not None, gather=gather is not None,
                   residual_out=residual_out, eps=norm.attrs["eps"] if norm is not None else 0.0,
-                  rows_per_block=4 if ctx.target.is_gpu else 8)
+                  rows_per_block=4 if ctx.target.is_gpu else 8,
+                  vec=vector_width(k, act, weight) if ctx.vector_loads else 1)
     return ctx.kernel_launch(m, kernel, args, tuple(outputs), {"num_rows": _rows(out)})
 
 

@@ -41,6 +41,14 @@ def test_fused_kernel_equals_reference(pattern, size, dtype, cache):
     check_pattern(REGISTRY, pattern, EXAMPLES[pattern](rng, size, dtype), dtype, cache, seed=size)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.value)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_vector_load_kernels_equal_reference(pattern, dtype, cache):
+    """The GPU's 16-byte-load specialisations (size 0's K divides into vectors), on the host."""
+    rng = np.random.default_rng([PATTERNS.index(pattern), 9, DTYPES.index(dtype)])
+    check_pattern(REGISTRY, pattern, EXAMPLES[pattern](rng, 0, dtype), dtype, cache, vector_loads=True)
+
+
 def ptxas() -> str | None:
     found = shutil.which("ptxas")
     if found is None and os.environ.get("CI") == "true":

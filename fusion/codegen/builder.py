@@ -173,6 +173,24 @@ class KernelBuilder:
             return b.bitcast(b.shl(b.zext(raw, I32), self.i32(16)), F32)
         return raw
 
+    def load_vector(self, ptr: ir.Value, index: ir.Value, dtype: DType, count: int) -> list[ir.Value]:
+        """Elements index..index+count-1 of `ptr` in one vector load, as floats. index must
+        be a multiple of count and the row start aligned to count elements (GPUs need the
+        alignment for a 16-byte load; on the host it is not assumed)."""
+        b, elem = self.b, self._elem(dtype)
+        size = dtype.itemsize * count
+        align = min(size, 16) if self.target.is_gpu else dtype.itemsize
+        raw = b.load(self.addr(ptr, index, dtype), typ=ir.VectorType(elem, count), align=align)
+        out = []
+        for j in range(count):
+            e = b.extract_element(raw, self.i32(j))
+            if dtype is DType.F16:
+                e = b.fpext(e, F32)
+            elif dtype is DType.BF16:
+                e = b.bitcast(b.shl(b.zext(e, I32), self.i32(16)), F32)
+            out.append(e)
+        return out
+
     def store(self, ptr: ir.Value, index: ir.Value, value: ir.Value, dtype: DType) -> None:
         b = self.b
         if dtype is DType.F16:
