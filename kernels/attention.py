@@ -1,9 +1,12 @@
 """Paged causal GQA attention over the KV cache, for decode and prefill alike.
 
-One block per (token, query head). The block walks its sequence's keys in tiles of
-`lanes` keys: each lane scores one key, the block keeps an online-softmax running
-max and sum, then lanes switch to head dimensions to accumulate p * V. On the host
-(one lane) a tile is one key. Sliding windows clip the first key.
+One block per (token, KV head), serving the whole group of query heads that share
+the KV head, so each key and value is read once per group instead of once per query
+head. The block walks its sequence's keys in tiles of `lanes` keys: each lane scores
+one key against every head of the group, the block keeps an online-softmax running
+max and sum per head, then lanes switch to head dimensions to accumulate p * V for
+every head from one read of V. On the host (one lane) a tile is one key. Sliding
+windows clip the first key. With `vec` > 1 a lane reads its key in 16-byte vectors.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ class PagedAttention(Kernel):
     scale: float
     sliding_window: int  # 0 = none
     act: DType
+    vec: int = 1  # elements per key load (head_dim must divide)
 
     def params(self) -> list[Param]:
         return [Param(n, "ptr") for n in ("q", "k_cache", "v_cache", "block_tables", "context_lens",
@@ -33,12 +37,13 @@ class PagedAttention(Kernel):
             + [Param("num_seqs", "i32"), Param("table_width", "i32")]
 
     def grid(self, dims: Mapping[str, int]) -> tuple[int, int]:
-        return dims["num_tokens"], self.n_heads  # tokens on x: no 65535 limit on prefill length
+        return dims["num_tokens"], self.n_kv_heads  # tokens on x: no 65535 limit on prefill length
 
     def body(self, kb: KernelBuilder) -> None:
         b, hd, bs = kb.b, self.head_dim, self.block_size
+        group = self.n_heads // self.n_kv_heads
         tile = GPU_LANES if kb.target.is_gpu else 1
-        t, h = kb.block_id(0), kb.block_id(1)
+        t, kv_head = kb.block_id(0), kb.block_id(1)
         lane = kb.lane()
         # which sequence owns token t
         seq = kb.var(kb.i32(0))
@@ -53,7 +58,6 @@ class PagedAttention(Kernel):
         pos = b.add(b.sub(ctx, n_new), b.sub(t, first))
         hi = b.add(pos, kb.i32(1))
         lo = kb.imax(b.sub(hi, kb.i32(self.sliding_window)), kb.i32(0)) if self.sliding_window else kb.i32(0)
-        kv_head = b.sdiv(h, kb.i32(self.n_heads // self.n_kv_heads))
         table = b.mul(kb.wide(s), kb.wide(kb["table_width"]))
 
         def kv_base(j):  # element offset of key j's head vector in a cache half
@@ -61,41 +65,61 @@ class PagedAttention(Kernel):
             slot = b.add(b.mul(kb.wide(blk), kb.i64(bs)), kb.wide(b.srem(j, kb.i32(bs))))
             return b.add(b.mul(slot, kb.i64(self.n_kv_heads * hd)), b.mul(kb.wide(kv_head), kb.i64(hd)))
 
-        q_sh, acc_sh, p_sh = kb.shared(hd, "q"), kb.shared(hd, "acc"), kb.shared(tile, "p")
-        q_row = b.add(row_offset(kb, t, self.n_heads * hd), b.mul(kb.wide(h), kb.i64(hd)))
-        with kb.lane_loop(hd) as d:
+        # the group's query heads are contiguous in the row: heads kv_head*group ...
+        q_sh, acc_sh, p_sh = kb.shared(group * hd, "q"), kb.shared(group * hd, "acc"), kb.shared(group * tile, "p")
+        q_row = b.add(row_offset(kb, t, self.n_heads * hd), b.mul(kb.wide(kv_head), kb.i64(group * hd)))
+        with kb.lane_loop(group * hd) as d:
             q = kb.load(kb["q"], b.add(q_row, kb.wide(d)), self.act)
             kb.store(q_sh, d, b.fmul(q, kb.f32(self.scale)), DType.F32)
             kb.store(acc_sh, d, kb.f32(0.0), DType.F32)
         kb.barrier()
-        m, l_sum = kb.var(kb.f32(-math.inf)), kb.var(kb.f32(0.0))
+        ms = [kb.var(kb.f32(-math.inf)) for _ in range(group)]
+        sums = [kb.var(kb.f32(0.0)) for _ in range(group)]
         with kb.loop(lo, hi, tile) as j0:
             j = b.add(j0, lane)
             valid = b.icmp_signed("<", j, hi)
-            score = kb.var(kb.f32(-math.inf))
+            scores = [kb.var(kb.f32(-math.inf)) for _ in range(group)]
             with kb.when(valid):
                 base = kv_base(j)
-                dot = kb.var(kb.f32(0.0))
-                with kb.loop(0, hd) as d:
-                    k = kb.load(kb["k_cache"], b.add(base, kb.wide(d)), self.act)
-                    dot.set(kb.fadd(dot.get(), kb.fmul(kb.load(q_sh, d, DType.F32), k)))
-                score.set(dot.get())
-            m_new = kb.fmax(m.get(), kb.reduce(score.get(), "max"))
-            p = b.select(valid, kb.exp(b.fsub(score.get(), m_new)), kb.f32(0.0))
-            alpha = kb.exp(b.fsub(m.get(), m_new))
-            l_sum.set(b.fadd(b.fmul(l_sum.get(), alpha), kb.reduce(p)))
+                dots = [kb.var(kb.f32(0.0)) for _ in range(group)]
+                with kb.loop(0, hd, self.vec) as d:
+                    at = b.add(base, kb.wide(d))
+                    ks = (kb.load_vector(kb["k_cache"], at, self.act, self.vec) if self.vec > 1
+                          else [kb.load(kb["k_cache"], at, self.act)])
+                    for g, dot in enumerate(dots):
+                        total = dot.get()
+                        for e, k in enumerate(ks):
+                            qd = kb.load(q_sh, b.add(d, kb.i32(g * hd + e)), DType.F32)
+                            total = kb.fadd(total, kb.fmul(qd, k))
+                        dot.set(total)
+                for score, dot in zip(scores, dots):
+                    score.set(dot.get())
+            alphas, ps = [], []
+            for g in range(group):
+                m_new = kb.fmax(ms[g].get(), kb.reduce(scores[g].get(), "max"))
+                p = b.select(valid, kb.exp(b.fsub(scores[g].get(), m_new)), kb.f32(0.0))
+                alpha = kb.exp(b.fsub(ms[g].get(), m_new))
+                sums[g].set(b.fadd(b.fmul(sums[g].get(), alpha), kb.reduce(p)))
+                ms[g].set(m_new)
+                alphas.append(alpha)
+                ps.append(p)
             kb.barrier()
-            kb.store(p_sh, lane, p, DType.F32)
+            for g, p in enumerate(ps):
+                kb.store(p_sh, b.add(lane, kb.i32(g * tile)), p, DType.F32)
             kb.barrier()
             count = kb.imin(b.sub(hi, j0), kb.i32(tile))
             with kb.lane_loop(hd) as d:
-                a = kb.var(b.fmul(kb.load(acc_sh, d, DType.F32), alpha))
+                accs = [kb.var(b.fmul(kb.load(acc_sh, b.add(d, kb.i32(g * hd)), DType.F32), alphas[g]))
+                        for g in range(group)]
                 with kb.loop(0, count) as jj:
                     v = kb.load(kb["v_cache"], b.add(kv_base(b.add(j0, jj)), kb.wide(d)), self.act)
-                    a.set(kb.fadd(a.get(), kb.fmul(kb.load(p_sh, jj, DType.F32), v)))
-                kb.store(acc_sh, d, a.get(), DType.F32)
-            m.set(m_new)
-        inv = b.fdiv(kb.f32(1.0), l_sum.get())
-        with kb.lane_loop(hd) as d:
-            kb.store(kb["out"], b.add(q_row, kb.wide(d)),
-                     round_to(kb, b.fmul(kb.load(acc_sh, d, DType.F32), inv), self.act), self.act)
+                    for g, acc in enumerate(accs):
+                        acc.set(kb.fadd(acc.get(), kb.fmul(kb.load(p_sh, b.add(jj, kb.i32(g * tile)), DType.F32), v)))
+                for g, acc in enumerate(accs):
+                    kb.store(acc_sh, b.add(d, kb.i32(g * hd)), acc.get(), DType.F32)
+        for g in range(group):
+            inv = b.fdiv(kb.f32(1.0), sums[g].get())
+            with kb.lane_loop(hd) as d:
+                at = b.add(d, kb.i32(g * hd))
+                kb.store(kb["out"], b.add(q_row, kb.wide(at)),
+                         round_to(kb, b.fmul(kb.load(acc_sh, at, DType.F32), inv), self.act), self.act)

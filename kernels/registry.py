@@ -165,10 +165,11 @@ ROPE_KV = (PNode("q", "slice"), PNode("k", "slice"), PNode("v", "slice"),
 def lower_attention(m: Match, ctx: LowerContext) -> Launch:
     a = m["attention"]
     q, cache, tables, ctx_lens, qstart = a.inputs
+    head_dim = a.attrs["head_dim"]
     kernel = PagedAttention(n_heads=a.attrs["n_heads"], n_kv_heads=a.attrs["n_kv_heads"],
-                            head_dim=a.attrs["head_dim"], block_size=m.graph.node(cache).type.shape[2],
+                            head_dim=head_dim, block_size=m.graph.node(cache).type.shape[2],
                             scale=a.attrs["scale"], sliding_window=a.attrs.get("sliding_window") or 0,
-                            act=a.type.dtype)
+                            act=a.type.dtype, vec=vector_width(head_dim, a.type.dtype) if ctx.vector_loads else 1)
     args = {"q": V(q), "k_cache": Arg("k_cache", cache), "v_cache": Arg("v_cache", cache),
             "block_tables": V(tables), "context_lens": V(ctx_lens), "query_start_loc": V(qstart), "out": V(a.name),
             "num_seqs": D(m.graph.node(ctx_lens).type.shape[0]), "table_width": D(m.graph.node(tables).type.shape[1])}
