@@ -78,6 +78,7 @@ class CudaDevice:
         self.target = device_target(self.device)
         self.cache = cache or KernelCache()
         self._kernels: dict[str, Any] = {}
+        self._in_flight: list[np.ndarray] = []  # host sources of async copies, kept until a sync
 
     def load(self, kernel) -> Any:
         from cuda.core import ObjectCode
@@ -102,6 +103,7 @@ class CudaDevice:
             raise ValueError(f"{host.nbytes} bytes do not fit a {buf.nbytes}-byte buffer")
         if host.nbytes:
             _check(driver.cuMemcpyHtoDAsync(buf.ptr, host.ctypes.data, host.nbytes, self.stream_handle))
+            self._in_flight.append(host)  # a pageable copy may still read it after we return
 
     def download(self, buf: DeviceArray, count: int) -> np.ndarray:
         """The first `count` rows of buf, after the stream's work so far."""
@@ -110,7 +112,7 @@ class CudaDevice:
         out = np.empty((count, *buf.shape[1:]), buf.dtype)
         if out.nbytes:
             _check(driver.cuMemcpyDtoHAsync(out.ctypes.data, buf.ptr, out.nbytes, self.stream_handle))
-        self.stream.sync()
+        self.sync()
         return out
 
     def to_host(self, buf: DeviceArray) -> np.ndarray:
@@ -153,6 +155,7 @@ class CudaDevice:
 
     def sync(self) -> None:
         self.stream.sync()
+        self._in_flight.clear()
 
     def identity(self) -> str:
         """What tuned choices are keyed by: the GPU, its compute capability, the driver."""
