@@ -8,7 +8,9 @@
 #     `split -b 48M SmolLM2-135M-Instruct.Q4_1.gguf .whl/smollm2.gguf.part`);
 #  3. run the GPU tests;
 #  4. run the GPU standard workload (Qwen2.5-7B shape, dummy f16 weights) unless
-#     SKIP_BENCH=1, and print a table last.
+#     SKIP_BENCH=1: `fusec bench` as the CUDA backend issue gives it, then
+#     bench/gpu_standard.py (fusec beside HF transformers, vLLM's published figures;
+#     writes bench/results/gpu-*) unless SKIP_STANDARD=1; print a table last.
 #   bash bench/gpu_check.sh            (from the repository root; results land in $OUT)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +34,12 @@ log=$OUT/gpu_tests.log
 bench_json=$OUT/gpu-bench-qwen2.5-7b.json
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   python3 -m fusec.cli.main bench --device cuda --model bench/models/qwen2.5-7b --load-format dummy \
-    --dtype float16 --n 1,16,64,128 --input-len 32 --output-len 128 --json "$bench_json" | tee "$OUT/gpu_bench.log"
+    --dtype float16 --n 1,16,64,128 --input-len 32 --output-len 128 --profile --json "$bench_json" \
+    | tee "$OUT/gpu_bench.log"
+  if [ "${SKIP_STANDARD:-0}" != 1 ]; then
+    python3 bench/gpu_standard.py | tee "$OUT/gpu_standard.log"
+    cp bench/results/gpu-* "$OUT/" 2>/dev/null || true
+  fi
 fi
 echo
 echo "GPU: $gpu"
