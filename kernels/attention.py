@@ -1,8 +1,8 @@
 """Paged causal GQA attention over the KV cache, for decode and prefill alike.
 
-One block per (token, KV head), serving the whole group of query heads that share
-the KV head, so each key and value is read once per group instead of once per query
-head. The block walks its sequence's keys in tiles of `lanes` keys: each lane scores
+One block per (token, KV head), serving the group of query heads that share the KV
+head (up to `heads_per_block` of them: large MQA groups split over several blocks),
+so each key and value is read once per group instead of once per query head. The block walks its sequence's keys in tiles of `lanes` keys: each lane scores
 one key against every head of the group, the block keeps an online-softmax running
 max and sum per head, then lanes switch to head dimensions to accumulate p * V for
 every head from one read of V. On the host (one lane) a tile is one key. Sliding
@@ -30,6 +30,15 @@ class PagedAttention(Kernel):
     sliding_window: int  # 0 = none
     act: DType
     vec: int = 1  # elements per key load (head_dim must divide)
+    heads_per_block: int = 0  # query heads a block serves (divides the group); 0: the group
+
+    @property
+    def group(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def per_block(self) -> int:
+        return self.heads_per_block or self.group
 
     def params(self) -> list[Param]:
         return [Param(n, "ptr") for n in ("q", "k_cache", "v_cache", "block_tables", "context_lens",
@@ -37,13 +46,17 @@ class PagedAttention(Kernel):
             + [Param("num_seqs", "i32"), Param("table_width", "i32")]
 
     def grid(self, dims: Mapping[str, int]) -> tuple[int, int]:
-        return dims["num_tokens"], self.n_kv_heads  # tokens on x: no 65535 limit on prefill length
+        # tokens on x: no 65535 limit on prefill length
+        return dims["num_tokens"], self.n_kv_heads * (self.group // self.per_block)
 
     def body(self, kb: KernelBuilder) -> None:
         b, hd, bs = kb.b, self.head_dim, self.block_size
-        group = self.n_heads // self.n_kv_heads
+        group = self.per_block  # the query heads this block serves
+        chunks = self.group // group
         tile = GPU_LANES if kb.target.is_gpu else 1
-        t, kv_head = kb.block_id(0), kb.block_id(1)
+        t, kv_head = kb.block_id(0), b.sdiv(kb.block_id(1), kb.i32(chunks))
+        first_head = b.add(b.mul(kv_head, kb.i32(self.group)), b.mul(b.srem(kb.block_id(1), kb.i32(chunks)),
+                                                                   kb.i32(group)))
         lane = kb.lane()
         # which sequence owns token t
         seq = kb.var(kb.i32(0))
@@ -65,9 +78,9 @@ class PagedAttention(Kernel):
             slot = b.add(b.mul(kb.wide(blk), kb.i64(bs)), kb.wide(b.srem(j, kb.i32(bs))))
             return b.add(b.mul(slot, kb.i64(self.n_kv_heads * hd)), b.mul(kb.wide(kv_head), kb.i64(hd)))
 
-        # the group's query heads are contiguous in the row: heads kv_head*group ...
+        # the block's query heads are contiguous in the row, from first_head
         q_sh, acc_sh, p_sh = kb.shared(group * hd, "q"), kb.shared(group * hd, "acc"), kb.shared(group * tile, "p")
-        q_row = b.add(row_offset(kb, t, self.n_heads * hd), b.mul(kb.wide(kv_head), kb.i64(group * hd)))
+        q_row = b.add(row_offset(kb, t, self.n_heads * hd), b.mul(kb.wide(first_head), kb.i64(hd)))
         with kb.lane_loop(group * hd) as d:
             q = kb.load(kb["q"], b.add(q_row, kb.wide(d)), self.act)
             kb.store(q_sh, d, b.fmul(q, kb.f32(self.scale)), DType.F32)
@@ -123,3 +136,11 @@ class PagedAttention(Kernel):
                 at = b.add(d, kb.i32(g * hd))
                 kb.store(kb["out"], b.add(q_row, kb.wide(at)),
                          round_to(kb, b.fmul(kb.load(acc_sh, at, DType.F32), inv), self.act), self.act)
+
+
+MAX_HEADS_PER_BLOCK = 8  # bounds shared memory (3 * heads * head_dim floats) and registers
+
+
+def heads_per_block(group: int) -> int:
+    """The largest divisor of the group up to MAX_HEADS_PER_BLOCK."""
+    return max(d for d in range(1, min(group, MAX_HEADS_PER_BLOCK) + 1) if group % d == 0)

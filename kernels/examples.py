@@ -18,7 +18,7 @@ from fusec.fusion.ir import Graph
 I32 = DType.I32
 # (rows T, in K, out N, heads, kv heads, head dim, block size)
 SIZES = [dict(t=1, k=1032, n=16, h=2, kv=1, hd=8, bs=4), dict(t=3, k=67, n=45, h=3, kv=3, hd=10, bs=5),
-         dict(t=5, k=257, n=131, h=6, kv=2, hd=18, bs=16)]
+         dict(t=5, k=257, n=131, h=20, kv=2, hd=18, bs=16)]  # group 10: split over 2 blocks
 GEMM_ROWS = [9, 17, 33]  # past the default crossover of 8
 
 

@@ -40,9 +40,15 @@ def hash3(a, b, c) -> np.ndarray:
         return _fmix((h * np.uint32(GOLDEN)) ^ c)
 
 
+def to_unit(h) -> np.ndarray:
+    """uint32 hash -> float32 in the open interval (0, 1): the top 23 bits, centred. (With
+    24 bits the largest value rounds to 1.0, whose Gumbel noise is infinite.)"""
+    return ((np.asarray(h, np.uint32) >> np.uint32(9)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -23)
+
+
 def uniform(a, b, c) -> np.ndarray:
-    """float32 in the open interval (0, 1), exactly as the kernels compute it."""
-    return ((hash3(a, b, c) >> np.uint32(8)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -24)
+    """to_unit(hash3(a, b, c)), exactly as the kernels compute it."""
+    return to_unit(hash3(a, b, c))
 
 
 # -- IR ----------------------------------------------------------------------------------
@@ -63,8 +69,8 @@ def hash3_ir(kb: KernelBuilder, a: ir.Value, b_: ir.Value, c: ir.Value) -> ir.Va
 
 def uniform_ir(kb: KernelBuilder, a: ir.Value, b_: ir.Value, c: ir.Value) -> ir.Value:
     b = kb.b
-    top = b.uitofp(b.lshr(hash3_ir(kb, a, b_, c), kb.i32(8)), kb.f32(0).type)
-    return b.fmul(b.fadd(top, kb.f32(0.5)), kb.f32(2.0 ** -24))
+    top = b.uitofp(b.lshr(hash3_ir(kb, a, b_, c), kb.i32(9)), kb.f32(0).type)
+    return b.fmul(b.fadd(top, kb.f32(0.5)), kb.f32(2.0 ** -23))
 
 
 # -- dummy weights ------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from fusec.fusion.dtypes import DType
 from fusec.fusion.ir import Node
 from fusec.fusion.patterns import Match, Pattern, PNode, Registry
 from fusec.fusion.plan import Arg, Launch, LowerContext
-from fusec.kernels.attention import PagedAttention
+from fusec.kernels.attention import PagedAttention, heads_per_block
+from fusec.kernels.base import cdiv
 from fusec.kernels.elementwise import Add, AddRmsNorm, BiasAdd, Embed, GatherRows, SiluMul
 from fusec.kernels.gemv import Gemv, vector_width
 from fusec.kernels.rope_kv import RopeKVWrite, cos_sin_table
@@ -86,10 +87,13 @@ def lower_gemv(m: Match, ctx: LowerContext) -> Launch:
         args["bias"] = V(bias.inputs[1])
     k = m.graph.node(mm.inputs[1]).type.shape[1]
     act, weight = _dtype(m, first.inputs[0]), _dtype(m, mm.inputs[1])
-    kernel = Gemv(k=k, n=mm.type.shape[1], act=act, weight=weight,
+    n = mm.type.shape[1]
+    # output blocks go on grid y (at most 65535): very wide outputs take more rows a block
+    rows = max(4 if ctx.target.is_gpu else 8, cdiv(n, 65535))
+    kernel = Gemv(k=k, n=n, act=act, weight=weight,
                   out=out.type.dtype, prologue=prologue, bias=bias is not None, gather=gather is not None,
                   residual_out=residual_out, eps=norm.attrs["eps"] if norm is not None else 0.0,
-                  rows_per_block=4 if ctx.target.is_gpu else 8,
+                  rows_per_block=rows,
                   vec=vector_width(k, act, weight) if ctx.vector_loads else 1)
     return ctx.kernel_launch(m, kernel, args, tuple(outputs), {"num_rows": _rows(out)})
 
@@ -165,11 +169,12 @@ ROPE_KV = (PNode("q", "slice"), PNode("k", "slice"), PNode("v", "slice"),
 def lower_attention(m: Match, ctx: LowerContext) -> Launch:
     a = m["attention"]
     q, cache, tables, ctx_lens, qstart = a.inputs
-    head_dim = a.attrs["head_dim"]
-    kernel = PagedAttention(n_heads=a.attrs["n_heads"], n_kv_heads=a.attrs["n_kv_heads"],
+    head_dim, n_heads, n_kv_heads = a.attrs["head_dim"], a.attrs["n_heads"], a.attrs["n_kv_heads"]
+    kernel = PagedAttention(n_heads=n_heads, n_kv_heads=n_kv_heads,
                             head_dim=head_dim, block_size=m.graph.node(cache).type.shape[2],
                             scale=a.attrs["scale"], sliding_window=a.attrs.get("sliding_window") or 0,
-                            act=a.type.dtype, vec=vector_width(head_dim, a.type.dtype) if ctx.vector_loads else 1)
+                            act=a.type.dtype, vec=vector_width(head_dim, a.type.dtype) if ctx.vector_loads else 1,
+                            heads_per_block=heads_per_block(n_heads // n_kv_heads))
     args = {"q": V(q), "k_cache": Arg("k_cache", cache), "v_cache": Arg("v_cache", cache),
             "block_tables": V(tables), "context_lens": V(ctx_lens), "query_start_loc": V(qstart), "out": V(a.name),
             "num_seqs": D(m.graph.node(ctx_lens).type.shape[0]), "table_width": D(m.graph.node(tables).type.shape[1])}

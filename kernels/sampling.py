@@ -119,7 +119,9 @@ class SampleRows(RowKernel):
         token = kb.var(greedy_token)
         temperature = kb.load(kb["temperature"], r, DType.F32)
         with kb.when(b.fcmp_ordered(">", temperature, kb.f32(0.0))):
-            token.set(self._draw(kb, r, x, mx, temperature, work))
+            drawn = self._draw(kb, r, x, mx, temperature, work)
+            # nothing kept (a row of -inf or NaN logits): the greedy token, never id V
+            token.set(b.select(b.icmp_signed("<", drawn, kb.i32(V)), drawn, greedy_token))
         with kb.when(b.icmp_unsigned("==", kb.lane(), kb.i32(0))):
             kb.store(kb["tokens"], r, token.get(), DType.I32)
             kb.store(kb["picked"], r, x(token.get()), DType.F32)

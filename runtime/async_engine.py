@@ -38,6 +38,7 @@ class AsyncEngine:
 
     # -- the loop ---------------------------------------------------------------------
     def _run(self) -> None:
+        self.engine.runner.bind_thread()
         while not self._stop:
             with self._lock:
                 busy = self.engine.has_unfinished_requests()

@@ -125,6 +125,11 @@ class ModelRunner:
             self.capture_s = time.perf_counter() - start
             log.info("CUDA graphs for decode batches %s captured in %.2fs", self.graph_buckets, self.capture_s)
 
+    def bind_thread(self) -> None:
+        """Call on a thread before it runs steps (a GPU context is per thread)."""
+        if self.device is not None:
+            self.device.activate()
+
     def _apply_tuning(self, model: Model, cache: KernelCache | None) -> None:
         """`fusec autotune`'s choices for this device and model shape, if it ran."""
         from fusec.runtime.autotune import TuningStore, model_key, parse_gemm_key

@@ -156,13 +156,15 @@ def reference_sample(logits: np.ndarray, batch: SamplingBatch) -> SampleResult:
 def kept_tokens(x: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(z - max z, which tokens the filters keep) for one row of logits x."""
-    z = x * (np.float32(1.0) / np.float32(temperature))
-    z = (z - z.max()).astype(np.float64)
+    with np.errstate(invalid="ignore"):  # a row of -inf keeps nothing
+        z = x * (np.float32(1.0) / np.float32(temperature))
+        z = (z - z.max()).astype(np.float64)
     V = len(z)
     keep = np.ones(V, bool)
     if 0 < top_k < V:
         keep = z >= np.partition(z, -top_k)[-top_k]
-    e = np.where(keep, np.exp(z), 0.0)
+    with np.errstate(invalid="ignore"):
+        e = np.where(keep, np.exp(z), 0.0)
     if top_p < 1.0:
         asc = np.sort(e)
         suffix = np.concatenate([np.cumsum(asc[::-1])[::-1], [0.0]])  # mass of asc[i:]
@@ -175,6 +177,8 @@ def kept_tokens(x: np.ndarray, temperature: float, top_k: int, top_p: float, min
 def _draw(x: np.ndarray, batch: SamplingBatch, r: int) -> int:
     z, keep = kept_tokens(x, batch.temperature[r], int(batch.top_k[r]), float(batch.top_p[r]),
                           float(batch.min_p[r]))
+    if not keep.any():  # a row of -inf or NaN logits: the greedy token, as the kernel
+        return int(np.argmax(x))
     u = uniform(batch.seeds[r], batch.counters[r], np.arange(len(z))).astype(np.float64)
     score = np.where(keep, z - np.log(-np.log(u)), -np.inf)
     return int(np.argmax(score))

@@ -46,7 +46,7 @@ class SamplingParams:
         checks = [
             (self.n >= 1, "n must be at least 1"),
             (self.temperature >= 0, "temperature must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 < self.top_p <= 1 and np.float32(self.top_p) > 0, "top_p must be in (0, 1]"),
             (self.top_k >= 0, "top_k must be -1, 0 (off) or positive"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),

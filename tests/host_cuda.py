@@ -7,6 +7,7 @@ GPU tests."""
 from __future__ import annotations
 
 import ctypes
+import threading
 from typing import Any, Sequence
 
 import numpy as np
@@ -68,6 +69,14 @@ class HostMemoryCuda(CudaDevice):
         self.launches = 0
         self.recording: list | None = None  # the "graph" being captured
         self.replays = 0
+        self.threads = {threading.get_ident()}  # threads with the "context" current
+
+    def activate(self) -> None:
+        self.threads.add(threading.get_ident())
+
+    def _current(self) -> None:
+        # the driver's rule: no call without the context current on this thread
+        assert threading.get_ident() in self.threads, "CUDA call on a thread without the context current"
 
     def load(self, kernel) -> Any:
         fn = self.host.linker.kernels.get(kernel.name)
@@ -82,22 +91,35 @@ class HostMemoryCuda(CudaDevice):
         return DeviceArray(mem.ctypes.data, shape, dtype, mem)
 
     def upload(self, buf: DeviceArray, host: np.ndarray) -> None:
+        self._current()
         assert self.recording is None, "a copy from pageable memory cannot be captured in a CUDA graph"
         host = np.ascontiguousarray(host, dtype=buf.dtype)
         if host.nbytes > buf.nbytes:
             raise ValueError(f"{host.nbytes} bytes do not fit a {buf.nbytes}-byte buffer")
         ctypes.memmove(buf.ptr, host.ctypes.data, host.nbytes)
 
+    def upload_rows(self, buf: DeviceArray, host: np.ndarray) -> None:
+        self._current()
+        assert self.recording is None, "a copy from pageable memory cannot be captured in a CUDA graph"
+        host = np.ascontiguousarray(host, dtype=buf.dtype)
+        (r, w), (rows, width) = host.shape, buf.shape
+        assert r <= rows and w <= width
+        host_view(buf.ptr, buf.shape, buf.dtype)[:r, :w] = host
+
     def download(self, buf: DeviceArray, count: int) -> np.ndarray:
+        self._current()
         return host_view(buf.ptr, (count, *buf.shape[1:]), buf.dtype).copy()
 
     def fill_bytes(self, buf: DeviceArray, byte: int) -> None:
+        self._current()
         ctypes.memset(buf.ptr, byte, buf.nbytes)
 
     def copy_bytes(self, dst: int, src: int, nbytes: int) -> None:
+        self._current()
         ctypes.memmove(dst, src, nbytes)
 
     def launch_kernel(self, kernel, args: Sequence[Any], grid: tuple[int, int]) -> None:
+        self._current()
         values = [a.ptr if isinstance(a, DeviceArray) else a.item() for a in args]
         fn, launcher = self.load(kernel), self.host.launcher
         if self.recording is not None:
@@ -116,6 +138,7 @@ class HostMemoryCuda(CudaDevice):
             self.recording = None
 
     def replay(self, graph: list) -> None:
+        self._current()
         self.replays += 1
         for call in graph:
             call()

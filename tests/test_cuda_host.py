@@ -131,3 +131,27 @@ def test_engine_sizes_the_kv_cache_from_gpu_memory_utilization(host_cuda, tiny_c
     assert 0 <= total * 0.5 - (total - free) < per_block
     assert engine.blocks.num_blocks > 100
     engine.close()
+
+
+def test_async_engine_steps_the_cuda_path_on_its_own_thread(host_cuda, tiny_checkpoints):
+    """The engine thread makes the device current before its first step (the double
+    refuses calls from threads without it, as the driver does)."""
+    import asyncio
+
+    from fusec.runtime.async_engine import AsyncEngine
+
+    model = load_model(str(tiny_checkpoints["llama"]))
+    engine = LLMEngine(EngineConfig(device="cuda", max_num_seqs=4, num_kv_blocks=32), model=model)
+    offline = run_requests(engine, [[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    server = AsyncEngine(engine)
+
+    async def generate():
+        async for out in server.generate(None, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                                         prompt_token_ids=[5, 6, 7, 8]):
+            pass
+        return out.outputs[0].token_ids
+
+    try:
+        assert asyncio.run(generate()) == offline[0].outputs[0].token_ids
+    finally:
+        server.shutdown()

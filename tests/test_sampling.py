@@ -12,7 +12,8 @@ from fusec.fusion.cache import KernelCache
 from fusec.fusion.codegen.target import parse_arch
 from fusec.fusion.compiler import compile_kernel
 from fusec.fusion.dtypes import DType, from_storage, to_storage
-from fusec.kernels.random import FillRandom, fill_random_reference, hash3, uniform
+from fusec.errors import InputError
+from fusec.kernels.random import FillRandom, fill_random_reference, hash3, to_unit, uniform
 from fusec.kernels.sampling import MAX_LOGPROBS
 from fusec.runtime.backends.cpu import HostDevice
 from fusec.runtime.sampler import KernelSampler, SamplingBatch, kept_tokens, reference_sample
@@ -157,11 +158,25 @@ def test_seeded_draws_do_not_depend_on_the_batch(device):
     assert alone.tokens[0] == together.tokens[2]
 
 
-def test_hash_is_the_same_in_numpy_and_the_kernel(device):
-    """hash3 / uniform are shared by the fill and the sampler: check the kernel's bits."""
+def test_uniforms_stay_inside_the_open_interval():
+    """Both extreme hashes give a finite Gumbel noise (24 bits would round the top to 1.0)."""
     assert hash3(0, 0, 0) != hash3(0, 0, 1)
+    extremes = to_unit(np.array([0, 0xFFFFFFFF], np.uint32))
+    assert 0 < extremes[0] and extremes[1] < 1
+    assert np.isfinite(-np.log(-np.log(extremes.astype(np.float64)))).all()
+    assert np.isfinite(-np.log(-np.log(extremes))).all()  # in float32, as the kernel computes
     u = uniform(7, 3, np.arange(100000))
     assert 0 < u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
+
+
+def test_a_row_with_nothing_to_keep_gives_the_greedy_token(device):
+    logits = np.full((1, VOCAB), -np.inf, np.float32)
+    seq = Sequence("r", 0, [1], SamplingParams(temperature=1.0, top_p=0.5, seed=1), 0.0, 64)
+    batch = SamplingBatch.build([0], [seq], [set()], VOCAB)
+    assert KernelSampler(device, VOCAB, 2).sample(logits, batch).tokens[0] == 0
+    assert reference_sample(logits, batch).tokens[0] == 0
+    with pytest.raises(InputError, match="top_p"):
+        SamplingParams(top_p=1e-46)  # positive, but 0 in float32: nothing would be kept
 
 
 @pytest.mark.parametrize("dtype", [DType.F32, DType.F16, DType.BF16], ids=lambda d: d.value)

@@ -62,6 +62,9 @@ class HostDevice:
     def sync(self) -> None:
         """Launches return when done: nothing is in flight."""
 
+    def activate(self) -> None:
+        """Any thread may launch host kernels."""
+
     def identity(self) -> str:
         """What tuned choices are keyed by."""
         return f"host {HOST.cpu} x{self.launcher.threads}"

@@ -80,6 +80,11 @@ class CudaDevice:
         self._kernels: dict[str, Any] = {}
         self._in_flight: list[np.ndarray] = []  # host sources of async copies, kept until a sync
 
+    def activate(self) -> None:
+        """Make the device's context current on the calling thread: the driver calls
+        need it, and the engine steps on a thread of its own."""
+        self.device.set_current()
+
     def load(self, kernel) -> Any:
         from cuda.core import ObjectCode
 
@@ -114,6 +119,28 @@ class CudaDevice:
             _check(driver.cuMemcpyDtoHAsync(out.ctypes.data, buf.ptr, out.nbytes, self.stream_handle))
         self.sync()
         return out
+
+    def upload_rows(self, buf: DeviceArray, host: np.ndarray) -> None:
+        """host [r, w] into the top-left corner of the 2-D buf [R, W] (r <= R, w <= W)."""
+        from cuda.bindings import driver
+
+        host = np.ascontiguousarray(host, dtype=buf.dtype)
+        (r, w), (R, W) = host.shape, buf.shape
+        if r > R or w > W:
+            raise ValueError(f"[{r}, {w}] does not fit [{R}, {W}]")
+        if not host.nbytes:
+            return
+        copy = driver.CUDA_MEMCPY2D()
+        copy.srcMemoryType = driver.CUmemorytype.CU_MEMORYTYPE_HOST
+        copy.srcHost = host.ctypes.data
+        copy.srcPitch = w * host.itemsize
+        copy.dstMemoryType = driver.CUmemorytype.CU_MEMORYTYPE_DEVICE
+        copy.dstDevice = buf.ptr
+        copy.dstPitch = W * host.itemsize
+        copy.WidthInBytes = w * host.itemsize
+        copy.Height = r
+        _check(driver.cuMemcpy2DAsync(copy, self.stream_handle))
+        self._in_flight.append(host)
 
     def to_host(self, buf: DeviceArray) -> np.ndarray:
         return self.download(buf, buf.shape[0])
@@ -278,16 +305,22 @@ class CudaExecutor:
         """Enqueue one step; the outputs are device views valid until the next run. A
         decode step replays the captured graph of the smallest bucket that holds it."""
         bucket = self._graph_bucket(inputs, state)
+        tables = inputs.get("block_tables")
         if bucket is not None:
             rows = len(inputs["context_lens"])
-            inputs = pad_decode_inputs(inputs, bucket, self.max_dims["B"])
+            inputs = pad_decode_inputs(inputs, bucket, self.max_dims["B"], tables=False)
         dims = self._bind_dims(inputs, state)
         check_positions(inputs, self.options.max_positions)
         self._reserve(dims)
         plan = self.plan_for(dims["T"])
         values = self._values(plan, dims, state)
         for node in self.graph.nodes("input"):
-            self.device.upload(values[node.name], inputs[node.name])
+            if bucket is not None and node.name == "block_tables":
+                # only the real rows' used columns: the rest holds block ids written before
+                # (zeros at capture), valid for padding rows and never read for real ones
+                self.device.upload_rows(values[node.name], tables)
+            else:
+                self.device.upload(values[node.name], inputs[node.name])
         if bucket is not None:
             self.device.replay(self.graphs[bucket])
             return {name: _rows(values[plan.resolve(name)], rows) for name in self.graph.outputs}
@@ -399,20 +432,25 @@ def _empty_decode() -> dict[str, np.ndarray]:
             "logits_indices": np.zeros(0, np.int32)}
 
 
-def pad_decode_inputs(inputs: Mapping[str, np.ndarray], bucket: int, width: int) -> dict[str, np.ndarray]:
+def pad_decode_inputs(inputs: Mapping[str, np.ndarray], bucket: int, width: int,
+                      tables: bool = True) -> dict[str, np.ndarray]:
     """A decode batch (one token per sequence) padded to `bucket` sequences and block
-    tables `width` wide. Padding rows write no KV (slot -1), attend to one key, and
-    their logits are never read."""
+    tables `width` wide. Padding rows write no KV (slot -1), attend to one key (of
+    block 0, or of whatever block id their table row last held), and their logits are
+    never read."""
     rows = len(inputs["context_lens"])
     pad = bucket - rows
 
     def grow(name: str, fill: int) -> np.ndarray:
         return np.concatenate([np.asarray(inputs[name], np.int32), np.full(pad, fill, np.int32)])
 
-    tables = np.zeros((bucket, width), np.int32)
-    given = np.asarray(inputs["block_tables"], np.int32)
-    tables[:rows, :given.shape[1]] = given
+    if tables:
+        table = np.zeros((bucket, width), np.int32)
+        given = np.asarray(inputs["block_tables"], np.int32)
+        table[:rows, :given.shape[1]] = given
+    else:  # only its shape is needed (the caller uploads the given rows): no allocation
+        table = np.broadcast_to(np.int32(0), (bucket, width))
     return {"token_ids": grow("token_ids", 0), "positions": grow("positions", 0),
-            "slot_mapping": grow("slot_mapping", -1), "block_tables": tables,
+            "slot_mapping": grow("slot_mapping", -1), "block_tables": table,
             "context_lens": grow("context_lens", 1), "query_start_loc": np.arange(bucket + 1, dtype=np.int32),
             "logits_indices": np.arange(bucket, dtype=np.int32)}
