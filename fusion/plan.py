@@ -60,7 +60,7 @@ class LowerContext:
     target: Target
     bucket: str
     max_positions: int
-    vector_loads: bool = False  # kernels may read 16 bytes per lane per load
+    gpu_shapes: bool = False  # GPU-shaped kernels: 16-byte loads, grouped attention heads
     constants: dict[str, np.ndarray] = field(default_factory=dict)
 
     def kernel_launch(self, match: Match, kernel: Any, args: Mapping[str, Arg], outputs: tuple[str, ...],
@@ -106,9 +106,11 @@ class PlanOptions:
     target: Target
     max_positions: int
     crossover: int = 8  # the largest T served by the "gemv" plan
-    # 16-byte vector loads where shapes allow: None = on GPUs (the host's loop vectoriser
-    # does better with scalar loads: measured 20% slower decode with them)
-    vector_loads: bool | None = None
+    # GPU-shaped kernels (16-byte vector loads where shapes allow, one attention block per
+    # KV head's query group): None = on GPUs. On the host both measured slower (decode
+    # 20% with vector loads, batches of 8 about 8% with grouped heads): scalar loops
+    # suit LLVM's host vectoriser better.
+    gpu_shapes: bool | None = None
 
 
 def dead_code_elimination(graph: Graph) -> set[str]:
@@ -159,8 +161,8 @@ def _reference_launch(node: Node, ctx: LowerContext) -> Launch:
 def build_plan(graph: Graph, registry: Registry, options: PlanOptions, bucket: str) -> Plan:
     if bucket not in BUCKETS:
         raise ValueError(f"unknown bucket {bucket!r}")
-    vector_loads = options.target.is_gpu if options.vector_loads is None else options.vector_loads
-    ctx = LowerContext(graph, options.target, bucket, options.max_positions, vector_loads)
+    gpu_shapes = options.target.is_gpu if options.gpu_shapes is None else options.gpu_shapes
+    ctx = LowerContext(graph, options.target, bucket, options.max_positions, gpu_shapes)
     groups = fuse(graph, registry, ctx)
     owner: dict[str, int] = {}
     position = {n: i for i, n in enumerate(graph.nx.nodes)}

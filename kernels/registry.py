@@ -94,7 +94,7 @@ def lower_gemv(m: Match, ctx: LowerContext) -> Launch:
                   out=out.type.dtype, prologue=prologue, bias=bias is not None, gather=gather is not None,
                   residual_out=residual_out, eps=norm.attrs["eps"] if norm is not None else 0.0,
                   rows_per_block=rows,
-                  vec=vector_width(k, act, weight) if ctx.vector_loads else 1)
+                  vec=vector_width(k, act, weight) if ctx.gpu_shapes else 1)
     return ctx.kernel_launch(m, kernel, args, tuple(outputs), {"num_rows": _rows(out)})
 
 
@@ -173,8 +173,8 @@ def lower_attention(m: Match, ctx: LowerContext) -> Launch:
     kernel = PagedAttention(n_heads=n_heads, n_kv_heads=n_kv_heads,
                             head_dim=head_dim, block_size=m.graph.node(cache).type.shape[2],
                             scale=a.attrs["scale"], sliding_window=a.attrs.get("sliding_window") or 0,
-                            act=a.type.dtype, vec=vector_width(head_dim, a.type.dtype) if ctx.vector_loads else 1,
-                            heads_per_block=heads_per_block(n_heads // n_kv_heads))
+                            act=a.type.dtype, vec=vector_width(head_dim, a.type.dtype) if ctx.gpu_shapes else 1,
+                            heads_per_block=heads_per_block(n_heads // n_kv_heads) if ctx.gpu_shapes else 1)
     args = {"q": V(q), "k_cache": Arg("k_cache", cache), "v_cache": Arg("v_cache", cache),
             "block_tables": V(tables), "context_lens": V(ctx_lens), "query_start_loc": V(qstart), "out": V(a.name),
             "num_seqs": D(m.graph.node(ctx_lens).type.shape[0]), "table_width": D(m.graph.node(tables).type.shape[1])}

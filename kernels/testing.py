@@ -37,7 +37,7 @@ def relative_error(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def check_pattern(registry: Registry, pattern: str, ex: Example, dtype: DType, cache: KernelCache,
-                  seed: int = 0, vector_loads: bool | None = None) -> dict[str, float]:
+                  seed: int = 0, gpu_shapes: bool | None = None) -> dict[str, float]:
     """Run `ex` through the fused host plan (outputs poisoned first) and the reference
     interpreter; assert `pattern` was used and every output (and state) agrees within
     the dtype's tolerance. Returns the relative error per output."""
@@ -47,7 +47,7 @@ def check_pattern(registry: Registry, pattern: str, ex: Example, dtype: DType, c
     weights, state = random_weights(ex, rng), random_state(ex, rng)
     ref_state = {k: from_storage(v, ex.graph.node(k).type.dtype).copy() for k, v in state.items()}
     want = Interpreter(ex.graph, weights).run(ex.inputs, ref_state)
-    options = PlanOptions(HOST, max_positions=256, vector_loads=vector_loads)
+    options = PlanOptions(HOST, max_positions=256, gpu_shapes=gpu_shapes)
     executor = CpuExecutor(ex.graph, weights, registry, options, cache, poison=True)
     plan = executor.plan_for(ex.tokens)
     used = [launch.pattern for launch in plan.launches]

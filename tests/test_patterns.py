@@ -42,11 +42,13 @@ def test_fused_kernel_equals_reference(pattern, size, dtype, cache):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: d.value)
+@pytest.mark.parametrize("size", [0, 1, 2])
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_vector_load_kernels_equal_reference(pattern, dtype, cache):
-    """The GPU's 16-byte-load specialisations (size 0's K divides into vectors), on the host."""
-    rng = np.random.default_rng([PATTERNS.index(pattern), 9, DTYPES.index(dtype)])
-    check_pattern(REGISTRY, pattern, EXAMPLES[pattern](rng, 0, dtype), dtype, cache, vector_loads=True)
+def test_gpu_shaped_kernels_equal_reference(pattern, size, dtype, cache):
+    """The GPU's specialisations (16-byte loads where K divides, as in size 0; grouped
+    attention heads, split over two blocks in size 2), run on the host."""
+    rng = np.random.default_rng([PATTERNS.index(pattern), size + 9, DTYPES.index(dtype)])
+    check_pattern(REGISTRY, pattern, EXAMPLES[pattern](rng, size, dtype), dtype, cache, seed=size, gpu_shapes=True)
 
 
 def ptxas() -> str | None:

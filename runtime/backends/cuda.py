@@ -206,7 +206,8 @@ class CudaDevice:
         graph.launch(self.stream)
 
     def plan_options(self, max_positions: int, crossover: int) -> PlanOptions:
-        return PlanOptions(self.target, max_positions=max_positions, crossover=crossover)
+        # GPU-shaped kernels whatever the target (the host-memory double runs them on the CPU)
+        return PlanOptions(self.target, max_positions=max_positions, crossover=crossover, gpu_shapes=True)
 
     def gemm_library(self) -> Any:
         """cuBLASLt with its workspace, for the large-batch plan's GEMMs."""
