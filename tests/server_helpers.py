@@ -30,12 +30,12 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, *args: str, startup_timeout: float = 120) -> None:
+    def __init__(self, *args: str, startup_timeout: float = 120, command: list[str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # output goes to a file: an unread pipe fills up and blocks the server's logging
         self.log = tempfile.NamedTemporaryFile(mode="w+", prefix="fusec-serve-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen([*FUSEC, "serve", "--port", str(self.port), *args, *SERVE_ARGS],
+        self.proc = subprocess.Popen([*(command or FUSEC), "serve", "--port", str(self.port), *args, *SERVE_ARGS],
                                      stdout=self.log, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + startup_timeout
         while time.monotonic() < deadline:

@@ -155,3 +155,34 @@ def test_async_engine_steps_the_cuda_path_on_its_own_thread(host_cuda, tiny_chec
         assert asyncio.run(generate()) == offline[0].outputs[0].token_ids
     finally:
         server.shutdown()
+
+
+def test_serve_on_the_cuda_path_answers_openai_clients(tmp_path, smollm2_path):
+    """`fusec serve --device cuda` on the double (tests/double_serve.py): it captures its
+    graphs at startup, and greedy chat and streamed completions equal the CPU server's."""
+    import sys
+    from pathlib import Path
+
+    import openai
+    from server_helpers import LiveServer, write_tiny_chat_model
+
+    path = write_tiny_chat_model(tmp_path, smollm2_path)
+    common = ("--model", str(path), "--served-model-name", "tiny", "--max-model-len", "256", "--max-num-seqs", "8")
+    servers = {"cpu": LiveServer(*common, "--device", "cpu"),
+               "cuda": LiveServer(*common, "--device", "cuda",
+                                  command=[sys.executable, str(Path(__file__).with_name("double_serve.py"))])}
+    answers = {}
+    try:
+        for name, server in servers.items():
+            c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+            chats = [c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": q}],
+                                               max_tokens=12, temperature=0).choices[0].message.content
+                     for q in ("What is the capital of France?", "Name three colors.")]
+            stream = "".join(chunk.choices[0].text for chunk in c.completions.create(
+                model="tiny", prompt="Once upon a time", max_tokens=12, temperature=0, stream=True))
+            answers[name] = (chats, stream)
+    finally:
+        outputs = {name: server.stop() for name, server in servers.items()}
+    assert answers["cuda"] == answers["cpu"]
+    assert all(code == 0 for code, _ in outputs.values())
+    assert "cuda backend" in outputs["cuda"][1] and "CUDA graphs for batches [1, 2, 4, 8]" in outputs["cuda"][1]
