@@ -31,7 +31,7 @@ def _buckets(value: str) -> list[int]:
 def autotune_cmd(model, dtype, load_format, device, max_tokens, gemm_m, max_algos, repeats) -> None:
     """Tune the engine's per-device choices for a model; later runs use them."""
     from fusec.models.loader import load_model
-    from fusec.runtime.autotune import (CROSSOVER_CANDIDATES, Tuning, TuningStore, gemm_key, model_key,
+    from fusec.runtime.autotune import (Tuning, TuningStore, crossover_candidates, gemm_key, model_key,
                                         tune_crossover, tune_gemms)
     from fusec.runtime.engine import resolve_device
     from fusec.runtime.model_runner import ModelRunner
@@ -46,8 +46,7 @@ def autotune_cmd(model, dtype, load_format, device, max_tokens, gemm_m, max_algo
                          enforce_eager=True)  # graphs would fix each batch's plan
     label = f"{m.name} ({m.dtype.value}) on {runner.device.identity()}"
     click.echo(f"autotuning {label}")
-    steps = len([c for c in CROSSOVER_CANDIDATES if c <= max_tokens])
-    with tqdm(total=steps, desc="crossover", unit="T", disable=None, leave=False) as bar:
+    with tqdm(total=len(crossover_candidates(max_tokens)), desc="crossover", unit="T", disable=None, leave=False) as bar:
         crossover, timings = tune_crossover(runner, max_tokens, repeats, context, bar.update)
     click.echo(f"{'T':>5} {'GEMV plan ms':>13} {'GEMM plan ms':>13}  faster")
     for t, (gemv, gemm) in timings.items():

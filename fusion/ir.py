@@ -10,7 +10,7 @@ for metadata and state.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import networkx as nx
 
@@ -61,6 +61,17 @@ def bind_dims(node: Node, shape: tuple[int, ...], dims: dict[str, int]) -> None:
                 raise ValueError(f"{node.name}: dim {want}={got}, bound to {dims[want]} earlier")
         elif want != got:
             raise ValueError(f"{node.name}: shape {tuple(shape)}, expected {node.type}")
+
+
+def source_dims(sources: Iterable[Node], inputs: Mapping[str, Any], state: Mapping[str, Any],
+                weights: Mapping[str, Any]) -> dict[str, int]:
+    """Every symbolic dim, bound from the shapes of a step's sources (graph inputs, state
+    and weights: arrays, or device buffers with a `shape`)."""
+    dims: dict[str, int] = {}
+    for node in sources:
+        source = inputs if node.kind == "input" else state if node.kind == "state" else weights
+        bind_dims(node, tuple(source[node.name].shape), dims)
+    return dims
 
 
 class Graph:

@@ -111,13 +111,10 @@ class DummyWeights(Mapping[str, np.ndarray]):
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._host:
-            for n, shape, stream, scale, shift in self.fills():
-                if n == name:
-                    w = fill_random_reference(int(np.prod(shape)), self.seed, stream, scale, shift)
-                    self._host[name] = to_storage(w.reshape(shape), self.dtype)
-                    break
-            else:
-                raise KeyError(name)
+            shape = self.shapes[name]  # KeyError for a name the model lacks
+            stream = list(self.shapes).index(name)
+            w = fill_random_reference(int(np.prod(shape)), self.seed, stream, *weight_fill(name, shape))
+            self._host[name] = to_storage(w.reshape(shape), self.dtype)
         return self._host[name]
 
     def __iter__(self) -> Iterator[str]:

@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 CROSSOVER_CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
+def crossover_candidates(max_tokens: int) -> list[int]:
+    """The batch sizes tune_crossover tries, up to max_tokens."""
+    return [c for c in CROSSOVER_CANDIDATES if c <= max_tokens]
+
+
 @dataclass
 class Tuning:
     crossover: int
@@ -113,7 +118,7 @@ def tune_crossover(runner, max_tokens: int, repeats: int = 5, context: int = 64,
     timings: dict[str, list[float]] = {}
     best = 0
     try:
-        for t in [c for c in CROSSOVER_CANDIDATES if c <= max_tokens]:
+        for t in crossover_candidates(max_tokens):
             pair = []
             for crossover in (t, t - 1):  # t in the gemv plan, then in the gemm plan
                 executor.options = replace(original, crossover=crossover)

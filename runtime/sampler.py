@@ -125,32 +125,39 @@ class SampleResult:
 # -- the numpy oracle ------------------------------------------------------------------------
 def reference_sample(logits: np.ndarray, batch: SamplingBatch) -> SampleResult:
     """What the sampling kernels compute, in numpy (float64 where they use float32)."""
-    x = np.asarray(logits, np.float32)[batch.rows].copy()
-    B, V = x.shape
+    raw = np.asarray(logits, np.float32)[batch.rows]
+    B = len(raw)
     R = len(batch.logprob_rows)
     lse = np.zeros(R, np.float32)
     top_ids = np.zeros((R, MAX_LOGPROBS), np.int32)
     top_vals = np.zeros((R, MAX_LOGPROBS), np.float32)
     for j, (row, k) in enumerate(zip(batch.logprob_rows, batch.num_logprobs)):
-        raw = x[row].astype(np.float64)
-        m = raw.max()
-        lse[j] = m + np.log(np.exp(raw - m).sum())
-        order = np.argsort(-x[row], kind="stable")[:k]
-        top_ids[j, :k], top_vals[j, :k] = order, x[row, order]
-    orig = np.zeros(len(batch.tokens), np.float32)
-    for r in range(B):
-        a, b = batch.starts[r], batch.starts[r + 1]
-        toks = batch.tokens[a:b]
-        v = x[r, toks]
-        orig[a:b] = v
-        scaled = np.where(v > 0, v / batch.rep[a:b], v * batch.rep[a:b])
-        x[r, toks] = scaled - batch.sub[a:b]
+        wide = raw[row].astype(np.float64)
+        m = wide.max()
+        lse[j] = m + np.log(np.exp(wide - m).sum())
+        order = np.argsort(-raw[row], kind="stable")[:k]
+        top_ids[j, :k], top_vals[j, :k] = order, raw[row, order]
+    x, orig = penalised_rows(raw, batch)
     tokens = np.zeros(B, np.int32)
     for r in range(B):
         t = batch.temperature[r]
         tokens[r] = np.argmax(x[r]) if t <= 0 else _draw(x[r], batch, r)
     picked = x[np.arange(B), tokens]
     return SampleResult(tokens, picked, orig, lse, top_ids, top_vals)
+
+
+def penalised_rows(rows: np.ndarray, batch: SamplingBatch) -> tuple[np.ndarray, np.ndarray]:
+    """The batch's logits rows [B, V] with its penalty entries applied (a copy), and the
+    values the entries replaced."""
+    x = np.array(rows, np.float32)
+    orig = np.zeros(len(batch.tokens), np.float32)
+    for r in range(len(x)):
+        a, b = batch.starts[r], batch.starts[r + 1]
+        toks = batch.tokens[a:b]
+        v = x[r, toks]
+        orig[a:b] = v
+        x[r, toks] = np.where(v > 0, v / batch.rep[a:b], v * batch.rep[a:b]) - batch.sub[a:b]
+    return x, orig
 
 
 def kept_tokens(x: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float
@@ -174,13 +181,19 @@ def kept_tokens(x: np.ndarray, temperature: float, top_k: int, top_p: float, min
     return z, keep
 
 
-def _draw(x: np.ndarray, batch: SamplingBatch, r: int) -> int:
+def draw_scores(x: np.ndarray, batch: SamplingBatch, r: int) -> np.ndarray:
+    """Gumbel-max scores of row r's penalised logits x: the draw is their argmax; tokens
+    the filters drop score -inf."""
     z, keep = kept_tokens(x, batch.temperature[r], int(batch.top_k[r]), float(batch.top_p[r]),
                           float(batch.min_p[r]))
-    if not keep.any():  # a row of -inf or NaN logits: the greedy token, as the kernel
-        return int(np.argmax(x))
     u = uniform(batch.seeds[r], batch.counters[r], np.arange(len(z))).astype(np.float64)
-    score = np.where(keep, z - np.log(-np.log(u)), -np.inf)
+    return np.where(keep, z - np.log(-np.log(u)), -np.inf)
+
+
+def _draw(x: np.ndarray, batch: SamplingBatch, r: int) -> int:
+    score = draw_scores(x, batch, r)
+    if np.isneginf(score).all():  # a row of -inf or NaN logits: the greedy token, as the kernel
+        return int(np.argmax(x))
     return int(np.argmax(score))
 
 

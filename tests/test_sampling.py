@@ -16,7 +16,8 @@ from fusec.errors import InputError
 from fusec.kernels.random import FillRandom, fill_random_reference, hash3, to_unit, uniform
 from fusec.kernels.sampling import MAX_LOGPROBS
 from fusec.runtime.backends.cpu import HostDevice
-from fusec.runtime.sampler import KernelSampler, SamplingBatch, kept_tokens, reference_sample
+from fusec.runtime.sampler import (KernelSampler, SamplingBatch, draw_scores, kept_tokens, penalised_rows,
+                                   reference_sample)
 from fusec.runtime.sequence import SamplingParams, Sequence
 
 from test_patterns import ptxas
@@ -71,20 +72,14 @@ def check_against_reference(device, logits: np.ndarray, batch: SamplingBatch, ma
         np.testing.assert_array_equal(got.top_ids[j, :k], want.top_ids[j, :k])
         np.testing.assert_array_equal(got.top_vals[j, :k], want.top_vals[j, :k])
     exact = 0
+    penalised, _ = penalised_rows(logits[batch.rows], batch)
     for r in range(len(batch)):
         if batch.temperature[r] == 0:
             assert got.tokens[r] == want.tokens[r], r
         else:
             # float32 in the kernel, float64 in numpy: the draw may differ only between
             # tokens whose scores tie to rounding
-            x = logits[batch.rows[r]].copy()
-            a, b = batch.starts[r], batch.starts[r + 1]
-            v = x[batch.tokens[a:b]]
-            x[batch.tokens[a:b]] = np.where(v > 0, v / batch.rep[a:b], v * batch.rep[a:b]) - batch.sub[a:b]
-            z, keep = kept_tokens(x, batch.temperature[r], int(batch.top_k[r]), float(batch.top_p[r]),
-                                  float(batch.min_p[r]))
-            score = np.where(keep, z - np.log(-np.log(uniform(batch.seeds[r], batch.counters[r],
-                                                              np.arange(len(z))).astype(np.float64))), -np.inf)
+            score = draw_scores(penalised[r], batch, r)
             assert score[got.tokens[r]] >= score.max() - 1e-4, r
         if got.tokens[r] == want.tokens[r]:
             exact += 1

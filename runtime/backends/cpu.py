@@ -15,7 +15,7 @@ from fusec.fusion.codegen.host import HostLauncher, HostLinker
 from fusec.fusion.codegen.target import HOST
 from fusec.fusion.compiler import compile_kernel
 from fusec.fusion.dtypes import DType, from_storage, round_to, to_storage
-from fusec.fusion.ir import Graph, bind_dims
+from fusec.fusion.ir import Graph, source_dims
 from fusec.fusion.ops import OPS
 from fusec.fusion.patterns import Registry
 from fusec.fusion.plan import Launch, Plan, PlanOptions, build_plans
@@ -123,10 +123,7 @@ class CpuExecutor(HostDevice):
 
     def run(self, inputs: Mapping[str, np.ndarray], state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Graph outputs (storage dtype; logits are float32) for these inputs."""
-        dims: dict[str, int] = {}
-        for node in self._sources:
-            source = inputs if node.kind == "input" else state if node.kind == "state" else self.weights
-            bind_dims(node, np.shape(source[node.name]), dims)
+        dims = source_dims(self._sources, inputs, state, self.weights)
         check_positions(inputs, self.options.max_positions)
         plan = self.plan_for(dims["T"])
         key = (plan.bucket, tuple(sorted(dims.items())), tuple(id(state[name]) for name in self._states))

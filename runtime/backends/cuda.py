@@ -20,7 +20,7 @@ from tqdm import tqdm
 from fusec.fusion.cache import KernelCache
 from fusec.fusion.codegen.target import Target
 from fusec.fusion.compiler import compile_kernel
-from fusec.fusion.ir import Graph, bind_dims
+from fusec.fusion.ir import Graph, source_dims
 from fusec.fusion.patterns import Registry
 from fusec.fusion.plan import Launch, Plan, PlanOptions, build_plans
 from fusec.kernels.base import GPU_LANES
@@ -225,6 +225,7 @@ class CudaExecutor:
                  options: PlanOptions, poison: bool = False, max_dims: Mapping[str, int] | None = None) -> None:
         self.device = device
         self.graph, self.options, self.poison = graph, options, poison
+        self._sources = [n for n in graph.nodes() if n.is_source]
         self.plans = build_plans(graph, registry, options)
         kernels = {k.name: k for plan in self.plans.values() for k in plan.kernels()}
         for kernel in tqdm(kernels.values(), desc="loading kernels", unit="kernel", disable=None, leave=False):
@@ -310,7 +311,7 @@ class CudaExecutor:
         if bucket is not None:
             rows = len(inputs["context_lens"])
             inputs = pad_decode_inputs(inputs, bucket, self.max_dims["B"], tables=False)
-        dims = self._bind_dims(inputs, state)
+        dims = source_dims(self._sources, inputs, state, self.weights)
         check_positions(inputs, self.options.max_positions)
         self._reserve(dims)
         plan = self.plan_for(dims["T"])
@@ -341,7 +342,7 @@ class CudaExecutor:
             if bucket > self.max_dims.get("S", 0):
                 continue
             inputs = pad_decode_inputs(_empty_decode(), bucket, self.max_dims["B"])
-            dims = self._bind_dims(inputs, state)
+            dims = source_dims(self._sources, inputs, state, self.weights)
             plan = self.plan_for(bucket)
             values = self._values(plan, dims, state)
             for node in self.graph.nodes("input"):
@@ -362,17 +363,6 @@ class CudaExecutor:
         if inputs["block_tables"].shape[1] > self.max_dims["B"]:
             return None
         return min((b for b in self.graphs if b >= rows), default=None)
-
-    def _bind_dims(self, inputs: Mapping[str, np.ndarray], state: Mapping[str, DeviceArray]) -> dict[str, int]:
-        dims: dict[str, int] = {}
-        for node in self.graph.nodes():
-            if node.kind == "input":
-                bind_dims(node, np.shape(inputs[node.name]), dims)
-            elif node.kind == "state":
-                bind_dims(node, state[node.name].shape, dims)
-            elif node.kind == "weight":
-                bind_dims(node, self.weights[node.name].shape, dims)
-        return dims
 
     def _values(self, plan: Plan, dims: Mapping[str, int], state: Mapping[str, DeviceArray]) -> dict[str, DeviceArray]:
         """Every value of the plan at these dims: weights, state, and arena views."""
