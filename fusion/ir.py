@@ -82,6 +82,7 @@ class Graph:
         self.nx = nx.DiGraph()
         self.outputs: list[str] = []
         self._order: dict[str, int] = {}
+        self._sorted: list[Node] | None = None  # the topological order, until the next _add
 
     # -- building -----------------------------------------------------------------
     def _add(self, node: Node) -> str:
@@ -92,6 +93,7 @@ class Graph:
                 raise ValueError(f"{node.name}: unknown input {src!r}")
         self.nx.add_node(node.name, node=node)
         self._order[node.name] = len(self._order)
+        self._sorted = None
         for pos, src in enumerate(node.inputs):
             if self.nx.has_edge(src, node.name):
                 self.nx.edges[src, node.name]["operands"].append(pos)
@@ -136,11 +138,12 @@ class Graph:
         return self.nx.number_of_nodes()
 
     def nodes(self, kind: str | None = None) -> Iterator[Node]:
-        """Nodes in a deterministic topological order (ties broken by insertion)."""
-        for name in nx.lexicographical_topological_sort(self.nx, key=self._order.__getitem__):
-            n = self.node(name)
-            if kind is None or n.kind == kind:
-                yield n
+        """Nodes in a deterministic topological order (ties broken by insertion). The
+        order is sorted once and kept: executors ask for it on hot paths."""
+        if self._sorted is None:
+            names = nx.lexicographical_topological_sort(self.nx, key=self._order.__getitem__)
+            self._sorted = [self.node(name) for name in names]
+        return iter(self._sorted if kind is None else [n for n in self._sorted if n.kind == kind])
 
     def ops(self) -> Iterator[Node]:
         return (n for n in self.nodes() if not n.is_source)
