@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from tqdm import tqdm
 
-from fusec.cli.options import device_option, model_options
+from fusec.runtime.config import EngineConfig, engine_options
 
 
 def _buckets(value: str) -> list[int]:
@@ -19,8 +19,7 @@ def _buckets(value: str) -> list[int]:
 
 
 @click.command("autotune")
-@model_options
-@device_option
+@engine_options("model", "dtype", "load_format", "device")
 @click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1),
               help="Largest decode batch tried for the crossover.")
 @click.option("--gemm-m", "gemm_m", default="16,32,64,128,256,1024", show_default=True,
@@ -28,22 +27,24 @@ def _buckets(value: str) -> list[int]:
 @click.option("--max-algos", default=32, show_default=True, type=click.IntRange(1, 64),
               help="cuBLASLt algorithms timed per GEMM shape (GPU).")
 @click.option("--repeats", default=5, show_default=True, type=click.IntRange(min=1))
-def autotune_cmd(model, dtype, load_format, device, max_tokens, gemm_m, max_algos, repeats) -> None:
+def autotune_cmd(max_tokens: int, gemm_m: list[int], max_algos: int, repeats: int, **options) -> None:
     """Tune the engine's per-device choices for a model; later runs use them."""
     from fusec.models.loader import load_model
     from fusec.runtime.autotune import (Tuning, TuningStore, crossover_candidates, gemm_key, model_key,
                                         tune_crossover, tune_gemms)
-    from fusec.runtime.engine import resolve_device
+    from fusec.runtime.device import make_device, resolve_device
     from fusec.runtime.model_runner import ModelRunner
 
-    backend = resolve_device(device)
-    m = load_model(model, dtype=dtype, load_format=load_format)
+    kind = resolve_device(options["device"])
+    m = load_model(options["model"], dtype=options["dtype"], load_format=options["load_format"], device=kind)
     context = 64
     block_size = 16
-    blocks = max_tokens * -(-(context + 1) // block_size) + 1
-    runner = ModelRunner(m, blocks, block_size, backend=backend, max_positions=context + 2,
-                         max_batch_tokens=max(max_tokens, *gemm_m), max_sample_rows=max_tokens,
-                         enforce_eager=True)  # graphs would fix each batch's plan
+    # graphs would fix each batch's plan: eager steps
+    config = EngineConfig(block_size=block_size, num_kv_blocks=max_tokens * -(-(context + 1) // block_size) + 1,
+                          max_num_seqs=max_tokens, max_num_batched_tokens=max(max_tokens, *gemm_m),
+                          enforce_eager=True)
+    device = make_device(kind)
+    runner = ModelRunner(m, config, device, max_model_len=context + 2)
     label = f"{m.name} ({m.dtype.value}) on {runner.device.identity()}"
     click.echo(f"autotuning {label}")
     with tqdm(total=len(crossover_candidates(max_tokens)), desc="crossover", unit="T", disable=None, leave=False) as bar:
@@ -53,9 +54,9 @@ def autotune_cmd(model, dtype, load_format, device, max_tokens, gemm_m, max_algo
         click.echo(f"{t:>5} {gemv:>13.3f} {gemm:>13.3f}  {'GEMV' if gemv <= gemm else 'GEMM'}")
     click.echo(f"crossover: batches of up to {crossover} tokens run the fused-GEMV plan")
     tuning = Tuning(crossover, timings)
-    library = getattr(runner.executor, "gemm", None)
+    library = runner.executor.gemm if device.kind == "cuda" else None  # algorithms to choose: cuBLASLt's
     if library is not None:
-        from fusec.runtime.backends.cublaslt import GemmShape
+        from fusec.runtime.device import GemmShape
 
         plan = runner.executor.plans["gemm"]
         graph = runner.executor.graph
@@ -79,6 +80,7 @@ def autotune_cmd(model, dtype, load_format, device, max_tokens, gemm_m, max_algo
             tuning.gemm_algos[key] = algo
             name = f"{shape.tokens} x {shape.out_features} x {shape.in_features}, {shape.dtype.value}"
             click.echo(f"{name:<34} {default:>11.4f} {best:>9.4f} {default / best if best else 1:>5.2f}x")
-    path = TuningStore().put(runner.device.identity(), model_key(m), tuning, label)
+    path = TuningStore(device.cache.root).put(runner.device.identity(), model_key(m), tuning, label)
     runner.close()
+    device.close()
     click.echo(f"wrote {path}")

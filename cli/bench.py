@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from fusec.cli.options import device_option, model_options
 from fusec.errors import FusecError
+from fusec.runtime.config import EngineConfig, engine_options
 
 
 def _levels(value: str) -> list[int]:
@@ -22,43 +22,36 @@ def _levels(value: str) -> list[int]:
 
 
 @click.command("bench")
-@model_options
+@engine_options("model", "dtype", "load_format", "device", "executor", "max_num_seqs", "max_num_batched_tokens",
+                "max_model_len", "block_size", "kv_cache_gb", "num_kv_blocks", "gpu_memory_utilization",
+                "enable_prefix_caching", "enforce_eager", "crossover", "seed", max_num_seqs=None)
 @click.option("--n", "levels", default="1,8,32", show_default=True, callback=lambda c, p, v: _levels(v),
               help="Concurrency levels (requests in flight), comma-separated.")
 @click.option("--num-prompts", type=click.IntRange(min=1), default=None, help="Requests per level [default: N].")
 @click.option("--input-len", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--output-len", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--ignore-eos/--no-ignore-eos", default=True, show_default=True)
-@click.option("--executor", default="fused", show_default=True, type=click.Choice(["fused", "reference"]))
-@click.option("--max-num-seqs", default=None, type=click.IntRange(min=1), help="[default: the largest N]")
-@click.option("--max-num-batched-tokens", default=1024, show_default=True, type=click.IntRange(min=1))
-@click.option("--gpu-memory-utilization", default=0.9, show_default=True, type=click.FloatRange(0.05, 1.0),
-              help="GPU memory share for weights, activations and KV cache (CUDA backend).")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
-@click.option("--enforce-eager", is_flag=True, help="No CUDA graphs (CUDA backend).")
 @click.option("--profile", is_flag=True, help="Also print where each step's time goes (host overhead per N).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@device_option
-def bench_cmd(model, dtype, load_format, levels, num_prompts, input_len, output_len, ignore_eos, executor,
-              max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, seed, enforce_eager, profile, json_path, plot_path, device) -> None:
-    """Throughput and latency of the engine at each concurrency level."""
+def bench_cmd(levels: list[int], num_prompts: int | None, input_len: int, output_len: int, ignore_eos: bool,
+              profile: bool, json_path: Path | None, plot_path: Path | None, **options) -> None:
+    """Throughput and latency of the engine at each concurrency level (--max-num-seqs
+    defaults to the largest N, --max-model-len to input + output + 16; --seed seeds the
+    dummy weights and the random prompts)."""
     from fusec.runtime.benchmark import benchmark, plot
-    from fusec.runtime.engine import EngineConfig
 
     if plot_path is not None:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise FusecError("--plot needs matplotlib: pip install 'fusec[bench]'") from None
-    max_num_seqs = max_num_seqs or max(levels)
+    max_num_seqs = options["max_num_seqs"] or max(levels)
     if max(levels) > max_num_seqs:
         raise FusecError(f"--n {max(levels)} exceeds --max-num-seqs {max_num_seqs}")
-    config = EngineConfig(model=model, dtype=dtype, load_format=load_format, executor=executor, seed=seed,
-                          device=device if executor == "fused" else "cpu",
-                          max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                          gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
-                          max_model_len=input_len + output_len + 16)
+    config = EngineConfig.from_options(options, max_num_seqs=max_num_seqs,
+                                       max_model_len=options["max_model_len"] or input_len + output_len + 16)
+    seed = config.seed
 
     def bar(n: int, total: int):
         return tqdm(total=total, desc=f"N={n}", unit="tok", leave=False, disable=None)
@@ -71,14 +64,14 @@ def bench_cmd(model, dtype, load_format, levels, num_prompts, input_len, output_
         click.echo(f"{r.n:>4} {r.output_tok_s:>9.1f} {r.ttft_p50_ms:>7.0f}ms {r.ttft_p95_ms:>7.0f}ms "
                    f"{r.itl_p50_ms:>6.1f}ms {r.itl_p95_ms:>6.1f}ms {r.peak_rss_mb:>7.0f}")
     if profile:
-        from fusec.runtime.profile import PHASES
+        from fusec.runtime.profile import HOST_PHASES, PHASES
 
-        click.echo("per step (ms): " + ", ".join(PHASES) + "; host = schedule + prepare + postprocess")
-        click.echo(f"{'N':>4} {'step':>8} " + " ".join(f"{p[:8]:>8}" for p in PHASES) + f" {'host %':>7}")
+        click.echo("per step (ms): " + ", ".join(PHASES) + "; host = " + " + ".join(HOST_PHASES))
+        click.echo(f"{'N':>4} {'step':>8} " + " ".join(f"{p[:8]:>8}" for p in PHASES) + f" {'host ms':>8} {'host %':>7}")
         for r in report.results:
             p = r.profile
             click.echo(f"{r.n:>4} {p['step_ms']:>8.2f} " + " ".join(f"{p[ph + '_ms']:>8.2f}" for ph in PHASES)
-                       + f" {100 * p['host_share']:>6.1f}%")
+                       + f" {p['host_ms']:>8.2f} {100 * p['host_share']:>6.1f}%")
     if json_path is not None:
         json_path.write_text(json.dumps(report.to_json(), indent=2))
         click.echo(f"wrote {json_path}")

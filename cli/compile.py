@@ -7,19 +7,21 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from fusec.cli.options import DTYPE_CHOICES, model_option
 from fusec.errors import FusecError
+from fusec.runtime.config import EngineConfig, engine_options
 
 
-def model_kernels(model, target, crossover: int, block_size: int = 16) -> tuple[dict, list]:
-    """A model's plans for a target, and the distinct kernels serving it needs: the
-    plans', the sampler's, and (on a GPU) the dummy-weight fill."""
-    from fusec.fusion.plan import PlanOptions, build_plans
+def model_kernels(model, target, max_positions: int, block_size: int) -> tuple[dict, list]:
+    """A model's plans for a target, as a device of that target runs them (the same
+    plan options), and the distinct kernels serving it needs: the plans', the
+    sampler's, and (on a GPU) the dummy-weight fill."""
+    from fusec.fusion.plan import build_plans
     from fusec.kernels.random import FillRandom
     from fusec.kernels.registry import default_registry
+    from fusec.runtime.device import plan_options
     from fusec.runtime.sampler import KernelSampler
 
-    options = PlanOptions(target, model.config.max_position_embeddings, crossover)
+    options = plan_options(target, max_positions, gpu_shapes=target.is_gpu)
     plans = build_plans(model.graph(block_size), default_registry(), options)
     kernels = [k for plan in plans.values() for k in plan.kernels()]
     kernels += KernelSampler.kernel_specs(model.config.vocab_size)
@@ -29,32 +31,28 @@ def model_kernels(model, target, crossover: int, block_size: int = 16) -> tuple[
 
 
 @click.command("compile")
-@model_option
-@click.option("--arch", default="sm_90", show_default=True, type=click.Choice(["sm_80", "sm_90", "host"]))
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPE_CHOICES),
-              help="auto: f16 for GPUs, f32 for the host")
-@click.option("--block-size", default=16, show_default=True, type=click.IntRange(min=1), help="KV cache block size")
-@click.option("--crossover", default=8, show_default=True, type=click.IntRange(min=1),
-              help="largest batch (tokens) served by the fused-GEMV plan")
+@engine_options("model", "dtype", "max_model_len", "block_size")
+@click.option("--arch", default="sm_90", show_default=True, type=click.Choice(["sm_80", "sm_90", "host"]),
+              help="host: what `serve --device cpu` runs; sm_*: what `serve --device cuda` runs on that GPU.")
 @click.option("--explain", is_flag=True, help="Per layer: the unfused ops, the matched patterns, the launches.")
 @click.option("--emit-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write each kernel's PTX (or host object) here.")
-def compile_cmd(model: str | None, arch: str, dtype: str, block_size: int, crossover: int, explain: bool,
-                emit_dir: Path | None) -> None:
-    """Compile the fused kernels of a model for a GPU arch or the host."""
+def compile_cmd(arch: str, explain: bool, emit_dir: Path | None, **options) -> None:
+    """Compile the fused kernels of a model for a GPU arch or the host: exactly those
+    `fusec serve` with the same flags loads, so its startup finds them all cached."""
     from fusec.fusion.cache import KernelCache
     from fusec.fusion.codegen.target import parse_arch
     from fusec.fusion.compiler import compile_kernel
     from fusec.fusion.explain import report
     from fusec.models.loader import load_model
 
+    config = EngineConfig.from_options(options)
     target = parse_arch(arch)
-    if dtype == "auto":
-        dtype = "f16" if target.is_gpu else "f32"
-    m = load_model(model, dtype=dtype, with_weights=False)
+    m = load_model(config.model, dtype=config.dtype, with_weights=False, device="cuda" if target.is_gpu else "cpu")
+    max_model_len = config.resolved_max_model_len(m.config.max_position_embeddings)
     t0 = time.perf_counter()
     try:
-        plans, kernels = model_kernels(m, target, crossover, block_size)
+        plans, kernels = model_kernels(m, target, max_model_len, config.block_size)
     except ValueError as e:  # e.g. an op no kernel covers on a GPU target
         raise FusecError(f"cannot compile {m.name} for {arch}: {e}") from None
     t_plan = time.perf_counter() - t0

@@ -11,8 +11,8 @@ from fusec.cli.autotune import autotune_cmd
 from fusec.cli.bench import bench_cmd
 from fusec.cli.compile import compile_cmd
 from fusec.cli.serve import serve_cmd
-from fusec.cli.options import device_option, model_options
 from fusec.errors import FusecError
+from fusec.runtime.config import engine_options
 
 
 class UserError(click.ClickException):
@@ -41,26 +41,22 @@ def cli(log_level: str) -> None:
 
 
 @cli.command()
-@model_options
+@engine_options("model", "dtype", "load_format", "device", "executor", "max_model_len")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeatable).")
 @click.option("--chat", is_flag=True, help="Wrap each prompt as a user message in the chat template.")
 @click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0.0),
               help="0 = greedy")
-@click.option("--seed", default=None, type=click.IntRange(min=0), help="Seed for sampling.")
-@click.option("--max-model-len", default=None, type=click.IntRange(min=1), help="Cap on prompt + output tokens.")
+@click.option("--seed", default=None, type=click.IntRange(min=0), help="Seed for sampling (and dummy weights).")
 @click.option("--ignore-eos", is_flag=True, help="Keep generating past the end-of-sequence token.")
-@click.option("--fused", is_flag=True, help="Run the compiled fused plans instead of the reference interpreter.")
-@device_option
-def generate(model: str | None, dtype: str, load_format: str, prompts: tuple[str, ...], chat: bool,
-             max_tokens: int, temperature: float, seed: int | None, max_model_len: int | None,
-             ignore_eos: bool, fused: bool, device: str) -> None:
+def generate(prompts: tuple[str, ...], chat: bool, max_tokens: int, temperature: float, seed: int | None,
+             ignore_eos: bool, **options) -> None:
     """Generate text for one or more prompts (continuous batching over a paged KV cache)."""
+    from fusec.runtime.config import EngineConfig
     from fusec.runtime.llm import LLM
     from fusec.runtime.sequence import SamplingParams
 
-    llm = LLM(model, dtype=dtype, load_format=load_format, seed=seed or 0, max_model_len=max_model_len,
-              executor="fused" if fused else "reference", device=device if fused else "cpu")
+    llm = LLM(config=EngineConfig.from_options(options, seed=seed or 0))
     engine = llm.engine
     tok = engine.tokenizer
     if tok is None:
@@ -104,8 +100,8 @@ def info() -> None:
         click.echo(f"default model: unavailable ({e})")
     click.echo("backends:")
     click.echo("  reference  yes (numpy interpreter of the unfused graph)")
-    click.echo("  host       yes (fused kernels JIT-compiled with llvmlite, numpy GEMMs; generate --fused)")
-    from fusec.runtime.engine import cuda_available
+    click.echo("  host       yes (fused kernels JIT-compiled with llvmlite, numpy GEMMs)")
+    from fusec.runtime.device import cuda_available
 
     arch = None
     if cuda_available():
@@ -131,27 +127,26 @@ def info() -> None:
 
 def _cache_state(arches: list[str]) -> None:
     """How many of the default model's kernels the cache holds per target."""
-    from dataclasses import replace
-
     from fusec.cli.compile import model_kernels
     from fusec.fusion.cache import KernelCache
     from fusec.fusion.codegen.target import parse_arch
     from fusec.fusion.compiler import is_cached
-    from fusec.fusion.dtypes import DType
     from fusec.models.loader import load_model
+    from fusec.runtime.config import EngineConfig
 
     cache = KernelCache()
     click.echo(f"kernel cache: {cache.root}")
-    try:
-        m = load_model(None, with_weights=False)
-    except FusecError:
-        return
+    config = EngineConfig()
     for arch in arches:
         target = parse_arch(arch)
-        dtype = DType.F32 if arch == "host" else DType.F16
-        _plans, kernels = model_kernels(replace(m, dtype=dtype), target, 8)
+        try:
+            m = load_model(None, with_weights=False, device="cuda" if target.is_gpu else "cpu")
+        except FusecError:
+            return
+        limit = config.resolved_max_model_len(m.config.max_position_embeddings)
+        _plans, kernels = model_kernels(m, target, limit, config.block_size)
         cached = sum(is_cached(k, target, cache) for k in kernels)
-        click.echo(f"  {arch:<6} {m.name} ({dtype.value}): {cached}/{len(kernels)} kernels cached"
+        click.echo(f"  {arch:<6} {m.name} ({m.dtype.value}): {cached}/{len(kernels)} kernels cached"
                    f"{'' if cached == len(kernels) else f' (fusec compile --arch {arch} builds them)'}")
 
 

@@ -41,22 +41,26 @@ def check_pattern(registry: Registry, pattern: str, ex: Example, dtype: DType, c
     """Run `ex` through the fused host plan (outputs poisoned first) and the reference
     interpreter; assert `pattern` was used and every output (and state) agrees within
     the dtype's tolerance. Returns the relative error per output."""
-    from fusec.runtime.backends.cpu import CpuExecutor
+    from fusec.runtime.backends.cpu import HostDevice
+    from fusec.runtime.executor import PlanExecutor
 
     rng = np.random.default_rng(seed)
     weights, state = random_weights(ex, rng), random_state(ex, rng)
     ref_state = {k: from_storage(v, ex.graph.node(k).type.dtype).copy() for k, v in state.items()}
     want = Interpreter(ex.graph, weights).run(ex.inputs, ref_state)
     options = PlanOptions(HOST, max_positions=256, gpu_shapes=gpu_shapes)
-    executor = CpuExecutor(ex.graph, weights, registry, options, cache, poison=True)
+    device = HostDevice(cache)
+    executor = PlanExecutor(device, ex.graph, weights, registry, options, poison=True)
     plan = executor.plan_for(ex.tokens)
     used = [launch.pattern for launch in plan.launches]
     assert pattern in used, f"pattern {pattern} did not match; launches: {used}"
-    got = executor.run(ex.inputs, state)
+    executor.load_kv(state)
+    got = {name: device.to_host(buf) for name, buf in executor.run(ex.inputs).items()}
     errors = {}
     for name, value in want.items():
         node = ex.graph.node(plan.resolve(name))
         errors[name] = relative_error(from_storage(got[name], node.type.dtype), value)
         assert errors[name] < TOLERANCE[dtype], f"{pattern} {dtype.value}: {name} off by {errors[name]:.3g}"
     executor.close()
+    device.close()
     return errors

@@ -80,14 +80,26 @@ def resolve_model_path(model: str | None) -> Path:
     return path
 
 
+GPU_CHECKPOINT_DTYPES = {"float16": DType.F16, "bfloat16": DType.BF16}
+
+
+def auto_dtype(device: str, checkpoint_dtype: object) -> DType:
+    """What dtype "auto" means: on a GPU the checkpoint's f16 or bf16 (f16 for f32
+    checkpoints and GGUF files, as vLLM does); on the CPU what it runs fastest, f32."""
+    if device != "cuda":
+        return DType.F32
+    return GPU_CHECKPOINT_DTYPES.get(checkpoint_dtype if isinstance(checkpoint_dtype, str) else "", DType.F16)
+
+
 def load_model(model: str | None = None, dtype: str = "auto", load_format: str = "auto",
-               seed: int = 0, with_weights: bool = True) -> Model:
-    """Load a model. dtype "auto" is f32 for now (the CPU reference path). Without
-    weights (for compiling) only the config, rope frequencies and tokenizer are read."""
+               seed: int = 0, with_weights: bool = True, device: str = "cpu") -> Model:
+    """Load a model for a device kind ("cpu" or "cuda"; it decides what dtype "auto"
+    means). Without weights (for compiling) only the config, rope frequencies and
+    tokenizer are read."""
     if load_format not in LOAD_FORMATS:
         raise ModelLoadError(f"unknown load format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}")
     try:
-        dt = DType.F32 if dtype == "auto" else DType.parse(dtype)
+        dt = None if dtype == "auto" else DType.parse(dtype)
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
     if dt is DType.I32:
@@ -99,13 +111,14 @@ def load_model(model: str | None = None, dtype: str = "auto", load_format: str =
             raise ModelLoadError(f"{path}: not a .gguf file or a model directory")
         if load_format == "safetensors":
             raise ModelLoadError(f"{path}: --load-format safetensors needs an HF model directory")
-        return _load_gguf(path, name, dt, load_format, seed, with_weights)
+        return _load_gguf(path, name, dt or auto_dtype(device, None), load_format, seed, with_weights)
     if load_format == "gguf":
         raise ModelLoadError(f"{path}: --load-format gguf needs a .gguf file")
-    return _load_hf_dir(path, name, dt, load_format, seed, with_weights)
+    return _load_hf_dir(path, name, dt, device, load_format, seed, with_weights)
 
 
-def _load_hf_dir(path: Path, name: str, dtype: DType, load_format: str, seed: int, with_weights: bool) -> Model:
+def _load_hf_dir(path: Path, name: str, dtype: DType | None, device: str, load_format: str, seed: int,
+                 with_weights: bool) -> Model:
     try:
         raw = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
@@ -113,6 +126,8 @@ def _load_hf_dir(path: Path, name: str, dtype: DType, load_format: str, seed: in
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{path / 'config.json'}: not a JSON object")
     config = config_from_hf(raw, str(path / "config.json"))
+    if dtype is None:
+        dtype = auto_dtype(device, raw.get("torch_dtype") or raw.get("dtype"))
     tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
     if not with_weights:
         weights = {}

@@ -140,7 +140,7 @@ def gemm_key(shape) -> str:
 
 def parse_gemm_key(key: str):
     from fusec.fusion.dtypes import DType
-    from fusec.runtime.backends.cublaslt import GemmShape
+    from fusec.runtime.device import GemmShape
 
     n, k, dtype, y_dtype, m = key.split(",")
     return GemmShape(int(m), int(n), int(k), DType(dtype), DType(y_dtype))

@@ -11,6 +11,8 @@ from typing import Sequence as Seq
 from fusec.errors import InputError
 from fusec.models.detokenizer import IncrementalDetokenizer
 from fusec.models.loader import Model, load_model
+from fusec.runtime.config import EngineConfig
+from fusec.runtime.device import Device, make_device, resolve_device
 from fusec.runtime.block_manager import BlockManager
 from fusec.runtime.model_runner import ModelRunner, SequenceChunk
 from fusec.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -19,25 +21,6 @@ from fusec.runtime.scheduler import Scheduler
 from fusec.runtime.sequence import SamplingParams, Sequence, SequenceStatus
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineConfig:
-    model: str | None = None
-    dtype: str = "auto"
-    load_format: str = "auto"
-    seed: int = 0
-    max_model_len: int | None = None
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 1024
-    block_size: int = 16
-    kv_cache_gb: float = 1.0  # KV cache memory; the block count follows from it
-    num_kv_blocks: int | None = None  # overrides kv_cache_gb
-    enable_prefix_caching: bool = True
-    executor: str = "fused"  # "fused" (compiled plans) | "reference" (the interpreter)
-    device: str = "cpu"  # "auto" | "cpu" | "cuda"
-    gpu_memory_utilization: float = 0.9  # share of the GPU for weights, activations and KV cache
-    enforce_eager: bool = False  # no CUDA graphs
 
 
 @dataclass
@@ -61,60 +44,33 @@ class _Request:
     finished_reported: bool = False
 
 
-def cuda_available() -> bool:
-    try:
-        from cuda.core import Device
-
-        Device().set_current()
-        return True
-    except Exception:  # no cuda-python, no driver, or no device
-        return False
-
-
-def resolve_device(device: str) -> str:
-    if device == "cpu":
-        return "cpu"
-    if device == "auto":
-        return "cuda" if cuda_available() else "cpu"
-    if device == "cuda":
-        if not cuda_available():
-            raise InputError("no CUDA device found; use --device cpu")
-        return "cuda"
-    raise InputError(f"unknown device {device!r}; expected auto, cpu or cuda")
-
-
 class LLMEngine:
-    def __init__(self, config: EngineConfig, model: Model | None = None) -> None:
+    """`device` runs the compiled plans (made from config.device when not given: tests
+    inject a double); the reference executor needs none."""
+
+    def __init__(self, config: EngineConfig, model: Model | None = None, device: Device | None = None) -> None:
         self.config = config
+        if config.executor == "reference":
+            if config.device == "cuda" or device is not None:
+                raise InputError("the reference executor runs on the CPU; use --device cpu")
+            kind = "cpu"
+        else:
+            kind = device.kind if device is not None else resolve_device(config.device)
+        self.device = kind
         self.model = model or load_model(config.model, dtype=config.dtype, load_format=config.load_format,
-                                         seed=config.seed)
+                                         seed=config.seed, device=kind)
         cfg = self.model.config
         self.tokenizer = self.model.tokenizer
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        self.device = resolve_device(config.device)
-        if self.device == "cuda" and config.executor == "reference":
-            raise InputError("the reference executor runs on the CPU; use --device cpu")
-        backend = "reference" if config.executor == "reference" else self.device
-        bytes_per_block = 2 * cfg.num_layers * config.block_size * cfg.kv_size * self.model.dtype.itemsize
-        if backend == "reference":
-            bytes_per_block = bytes_per_block * 4 // self.model.dtype.itemsize  # the interpreter keeps f32
-        needed = -(-self.max_model_len // config.block_size)
-        num_blocks = config.num_kv_blocks
-        if num_blocks is None and backend != "cuda":
-            num_blocks = int(config.kv_cache_gb * 2**30 // bytes_per_block)
-        if num_blocks is not None and num_blocks < needed:
-            raise InputError(f"the KV cache holds {num_blocks} blocks of {config.block_size} tokens, fewer than one "
-                             f"sequence of --max-model-len {self.max_model_len} needs ({needed}); "
-                             f"raise the KV cache size or lower --max-model-len")
-        # on a GPU without a set block count, the runner sizes the KV cache from what is left
-        # of --gpu-memory-utilization once weights, activations and sampler buffers are placed
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, backend=backend,
-                                  max_positions=self.max_model_len,
-                                  max_batch_tokens=max(config.max_num_batched_tokens, config.max_num_seqs),
-                                  max_sample_rows=config.max_num_seqs,
-                                  gpu_memory_utilization=config.gpu_memory_utilization,
-                                  kv_bytes_per_block=bytes_per_block, min_kv_blocks=needed,
-                                  enforce_eager=config.enforce_eager)
+        self.max_model_len = config.resolved_max_model_len(cfg.max_position_embeddings)
+        self._owns_device = device is None and config.executor != "reference"
+        if self._owns_device:
+            device = make_device(kind)
+        try:
+            self.runner = ModelRunner(self.model, config, device, self.max_model_len)
+        except BaseException:
+            if self._owns_device:
+                device.close()
+            raise
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, max(config.max_num_batched_tokens, 1))
         self.end_ids: set[int] = set(cfg.eos_token_ids)
@@ -183,8 +139,7 @@ class LLMEngine:
         with prof.phase("prepare"):
             inputs = self.runner.prepare([SequenceChunk(c.seq.tokens[c.start:c.start + c.num_tokens], c.start,
                                                         c.seq.block_table) for c in sched.chunks])
-        with prof.phase("forward"):
-            logits = self.runner.run(inputs)
+        logits = self.runner.run(inputs, prof)
         with prof.phase("postprocess"):
             now = time.monotonic()
             rows, sampling = [], []
@@ -294,3 +249,5 @@ class LLMEngine:
 
     def close(self) -> None:
         self.runner.close()
+        if self._owns_device:
+            self.runner.device.close()

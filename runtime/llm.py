@@ -15,10 +15,13 @@ Messages = Seq[Mapping[str, Any]]
 
 
 class LLM:
-    """`LLM(model=None)` loads the default model. Keyword arguments are EngineConfig's."""
+    """`LLM(model=None)` loads the default model. Keyword arguments are EngineConfig's
+    (or pass a whole `config`)."""
 
-    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
-        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+    def __init__(self, model: str | None = None, config: EngineConfig | None = None, **kwargs: Any) -> None:
+        if config is not None and (model is not None or kwargs):
+            raise InputError("give either a config or model and EngineConfig keyword arguments")
+        self.engine = LLMEngine(config or EngineConfig(model=model, **kwargs))
         self._ids = itertools.count()
 
     def get_tokenizer(self):

@@ -1,5 +1,6 @@
 """Device memory planning: one activation arena per executor, and the KV cache sized
-from what is left of --gpu-memory-utilization."""
+once weights, activations and sampler buffers are placed (on a GPU: from what is left
+of --gpu-memory-utilization; on the CPU: --kv-cache-gb)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import numpy as np
 from fusec.errors import InputError
 from fusec.fusion.ir import Graph
 from fusec.fusion.plan import Plan
+from fusec.runtime.config import EngineConfig
 
 ALIGN = 256  # bytes: what cuBLASLt and vectorised loads like
 
@@ -58,11 +60,43 @@ def arena_layout(graph: Graph, plans: Mapping[str, Plan], dims: Mapping[str, int
     return ArenaLayout(inputs, slots, size)
 
 
-def kv_blocks_for_memory(total: int, free: int, utilization: float, bytes_per_block: int,
-                         needed_blocks: int) -> int:
-    """KV blocks that fit in this process's share of the GPU once everything else is
-    placed: utilization * total, less what is already in use (ours and others')."""
-    budget = int(total * utilization) - (total - free)
+@dataclass(frozen=True)
+class MemoryUse:
+    """Step one of the KV sizing handshake: the device's (free, total) bytes before this
+    engine placed anything and after its weights, activations and sampler buffers."""
+
+    free_before: int
+    free_after: int
+    total: int
+
+    @property
+    def ours(self) -> int:
+        return max(0, self.free_before - self.free_after)
+
+
+def kv_cache_blocks(config: EngineConfig, device_kind: str, memory: MemoryUse | None, bytes_per_block: int,
+                    max_model_len: int) -> int:
+    """Step two of the KV sizing handshake: blocks for the cache. Refuses a cache that
+    cannot hold one sequence of max_model_len tokens."""
+    needed = -(-max_model_len // config.block_size)
+    if config.num_kv_blocks is None and device_kind == "cuda" and memory is not None:
+        return kv_blocks_for_memory(memory, config.gpu_memory_utilization, bytes_per_block, needed)
+    blocks = config.num_kv_blocks
+    if blocks is None:
+        blocks = int(config.kv_cache_gb * 2 ** 30 // bytes_per_block)
+    if blocks < needed:
+        raise InputError(f"the KV cache holds {blocks} blocks of {config.block_size} tokens, fewer than one "
+                         f"sequence of --max-model-len {max_model_len} needs ({needed}); raise the KV cache size "
+                         f"or lower --max-model-len")
+    return blocks
+
+
+def kv_blocks_for_memory(memory: MemoryUse, utilization: float, bytes_per_block: int, needed_blocks: int) -> int:
+    """KV blocks that fit in this engine's share of the GPU once everything else is
+    placed: utilization * total, less what the engine itself placed (as vLLM counts it:
+    other processes' memory is theirs, so several servers can each take a share), and
+    never more than is free."""
+    budget = min(int(memory.total * utilization) - memory.ours, memory.free_after)
     blocks = max(0, budget // bytes_per_block)
     if blocks < needed_blocks:
         gib = 2 ** 30

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
-from fusec.fusion.cache import KernelCache
-from fusec.fusion.codegen.target import HOST
-from fusec.fusion.interpreter import Interpreter
-from fusec.fusion.plan import PlanOptions
 from fusec.models.loader import Model
-from fusec.runtime.memory import kv_blocks_for_memory, max_dims
+from fusec.runtime.config import EngineConfig
+from fusec.runtime.device import Device
+from fusec.runtime.executor import PlanExecutor, ReferenceExecutor
+from fusec.runtime.memory import MemoryUse, kv_cache_blocks, max_dims
+from fusec.runtime.profile import StepProfile
 from fusec.runtime.sampler import KernelSampler, SampleResult, SamplingBatch, reference_sample
 from fusec.runtime.sequence import Sequence as Seq
 
@@ -57,117 +57,96 @@ def build_inputs(chunks: Sequence[SequenceChunk], block_size: int, all_logits: b
     }
 
 
-# Largest batch (tokens) the host runs through fused GEMVs: past it, BLAS GEMMs (which
-# read each weight once per step) win. Measured on the SmolLM2 decode step.
-HOST_CROSSOVER = 2
-# The GPU's: fused GEMVs re-read the weights once per token, cuBLASLt reads them once.
-# A default until `fusec autotune` measures it per GPU.
-GPU_CROSSOVER = 8
 # Decode batch sizes captured as CUDA graphs (and the largest batch); a batch replays
 # the smallest that holds it, padded.
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-BACKENDS = ("reference", "cpu", "cuda")
-
-
 class ModelRunner:
-    """Runs a model's graph over a paged KV cache, on one backend: "reference" (the
-    interpreter of the unfused graph), "cpu" (the compiled plans on the host) or "cuda"
-    (the compiled plans on a GPU, cuBLASLt for the large-batch GEMMs)."""
+    """Runs a model's graph over a paged KV cache on a device (the compiled plans), or
+    without one (`device=None`: the interpreter of the unfused graph)."""
 
-    def __init__(self, model: Model, num_blocks: int | None, block_size: int = 16, backend: str = "reference",
-                 cache: KernelCache | None = None, max_positions: int | None = None,
-                 max_batch_tokens: int = 1 << 20, max_sample_rows: int = 64, gpu_memory_utilization: float = 0.9,
-                 kv_bytes_per_block: int = 0, min_kv_blocks: int = 1, enforce_eager: bool = False) -> None:
+    def __init__(self, model: Model, config: EngineConfig, device: Device | None, max_model_len: int) -> None:
         self.model = model
-        self.block_size = block_size
-        graph = model.graph(block_size)
-        positions = max_positions or model.config.max_position_embeddings
-        if backend == "reference":
-            self.executor = Interpreter(graph, model.weights)
-        elif backend == "cpu":
-            from fusec.kernels.registry import default_registry
-            from fusec.runtime.backends.cpu import CpuExecutor
-
-            options = PlanOptions(HOST, max_positions=positions, crossover=HOST_CROSSOVER)
-            self.executor = CpuExecutor(graph, model.weights, default_registry(), options, cache)
-        elif backend == "cuda":
-            from fusec.kernels.registry import default_registry
-            from fusec.runtime.backends.cuda import CudaDevice, CudaExecutor
-
-            device = CudaDevice(cache)
-            self.executor = CudaExecutor(device, graph, model.weights, default_registry(),
-                                         device.plan_options(positions, GPU_CROSSOVER),
-                                         max_dims=max_dims(max_batch_tokens, max_sample_rows, positions, block_size))
-        else:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-        self.device = getattr(self.executor, "device", None)  # where kernels run; None: the interpreter
+        self.block_size = config.block_size
+        self.device = device
         self.vocab = model.config.vocab_size
-        self.max_sample_rows = max(1, max_sample_rows)
-        # the compiled sampling kernels on the executor's device; the reference executor
-        # samples with their numpy oracle
-        self.sampler = None if self.device is None else KernelSampler(self.device, self.vocab, self.max_sample_rows)
-        if self.device is not None:
-            self._apply_tuning(model, cache)
-        if num_blocks is None:  # a GPU: what is left of its share holds the KV cache
-            free, total = self.device.memory_info()
-            num_blocks = kv_blocks_for_memory(total, free, gpu_memory_utilization, kv_bytes_per_block, min_kv_blocks)
-            log.info("KV cache: %d blocks (%.2f GiB)", num_blocks, num_blocks * kv_bytes_per_block / 2 ** 30)
-        self.num_blocks = num_blocks
-        self.kv_state = self.executor.new_state({"NB": num_blocks})
+        self.max_sample_rows = max(1, config.max_num_seqs)
+        graph = model.graph(config.block_size)
+        memory: MemoryUse | None = None
+        if device is None:
+            self.executor: PlanExecutor | ReferenceExecutor = ReferenceExecutor(graph, model.weights)
+            self.sampler = None  # the reference samples with the kernels' numpy oracle
+        else:
+            from fusec.kernels.registry import default_registry
+
+            device.sync()
+            free_before, total = device.memory_info()
+
+            tuning = self._tuning(device, model)
+            crossover = config.crossover or (tuning.crossover if tuning else None)
+            max_tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
+            self.executor = PlanExecutor(device, graph, model.weights, default_registry(),
+                                         device.plan_options(max_model_len, crossover),
+                                         max_dims=max_dims(max_tokens, self.max_sample_rows, max_model_len,
+                                                           config.block_size))
+            if tuning and self.executor.gemm is not None:
+                from fusec.runtime.autotune import parse_gemm_key
+
+                for key, algo in tuning.gemm_algos.items():
+                    self.executor.gemm.tuned[parse_gemm_key(key)] = bytes.fromhex(algo)
+            self.sampler = KernelSampler(device, self.vocab, self.max_sample_rows)
+            device.sync()
+            memory = MemoryUse(free_before, device.memory_info()[0], total)
+        kind = device.kind if device is not None else "cpu"
+        self.num_blocks = kv_cache_blocks(config, kind, memory, self.executor.kv_bytes_per_block(), max_model_len)
+        self.executor.allocate_kv(self.num_blocks)
+        log.info("KV cache: %d blocks (%.2f GiB)", self.num_blocks,
+                 self.num_blocks * self.executor.kv_bytes_per_block() / 2 ** 30)
         self.graph_buckets: list[int] = []
         self.capture_s = 0.0
-        if backend == "cuda" and not enforce_eager:
+        if device is not None and device.supports_graphs and not config.enforce_eager:
             start = time.perf_counter()
-            buckets = sorted({b for b in GRAPH_BUCKETS if b < max_sample_rows} | {max_sample_rows})
-            self.graph_buckets = self.executor.capture_graphs(buckets, self.kv_state)
+            buckets = sorted({b for b in GRAPH_BUCKETS if b < self.max_sample_rows} | {self.max_sample_rows})
+            self.graph_buckets = self.executor.capture_graphs(buckets)
             self.capture_s = time.perf_counter() - start
             log.info("CUDA graphs for decode batches %s captured in %.2fs", self.graph_buckets, self.capture_s)
+
+    @staticmethod
+    def _tuning(device: Device, model: Model):
+        """`fusec autotune`'s choices for this device and model shape, if it ran."""
+        from fusec.runtime.autotune import TuningStore, model_key
+
+        tuning = TuningStore(device.cache.root).get(device.identity(), model_key(model))
+        if tuning is not None:
+            log.info("autotuned: crossover %d, %d GEMM algorithms", tuning.crossover, len(tuning.gemm_algos))
+        return tuning
 
     def bind_thread(self) -> None:
         """Call on a thread before it runs steps (a GPU context is per thread)."""
         if self.device is not None:
             self.device.activate()
 
-    def _apply_tuning(self, model: Model, cache: KernelCache | None) -> None:
-        """`fusec autotune`'s choices for this device and model shape, if it ran."""
-        from fusec.runtime.autotune import TuningStore, model_key, parse_gemm_key
-
-        tuning = TuningStore(cache.root if cache else None).get(self.device.identity(), model_key(model))
-        if tuning is None:
-            return
-        self.executor.options = replace(self.executor.options, crossover=tuning.crossover)
-        library = getattr(self.executor, "gemm", None)
-        if library is not None:
-            for key, algo in tuning.gemm_algos.items():
-                library.tuned[parse_gemm_key(key)] = bytes.fromhex(algo)
-        log.info("autotuned: crossover %d, %d GEMM algorithms", tuning.crossover, len(tuning.gemm_algos))
-
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy KV blocks src -> dst in every layer (copy-on-write of shared blocks)."""
-        copy = getattr(self.executor, "copy_blocks", None)
-        if copy is not None:
-            copy(self.kv_state, pairs)
-            return
-        src = [s for s, _ in pairs]
-        dst = [d for _, d in pairs]
-        for cache in self.kv_state.values():
-            cache[:, dst] = cache[:, src]
+        self.executor.copy_blocks(pairs)
 
     def close(self) -> None:
-        close = getattr(self.executor, "close", None)
-        if close is not None:
-            close()
+        self.executor.close()
 
     def prepare(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> dict[str, np.ndarray]:
         """The graph inputs (paged-attention metadata) for a batch."""
         return build_inputs(chunks, self.block_size, all_logits)
 
-    def run(self, inputs: dict[str, np.ndarray]) -> Any:
-        """Logits (float32, [rows, vocab]) where the executor keeps them (device memory on
-        a GPU, valid until the next run)."""
-        (logits,) = self.executor.run(inputs, self.kv_state).values()
+    def run(self, inputs: dict[str, np.ndarray], profile: StepProfile | None = None) -> Any:
+        """Logits (float32, [rows, vocab]) where the executor keeps them (device memory,
+        valid until the next run). The profile gets the executor's host work before the
+        launches ("stage") apart from the launches ("forward")."""
+        profile = profile or StepProfile()
+        with profile.phase("stage"):
+            staged = self.executor.stage(inputs)
+        with profile.phase("forward"):
+            (logits,) = self.executor.launch(staged).values()
         return logits
 
     def forward(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> Any:

@@ -7,10 +7,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import fusec.runtime.backends.cuda as cuda_backend  # noqa: E402
-import fusec.runtime.engine as engine  # noqa: E402
+import fusec.runtime.device as device  # noqa: E402
 from host_cuda import HostMemoryCuda  # noqa: E402
 
-engine.cuda_available = lambda: True
+device.cuda_available = lambda: True
 cuda_backend.CudaDevice = lambda cache=None: HostMemoryCuda(cache, total_bytes=2 << 30)
 
 from fusec.cli.main import cli  # noqa: E402

@@ -26,8 +26,12 @@ def scattered_tables(num_blocks: int, per_seq: list[int], seed: int = 0) -> list
 
 def poisoned_runner(model: Model, num_blocks: int, block_size: int) -> ModelRunner:
     """A runner whose KV cache starts as NaN: reading an unwritten slot poisons the output."""
-    runner = ModelRunner(model, num_blocks, block_size)
-    for cache in runner.kv_state.values():
+    from fusec.runtime.config import EngineConfig
+
+    config = EngineConfig(num_kv_blocks=num_blocks, block_size=block_size)
+    max_model_len = min(model.config.max_position_embeddings, num_blocks * block_size)
+    runner = ModelRunner(model, config, None, max_model_len=max_model_len)
+    for cache in runner.executor.kv.values():
         cache.fill(np.nan)
     return runner
 

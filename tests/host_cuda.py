@@ -44,6 +44,9 @@ class NumpyGemm:
     def algo_bytes(algo: int) -> bytes:
         return bytes([algo]) * 64
 
+    def prepare(self, shape, x: DeviceArray, w: DeviceArray, y: DeviceArray):
+        return lambda: self.matmul(shape, x.ptr, w.ptr, y.ptr, 0)
+
     def matmul(self, shape, x: int, w: int, y: int, stream: int, algo: int | None = None) -> None:
         if self.device.recording is not None:
             self.device.recording.append(lambda: self.matmul(shape, x, w, y, stream, algo))
@@ -114,19 +117,23 @@ class HostMemoryCuda(CudaDevice):
         self._current()
         ctypes.memset(buf.ptr, byte, buf.nbytes)
 
-    def copy_bytes(self, dst: int, src: int, nbytes: int) -> None:
+    def copy(self, dst: DeviceArray, src: DeviceArray) -> None:
         self._current()
-        ctypes.memmove(dst, src, nbytes)
+        assert dst.nbytes == src.nbytes
+        ctypes.memmove(dst.ptr, src.ptr, dst.nbytes)
 
-    def launch_kernel(self, kernel, args: Sequence[Any], grid: tuple[int, int]) -> None:
-        self._current()
+    def prepare_launch(self, kernel, args: Sequence[Any], grid: tuple[int, int]):
         values = [a.ptr if isinstance(a, DeviceArray) else a.item() for a in args]
         fn, launcher = self.load(kernel), self.host.launcher
-        if self.recording is not None:
-            self.recording.append(lambda: launcher.launch(fn, values, grid))
-            return
-        self.launches += 1
-        launcher.launch(fn, values, grid)
+
+        def call() -> None:
+            self._current()
+            if self.recording is not None:
+                self.recording.append(lambda: launcher.launch(fn, values, grid))
+                return
+            self.launches += 1
+            launcher.launch(fn, values, grid)
+        return call
 
     def capture(self, body) -> list:
         """A "graph": the recorded launches, replayed in order."""

@@ -12,6 +12,8 @@ from click.testing import CliRunner
 from fusec.cli.autotune import autotune_cmd
 from fusec.models.loader import load_model
 from fusec.runtime.autotune import CROSSOVER_CANDIDATES, TuningStore, model_key
+from fusec.runtime.backends.cpu import HostDevice
+from fusec.runtime.config import EngineConfig
 from fusec.runtime.model_runner import ModelRunner
 
 FUSEC = str(Path(sys.executable).with_name("fusec"))
@@ -29,24 +31,28 @@ def test_autotune_cpu_crossover_is_stored_and_used(tiny_checkpoints):
     assert entry["crossover"] in CROSSOVER_CANDIDATES and entry["crossover"] <= 6
     assert set(entry["crossover_ms"]) <= {"1", "2", "3", "4", "6"}
     model = load_model(model_dir)
-    runner = ModelRunner(model, 8, backend="cpu")
+    device = HostDevice()
+    runner = ModelRunner(model, EngineConfig(num_kv_blocks=8), device, max_model_len=64)
     assert runner.executor.options.crossover == entry["crossover"]
     assert TuningStore().get(runner.device.identity(), model_key(model)).crossover == entry["crossover"]
     runner.close()
+    device.close()
 
 
 def test_autotune_gemm_algorithms_on_the_cuda_path(tiny_checkpoints, monkeypatch):
     from host_cuda import HostMemoryCuda
 
-    monkeypatch.setattr("fusec.runtime.engine.cuda_available", lambda: True)
+    # the command makes its own device: it gets the double
+    monkeypatch.setattr("fusec.runtime.device.cuda_available", lambda: True)
     monkeypatch.setattr("fusec.runtime.backends.cuda.CudaDevice", HostMemoryCuda)
     model_dir = str(tiny_checkpoints["qwen2"])
     res = CliRunner().invoke(autotune_cmd, ["--model", model_dir, "--device", "cuda", "--max-tokens", "4",
                                             "--repeats", "1", "--gemm-m", "16,32", "--max-algos", "2"])
     assert res.exit_code == 0, res.output
     assert "default ms" in res.output and "16 x " in res.output and "32 x " in res.output
-    model = load_model(model_dir)
-    runner = ModelRunner(model, 8, backend="cuda")
+    model = load_model(model_dir, device="cuda")  # auto dtype as the command chose it: f16 on a GPU
+    assert model.dtype.value == "f16"
+    runner = ModelRunner(model, EngineConfig(num_kv_blocks=8, enforce_eager=True), HostMemoryCuda(), max_model_len=64)
     tuned = runner.executor.gemm.tuned
     # every GEMM of the model's GEMM plan, at both row counts, has a stored algorithm
     assert tuned and {s.tokens for s in tuned} == {16, 32}

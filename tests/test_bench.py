@@ -24,13 +24,13 @@ def test_bench_reports_levels_and_writes_json_and_plot(tiny_checkpoints, tmp_pat
         assert r["peak_rss_mb"] > 0
         # the step profile: phases add up to the step, the model dominates it
         p = r["profile"]
-        phases = ["schedule_ms", "prepare_ms", "forward_ms", "sample_ms", "postprocess_ms"]
+        phases = ["schedule_ms", "prepare_ms", "stage_ms", "forward_ms", "sample_ms", "postprocess_ms"]
         assert abs(sum(p[k] for k in phases) - p["step_ms"]) < 1e-6 and min(p[k] for k in phases) >= 0
         assert p["step_ms"] * 6 <= r["wall_s"] * 1000 * 1.05  # at least 6 steps in the level
-        assert 0 < p["host_share"] < 1
+        assert 0 < p["host_share"] < 1 and 0 < p["host_ms"] < p["step_ms"]
     assert report["startup_s"] > 0 and report["machine"]["cores"] >= 1
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "tok/s" in res.stdout and "TTFT" in res.stdout and "host %" in res.stdout
+    assert "tok/s" in res.stdout and "TTFT" in res.stdout and "host %" in res.stdout and "host ms" in res.stdout
 
 
 def test_bench_rejects_bad_levels():

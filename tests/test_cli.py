@@ -76,7 +76,7 @@ def _bad_inputs(tmp: Path, tiny: Path, smollm2: Path) -> dict[str, tuple[list[st
         "prompt longer than --max-model-len": (
             ["generate", "--max-model-len", "4", "--prompt", "a prompt of more than four tokens"], "context holds 4"),
         "bad option value": (["generate", "--prompt", "x", "--max-tokens", "0"], "--max-tokens"),
-        "no CUDA device": (["generate", "--fused", "--device", "cuda", "--prompt", "x"],
+        "no CUDA device": (["generate", "--device", "cuda", "--prompt", "x"],
                            "no CUDA device found; use --device cpu"),
     }
 

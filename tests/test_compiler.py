@@ -96,8 +96,8 @@ def test_fused_generation_equals_reference(name, tiny_checkpoints, smollm2_path)
 def test_cli_generate_fused_equals_reference():
     args = [FUSEC, "generate", "--chat", "--prompt", "What is the capital of France?", "--prompt", "Name a color.",
             "--max-tokens", "24"]
-    ref = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    fused = subprocess.run(args + ["--fused"], capture_output=True, text=True, timeout=300)
+    ref = subprocess.run(args + ["--executor", "reference"], capture_output=True, text=True, timeout=300)
+    fused = subprocess.run(args + ["--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0 and fused.returncode == 0, fused.stderr
     assert fused.stdout == ref.stdout and "Paris" in fused.stdout
 

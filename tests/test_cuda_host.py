@@ -15,28 +15,29 @@ from fusec.kernels.registry import default_registry
 from fusec.kernels.testing import relative_error
 from fusec.models.loader import load_model
 from fusec.models.weights import DummyWeights
-from fusec.runtime.backends.cuda import CudaExecutor
 from fusec.runtime.engine import EngineConfig, LLMEngine
+from fusec.runtime.executor import PlanExecutor
 from fusec.runtime.memory import max_dims
 from fusec.runtime.model_runner import SequenceChunk, build_inputs
 from fusec.runtime.sequence import SamplingParams
 
 
-def decode_against_reference(model, device, crossover: int, steps: int = 6) -> CudaExecutor:
+def decode_against_reference(model, device, crossover: int, steps: int = 6) -> PlanExecutor:
     """Prefill two sequences, then greedy decode steps, on the device and in the
     reference interpreter: logits agree every step, tokens too in f32, and so do the KV
     caches at the end."""
     graph = model.graph(4)
-    ex = CudaExecutor(device, graph, model.weights, default_registry(), device.plan_options(128, crossover),
+    ex = PlanExecutor(device, graph, model.weights, default_registry(), device.plan_options(128, crossover),
                       poison=True, max_dims=max_dims(32, 4, 128, 4))
+    ex.allocate_kv(16)
     ref = Interpreter(graph, model.weights)
-    dev_state, ref_state = ex.new_state({"NB": 16}), ref.new_state({"NB": 16})
+    ref_state = ref.new_state({"NB": 16})
     rng = np.random.default_rng(3)
     chunks = [SequenceChunk(rng.integers(0, model.config.vocab_size, n).tolist(), 0, list(blocks))
               for n, blocks in ((11, (3, 9, 1, 12, 5, 10, 4, 15)), (6, (0, 7, 14, 2, 8, 6, 11, 13)))]
     for _ in range(steps):
         inputs = build_inputs(chunks, 4)
-        got = device.to_host(ex.run(inputs, dev_state)["logits"])
+        got = device.to_host(ex.run(inputs)["logits"])
         want = ref.run(inputs, ref_state)["logits"]
         f32 = model.dtype.value == "f32"
         assert relative_error(got, want) < (1e-4 if f32 else 3e-2)
@@ -46,7 +47,7 @@ def decode_against_reference(model, device, crossover: int, steps: int = 6) -> C
             c.start += len(c.token_ids)
             c.token_ids = [int(np.argmax(row))]
     # the KV caches on the "device" equal the reference's (both halves, every block written)
-    for name, arr in dev_state.items():
+    for name, arr in ex.kv.items():
         got = from_storage(device.to_host(arr), graph.node(name).type.dtype)
         assert relative_error(got[:, [3, 9, 1, 0, 7, 14]], ref_state[name][:, [3, 9, 1, 0, 7, 14]]) < 3e-2
     return ex
@@ -69,22 +70,23 @@ def test_dummy_weights_filled_on_the_device_equal_the_host_values(tiny_checkpoin
     model = load_model(str(tiny_checkpoints["llama"]), dtype="bf16", load_format="dummy", seed=7)
     assert isinstance(model.weights, DummyWeights)
     device = HostMemoryCuda(KernelCache(tmp_path))
-    ex = CudaExecutor(device, model.graph(4), model.weights, default_registry(), device.plan_options(128, 8))
+    ex = PlanExecutor(device, model.graph(4), model.weights, default_registry(), device.plan_options(128, 8))
     for name, arr in ex.weights.items():
         np.testing.assert_array_equal(device.to_host(arr), model.weights[name])
     decode_against_reference(model, device, 8, steps=3)
 
 
 @pytest.fixture
-def host_cuda(monkeypatch, tmp_path):
-    """`--device cuda` served by HostMemoryCuda."""
-    monkeypatch.setattr("fusec.runtime.engine.cuda_available", lambda: True)
-    monkeypatch.setattr("fusec.runtime.backends.cuda.CudaDevice", HostMemoryCuda)
+def host_cuda(tmp_path):
+    """A HostMemoryCuda with its own kernel cache, injected into engines as their device."""
+    device = HostMemoryCuda(KernelCache(tmp_path / "kernels"))
+    yield device
+    device.close()
 
 
 @pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
 def test_engine_on_the_cuda_path_equals_cpu(eager, host_cuda, tiny_checkpoints):
-    engine = engine_on_cuda_equals_cpu(load_model(str(tiny_checkpoints["qwen2"])), eager)
+    engine = engine_on_cuda_equals_cpu(load_model(str(tiny_checkpoints["qwen2"])), host_cuda, eager)
     device = engine.runner.device
     if eager:
         assert device.replays == 0 and not engine.runner.graph_buckets
@@ -92,7 +94,7 @@ def test_engine_on_the_cuda_path_equals_cpu(eager, host_cuda, tiny_checkpoints):
         assert engine.runner.graph_buckets == [1, 2, 4, 8] and device.replays > 10
 
 
-def engine_on_cuda_equals_cpu(model, enforce_eager: bool = False):
+def engine_on_cuda_equals_cpu(model, cuda_device, enforce_eager: bool = False):
     """Continuous batching, chunked prefill through the GEMM plan, prefix caching, n > 1
     with copy-on-write, penalties, logprobs and seeded sampling: the CUDA path's tokens
     equal the CPU backend's. Returns the CUDA engine."""
@@ -106,7 +108,8 @@ def engine_on_cuda_equals_cpu(model, enforce_eager: bool = False):
     results = {}
     for device in ("cpu", "cuda"):
         engine = LLMEngine(EngineConfig(device=device, max_num_batched_tokens=48, max_num_seqs=8,
-                                        num_kv_blocks=64, enforce_eager=enforce_eager), model=model)
+                                        num_kv_blocks=64, enforce_eager=enforce_eager), model=model,
+                           device=cuda_device if device == "cuda" else None)
         outputs = run_requests(engine, prompts, params)
         assert engine.blocks.all_free()
         results[device] = outputs
@@ -123,7 +126,7 @@ def engine_on_cuda_equals_cpu(model, enforce_eager: bool = False):
 
 def test_engine_sizes_the_kv_cache_from_gpu_memory_utilization(host_cuda, tiny_checkpoints):
     model = load_model(str(tiny_checkpoints["llama"]))
-    engine = LLMEngine(EngineConfig(device="cuda", gpu_memory_utilization=0.5), model=model)
+    engine = LLMEngine(EngineConfig(device="cuda", gpu_memory_utilization=0.5), model=model, device=host_cuda)
     free, total = engine.runner.device.memory_info()
     cfg = model.config
     per_block = 2 * cfg.num_layers * 16 * cfg.kv_size * 4
@@ -141,7 +144,7 @@ def test_async_engine_steps_the_cuda_path_on_its_own_thread(host_cuda, tiny_chec
     from fusec.runtime.async_engine import AsyncEngine
 
     model = load_model(str(tiny_checkpoints["llama"]))
-    engine = LLMEngine(EngineConfig(device="cuda", max_num_seqs=4, num_kv_blocks=32), model=model)
+    engine = LLMEngine(EngineConfig(device="cuda", max_num_seqs=4, num_kv_blocks=32), model=model, device=host_cuda)
     offline = run_requests(engine, [[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     server = AsyncEngine(engine)
 

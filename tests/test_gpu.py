@@ -35,7 +35,8 @@ def _has_gpu() -> bool:
 if not ON_HOST and not _has_gpu():
     pytest.skip("no CUDA device", allow_module_level=True)
 
-from fusec.runtime.backends.cuda import CudaDevice, CudaExecutor  # noqa: E402
+from fusec.runtime.backends.cuda import CudaDevice  # noqa: E402
+from fusec.runtime.executor import PlanExecutor  # noqa: E402
 from test_cuda_host import decode_against_reference, engine_on_cuda_equals_cpu  # noqa: E402
 
 REGISTRY = default_registry()
@@ -57,13 +58,11 @@ def gpu(tmp_path_factory):
 
 
 @pytest.fixture
-def on_gpu(monkeypatch):
-    """The engine's `--device cuda`, on the double when ON_HOST."""
-    if ON_HOST:
-        from host_cuda import HostMemoryCuda
-
-        monkeypatch.setattr("fusec.runtime.engine.cuda_available", lambda: True)
-        monkeypatch.setattr("fusec.runtime.backends.cuda.CudaDevice", HostMemoryCuda)
+def on_gpu():
+    """A device for engines' `--device cuda` (the double when ON_HOST)."""
+    device = make_device()
+    yield device
+    device.close()
 
 
 @pytest.mark.parametrize("dtype", [DType.F32, DType.F16, DType.BF16], ids=lambda d: d.value)
@@ -75,14 +74,12 @@ def test_pattern_on_gpu_equals_reference(pattern, size, dtype, gpu):
     weights, state = random_weights(ex, rng), random_state(ex, rng)
     ref_state = {k: from_storage(v, ex.graph.node(k).type.dtype).copy() for k, v in state.items()}
     want = Interpreter(ex.graph, weights).run(ex.inputs, ref_state)
-    ex_ = CudaExecutor(gpu, ex.graph, weights, REGISTRY, gpu.plan_options(256, 8), poison=True)
+    ex_ = PlanExecutor(gpu, ex.graph, weights, REGISTRY, gpu.plan_options(256, 8), poison=True)
     plan = ex_.plan_for(ex.tokens)
     assert pattern in {launch.pattern for launch in plan.launches}
-    dev_state = ex_.new_state(ex.state_dims)
-    for name, arr in dev_state.items():
-        gpu.upload(arr, state[name])
-    got = ex_.run(ex.inputs, dev_state)
-    got.update(dev_state)
+    ex_.load_kv(state)
+    got = ex_.run(ex.inputs)
+    got.update(ex_.kv)
     for name, value in want.items():
         node = ex.graph.node(plan.resolve(name))
         err = relative_error(from_storage(gpu.to_host(got[name]), node.type.dtype), value)
@@ -105,7 +102,7 @@ def test_tiny_model_decode_on_gpu_equals_reference(name, dtype, crossover, gpu, 
 def test_engine_on_gpu_equals_cpu(eager, on_gpu, tiny_checkpoints):
     from fusec.models.loader import load_model
 
-    engine = engine_on_cuda_equals_cpu(load_model(str(tiny_checkpoints["qwen2"])), eager)
+    engine = engine_on_cuda_equals_cpu(load_model(str(tiny_checkpoints["qwen2"])), on_gpu, eager)
     assert bool(engine.runner.graph_buckets) != eager
 
 
@@ -114,7 +111,7 @@ def test_engine_kv_cache_follows_gpu_memory_utilization(on_gpu, tiny_checkpoints
     from fusec.runtime.engine import EngineConfig, LLMEngine
 
     model = load_model(str(tiny_checkpoints["llama"]), dtype="f16")
-    engine = LLMEngine(EngineConfig(device="cuda", gpu_memory_utilization=0.5), model=model)
+    engine = LLMEngine(EngineConfig(device="cuda", gpu_memory_utilization=0.5), model=model, device=on_gpu)
     free, total = engine.runner.device.memory_info()
     assert engine.blocks.num_blocks > 1000
     assert abs((total - free) / total - 0.5) < 0.03  # the KV cache took the rest of the share
@@ -207,7 +204,8 @@ def test_smollm2_greedy_on_gpu_equals_cpu(on_gpu):
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     texts = {}
     for device in ("cpu", "cuda"):
-        engine = LLMEngine(EngineConfig(device=device, num_kv_blocks=64, max_model_len=256), model=model)
+        engine = LLMEngine(EngineConfig(device=device, num_kv_blocks=64, max_model_len=256), model=model,
+                           device=on_gpu if device == "cuda" else None)
         for i, prompt in enumerate(SMOLLM2_PROMPTS):
             engine.add_request(str(i), prompt, params)
         done = {}

@@ -9,8 +9,8 @@ from fusec.fusion.codegen.target import parse_arch
 from fusec.fusion.plan import PlanOptions, build_plans
 from fusec.kernels.registry import default_registry
 from fusec.models.loader import load_model
-from fusec.runtime.memory import ALIGN, arena_layout, kv_blocks_for_memory, max_dims
-from fusec.runtime.backends.cublaslt import GemmShape
+from fusec.runtime.memory import ALIGN, MemoryUse, arena_layout, kv_blocks_for_memory, max_dims
+from fusec.runtime.device import GemmShape
 from fusec.fusion.dtypes import DType
 
 
@@ -46,10 +46,20 @@ def test_arena_holds_every_value_without_overlap(tiny_checkpoints):
 
 def test_kv_blocks_from_gpu_memory_utilization():
     gib = 2 ** 30
-    # 80 GiB card, 20 GiB in use (weights, arena, others): 0.9 leaves 52 GiB
-    assert kv_blocks_for_memory(80 * gib, 60 * gib, 0.9, gib // 2, 10) == 104
+    # 80 GiB card; the engine placed 20 GiB (weights, arena, sampler): 0.9 leaves 52 GiB
+    ours = MemoryUse(free_before=80 * gib, free_after=60 * gib, total=80 * gib)
+    assert kv_blocks_for_memory(ours, 0.9, gib // 2, 10) == 104
     with pytest.raises(InputError, match="--gpu-memory-utilization 0.2 leaves 0.00 GiB"):
-        kv_blocks_for_memory(80 * gib, 60 * gib, 0.2, gib // 2, 10)
+        kv_blocks_for_memory(ours, 0.2, gib // 2, 10)
+
+
+def test_kv_blocks_leave_other_processes_memory_alone():
+    """Another server holds 40 GiB: a second one at 0.4 still gets its share (only what
+    it placed itself counts against it), and no budget passes what is free."""
+    gib = 2 ** 30
+    second = MemoryUse(free_before=40 * gib, free_after=30 * gib, total=80 * gib)
+    assert kv_blocks_for_memory(second, 0.4, gib // 2, 10) == 44  # 32 - 10 GiB
+    assert kv_blocks_for_memory(second, 0.9, gib // 2, 10) == 60  # 62 GiB wanted, 30 free
 
 
 def test_gemm_layouts_are_the_row_major_product_read_column_major():

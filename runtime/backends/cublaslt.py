@@ -8,11 +8,12 @@ with TRANSA, B is x read as [K, T], D is y read as [N, T].
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
 from fusec.fusion.dtypes import DType
+from fusec.runtime.device import GemmShape
 
 WORKSPACE_BYTES = 32 << 20
 CUDA_R_32F, CUDA_R_16F, CUDA_R_16BF = 0, 2, 14  # cudaDataType_t
@@ -20,24 +21,6 @@ DATA_TYPES = {DType.F32: CUDA_R_32F, DType.F16: CUDA_R_16F, DType.BF16: CUDA_R_1
 CUBLAS_COMPUTE_32F = 68
 CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
 ALGO_BYTES = 64  # sizeof(cublasLtMatmulAlgo_t)
-
-
-@dataclass(frozen=True)
-class GemmShape:
-    tokens: int  # T
-    out_features: int  # N
-    in_features: int  # K
-    dtype: DType  # of x and w
-    out_dtype: DType | None = None  # of y; None: dtype
-
-    @property
-    def y_dtype(self) -> DType:
-        return self.out_dtype or self.dtype
-
-    def layouts(self) -> dict[str, tuple[int, int, int]]:
-        """(rows, cols, leading dimension) of the column-major A, B and D."""
-        T, N, K = self.tokens, self.out_features, self.in_features
-        return {"a": (K, N, K), "b": (K, T, K), "d": (N, T, N)}
 
 
 class _GemmPlan:
@@ -89,14 +72,18 @@ class _GemmPlan:
 
 
 class CublasLt:
-    """One cuBLASLt handle, a workspace, and a plan per GEMM shape met so far."""
+    """One cuBLASLt handle, a workspace, and a plan per GEMM shape met so far, enqueuing
+    on one stream. It holds its workspace buffer: a raw pointer alone would dangle once
+    the owner freed it."""
 
-    def __init__(self, workspace_ptr: int, workspace_bytes: int = WORKSPACE_BYTES) -> None:
+    def __init__(self, workspace: Any, stream: int, workspace_bytes: int = WORKSPACE_BYTES) -> None:
         from nvmath.bindings import cublasLt as lt
 
         self.lt = lt
         self.handle = lt.create()
-        self.workspace_ptr, self.workspace_bytes = workspace_ptr, workspace_bytes
+        self.workspace = workspace
+        self.workspace_ptr, self.workspace_bytes = workspace.ptr, workspace_bytes
+        self.stream = stream
         self.plans: dict[GemmShape, _GemmPlan] = {}
         self.tuned: dict[GemmShape, bytes] = {}  # autotuned algorithms, for exact shapes
         self._alpha, self._beta = np.ones(1, np.float32), np.zeros(1, np.float32)
@@ -123,6 +110,12 @@ class CublasLt:
         import ctypes
 
         return ctypes.string_at(algo, ALGO_BYTES)
+
+    def prepare(self, shape: GemmShape, x: Any, w: Any, y: Any) -> Callable[[], None]:
+        """A call enqueuing y = x @ w.T (device buffers) on the library's stream."""
+        self.plan(shape)  # descriptors and the algorithm chosen now, not during a capture
+        stream = self.stream
+        return lambda: self.matmul(shape, x.ptr, w.ptr, y.ptr, stream)
 
     def matmul(self, shape: GemmShape, x: int, w: int, y: int, stream: int, algo: int | None = None) -> None:
         """Enqueue y = x @ w.T on the stream (device pointers)."""
