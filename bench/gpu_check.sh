@@ -39,7 +39,9 @@ else
 fi
 bench_json=$OUT/gpu-bench-qwen2.5-7b.json
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  python3 -m fusec.cli.main bench --device cuda --model bench/models/qwen2.5-7b --load-format dummy \
+  # the installed console script: `python3 -m fusec…` run from here would import the
+  # repository's own fusec/ folder (no fusec.cli in it) ahead of $SITE
+  "$SITE/bin/fusec" bench --device cuda --model bench/models/qwen2.5-7b --load-format dummy \
     --dtype float16 --n 1,16,64,128 --input-len 32 --output-len 128 --profile --json "$bench_json" \
     | tee "$OUT/gpu_bench.log"
   if [ "${SKIP_STANDARD:-0}" != 1 ]; then
