@@ -32,7 +32,8 @@ log=$OUT/gpu_tests.log
   | tee "$log" || true
 server_log=$OUT/gpu_server_tests.log
 if python3 -c "import fastapi, uvicorn, openai" 2> /dev/null; then
-  (cd tests && FUSEC_TEST_SERVE_ARGS="--device cuda" PYTHONUNBUFFERED=1 \
+  # a small share each: a module's test servers run side by side on one GPU
+  (cd tests && FUSEC_TEST_SERVE_ARGS="--device cuda --gpu-memory-utilization 0.25" PYTHONUNBUFFERED=1 \
     python3 -m pytest -q -p no:cacheprovider --rootdir=. test_server.py) | tee "$server_log" || true
 else
   echo "server packages not installed: server tests skipped" > "$server_log"
