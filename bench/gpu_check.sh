@@ -32,14 +32,17 @@ log=$OUT/gpu_tests.log
   | tee "$log" || true
 server_log=$OUT/gpu_server_tests.log
 if python3 -c "import fastapi, uvicorn, openai" 2> /dev/null; then
-  (cd tests && FUSEC_TEST_SERVE_ARGS="--device cuda" PYTHONUNBUFFERED=1 \
+  # a small share each: a module's test servers run side by side on one GPU
+  (cd tests && FUSEC_TEST_SERVE_ARGS="--device cuda --gpu-memory-utilization 0.25" PYTHONUNBUFFERED=1 \
     python3 -m pytest -q -p no:cacheprovider --rootdir=. test_server.py) | tee "$server_log" || true
 else
   echo "server packages not installed: server tests skipped" > "$server_log"
 fi
 bench_json=$OUT/gpu-bench-qwen2.5-7b.json
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  python3 -m fusec.cli.main bench --device cuda --model bench/models/qwen2.5-7b --load-format dummy \
+  # the installed console script: `python3 -m fusec…` run from here would import the
+  # repository's own fusec/ folder (no fusec.cli in it) ahead of $SITE
+  "$SITE/bin/fusec" bench --device cuda --model bench/models/qwen2.5-7b --load-format dummy \
     --dtype float16 --n 1,16,64,128 --input-len 32 --output-len 128 --profile --json "$bench_json" \
     | tee "$OUT/gpu_bench.log"
   if [ "${SKIP_STANDARD:-0}" != 1 ]; then

@@ -1,14 +1,16 @@
 """Kernels -> cached artifacts (PTX for GPUs, object code for the host).
 
 The cache key covers everything that determines an artifact: the kernel's
-specialisation, the source of its generator (the files defining its class hierarchy
-and the codegen package), the target, the compile options, and the llvmlite / LLVM /
-fusec versions. Keying on the generator rather than on its IR output lets a cache
-hit skip IR construction entirely; any edit to a generator changes the key.
+specialisation (`describe()`: sizes, dtypes, flags), every source its IR can come from
+(the whole kernel library, the codegen package and `fusion/dtypes.py`, plus any class
+of its hierarchy defined outside them), the target, the compile options, and the
+llvmlite / LLVM / fusec versions. Keying on the generator rather than on its IR output
+lets a cache hit skip IR construction entirely; any edit to a generator changes the key.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,7 +22,9 @@ from fusec.fusion.codegen.compile import compile_ir
 from fusec.fusion.codegen.target import Target
 
 COMPILE_OPTIONS = "O3 vectorize reloc=default"  # what fusion.codegen.compile does; part of every key
-CODEGEN_DIR = Path(__file__).parent / "codegen"
+# Whole packages, not a kernel's class hierarchy: a kernel's IR also comes from helpers in
+# other modules (SampleRows draws through kernels/random.py, where none of its classes live).
+GENERATOR_SOURCES = ("fusec.kernels", "fusec.fusion.codegen", "fusec.fusion.dtypes")
 
 
 @dataclass(frozen=True)
@@ -39,25 +43,48 @@ def artifact_suffix(target: Target) -> str:
     return ".ptx" if target.is_gpu else ".o"
 
 
+def _source_path(module: str) -> Path:
+    """A package's folder or a module's file, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin is not None, module
+    return Path(spec.origin).parent if spec.submodule_search_locations is not None else Path(spec.origin)
+
+
+GENERATOR_ROOTS: tuple[Path, ...] = tuple(_source_path(m) for m in GENERATOR_SOURCES)
+
+
 @lru_cache(maxsize=None)
 def _file_digest(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+@lru_cache(maxsize=None)
+def library_digest(roots: tuple[Path, ...]) -> str:
+    """SHA-256 over every `.py` under `roots` and their names (a moved or new file
+    changes it). Cached: every kernel's key needs it at startup, and sources do not
+    change under a running process."""
+    h = hashlib.sha256()
+    for root in roots:
+        for path in sorted(root.rglob("*.py")) if root.is_dir() else [root]:
+            h.update(f"{path.relative_to(root.parent).as_posix()}\0{_file_digest(str(path))}\0".encode())
+    return h.hexdigest()
+
+
 def generator_digest(kernel: Any) -> str:
-    """SHA-256 over the source files that generate this kernel's IR."""
-    files = {str(p) for p in CODEGEN_DIR.glob("*.py")}
-    untracked = []
+    """SHA-256 over the sources that generate this kernel's IR: the generator packages,
+    and the file of any class in its hierarchy defined outside them (a kernel written
+    elsewhere, like docs/adding-a-pattern.md's example)."""
+    roots = GENERATOR_ROOTS  # looked up per call, so a test can point it at a copy
+    parts = [library_digest(roots)]
     for cls in type(kernel).__mro__[:-1]:  # all but object
         try:
             source = inspect.getsourcefile(cls)
         except TypeError:  # defined where no file records it (exec'd code)
             source = None
-        if source and Path(source).is_file():
-            files.add(source)
-        else:
-            untracked.append(f"{cls.__module__}.{cls.__qualname__}")
-    parts = [_file_digest(f) for f in sorted(files)] + untracked
+        if not source or not Path(source).is_file():
+            parts.append(f"{cls.__module__}.{cls.__qualname__}")
+        elif not any(Path(source).is_relative_to(root) for root in roots):
+            parts.append(_file_digest(source))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 

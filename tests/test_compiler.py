@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,14 @@ import pytest
 
 from conftest import TINY_SPECS
 from helpers import engine_generate
+from fusec.fusion import compiler
+from fusec.fusion.cache import KernelCache
 from fusec.fusion.codegen.target import HOST, parse_arch
 from fusec.fusion.explain import layer_summary
 from fusec.fusion.patterns import Pattern, PNode
 from fusec.fusion.plan import PlanOptions, build_plans
 from fusec.kernels.registry import default_registry, lower_gemv
+from fusec.kernels.sampling import SampleRows
 from fusec.models.loader import load_model
 from fusec.runtime.sequence import SamplingParams
 
@@ -154,3 +158,36 @@ def test_compile_explain_and_emit(tmp_path):
     emitted = list((tmp_path / "ptx").glob("*.ptx"))
     assert len(emitted) == counts["kernels"]
     assert all(b".target sm_90" in p.read_bytes() for p in emitted)
+
+
+def copy_generator_sources(dst: Path) -> tuple[Path, ...]:
+    """A copy of the sources the kernel cache key hashes, laid out like the originals."""
+    roots = []
+    for root in compiler.GENERATOR_ROOTS:
+        if root.is_dir():
+            shutil.copytree(root, dst / root.name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy(root, dst / root.name)
+        roots.append(dst / root.name)
+    return tuple(roots)
+
+
+def test_editing_a_helper_outside_the_class_hierarchy_misses_the_cache(tmp_path, monkeypatch):
+    # SampleRows' classes live in kernels/sampling.py, elementwise.py and base.py; its
+    # Gumbel draws come from kernels/random.py. Edit a copy of random.py, never the source.
+    original, unchanged, edited = (copy_generator_sources(tmp_path / name) for name in ("a", "b", "c"))
+    random_py = tmp_path / "c" / "kernels" / "random.py"
+    random_py.write_text(random_py.read_text() + "\n# an edit to the sampling kernels' hash\n")
+    kernel, cache = SampleRows(257), KernelCache(tmp_path / "cache")
+
+    monkeypatch.setattr(compiler, "GENERATOR_ROOTS", original)
+    compiler.compile_kernel(kernel, HOST, cache)
+    assert compiler.is_cached(kernel, HOST, cache)
+    monkeypatch.setattr(compiler, "GENERATOR_ROOTS", unchanged)  # same content elsewhere: still a hit
+    assert compiler.is_cached(kernel, HOST, cache)
+    monkeypatch.setattr(compiler, "GENERATOR_ROOTS", edited)
+    assert not compiler.is_cached(kernel, HOST, cache)
+    # the specialisation is part of the key too
+    monkeypatch.setattr(compiler, "GENERATOR_ROOTS", original)
+    assert not compiler.is_cached(SampleRows(258), HOST, cache)
