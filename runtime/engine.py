@@ -232,7 +232,7 @@ class LLMEngine:
     def _append(self, req: _Request, seq: Sequence, token: int, record, now: float) -> None:
         if seq.finished:
             return
-        seq.output_ids.append(token)
+        seq.append_token(token)
         self.stats.generated_tokens += 1
         if record is not None:
             seq.logprobs.append(record)
