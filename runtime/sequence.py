@@ -81,7 +81,7 @@ class Logprob:
 
 class Sequence:
     """One generated continuation of a prompt. The KV cache holds `num_computed` of
-    its tokens (prompt + output) in the blocks of `block_table`."""
+    its tokens (prompt + output); the block manager keeps the blocks they sit in."""
 
     _ids = itertools.count()
 
@@ -98,7 +98,6 @@ class Sequence:
         self.arrival = arrival
         self.max_len = max_len  # prompt + output may not pass this
         self.status = SequenceStatus.WAITING
-        self.block_table: list[int] = []
         self.num_computed = 0
         self.num_cached = 0  # prompt tokens found in the prefix cache at admission
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
