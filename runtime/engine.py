@@ -18,7 +18,7 @@ from fusec.runtime.model_runner import ModelRunner, SequenceChunk
 from fusec.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from fusec.runtime.profile import StepProfile
 from fusec.runtime.scheduler import Scheduler
-from fusec.runtime.sequence import SamplingParams, Sequence, SequenceStatus
+from fusec.runtime.sequence import SamplingParams, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +117,7 @@ class LLMEngine:
             return
         for seq in req.seqs:
             if not seq.finished:
-                seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
-            self.scheduler.remove(seq)
+                self.scheduler.finish(seq, "abort")
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -138,18 +137,14 @@ class LLMEngine:
         prof.steps += 1
         with prof.phase("prepare"):
             inputs = self.runner.prepare([SequenceChunk(c.seq.tokens[c.start:c.start + c.num_tokens], c.start,
-                                                        c.seq.block_table) for c in sched.chunks])
+                                                        c.block_table) for c in sched.chunks])
         logits = self.runner.run(inputs, prof)
         with prof.phase("postprocess"):
             now = time.monotonic()
-            rows, sampling = [], []
-            for row, c in enumerate(sched.chunks):
-                c.seq.num_computed += c.num_tokens
-                self.stats.computed_tokens += c.num_tokens
-                self.blocks.register_full_blocks(c.seq)
-                if c.completes:
-                    rows.append(row)
-                    sampling.append(c.seq)
+            self.scheduler.update_after_step(sched)
+            self.stats.computed_tokens += sched.num_tokens
+            rows = [row for row, c in enumerate(sched.chunks) if c.completes]
+            sampling = [sched.chunks[row].seq for row in rows]
         if not sampling:
             return []
         tokens, records = self._sample(logits, rows, sampling)
@@ -178,8 +173,7 @@ class LLMEngine:
     def _fork_children(self, req: _Request, parent: Sequence, logits, row: int, now: float) -> None:
         children = req.seqs[1:]
         for child in children:
-            self.blocks.fork(parent, child)
-            self.scheduler.add_running(child)
+            self.scheduler.fork(parent, child)
         tokens, records = self._sample(logits, [row] * len(children), children)
         for child, token, record in zip(children, tokens, records):
             self._append(req, child, token, record, now)
@@ -187,7 +181,7 @@ class LLMEngine:
     def _append(self, req: _Request, seq: Sequence, token: int, record, now: float) -> None:
         if seq.finished:
             return
-        seq.output_ids.append(token)
+        seq.append_token(token)
         self.stats.generated_tokens += 1
         if record is not None:
             seq.logprobs.append(record)
@@ -217,9 +211,7 @@ class LLMEngine:
         if reason is None and (len(seq.output_ids) >= (p.max_tokens or 1 << 62) or len(seq) >= seq.max_len):
             reason = ("length", None)
         if reason is not None:
-            seq.status = SequenceStatus.FINISHED
-            seq.finish_reason, seq.stop_reason = reason
-            self.scheduler.remove(seq)
+            self.scheduler.finish(seq, *reason)
 
     @staticmethod
     def _find_stop(text: str, stops: list[str], new_from: int) -> tuple[int, str] | None:

@@ -7,6 +7,10 @@ cut into chunks that fit the budget. When the KV cache cannot hold a running
 sequence's next tokens, the newest running sequence is preempted: its blocks are
 freed and it goes back to the front of the queue to be recomputed later (its prefix
 usually still sits in the prefix cache).
+
+The scheduler is the one writer of a sequence's scheduling state: it asks the block
+manager for block tables and records what each step computed, what forked and what
+finished.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ class ScheduledChunk:
     seq: Sequence
     start: int  # tokens already in the cache
     num_tokens: int
+    block_table: list[int]  # the sequence's blocks, valid until the next schedule()
 
     @property
     def completes(self) -> bool:
@@ -53,25 +58,41 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def add_running(self, seq: Sequence) -> None:
-        """A forked sequence that already shares its parent's computed blocks."""
-        seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Run child alongside parent, sharing the blocks of everything parent computed."""
+        self.blocks.fork(parent.seq_id, child.seq_id)
+        child.num_computed = parent.num_computed
+        child.num_cached = parent.num_cached
+        child.status = SequenceStatus.RUNNING
+        self.running.append(child)
 
-    def remove(self, seq: Sequence) -> None:
-        """Drop a finished or aborted sequence and free its blocks."""
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """Mark a sequence finished ("stop", "length" or "abort"), drop it and free its blocks."""
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.free_seq(seq)
+        self._free(seq)
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """The step computed every scheduled chunk: advance the sequences and enter
+        their newly full blocks into the prefix cache."""
+        for c in out.chunks:
+            c.seq.num_computed += c.num_tokens
+            self.blocks.register_full_blocks(c.seq.seq_id, c.seq.tokens, c.seq.num_computed)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def _free(self, seq: Sequence) -> None:
+        self.blocks.free(seq.seq_id)
+        seq.num_computed = 0
+
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
-        self.blocks.free_seq(seq)
+        self._free(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
@@ -84,29 +105,29 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed, budget)
-            while not self.blocks.can_grow(seq, seq.num_computed + n):
+            while not self.blocks.can_grow(seq.seq_id, seq.num_computed, seq.num_computed + n):
                 self._preempt(self.running[-1], out)  # the newest; possibly seq itself
                 if seq.status is SequenceStatus.WAITING:
                     break
             if seq.status is SequenceStatus.WAITING:
                 break
-            self.blocks.grow(seq, seq.num_computed + n)
-            out.chunks.append(ScheduledChunk(seq, seq.num_computed, n))
+            table = self.blocks.grow(seq.seq_id, seq.num_computed, seq.num_computed + n)
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed, n, table))
             budget -= n
             i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
-            if not seq.block_table:
-                self.blocks.claim_prefix(seq)
+            _, seq.num_cached = self.blocks.claim_prefix(seq.seq_id, seq.tokens)
+            seq.num_computed = seq.num_cached
             n = min(seq.num_uncomputed, budget)
-            if not self.blocks.can_grow(seq, seq.num_computed + n):
-                self.blocks.free_seq(seq)  # hold no blocks while waiting
+            if not self.blocks.can_grow(seq.seq_id, seq.num_computed, seq.num_computed + n):
+                self._free(seq)  # hold no blocks while waiting
                 break
-            self.blocks.grow(seq, seq.num_computed + n)
+            table = self.blocks.grow(seq.seq_id, seq.num_computed, seq.num_computed + n)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.chunks.append(ScheduledChunk(seq, seq.num_computed, n))
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed, n, table))
             budget -= n
         out.copies = self.blocks.take_copies()
         return out

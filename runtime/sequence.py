@@ -81,7 +81,7 @@ class Logprob:
 
 class Sequence:
     """One generated continuation of a prompt. The KV cache holds `num_computed` of
-    its tokens (prompt + output) in the blocks of `block_table`."""
+    its tokens (prompt + output); the block manager keeps the blocks they sit in."""
 
     _ids = itertools.count()
 
@@ -90,13 +90,14 @@ class Sequence:
         self.seq_id = next(Sequence._ids)
         self.request_id = request_id
         self.index = index  # which of the request's n completions
-        self.prompt_ids = list(prompt_ids)
-        self.output_ids: list[int] = []
+        # one list the model reads, grown in place by append_token; the outputs kept alongside
+        self.tokens: list[int] = list(prompt_ids)
+        self.num_prompt_tokens = len(self.tokens)
+        self._output_ids: list[int] = []
         self.params = params
         self.arrival = arrival
         self.max_len = max_len  # prompt + output may not pass this
         self.status = SequenceStatus.WAITING
-        self.block_table: list[int] = []
         self.num_computed = 0
         self.num_cached = 0  # prompt tokens found in the prefix cache at admission
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
@@ -110,11 +111,24 @@ class Sequence:
         self.token_times: list[float] = []
 
     @property
-    def tokens(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def prompt_ids(self) -> list[int]:
+        return self.tokens[:self.num_prompt_tokens]
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self._output_ids
+
+    @output_ids.setter
+    def output_ids(self, ids: Seq[int]) -> None:
+        self._output_ids = list(ids)
+        self.tokens[self.num_prompt_tokens:] = self._output_ids
+
+    def append_token(self, token: int) -> None:
+        self.tokens.append(token)
+        self._output_ids.append(token)
 
     def __len__(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
+        return len(self.tokens)
 
     @property
     def finished(self) -> bool:
