@@ -1,4 +1,4 @@
-"""AsyncEngine: concurrent streams, aborts, errors."""
+"""AsyncEngine: concurrent streams, aborts, errors, shutdown."""
 from __future__ import annotations
 
 import asyncio
@@ -8,7 +8,7 @@ import pytest
 
 from fusec.errors import InputError
 from fusec.models.loader import load_model
-from fusec.runtime.async_engine import AsyncEngine
+from fusec.runtime.async_engine import AsyncEngine, EngineLoad, EngineShutDown
 from fusec.runtime.engine import EngineConfig, LLMEngine
 from fusec.runtime.sequence import SamplingParams
 
@@ -16,6 +16,16 @@ from fusec.runtime.sequence import SamplingParams
 @pytest.fixture(scope="module")
 def model(tiny_checkpoints):
     return load_model(str(tiny_checkpoints["llama"]))
+
+
+async def wait_idle(engine: AsyncEngine) -> EngineLoad:
+    """The engine thread applies aborts between steps: poll its load snapshot."""
+    for _ in range(200):
+        load = engine.load()
+        if load.running == 0 and load.waiting == 0:
+            break
+        await asyncio.sleep(0.01)
+    return load
 
 
 def test_concurrent_streams_match_offline(model):
@@ -70,11 +80,7 @@ def test_cancelled_consumer_aborts_request(model):
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for _ in range(100):  # the engine thread applies aborts between steps
-            load = engine.load()
-            if load.running == 0 and load.waiting == 0:
-                break
-            await asyncio.sleep(0.01)
+        load = await wait_idle(engine)
         assert load.running == 0 and load.waiting == 0 and load.kv_usage == 0.0
 
     try:
@@ -98,3 +104,84 @@ def test_bad_request_raises_before_streaming(model):
         asyncio.run(main())
     finally:
         engine.shutdown()
+
+
+def test_failed_step_fails_requests_in_flight_and_keeps_serving(model, monkeypatch):
+    engine = AsyncEngine(LLMEngine(EngineConfig(), model=model))
+    step = LLMEngine.step
+    calls = []
+
+    def fail_once(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return step(self)
+
+    monkeypatch.setattr(LLMEngine, "step", fail_once)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    async def main():
+        with pytest.raises(RuntimeError, match="boom"):
+            async for _ in engine.generate(None, params, prompt_token_ids=[1, 2, 3]):
+                pass
+        outs = [o async for o in engine.generate(None, params, prompt_token_ids=[1, 2, 3])]
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 4
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
+def test_duplicate_id_is_refused_and_the_original_runs_on(model):
+    engine = AsyncEngine(LLMEngine(EngineConfig(), model=model))
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+
+    async def main():
+        original = await engine.add_request("same", None, params, prompt_token_ids=[1, 2, 3])
+        with pytest.raises(InputError, match="duplicate"):
+            await engine.add_request("same", None, params, prompt_token_ids=[4, 5])
+        outs = [o async for o in original]
+        assert outs[-1].outputs[0].finish_reason == "length" and len(outs[-1].outputs[0].token_ids) == 20
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
+def test_dropped_stream_aborts_its_request(model):
+    """A response that never iterates its stream (the client left first) still frees it."""
+    import gc
+
+    engine = AsyncEngine(LLMEngine(EngineConfig(), model=model))
+
+    async def main():
+        stream = await engine.add_request("dropped", None, SamplingParams(max_tokens=90, ignore_eos=True),
+                                          prompt_token_ids=list(range(20)))
+        del stream
+        gc.collect()
+        load = await wait_idle(engine)
+        assert load.running == 0 and load.waiting == 0 and load.kv_usage == 0.0
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
+def test_shutdown_fails_requests_in_flight(model):
+    engine = AsyncEngine(LLMEngine(EngineConfig(), model=model))
+
+    async def main():
+        stream = await engine.add_request("long", None, SamplingParams(max_tokens=90, ignore_eos=True),
+                                          prompt_token_ids=[1, 2, 3])
+        await stream.__anext__()
+        await asyncio.to_thread(engine.shutdown)
+        with pytest.raises(EngineShutDown):
+            async for _ in stream:
+                pass
+        with pytest.raises(EngineShutDown):
+            await engine.add_request("late", None, SamplingParams(), prompt_token_ids=[1])
+
+    asyncio.run(main())

@@ -1,0 +1,37 @@
+"""OpenAIServing: what every endpoint that reads prompts shares (the engine, the served
+model names, the tokenizer). Tokenization and chat templating run in a worker thread:
+a long prompt must not stall the event loop, which serves every other client."""
+from __future__ import annotations
+
+import asyncio
+
+from fusec.models.tokenizer import Tokenizer
+from fusec.runtime.async_engine import AsyncEngine
+from fusec.runtime.server.errors import APIError
+from fusec.runtime.server.protocol import ChatMessage
+from fusec.runtime.server.serving_models import OpenAIServingModels
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncEngine, models: OpenAIServingModels) -> None:
+        self.engine = engine
+        self.models = models
+        self.tokenizer: Tokenizer | None = engine.engine.tokenizer
+
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: send prompt token ids")
+        return self.tokenizer
+
+    async def _encode(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        tok = self._need_tokenizer()
+        return await asyncio.to_thread(lambda: [tok.encode(t, add_special_tokens=add_special_tokens) for t in texts])
+
+    async def _encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+        tok = self._need_tokenizer()
+        turns = [{"role": m.role, "content": m.text()} for m in messages]
+        return await asyncio.to_thread(tok.encode_chat, turns, add_generation_prompt)
+
+    async def _decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        tok = self._need_tokenizer()
+        return await asyncio.to_thread(tok.decode, ids, skip_special_tokens)
