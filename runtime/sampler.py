@@ -204,6 +204,7 @@ class KernelDevice(Protocol):
     def buffer(self, shape: tuple[int, ...], dtype: Any) -> Any: ...
     def upload(self, buf: Any, host: np.ndarray) -> None: ...
     def download(self, buf: Any, count: int) -> np.ndarray: ...
+    def load(self, kernel: Any) -> Any: ...
     def launch_kernel(self, kernel: Any, args: Seq[Any], grid: tuple[int, int]) -> None: ...
 
 
@@ -215,6 +216,8 @@ class KernelSampler:
     def __init__(self, device: KernelDevice, vocab: int, max_rows: int) -> None:
         self.device, self.vocab, self.max_rows = device, vocab, max(1, max_rows)
         self.gather, self.penalties, self.sampler, self.top = self.kernel_specs(vocab)
+        for kernel in (self.gather, self.penalties, self.sampler, self.top):
+            device.load(kernel)  # at startup, so the first request does not wait for a compile
         per_row = {"rows": np.int32, "temperature": np.float32, "top_k": np.int32, "top_p": np.float32,
                    "min_p": np.float32, "seeds": np.int32, "counters": np.int32, "out_tokens": np.int32,
                    "picked": np.float32, "logprob_rows": np.int32, "lse": np.float32}

@@ -102,3 +102,24 @@ def test_bad_input_is_one_line_exit_2(bad_inputs, case):
         assert len(lines) == 1, res.stderr
     assert expected in res.stderr
     assert res.stdout == ""
+
+
+def test_compile_then_serve_with_the_same_flags_misses_no_kernel(tiny_checkpoints, tmp_path, monkeypatch):
+    """`fusec compile --arch host` builds exactly the kernels `fusec serve` (same flags)
+    loads at startup: the server finds every one of them in the cache."""
+    import re
+
+    from server_helpers import LiveServer
+
+    monkeypatch.setenv("FUSEC_CACHE_DIR", str(tmp_path / "cache"))
+    flags = ["--model", str(tiny_checkpoints["llama"]), "--max-model-len", "64", "--block-size", "8"]
+    res = run("compile", "--arch", "host", *flags)
+    assert res.returncode == 0, res.stderr
+    built = re.search(r"kernels: (\d+) distinct, 0 cache hits, (\d+) misses", res.stdout)
+    assert built and built[1] == built[2], res.stdout
+    server = LiveServer(*flags, "--device", "cpu")
+    try:
+        banner = next(line for line in server.output().splitlines() if line.startswith("fusec serving"))
+    finally:
+        server.stop()
+    assert f"kernels: {built[1]} cache hits, 0 misses" in banner, banner
