@@ -7,8 +7,10 @@ Measured in the same process, one after another:
   HF transformers    `generate` on the same GGUF (dequantized to float32 by transformers)
   llama.cpp          llama-cpp-python on the same GGUF (Q4_1 weights), N = 1 only: its
                      high-level API decodes one sequence at a time
-Writes bench/results/cpu-<date>.json and .md. Usage:
-  .venv/bin/python bench/cpu_standard.py [--levels 1,8,32] [--output-len 128]
+Writes bench/results/cpu-<date>[-<label>].json and .md. Usage:
+  .venv/bin/python bench/cpu_standard.py [--levels 1,8,32] [--output-len 128] [--no-peers] [--label L]
+--no-peers measures fusec alone (an A/B of two fusec versions: run this file with
+each version's interpreter and a label apiece).
 """
 from __future__ import annotations
 
@@ -75,11 +77,24 @@ def llama_cpp(input_len: int, output_len: int) -> float | None:
     return rate
 
 
+def fusec_commit() -> str:
+    """The commit of the fusec that was imported (the A/B's two versions differ here)."""
+    import subprocess
+
+    import fusec
+
+    res = subprocess.run(["git", "-C", str(Path(fusec.__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
+                         capture_output=True, text=True)
+    return res.stdout.strip() or "unknown"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--levels", default="1,8,32")
     ap.add_argument("--input-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=128)
+    ap.add_argument("--no-peers", action="store_true", help="fusec only: skip HF transformers and llama.cpp")
+    ap.add_argument("--label", default="", help="suffix of the result files, e.g. the version measured")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     print("fusec ...", flush=True)
@@ -87,21 +102,24 @@ def main() -> None:
     report = benchmark(config, levels, args.input_len, args.output_len, None)
     for r in report.results:
         print(f"  fusec N={r.n}: {r.output_tok_s:.1f} tok/s", flush=True)
-    print("HF transformers ...", flush=True)
-    hf = hf_generate(levels, args.input_len, args.output_len)
-    print("llama.cpp ...", flush=True)
-    lcpp = llama_cpp(args.input_len, args.output_len)
+    hf, lcpp = {}, None
+    if not args.no_peers:
+        print("HF transformers ...", flush=True)
+        hf = hf_generate(levels, args.input_len, args.output_len)
+        print("llama.cpp ...", flush=True)
+        lcpp = llama_cpp(args.input_len, args.output_len)
 
-    stamp = datetime.date.today().isoformat()
+    stamp = datetime.date.today().isoformat() + (f"-{args.label}" if args.label else "")
     command = " ".join([".venv/bin/python", *sys.argv])
     data = {"workload": {"model": report.model, "levels": levels, "input_len": args.input_len,
                          "output_len": args.output_len, "prompts": "random token ids", "sampling": "greedy, ignore_eos"},
-            "machine": machine_info(), "command": command, "fusec": report.to_json(),
+            "machine": machine_info(), "command": command, "fusec_commit": fusec_commit(), "fusec": report.to_json(),
             "hf_transformers_tok_s": hf, "llama_cpp_tok_s_n1": lcpp}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"cpu-{stamp}.json").write_text(json.dumps(data, indent=2))
     lines = [f"# CPU standard workload, {stamp}", "",
-             f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores. Command: `{command}`", "",
+             f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores. Command: `{command}` "
+             f"(fusec at {data['fusec_commit']})", "",
              f"Model {report.model} ({report.dtype}, fused plans), prompts of {args.input_len} random token ids, "
              f"{args.output_len} output tokens, greedy, EOS ignored. fusec startup {report.startup_s:.1f} s "
              "(model load + kernels from the cache).", "",
@@ -111,7 +129,8 @@ def main() -> None:
     for r in report.results:
         h = hf.get(r.n)
         lc = lcpp if r.n == 1 else None
-        lines.append(f"| {r.n} | {r.output_tok_s:.1f} | {h:.1f} | {r.output_tok_s / h:.2f}x | "
+        lines.append(f"| {r.n} | {r.output_tok_s:.1f} | {f'{h:.1f}' if h else '-'} | "
+                     f"{f'{r.output_tok_s / h:.2f}x' if h else '-'} | "
                      f"{f'{lc:.1f}' if lc else '-'} | {f'{r.output_tok_s / lc:.2f}x' if lc else '-'} | "
                      f"{r.ttft_p50_ms:.0f} ms | {r.itl_p50_ms:.1f} / {r.itl_p95_ms:.1f} ms |")
     n1 = next(r for r in report.results if r.n == min(levels))
