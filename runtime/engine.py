@@ -90,6 +90,9 @@ class LLMEngine:
                     prompt_token_ids: Seq[int] | None = None, arrival: float | None = None) -> None:
         if request_id in self.requests:
             raise InputError(f"duplicate request id {request_id!r}")
+        if params.n > self.scheduler.max_num_seqs:
+            raise InputError(f"n = {params.n} is more than --max-num-seqs {self.scheduler.max_num_seqs}: a request's "
+                             f"completions run together")
         ids = list(prompt_token_ids) if prompt_token_ids is not None else self.tokenize(prompt or "")
         if not ids:
             raise InputError("the prompt is empty")

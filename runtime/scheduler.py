@@ -34,6 +34,13 @@ class ScheduledChunk:
         return self.start + self.num_tokens == len(self.seq)
 
 
+def seats_taken(seq: Sequence) -> int:
+    """Of max_num_seqs, what a running sequence holds: a first completion that has not
+    sampled yet holds seats for the n - 1 that fork from it at its first token too, so
+    forks never take the running set past the cap."""
+    return seq.params.n if seq.index == 0 and not seq.output_ids else 1
+
+
 @dataclass
 class SchedulerOutput:
     chunks: list[ScheduledChunk] = field(default_factory=list)
@@ -115,8 +122,11 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(seq, seq.num_computed, n, table))
             budget -= n
             i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+        seats = sum(map(seats_taken, self.running))
+        while self.waiting and budget > 0 and not out.preempted:
             seq = self.waiting[0]
+            if seats + seats_taken(seq) > self.max_num_seqs:
+                break
             _, seq.num_cached = self.blocks.claim_prefix(seq.seq_id, seq.tokens)
             seq.num_computed = seq.num_cached
             n = min(seq.num_uncomputed, budget)
@@ -127,6 +137,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            seats += seats_taken(seq)
             out.chunks.append(ScheduledChunk(seq, seq.num_computed, n, table))
             budget -= n
         out.copies = self.blocks.take_copies()

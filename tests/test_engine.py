@@ -120,6 +120,22 @@ def test_n_completions_share_the_prompt(tiny):
     assert g.outputs[0].token_ids == g.outputs[1].token_ids == single.outputs[0].token_ids
 
 
+def test_forks_stay_within_max_num_seqs(tiny):
+    """n completions count against max_num_seqs before they fork: never more sequences
+    in a step than the cap the device's buffers and graphs were sized for."""
+    engine = LLMEngine(EngineConfig(max_num_seqs=3, max_model_len=64), model=tiny["llama"])
+    params = SamplingParams(n=3, temperature=1.0, seed=2, max_tokens=6, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(f"r{i}", None, params, prompt_token_ids=[5 + i, 6, 7])
+    done = 0
+    while engine.has_unfinished_requests():
+        done += sum(o.finished for o in engine.step())
+        assert len(engine.scheduler.running) <= 3
+    assert done == 3 and engine.blocks.all_free()
+    with pytest.raises(InputError, match="more than --max-num-seqs 3"):
+        engine.add_request("big", None, SamplingParams(n=4), prompt_token_ids=[1, 2])
+
+
 @pytest.mark.slow
 def test_stop_strings_cut_exactly(smollm2_path):
     llm = LLM(str(smollm2_path))

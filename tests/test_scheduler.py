@@ -16,14 +16,15 @@ from fusec.runtime.sequence import SamplingParams, Sequence, SequenceStatus
 BS = 4
 
 
-def make_seq(prompt: list[int], max_len: int, request_id: str = "r", index: int = 0) -> Sequence:
-    return Sequence(request_id, index, prompt, SamplingParams(), 0.0, max_len)
+def make_seq(prompt: list[int], max_len: int, request_id: str = "r", index: int = 0, n: int = 1) -> Sequence:
+    return Sequence(request_id, index, prompt, SamplingParams(n=n, temperature=1.0), 0.0, max_len)
 
 
 def check_scheduler(sched: Scheduler) -> None:
     bm = sched.blocks
     check_invariants(bm)
     assert set(bm.allocations) == {s.seq_id for s in sched.running}, "only running sequences hold blocks"
+    assert len(sched.running) <= sched.max_num_seqs, "forks took the running set past max_num_seqs"
     for seq in sched.running:
         assert seq.status is SequenceStatus.RUNNING
         assert len(bm.block_table(seq.seq_id)) >= bm.blocks_for(seq.num_computed)
@@ -93,6 +94,29 @@ def test_fork_shares_then_copies_on_write():
     assert sched.blocks.all_free()
 
 
+def test_a_request_with_n_completions_is_admitted_only_with_seats_for_all():
+    """max_num_seqs counts the completions that will fork from a first one: a second
+    request waits rather than being admitted into seats the forks need."""
+    sched = Scheduler(BlockManager(32, BS), max_num_seqs=3, max_num_batched_tokens=64)
+    first, second = make_seq([1] * BS, 64, "a", n=3), make_seq([2] * BS, 64, "b")
+    sched.add(first)
+    sched.add(second)
+    out = step(sched)
+    assert [c.seq for c in out.chunks] == [first] and list(sched.waiting) == [second]
+    first.append_token(0)
+    for index in (1, 2):  # like the engine: the forks sample their first token from the parent's logits
+        child = make_seq(first.prompt_ids, 64, "a", index, 3)
+        sched.fork(first, child)
+        child.append_token(index)
+    out = step(sched)
+    assert len(sched.running) == 3 and list(sched.waiting) == [second]
+    for seq in list(sched.running):
+        sched.finish(seq, "stop")
+    assert [c.seq for c in step(sched).chunks] == [second]
+    sched.finish(second, "stop")
+    assert sched.blocks.all_free()
+
+
 def test_preemption_frees_the_newest_and_readmits_it_first():
     sched = Scheduler(BlockManager(4, BS), max_num_seqs=8, max_num_batched_tokens=64)
     old, new = make_seq([1] * BS, 64), make_seq([2] * BS, 64)
@@ -152,7 +176,8 @@ def simulate(seed: int, prefix_caching: bool, ops: int = 400) -> Counts:
         kind = rng.random()
         if kind < 0.25 or not sched.has_work():
             prompt = (rng.choice(prefixes) + [rng.randrange(5) for _ in range(rng.randint(0, BS + 2))])
-            seq = make_seq(prompt[:max_len - 1], max_len, request_id=f"r{op}")
+            n = rng.randint(1, min(3, sched.max_num_seqs))
+            seq = make_seq(prompt[:max_len - 1], max_len, request_id=f"r{op}", n=n)
             sched.add(seq)
             live.append(seq)
         elif kind < 0.3:
@@ -168,9 +193,9 @@ def simulate(seed: int, prefix_caching: bool, ops: int = 400) -> Counts:
                 parent = c.seq
                 sample(parent)
                 # like the engine: n > 1 completions fork from the first at its first token
-                if len(parent.output_ids) == 1 and rng.random() < 0.3:
-                    for index in range(1, rng.randint(2, 3)):
-                        child = make_seq(parent.prompt_ids, max_len, parent.request_id, index)
+                if parent.index == 0 and len(parent.output_ids) == 1:
+                    for index in range(1, parent.params.n):
+                        child = make_seq(parent.prompt_ids, max_len, parent.request_id, index, parent.params.n)
                         sched.fork(parent, child)
                         live.append(child)
                         sample(child)
