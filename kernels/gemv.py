@@ -11,6 +11,10 @@ Each block computes `rows_per_block` outputs of one row and recomputes the prolo
 itself, so nothing reads a row that other blocks produce (the legality rule). Lanes
 read `vec` consecutive elements per step (16-byte vector loads when K divides).
 Intermediates are rounded to the activation dtype where the unfused graph stores them.
+
+With `weight_format` (a GGUF block format, kernels/quant.py) W is read in its stored
+blocks and decoded in registers; lanes then stride over blocks of 32 weights, and
+`weight` is the dtype of the norm weight and bias only.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from typing import Mapping
 from fusec.fusion.codegen.builder import KernelBuilder, Param
 from fusec.fusion.dtypes import DType
 from fusec.kernels.base import Kernel, cdiv, round_to, row_offset, silu
+from fusec.kernels.quant import FORMATS, block_term, hsum, pack, zero_vector
 
 PROLOGUES = ("none", "rms_norm", "add_rms_norm", "silu_mul")
 
@@ -39,6 +44,13 @@ class Gemv(Kernel):
     eps: float = 0.0
     rows_per_block: int = 4
     vec: int = 1  # elements per lane per step: 16-byte loads when K allows (`vector_width`)
+    weight_format: str | None = None  # a block format of kernels/quant.py; None: dense `weight`
+
+    def __post_init__(self) -> None:
+        if self.weight_format is not None:
+            FORMATS[self.weight_format].row_bytes(self.k)  # whole blocks per row, or ValueError
+            if FORMATS[self.weight_format].block % self.vec:
+                raise ValueError(f"vec {self.vec} does not divide a block")
 
     def params(self) -> list[Param]:
         p = {"none": ["x"], "rms_norm": ["x", "norm_w"], "add_rms_norm": ["a", "b", "norm_w"],
@@ -114,9 +126,35 @@ class Gemv(Kernel):
         n0 = b.mul(kb.block_id(1), kb.i32(rpb))
         last = kb.i32(self.n - 1)
         # rows past the end read the last row (kept in bounds) and are not stored
-        w_rows = [row_offset(kb, kb.imin(b.add(n0, kb.i32(j)), last), k_dim) for j in range(rpb)]
-        accs = [kb.var(kb.f32(0.0)) for _ in range(rpb)]
-        with vec_loop(k_dim) as i:
+        rows = [kb.imin(b.add(n0, kb.i32(j)), last) for j in range(rpb)]
+        if self.weight_format is not None:
+            totals = self._block_dots(kb, rows, x_at)
+        else:
+            accs = [kb.var(kb.f32(0.0)) for _ in range(rpb)]
+            self._dense_dot(kb, [row_offset(kb, r, k_dim) for r in rows], accs, vec_loop, x_at)
+            totals = [acc.get() for acc in accs]
+        self._store(kb, out_row, n0, totals)
+
+    def _block_dots(self, kb: KernelBuilder, rows: list, x_at) -> list:
+        """Each row's dot with x over its quantized blocks, as this lane's partial sum:
+        16-wide accumulators, one horizontal sum at the end."""
+        b, fmt = kb.b, FORMATS[self.weight_format]
+        w_rows = [row_offset(kb, r, fmt.row_bytes(self.k)) for r in rows]
+        accs = [kb.var(zero_vector()) for _ in rows]
+        with kb.lane_loop(self.k // fmt.block) as blk:
+            i0 = b.mul(blk, kb.i32(fmt.block))
+            xs = [x for c in range(0, fmt.block, self.vec) for x in x_at(b.add(i0, kb.i32(c)))]
+            x_lo, x_hi = pack(kb, xs[:16]), pack(kb, xs[16:])
+            x_sum = kb.fadd(x_lo, x_hi) if fmt.has_min else None
+            block_at = b.mul(kb.wide(blk), kb.i64(fmt.nbytes))
+            for acc, w_row in zip(accs, w_rows):
+                term = block_term(kb, fmt, kb["w"], b.add(w_row, block_at), x_lo, x_hi, x_sum)
+                acc.set(kb.fadd(acc.get(), term))
+        return [hsum(kb, acc.get()) for acc in accs]
+
+    def _dense_dot(self, kb: KernelBuilder, w_rows: list, accs: list, vec_loop, x_at) -> None:
+        b, vec = kb.b, self.vec
+        with vec_loop(self.k) as i:
             xs = x_at(i)
             for acc, w_row in zip(accs, w_rows):
                 w_at = b.add(w_row, kb.wide(i))
@@ -125,7 +163,10 @@ class Gemv(Kernel):
                 for x, w in zip(xs, ws):
                     total = kb.fadd(total, kb.fmul(x, w))
                 acc.set(total)
-        totals = [kb.reduce(acc.get()) for acc in accs]
+
+    def _store(self, kb: KernelBuilder, out_row, n0, partials: list) -> None:
+        b = kb.b
+        totals = [kb.reduce(p) for p in partials]
         out_base = row_offset(kb, out_row, self.n)
         with kb.when(b.icmp_unsigned("==", kb.lane(), kb.i32(0))):
             for j, total in enumerate(totals):

@@ -1,0 +1,111 @@
+"""The GEMV family on GGUF block-quantized weights: every format x prologue x 3 sizes
+against numpy over gguf's own dequantization (the oracle), on the host with the output
+poisoned, and the PTX through ptxas for sm_80 / sm_90."""
+from __future__ import annotations
+
+import subprocess
+import zlib
+
+import numpy as np
+import pytest
+
+from fusec.fusion import ops
+from fusec.fusion.codegen.target import parse_arch
+from fusec.fusion.compiler import compile_kernel
+from fusec.fusion.dtypes import DType
+from fusec.kernels.gemv import PROLOGUES, Gemv, vector_width
+from fusec.kernels.quant import FORMATS, dequantize, quantize
+from fusec.runtime.backends.cpu import HostDevice
+from test_patterns import cache, ptxas  # noqa: F401 (cache: the module's kernel cache fixture)
+
+SIZES = [(32, 5), (96, 33), (576, 130)]  # (K, N): one block, a few, SmolLM2's hidden size; N % 4 != 0
+EPS = 1e-5
+
+
+@pytest.fixture(scope="module")
+def device(cache):
+    dev = HostDevice(cache)
+    yield dev
+    dev.close()
+
+
+def inputs(prologue: str, rows: int, k: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    shapes = {"none": {"x": k}, "rms_norm": {"x": k, "norm_w": None}, "add_rms_norm": {"a": k, "b": k, "norm_w": None},
+              "silu_mul": {"gu": 2 * k}}[prologue]
+    out = {name: rng.standard_normal((rows, width)).astype(np.float32) for name, width in shapes.items() if width}
+    if "norm_w" in shapes:
+        out["norm_w"] = (1 + 0.3 * rng.standard_normal(k)).astype(np.float32)
+    return out
+
+
+def reference(prologue: str, args: dict[str, np.ndarray], w: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    if prologue == "none":
+        x = args["x"]
+    elif prologue == "rms_norm":
+        x = ops.rms_norm(args["x"], args["norm_w"], eps=EPS)
+    elif prologue == "add_rms_norm":
+        x = ops.rms_norm(args["a"] + args["b"], args["norm_w"], eps=EPS)
+    else:
+        x = ops.silu_mul(args["gu"])
+    y = ops.matmul(x, w)
+    return y if bias is None else y + bias
+
+
+def kernel(fmt: str, prologue: str, k: int, n: int, bias: bool = False) -> Gemv:
+    return Gemv(k=k, n=n, act=DType.F32, weight=DType.F32, out=DType.F32, prologue=prologue, bias=bias,
+                eps=EPS if "rms" in prologue else 0.0, vec=vector_width(k, DType.F32), weight_format=fmt)
+
+
+@pytest.mark.parametrize("k,n", SIZES)
+@pytest.mark.parametrize("prologue", PROLOGUES)
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_quantized_gemv_equals_dequantized_reference(fmt, prologue, k, n, device):
+    rng = np.random.default_rng(zlib.crc32(f"{fmt} {prologue} {k}".encode()))
+    rows = 3
+    packed = quantize(rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(k), FORMATS[fmt])
+    assert packed.shape == (n, FORMATS[fmt].row_bytes(k)) and packed.dtype == np.uint8
+    bias = rng.standard_normal(n).astype(np.float32) if prologue == "none" else None
+    args = inputs(prologue, rows, k, rng)
+    want = reference(prologue, args, dequantize(packed, FORMATS[fmt]), bias)
+    spec = kernel(fmt, prologue, k, n, bias=bias is not None)
+    y = np.full((rows, n), np.nan, np.float32)  # poisoned: an unwritten element fails
+    by_name = {**args, "w": packed, "bias": bias, "y": y}
+    device.launch_kernel(spec, [by_name[p.name] for p in spec.params()[:-1]] + [np.int32(rows)],
+                         spec.grid({"num_rows": rows}))
+    err = np.abs(y.astype(np.float64) - want).max() / np.abs(want).max()
+    assert np.isfinite(y).all() and err < 2e-6, f"{fmt} {prologue} {k}x{n}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_each_weight_decodes_as_gguf_does(fmt, device):
+    """Every quant value of every block position (not only their dot products): one-hot
+    activations pick single weights, so a swapped nibble or a wrong high bit shows."""
+    k, n = 64, 4
+    rng = np.random.default_rng(7)
+    packed = quantize(rng.standard_normal((n, k)).astype(np.float32), FORMATS[fmt])
+    spec = kernel(fmt, "none", k, n)
+    eye = np.eye(k, dtype=np.float32)
+    y = np.full((k, n), np.nan, np.float32)
+    device.launch_kernel(spec, [eye, packed, y, np.int32(k)], spec.grid({"num_rows": k}))
+    np.testing.assert_array_equal(y.T, dequantize(packed, FORMATS[fmt]))
+
+
+def test_formats_need_whole_blocks():
+    with pytest.raises(ValueError, match="whole blocks"):
+        kernel("q4_0", "none", 48, 8)
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_quantized_gemv_ptx_assembles(arch, cache, tmp_path):
+    tool = ptxas()
+    if tool is None:
+        pytest.skip("ptxas not found")
+    target = parse_arch(arch)
+    for fmt in sorted(FORMATS):
+        for prologue in PROLOGUES:
+            spec = kernel(fmt, prologue, 576, 130, bias=prologue == "none")
+            path = tmp_path / f"{spec.name}.ptx"
+            path.write_bytes(compile_kernel(spec, target, cache).data)
+            res = subprocess.run([tool, f"-arch={arch}", str(path), "-o", str(tmp_path / "out.cubin")],
+                                 capture_output=True, text=True)
+            assert res.returncode == 0, f"{fmt} {prologue}: {res.stderr[:2000]}"
