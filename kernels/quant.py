@@ -26,7 +26,7 @@ from llvmlite import ir
 
 from fusec.fusion.codegen.builder import KernelBuilder
 
-I8, I16, I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+I8, I32 = ir.IntType(8), ir.IntType(32)
 
 
 @dataclass(frozen=True)

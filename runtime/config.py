@@ -50,7 +50,7 @@ class EngineConfig:
         "Reuse the KV blocks of prompt prefixes seen before.",
         flag="--enable-prefix-caching/--no-enable-prefix-caching"))
     enforce_eager: bool = field(default=False, metadata=_flag(
-        "Run every step eagerly: no CUDA graphs.", click.BOOL, flag="--enforce-eager", is_flag=True))
+        "Run every step eagerly: no CUDA graphs.", flag="--enforce-eager", is_flag=True))
     crossover: int | None = field(default=None, metadata=_flag(
         "Largest batch (tokens) run through the fused-GEMV plan [default: `fusec autotune`'s choice for this "
         "device and model, else the device's default].", click.IntRange(min=1)))
@@ -84,7 +84,7 @@ def engine_options(*names: str, **defaults: Any) -> Callable:
             default = defaults.get(name, FIELDS[name].default)
             flag = meta["flag"] or "--" + name.replace("_", "-")
             kw = dict(meta["click"])
-            if meta["type"] is not None and not kw.get("is_flag"):
+            if meta["type"] is not None:
                 kw["type"] = meta["type"]
             f = click.option(flag, name, default=default, show_default=default is not None, help=meta["help"],
                              **kw)(f)

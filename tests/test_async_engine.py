@@ -18,6 +18,21 @@ def model(tiny_checkpoints):
     return load_model(str(tiny_checkpoints["llama"]))
 
 
+@pytest.fixture
+def start(model):
+    """Start an AsyncEngine over the tiny model (EngineConfig keyword arguments); every
+    one started is shut down after the test."""
+    engines: list[AsyncEngine] = []
+
+    def make(**config) -> AsyncEngine:
+        engines.append(AsyncEngine(LLMEngine(EngineConfig(**config), model=model)))
+        return engines[-1]
+
+    yield make
+    for engine in engines:
+        engine.shutdown()
+
+
 async def wait_idle(engine: AsyncEngine) -> EngineLoad:
     """The engine thread applies aborts between steps: poll its load snapshot."""
     for _ in range(200):
@@ -28,7 +43,7 @@ async def wait_idle(engine: AsyncEngine) -> EngineLoad:
     return load
 
 
-def test_concurrent_streams_match_offline(model):
+def test_concurrent_streams_match_offline(model, start):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, model.config.vocab_size, int(rng.integers(2, 30))).tolist() for _ in range(12)]
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
@@ -39,7 +54,7 @@ def test_concurrent_streams_match_offline(model):
     while offline.has_unfinished_requests():
         for o in offline.step():
             want[o.request_id] = o.outputs[0].token_ids
-    engine = AsyncEngine(LLMEngine(EngineConfig(), model=model))
+    engine = start()
 
     async def one(i):
         steps = []
@@ -51,16 +66,13 @@ def test_concurrent_streams_match_offline(model):
     async def main():
         return await asyncio.gather(*(one(i) for i in range(len(prompts))))
 
-    try:
-        got = asyncio.run(main())
-        assert got == [want[str(i)] for i in range(len(prompts))]
-        assert engine.load().running == 0
-    finally:
-        engine.shutdown()
+    got = asyncio.run(main())
+    assert got == [want[str(i)] for i in range(len(prompts))]
+    assert engine.load().running == 0
 
 
-def test_cancelled_consumer_aborts_request(model):
-    engine = AsyncEngine(LLMEngine(EngineConfig(), model=model))
+def test_cancelled_consumer_aborts_request(start):
+    engine = start()
     params = SamplingParams(temperature=0, max_tokens=90, ignore_eos=True)
 
     async def leave_early():
@@ -83,14 +95,11 @@ def test_cancelled_consumer_aborts_request(model):
         load = await wait_idle(engine)
         assert load.running == 0 and load.waiting == 0 and load.kv_usage == 0.0
 
-    try:
-        asyncio.run(main())
-    finally:
-        engine.shutdown()
+    asyncio.run(main())
 
 
-def test_bad_request_raises_before_streaming(model):
-    engine = AsyncEngine(LLMEngine(EngineConfig(max_model_len=32), model=model))
+def test_bad_request_raises_before_streaming(start):
+    engine = start(max_model_len=32)
 
     async def main():
         with pytest.raises(InputError):
@@ -100,14 +109,11 @@ def test_bad_request_raises_before_streaming(model):
                                                  prompt_token_ids=[1, 2, 3])]
         assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 3
 
-    try:
-        asyncio.run(main())
-    finally:
-        engine.shutdown()
+    asyncio.run(main())
 
 
-def test_failed_step_fails_requests_in_flight_and_keeps_serving(model, monkeypatch):
-    engine = AsyncEngine(LLMEngine(EngineConfig(), model=model))
+def test_failed_step_fails_requests_in_flight_and_keeps_serving(start, monkeypatch):
+    engine = start()
     step = LLMEngine.step
     calls = []
 
@@ -127,14 +133,11 @@ def test_failed_step_fails_requests_in_flight_and_keeps_serving(model, monkeypat
         outs = [o async for o in engine.generate(None, params, prompt_token_ids=[1, 2, 3])]
         assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 4
 
-    try:
-        asyncio.run(main())
-    finally:
-        engine.shutdown()
+    asyncio.run(main())
 
 
-def test_duplicate_id_is_refused_and_the_original_runs_on(model):
-    engine = AsyncEngine(LLMEngine(EngineConfig(), model=model))
+def test_duplicate_id_is_refused_and_the_original_runs_on(start):
+    engine = start()
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
 
     async def main():
@@ -144,17 +147,14 @@ def test_duplicate_id_is_refused_and_the_original_runs_on(model):
         outs = [o async for o in original]
         assert outs[-1].outputs[0].finish_reason == "length" and len(outs[-1].outputs[0].token_ids) == 20
 
-    try:
-        asyncio.run(main())
-    finally:
-        engine.shutdown()
+    asyncio.run(main())
 
 
-def test_dropped_stream_aborts_its_request(model):
+def test_dropped_stream_aborts_its_request(start):
     """A response that never iterates its stream (the client left first) still frees it."""
     import gc
 
-    engine = AsyncEngine(LLMEngine(EngineConfig(), model=model))
+    engine = start()
 
     async def main():
         stream = await engine.add_request("dropped", None, SamplingParams(max_tokens=90, ignore_eos=True),
@@ -164,10 +164,7 @@ def test_dropped_stream_aborts_its_request(model):
         load = await wait_idle(engine)
         assert load.running == 0 and load.waiting == 0 and load.kv_usage == 0.0
 
-    try:
-        asyncio.run(main())
-    finally:
-        engine.shutdown()
+    asyncio.run(main())
 
 
 def test_shutdown_fails_requests_in_flight(model):
