@@ -19,7 +19,7 @@ def _buckets(value: str) -> list[int]:
 
 
 @click.command("autotune")
-@engine_options("model", "dtype", "load_format", "device")
+@engine_options("model", "dtype", "quantization", "load_format", "device")
 @click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1),
               help="Largest decode batch tried for the crossover.")
 @click.option("--gemm-m", "gemm_m", default="16,32,64,128,256,1024", show_default=True,
@@ -36,7 +36,8 @@ def autotune_cmd(max_tokens: int, gemm_m: list[int], max_algos: int, repeats: in
     from fusec.runtime.model_runner import ModelRunner
 
     kind = resolve_device(options["device"])
-    m = load_model(options["model"], dtype=options["dtype"], load_format=options["load_format"], device=kind)
+    m = load_model(options["model"], dtype=options["dtype"], load_format=options["load_format"], device=kind,
+                   quantization=options["quantization"])
     context = 64
     block_size = 16
     # graphs would fix each batch's plan: eager steps

@@ -22,7 +22,7 @@ def _levels(value: str) -> list[int]:
 
 
 @click.command("bench")
-@engine_options("model", "dtype", "load_format", "device", "executor", "max_num_seqs", "max_num_batched_tokens",
+@engine_options("model", "dtype", "quantization", "load_format", "device", "executor", "max_num_seqs", "max_num_batched_tokens",
                 "max_model_len", "block_size", "kv_cache_gb", "num_kv_blocks", "gpu_memory_utilization",
                 "enable_prefix_caching", "enforce_eager", "crossover", "seed", max_num_seqs=None)
 @click.option("--n", "levels", default="1,8,32", show_default=True, callback=lambda c, p, v: _levels(v),

@@ -14,7 +14,7 @@ from fusec.runtime.config import EngineConfig, engine_options
 def model_kernels(model, target, max_positions: int, block_size: int) -> tuple[dict, list]:
     """A model's plans for a target, as a device of that target runs them (the same
     plan options), and the distinct kernels serving it needs: the plans', the
-    sampler's, and (on a GPU) the dummy-weight fill."""
+    sampler's, the host GEMMs' weight decoders, and (on a GPU) the dummy-weight fill."""
     from fusec.fusion.plan import build_plans
     from fusec.kernels.random import FillRandom
     from fusec.kernels.registry import default_registry
@@ -25,13 +25,19 @@ def model_kernels(model, target, max_positions: int, block_size: int) -> tuple[d
     plans = build_plans(model.graph(block_size), default_registry(), options)
     kernels = [k for plan in plans.values() for k in plan.kernels()]
     kernels += KernelSampler.kernel_specs(model.config.vocab_size)
+    if not target.is_gpu:  # the host's GEMMs decode block-quantized weights with a kernel too
+        from fusec.runtime.backends.cpu import HostGemm
+
+        graph = plans["gemm"].graph
+        weights = [graph.node(launch.args[1].name) for launch in plans["gemm"].launches if launch.kind == "gemm"]
+        kernels += [HostGemm.decoder(w.type.shape[1], w.format) for w in weights if w.format]
     if target.is_gpu:
         kernels.append(FillRandom(model.dtype))
     return plans, list({k.name: k for k in kernels}.values())
 
 
 @click.command("compile")
-@engine_options("model", "dtype", "max_model_len", "block_size")
+@engine_options("model", "dtype", "quantization", "max_model_len", "block_size")
 @click.option("--arch", default="sm_90", show_default=True, type=click.Choice(["sm_80", "sm_90", "host"]),
               help="host: what `serve --device cpu` runs; sm_*: what `serve --device cuda` runs on that GPU.")
 @click.option("--explain", is_flag=True, help="Per layer: the unfused ops, the matched patterns, the launches.")
@@ -48,7 +54,8 @@ def compile_cmd(arch: str, explain: bool, emit_dir: Path | None, **options) -> N
 
     config = EngineConfig.from_options(options)
     target = parse_arch(arch)
-    m = load_model(config.model, dtype=config.dtype, with_weights=False, device="cuda" if target.is_gpu else "cpu")
+    m = load_model(config.model, dtype=config.dtype, with_weights=False, device="cuda" if target.is_gpu else "cpu",
+                   quantization=config.quantization)
     max_model_len = config.resolved_max_model_len(m.config.max_position_embeddings)
     t0 = time.perf_counter()
     try:

@@ -25,12 +25,12 @@ def _graphs_note(engine) -> str:
     runner = engine.runner
     if not runner.graph_buckets:
         return ""
-    return f", CUDA graphs for batches {runner.graph_buckets} captured in {runner.capture_s:.1f}s"
+    return f", decode graphs for batches {runner.graph_buckets} captured in {runner.capture_s:.1f}s"
 
 
 @click.command("serve")
 @click.argument("model_tag", required=False)
-@engine_options("model", "dtype", "load_format", "seed", "device", "max_model_len", "max_num_seqs",
+@engine_options("model", "dtype", "quantization", "load_format", "seed", "device", "max_model_len", "max_num_seqs",
                 "max_num_batched_tokens", "block_size", "kv_cache_gb", "num_kv_blocks", "gpu_memory_utilization",
                 "enable_prefix_caching", "enforce_eager", "crossover")
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -60,7 +60,8 @@ def serve_cmd(model_tag: str | None, host: str, port: int, served_names: tuple[s
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30,
                             access_log=not disable_log_requests)
     server = uvicorn.Server(config)
-    click.echo(f"fusec serving {names[0]} ({engine.model.config.architecture}, {engine.model.dtype.value}, "
+    click.echo(f"fusec serving {names[0]} ({engine.model.config.architecture}, {engine.model.dtype.value} "
+               f"activations, weights {engine.model.weight_types()}, "
                f"{engine.device} backend, fused plans, {engine.blocks.num_blocks} KV blocks, max_model_len "
                f"{engine.max_model_len}{_graphs_note(engine)}{_kernels_note(engine)}) on http://{host}:{port}/v1",
                err=True)

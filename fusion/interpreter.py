@@ -25,10 +25,7 @@ class Interpreter:
         for node in graph.nodes("weight"):
             if node.name not in weights:
                 raise KeyError(f"missing weight {node.name!r}")
-            arr = weights[node.name]
-            if tuple(arr.shape) != node.type.shape:
-                raise ValueError(f"weight {node.name}: shape {arr.shape} != {node.type.shape}")
-            self.weights[node.name] = from_storage(arr, node.type.dtype)
+            self.weights[node.name] = decode_weight(node, weights[node.name])
 
     def new_state(self, dims: Mapping[str, int]) -> dict[str, np.ndarray]:
         """Zeroed float32 state buffers (KV caches) for the given symbolic dims."""
@@ -51,6 +48,17 @@ class Interpreter:
             _check_shape(node, value, dims)
             values[node.name] = value
         return {name: values[name] for name in self.graph.outputs}
+
+
+def decode_weight(node: Node, arr: np.ndarray) -> np.ndarray:
+    """A weight's values as float32, from its storage (dtype elements or a block format)."""
+    from fusec.kernels.quant import FORMATS, dequantize, storage_shape
+
+    fmt = FORMATS[node.format] if node.format else None
+    if tuple(arr.shape) != storage_shape(node.type.shape, fmt):
+        raise ValueError(f"weight {node.name}: shape {arr.shape} does not hold {node.type}"
+                         + (f" as {fmt.name}" if fmt else ""))
+    return dequantize(arr, fmt) if fmt else from_storage(arr, node.type.dtype)
 
 
 def _check_shape(node: Node, value: np.ndarray, dims: dict[str, int]) -> None:

@@ -10,7 +10,7 @@ for metadata and state.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import networkx as nx
 
@@ -42,6 +42,11 @@ class Node:
     layer: int | None = None  # which transformer layer built it (for --explain and planning)
 
     @property
+    def format(self) -> str | None:
+        """A weight's block format (None: stored as plain `dtype` elements)."""
+        return self.attrs.get("format")
+
+    @property
     def is_source(self) -> bool:
         return self.kind in SOURCE_KINDS
 
@@ -61,17 +66,6 @@ def bind_dims(node: Node, shape: tuple[int, ...], dims: dict[str, int]) -> None:
                 raise ValueError(f"{node.name}: dim {want}={got}, bound to {dims[want]} earlier")
         elif want != got:
             raise ValueError(f"{node.name}: shape {tuple(shape)}, expected {node.type}")
-
-
-def source_dims(sources: Iterable[Node], inputs: Mapping[str, Any], state: Mapping[str, Any],
-                weights: Mapping[str, Any]) -> dict[str, int]:
-    """Every symbolic dim, bound from the shapes of a step's sources (graph inputs, state
-    and weights: arrays, or device buffers with a `shape`)."""
-    dims: dict[str, int] = {}
-    for node in sources:
-        source = inputs if node.kind == "input" else state if node.kind == "state" else weights
-        bind_dims(node, tuple(source[node.name].shape), dims)
-    return dims
 
 
 class Graph:
@@ -104,8 +98,11 @@ class Graph:
     def input(self, name: str, shape: tuple[Dim, ...], dtype: DType = DType.I32) -> str:
         return self._add(Node(name, "input", (), TensorType(tuple(shape), dtype)))
 
-    def weight(self, name: str, shape: tuple[Dim, ...], dtype: DType) -> str:
-        return self._add(Node(name, "weight", (), TensorType(tuple(shape), dtype)))
+    def weight(self, name: str, shape: tuple[Dim, ...], dtype: DType, format: str | None = None) -> str:
+        """A weight of `shape` whose elements are `dtype` values. With a `format` (a GGUF
+        block format) it is stored in that format's blocks and decodes to `dtype`."""
+        attrs = {"format": format} if format else {}
+        return self._add(Node(name, "weight", (), TensorType(tuple(shape), dtype), attrs))
 
     def state(self, name: str, shape: tuple[Dim, ...], dtype: DType) -> str:
         return self._add(Node(name, "state", (), TensorType(tuple(shape), dtype)))

@@ -7,6 +7,7 @@ from typing import Mapping
 from fusec.fusion.codegen.builder import KernelBuilder, Param
 from fusec.fusion.dtypes import DType
 from fusec.kernels.base import Kernel, round_to, row_offset, silu
+from fusec.kernels.quant import FORMATS, HALF, block_values
 
 
 class RowKernel(Kernel):
@@ -22,21 +23,45 @@ class RowKernel(Kernel):
 
 @dataclass(frozen=True)
 class Embed(RowKernel):
+    """y[r] = table[ids[r]]: an embedding gather. With `table_format` (a GGUF block
+    format) the table stays in its stored blocks and only the rows read are decoded;
+    the host's quantized GEMMs use the same kernel to decode weight tiles."""
+
     family = "embed"
     cols: int
     table: DType
     out: DType
+    table_format: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.table_format is not None:
+            FORMATS[self.table_format].row_bytes(self.cols)  # whole blocks per row, or ValueError
 
     def params(self) -> list[Param]:
         return self._params("ids", "table", "y")
 
     def body(self, kb: KernelBuilder) -> None:
         b, r = kb.b, kb.block_id(0)
-        src = row_offset(kb, kb.load(kb["ids"], r, DType.I32), self.cols)
+        row = kb.load(kb["ids"], r, DType.I32)
         dst = row_offset(kb, r, self.cols)
+        if self.table_format is not None:
+            self._decode_row(kb, row, dst)
+            return
+        src = row_offset(kb, row, self.cols)
         with kb.lane_loop(self.cols) as i:
             v = kb.load(kb["table"], b.add(src, kb.wide(i)), self.table)
             kb.store(kb["y"], b.add(dst, kb.wide(i)), round_to(kb, v, self.out), self.out)
+
+    def _decode_row(self, kb: KernelBuilder, row, dst) -> None:
+        b, fmt = kb.b, FORMATS[self.table_format]
+        src = row_offset(kb, row, fmt.row_bytes(self.cols))
+        with kb.lane_loop(self.cols // fmt.block) as blk:
+            halves = block_values(kb, fmt, kb["table"], b.add(src, b.mul(kb.wide(blk), kb.i64(fmt.nbytes))))
+            first = b.add(dst, b.mul(kb.wide(blk), kb.i64(fmt.block)))
+            for h, half in enumerate(halves):
+                for j in range(HALF):
+                    v = b.extract_element(half, kb.i32(j))
+                    kb.store(kb["y"], b.add(first, kb.i64(h * HALF + j)), round_to(kb, v, self.out), self.out)
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,11 @@ FORMATS = {f.name: f for f in (
 )}
 
 
+def storage_shape(shape: tuple[int, ...], fmt: BlockFormat | None) -> tuple[int, ...]:
+    """The array shape that holds a [.., K] weight in `fmt` (uint8 rows of whole blocks)."""
+    return tuple(shape) if fmt is None else (*shape[:-1], fmt.row_bytes(shape[-1]))
+
+
 def quantize(w: np.ndarray, fmt: BlockFormat) -> np.ndarray:
     """float32 [N, K] -> the GGUF bytes [N, row_bytes(K)] (gguf's reference quantizer)."""
     from gguf.quants import quantize as gguf_quantize
@@ -145,6 +150,16 @@ def block_quants(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, offset: ir.
     if zero:
         halves = [b.sub(q, ir.Constant(I32V, [zero] * HALF)) for q in halves]
     return d, m, b.sitofp(halves[0], F32V), b.sitofp(halves[1], F32V)
+
+
+def block_values(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, offset: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """The 32 weights of the block at byte `offset`, decoded: two vectors of 16 floats."""
+    d, m, q_lo, q_hi = block_quants(kb, fmt, ptr, offset)
+    scale = _splat(kb, d, F32V)
+    values = [kb.fmul(scale, q) for q in (q_lo, q_hi)]
+    if m is not None:
+        values = [kb.fadd(v, _splat(kb, m, F32V)) for v in values]
+    return values[0], values[1]
 
 
 def block_term(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, offset: ir.Value, x_lo: ir.Value,

@@ -93,7 +93,7 @@ def lower_gemv(m: Match, ctx: LowerContext) -> Launch:
     kernel = Gemv(k=k, n=n, act=act, weight=weight,
                   out=out.type.dtype, prologue=prologue, bias=bias is not None, gather=gather is not None,
                   residual_out=residual_out, eps=norm.attrs["eps"] if norm is not None else 0.0,
-                  rows_per_block=rows,
+                  rows_per_block=rows, weight_format=m.graph.node(mm.inputs[1]).format,
                   vec=vector_width(k, act, weight) if ctx.gpu_shapes else 1)
     return ctx.kernel_launch(m, kernel, args, tuple(outputs), {"num_rows": _rows(out)})
 
@@ -189,7 +189,8 @@ def attention_constraint(m: Match) -> bool:
 def lower_embed(m: Match, ctx: LowerContext) -> Launch:
     e = m["embed"]
     ids, table = e.inputs
-    kernel = Embed(cols=e.type.shape[1], table=_dtype(m, table), out=e.type.dtype)
+    kernel = Embed(cols=e.type.shape[1], table=_dtype(m, table), out=e.type.dtype,
+                   table_format=m.graph.node(table).format)
     return ctx.kernel_launch(m, kernel, {"ids": V(ids), "table": V(table), "y": V(e.name), "num_rows": D(_rows(e))},
                              (e.name,), {"num_rows": _rows(e)})
 

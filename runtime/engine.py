@@ -58,6 +58,7 @@ class LLMEngine:
             kind = device.kind if device is not None else resolve_device(config.device)
         self.device = kind
         self.model = model or load_model(config.model, dtype=config.dtype, load_format=config.load_format,
+                                         quantization=config.quantization,
                                          seed=config.seed, device=kind)
         cfg = self.model.config
         self.tokenizer = self.model.tokenizer

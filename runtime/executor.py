@@ -26,6 +26,7 @@ from fusec.fusion.ir import Graph, bind_dims
 from fusec.fusion.ops import OPS
 from fusec.fusion.patterns import Registry
 from fusec.fusion.plan import Launch, Plan, PlanOptions, build_plans
+from fusec.kernels.quant import FORMATS, storage_shape
 from fusec.runtime.device import Device, GemmShape
 from fusec.runtime.memory import BATCH_DIMS, ArenaLayout, arena_layout
 
@@ -89,7 +90,12 @@ class PlanExecutor:
         self._inputs = list(graph.nodes("input"))
         self._weight_dims: dict[str, int] = {}
         for node in graph.nodes("weight"):
-            bind_dims(node, tuple(self.weights[node.name].shape), self._weight_dims)
+            shape = tuple(self.weights[node.name].shape)
+            fmt = FORMATS[node.format] if node.format else None
+            if fmt is not None and shape != storage_shape(node.type.shape, fmt):
+                raise ValueError(f"weight {node.name}: shape {shape} does not hold {node.type} as {fmt.name}")
+            if fmt is None:
+                bind_dims(node, shape, self._weight_dims)
         self._fixed_dims = dict(self._weight_dims)  # and the KV cache's, once it has one
         self.kv: dict[str, Any] = {}
         self.num_blocks = 0
@@ -114,7 +120,7 @@ class PlanExecutor:
         except KeyError:  # dims the graph needs are still unknown: sized on the first run
             return
         if self.graphs:
-            log.warning("a batch of %s outgrew the arena: CUDA graphs are recaptured", dims)
+            log.warning("a batch of %s outgrew the arena: decode graphs are recaptured", dims)
         self.max_dims, self.layout = grown, layout
         self._bound.clear()  # their views point into the old arena
         self.arena = None  # free the old one first
@@ -130,8 +136,7 @@ class PlanExecutor:
         """The KV cache: every layer's keys and values for num_blocks blocks, zeroed."""
         kv = {}
         for n in self.graph.nodes("state"):
-            arr = kv[n.name] = self.device.buffer(n.type.bind({"NB": num_blocks}), n.type.dtype.storage)
-            self.device.fill_bytes(arr, 0)
+            kv[n.name] = self.device.zeros(n.type.bind({"NB": num_blocks}), n.type.dtype.storage)
         self._use_kv(kv)
 
     def load_kv(self, host_state: Mapping[str, np.ndarray]) -> None:
@@ -227,6 +232,8 @@ class PlanExecutor:
         for bucket in buckets:
             if bucket > self.max_dims.get("S", 0):
                 continue
+            if any(launch.kind not in self.device.graph_launch_kinds for launch in self.plan_for(bucket).launches):
+                continue  # e.g. the host's library GEMMs: those batches run their calls
             inputs = pad_decode_inputs(_empty_decode(), bucket, self.max_dims["B"])
             dims = self._dims(inputs)
             bound = self._bind(self.plan_for(bucket), dims)
@@ -307,7 +314,9 @@ class PlanExecutor:
                 raise NotImplementedError(f"{launch.name}: a GEMM of {x_dtype.value} by {w_dtype.value}")
             if not x.shape[0]:
                 return lambda: None
-            return self.gemm.prepare(GemmShape(x.shape[0], w.shape[0], w.shape[1], x_dtype, y_dtype), x, w, y)
+            w_node = self.graph.node(w_name)
+            n, k = w_node.type.shape
+            return self.gemm.prepare(GemmShape(x.shape[0], n, k, x_dtype, y_dtype, w_node.format), x, w, y)
         if not isinstance(self.arena, np.ndarray):
             raise NotImplementedError(f"{launch.name}: {launch.kind} launches run on the host only")
         (name,) = launch.outputs

@@ -110,7 +110,7 @@ class ModelRunner:
             buckets = sorted({b for b in GRAPH_BUCKETS if b < self.max_sample_rows} | {self.max_sample_rows})
             self.graph_buckets = self.executor.capture_graphs(buckets)
             self.capture_s = time.perf_counter() - start
-            log.info("CUDA graphs for decode batches %s captured in %.2fs", self.graph_buckets, self.capture_s)
+            log.info("decode graphs for batches %s captured in %.2fs", self.graph_buckets, self.capture_s)
 
     @staticmethod
     def _tuning(device: Device, model: Model):

@@ -188,4 +188,4 @@ def test_serve_on_the_cuda_path_answers_openai_clients(tmp_path, smollm2_path):
         outputs = {name: server.stop() for name, server in servers.items()}
     assert answers["cuda"] == answers["cpu"]
     assert all(code == 0 for code, _ in outputs.values())
-    assert "cuda backend" in outputs["cuda"][1] and "CUDA graphs for batches [1, 2, 4, 8]" in outputs["cuda"][1]
+    assert "cuda backend" in outputs["cuda"][1] and "decode graphs for batches [1, 2, 4, 8]" in outputs["cuda"][1]

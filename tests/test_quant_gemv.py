@@ -1,4 +1,5 @@
-"""The GEMV family on GGUF block-quantized weights: every format x prologue x 3 sizes
+"""Kernels that read GGUF block-quantized weights: the GEMV family (every format x
+prologue x 3 sizes) and the embedding gather (every format x 3 sizes x output dtype),
 against numpy over gguf's own dequantization (the oracle), on the host with the output
 poisoned, and the PTX through ptxas for sm_80 / sm_90."""
 from __future__ import annotations
@@ -12,7 +13,8 @@ import pytest
 from fusec.fusion import ops
 from fusec.fusion.codegen.target import parse_arch
 from fusec.fusion.compiler import compile_kernel
-from fusec.fusion.dtypes import DType
+from fusec.fusion.dtypes import DType, from_storage, round_to
+from fusec.kernels.elementwise import Embed
 from fusec.kernels.gemv import PROLOGUES, Gemv, vector_width
 from fusec.kernels.quant import FORMATS, dequantize, quantize
 from fusec.runtime.backends.cpu import HostDevice
@@ -109,3 +111,37 @@ def test_quantized_gemv_ptx_assembles(arch, cache, tmp_path):
             res = subprocess.run([tool, f"-arch={arch}", str(path), "-o", str(tmp_path / "out.cubin")],
                                  capture_output=True, text=True)
             assert res.returncode == 0, f"{fmt} {prologue}: {res.stderr[:2000]}"
+
+
+@pytest.mark.parametrize("out", [DType.F32, DType.F16, DType.BF16], ids=lambda d: d.value)
+@pytest.mark.parametrize("cols,vocab", [(32, 3), (96, 17), (576, 70)])
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_quantized_embedding_gather_decodes_only_its_rows(fmt, cols, vocab, out, device):
+    rng = np.random.default_rng(zlib.crc32(f"embed {fmt} {cols} {out}".encode()))
+    table = quantize(rng.standard_normal((vocab, cols)).astype(np.float32), FORMATS[fmt])
+    ids = rng.integers(0, vocab, 9).astype(np.int32)  # repeats and gaps
+    spec = Embed(cols=cols, table=out, out=out, table_format=fmt)
+    # poisoned: all-ones bytes are NaN in every float dtype
+    y = np.full(len(ids) * cols * out.itemsize, 0xFF, np.uint8).view(out.storage).reshape(len(ids), cols)
+    device.launch_kernel(spec, [ids, table, y, np.int32(len(ids))], spec.grid({"num_rows": len(ids)}))
+    want = round_to(dequantize(table, FORMATS[fmt])[ids], out)
+    np.testing.assert_array_equal(from_storage(y, out), want)
+
+
+def test_embedding_formats_need_whole_blocks():
+    with pytest.raises(ValueError, match="whole blocks"):
+        Embed(cols=40, table=DType.F32, out=DType.F32, table_format="q8_0")
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_quantized_embedding_ptx_assembles(arch, cache, tmp_path):
+    tool = ptxas()
+    if tool is None:
+        pytest.skip("ptxas not found")
+    for fmt in sorted(FORMATS):
+        spec = Embed(cols=576, table=DType.F16, out=DType.F16, table_format=fmt)
+        path = tmp_path / f"{spec.name}.ptx"
+        path.write_bytes(compile_kernel(spec, parse_arch(arch), cache).data)
+        res = subprocess.run([tool, f"-arch={arch}", str(path), "-o", str(tmp_path / "out.cubin")],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, f"{fmt}: {res.stderr[:2000]}"

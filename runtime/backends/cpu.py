@@ -9,12 +9,14 @@ from typing import Any, Callable, ContextManager, Mapping, Sequence
 import numpy as np
 
 from fusec.fusion.cache import KernelCache
-from fusec.fusion.codegen.host import HostLauncher, HostLinker
+from fusec.fusion.codegen.host import HostKernel, HostLauncher, HostLinker
+from fusec.fusion.codegen.host_graph import HostCall, HostGraph
 from fusec.fusion.codegen.target import HOST
 from fusec.fusion.compiler import compile_kernel
 from fusec.fusion.dtypes import DType, from_storage, round_to, to_storage
 from fusec.fusion.ir import Node
 from fusec.fusion.plan import PlanOptions
+from fusec.kernels.elementwise import Embed
 from fusec.runtime.device import GemmShape, fill_random, plan_options
 
 log = logging.getLogger(__name__)
@@ -30,13 +32,15 @@ class HostDevice:
 
     kind = "cpu"
     target = HOST
-    supports_graphs = False
+    supports_graphs = True
+    graph_launch_kinds = frozenset({"kernel"})  # library GEMMs and numpy ops run in Python
 
     def __init__(self, cache: KernelCache | None = None, threads: int | None = None) -> None:
         self.cache = cache or KernelCache()
         self.linker = HostLinker()
         self.launcher = HostLauncher(threads or os.cpu_count() or 1)
         self._blas = None
+        self.recording: list[HostCall] | None = None  # launches recorded during a capture
 
     def activate(self) -> None:
         """Any thread may launch host kernels."""
@@ -51,6 +55,11 @@ class HostDevice:
     # -- memory ---------------------------------------------------------------------------
     def buffer(self, shape: Sequence[int], dtype: Any) -> np.ndarray:
         return np.empty(tuple(shape), dtype)
+
+    @staticmethod
+    def zeros(shape: Sequence[int], dtype: Any) -> np.ndarray:
+        """Zeroed on first touch (calloc'd pages): a large KV cache costs memory only as it fills."""
+        return np.zeros(tuple(shape), dtype)
 
     @staticmethod
     def view(buf: np.ndarray, shape: Sequence[int], dtype: Any, offset: int = 0) -> np.ndarray:
@@ -104,15 +113,22 @@ class HostDevice:
         return fn
 
     def prepare_launch(self, kernel: Any, args: Sequence[Any], grid: tuple[int, int]) -> Callable[[], None]:
-        values = [a.ctypes.data if isinstance(a, np.ndarray) and a.ndim else a.item() for a in args]
-        fn, launcher = self.load(kernel), self.launcher
-        return lambda: launcher.launch(fn, values, grid)
+        values = tuple(a.ctypes.data if isinstance(a, np.ndarray) and a.ndim else a.item() for a in args)
+        call = HostCall(self.load(kernel), tuple(p.kind for p in kernel.params()), values, grid)
+        launcher = self.launcher
+
+        def launch() -> None:
+            if self.recording is not None:
+                self.recording.append(call)
+            else:
+                launcher.launch(call.kernel, call.values, call.grid)
+        return launch
 
     def launch_kernel(self, kernel: Any, args: Sequence[Any], grid: tuple[int, int]) -> None:
         self.prepare_launch(kernel, args, grid)()
 
     def gemm_library(self) -> "HostGemm":
-        return HostGemm(self.launcher)
+        return HostGemm(self.launcher, self.load)
 
     def fill_random(self, buf: np.ndarray, dtype: DType, seed: int, stream: int, scale: float, shift: float) -> None:
         fill_random(self, buf, dtype, seed, stream, scale, shift)
@@ -129,11 +145,21 @@ class HostDevice:
     def sync(self) -> None:
         """Launches return when done: nothing is in flight."""
 
-    def capture(self, body: Callable[[], None]) -> Any:
-        raise NotImplementedError("the host has no graphs: its steps are prepared calls already")
+    def capture(self, body: Callable[[], None]) -> HostGraph:
+        """The kernel launches `body` makes, recorded (not run) and compiled into one
+        native step (fusion/codegen/host_graph.py). Only kernel launches can be
+        captured (`graph_launch_kinds`)."""
+        self.recording = []
+        try:
+            body()
+            calls = self.recording
+        finally:
+            self.recording = None
+        return HostGraph(calls, self.launcher)
 
-    def replay(self, graph: Any) -> None:
-        raise NotImplementedError("the host has no graphs")
+    @staticmethod
+    def replay(graph: HostGraph) -> None:
+        graph.replay()
 
     def close(self) -> None:
         self.launcher.close()
@@ -142,11 +168,27 @@ class HostDevice:
 class HostGemm:
     """y = x @ w.T with the output columns split over the launcher's threads. BLAS runs
     one thread inside each part (HostDevice.step_scope caps it), so no BLAS worker spins
-    against the kernels' threads."""
+    against the kernels' threads.
 
-    def __init__(self, launcher: HostLauncher) -> None:
+    A block-quantized w is never expanded whole: each thread decodes tiles of its rows
+    (TILE_BYTES of float32, cache-sized) with the embedding-gather kernel and multiplies
+    each tile as it is made. Tiles and partial outputs live in one scratch per thread
+    slot, shared by every prepared GEMM (steps never overlap), so memory does not grow
+    with the number of GEMMs."""
+
+    TILE_BYTES = 1 << 20
+
+    def __init__(self, launcher: HostLauncher, load: Callable[[Any], HostKernel]) -> None:
         self.launcher = launcher
+        self.load = load
         self._f32: dict[int, np.ndarray] = {}  # float32 copies of f16/bf16 weights, made once
+        self._row_ids: np.ndarray = np.zeros(0, np.int32)  # 0, 1, 2, ...: tiles' row ids
+        self._scratch: dict[tuple[int, str], np.ndarray] = {}  # (part, use) -> float32
+
+    @staticmethod
+    def decoder(k: int, weight_format: str) -> Embed:
+        """The kernel that decodes rows of a [N, k] weight in this format into float32."""
+        return Embed(cols=k, table=DType.F32, out=DType.F32, table_format=weight_format)
 
     def _weight(self, w: np.ndarray, dtype: DType) -> np.ndarray:
         if dtype is DType.F32:
@@ -156,25 +198,51 @@ class HostGemm:
             self._f32[key] = np.ascontiguousarray(from_storage(w, dtype), dtype=np.float32)
         return self._f32[key]
 
+    def _buffer(self, part: int, use: str, shape: tuple[int, int]) -> np.ndarray:
+        """Part `part`'s scratch for `use`, grown to hold `shape` (made when prepared)."""
+        size = shape[0] * shape[1]
+        buf = self._scratch.get((part, use))
+        if buf is None or buf.size < size:
+            buf = self._scratch[(part, use)] = np.empty(size, np.float32)
+        return buf
+
     def prepare(self, shape: GemmShape, x: np.ndarray, w: np.ndarray, y: np.ndarray) -> Callable[[], None]:
         x_dtype, y_dtype = shape.dtype, shape.y_dtype
-        wf = self._weight(w, shape.dtype)
+        tokens, n, k = x.shape[0], shape.out_features, shape.in_features
         xf = x if x_dtype is DType.F32 else np.empty(x.shape, np.float32)
-        threads = self.launcher.threads
-        n = wf.shape[0]
-        bounds = [n * i // threads for i in range(threads + 1)]
-        # (w_part @ x.T).T: BLAS then streams the big weight once and packs only the small
-        # activation block; x @ w_part.T would pack (copy) the whole weight slice first
-        parts = [(wf[a:b], np.empty((b - a, x.shape[0]), np.float32), a, b)
-                 for a, b in zip(bounds, bounds[1:]) if b > a]
+        if shape.weight_format:
+            decode = self.load(self.decoder(k, shape.weight_format)).fn
+            if len(self._row_ids) < n:
+                self._row_ids = np.arange(n, dtype=np.int32)
+            ids = self._row_ids  # held here: a longer one may replace it later
+            chunk = max(1, self.TILE_BYTES // (4 * k))
+        else:
+            wf = self._weight(w, shape.dtype)
+            chunk = n
+        parts = self._split(n)
+        for p, (a, b) in enumerate(parts):  # scratch sized now, not inside a step
+            self._buffer(p, "out", (min(chunk, b - a), tokens))
+            if shape.weight_format:
+                self._buffer(p, "tile", (min(chunk, b - a), k))
 
-        def part(wp: np.ndarray, yp: np.ndarray, a: int, b: int) -> Callable[[], None]:
+        # (w_rows @ x.T).T: BLAS then streams the weight rows once and packs only the
+        # small activation block; x @ w_rows.T would pack (copy) the weight rows first
+        def part(p: int, a: int, b: int) -> Callable[[], None]:
             def run() -> None:
-                np.matmul(wp, xf.T, out=yp)
-                y[:, a:b] = yp.T if y_dtype is DType.F32 else to_storage(round_to(yp.T, y_dtype), y_dtype)
+                out_buf = self._scratch[(p, "out")]
+                for lo in range(a, b, chunk):
+                    rows = min(chunk, b - lo)
+                    if shape.weight_format:
+                        tile = self._scratch[(p, "tile")][:rows * k].reshape(rows, k)
+                        decode(ids.ctypes.data + 4 * lo, w.ctypes.data, tile.ctypes.data, rows, rows, 0, rows)
+                    else:
+                        tile = wf[lo:lo + rows]
+                    out = out_buf[:rows * tokens].reshape(rows, tokens)
+                    np.matmul(tile, xf.T, out=out)
+                    y[:, lo:lo + rows] = out.T if y_dtype is DType.F32 else to_storage(round_to(out.T, y_dtype), y_dtype)
             return run
 
-        tasks = [part(*p) for p in parts]
+        tasks = [part(p, a, b) for p, (a, b) in enumerate(parts)]
 
         def gemm() -> None:
             if xf is not x:
@@ -182,5 +250,11 @@ class HostGemm:
             self.launcher.parallel(tasks)
         return gemm
 
+    def _split(self, n: int) -> list[tuple[int, int]]:
+        threads = self.launcher.threads
+        bounds = [n * i // threads for i in range(threads + 1)]
+        return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
     def close(self) -> None:
         self._f32.clear()
+        self._scratch.clear()

@@ -113,6 +113,8 @@ class CublasLt:
 
     def prepare(self, shape: GemmShape, x: Any, w: Any, y: Any) -> Callable[[], None]:
         """A call enqueuing y = x @ w.T (device buffers) on the library's stream."""
+        if shape.weight_format:
+            raise NotImplementedError(f"cuBLASLt GEMMs of {shape.weight_format} weights (GPUs load them dequantized)")
         self.plan(shape)  # descriptors and the algorithm chosen now, not during a capture
         stream = self.stream
         return lambda: self.matmul(shape, x.ptr, w.ptr, y.ptr, stream)

@@ -62,6 +62,7 @@ class CudaDevice:
 
     kind = "cuda"
     supports_graphs = True
+    graph_launch_kinds = frozenset({"kernel", "gemm"})  # cuBLASLt calls are captured too
 
     def __init__(self, cache: KernelCache | None = None) -> None:
         from cuda.core import Device
@@ -93,6 +94,11 @@ class CudaDevice:
         nbytes = max(int(np.prod(shape)) * np.dtype(dtype).itemsize, 1)
         buf = self.device.allocate(nbytes, stream=self.stream)
         return DeviceArray(int(buf.handle), shape, dtype, buf)
+
+    def zeros(self, shape: Sequence[int], dtype) -> DeviceArray:
+        buf = self.buffer(shape, dtype)
+        self.fill_bytes(buf, 0)
+        return buf
 
     @staticmethod
     def view(buf: DeviceArray, shape: Sequence[int], dtype: Any, offset: int = 0) -> DeviceArray:
