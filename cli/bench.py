@@ -57,7 +57,7 @@ def bench_cmd(levels: list[int], num_prompts: int | None, input_len: int, output
         return tqdm(total=total, desc=f"N={n}", unit="tok", leave=False, disable=None)
 
     report = benchmark(config, levels, input_len, output_len, num_prompts, ignore_eos, seed, bar)
-    click.echo(f"{report.model} ({report.dtype}, {report.executor}); startup {report.startup_s:.2f}s; "
+    click.echo(f"{report.model} ({report.dtype} activations, weights {report.weights}, {report.executor}); startup {report.startup_s:.2f}s; "
                f"input {input_len}, output {output_len} tokens")
     click.echo(f"{'N':>4} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} {'ITL p95':>8} {'RSS MB':>7}")
     for r in report.results:

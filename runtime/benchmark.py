@@ -39,6 +39,7 @@ class BenchReport:
     dtype: str
     executor: str
     startup_s: float
+    weights: str = ""  # what the weights run as (Model.weight_types)
     machine: dict = field(default_factory=dict)
     command: str = ""
     results: list[LevelResult] = field(default_factory=list)
@@ -120,7 +121,7 @@ def benchmark(config: EngineConfig, levels: list[int], input_len: int, output_le
     run_level(engine, 1, 1, min(input_len, 8), 2, True, seed + 10_000)
     startup = time.perf_counter() - t0
     report = BenchReport(engine.model.name, engine.model.dtype.value, config.executor, startup,
-                         machine_info(), " ".join(["fusec"] + sys.argv[1:]))
+                         engine.model.weight_types(), machine_info(), " ".join(["fusec"] + sys.argv[1:]))
     for n in levels:
         count = num_prompts or n
         bar = progress_factory(n, count * output_len) if progress_factory else None
