@@ -52,12 +52,9 @@ class Interpreter:
 
 def decode_weight(node: Node, arr: np.ndarray) -> np.ndarray:
     """A weight's values as float32, from its storage (dtype elements or a block format)."""
-    from fusec.kernels.quant import FORMATS, dequantize, storage_shape
+    from fusec.kernels.quant import checked_format, dequantize
 
-    fmt = FORMATS[node.format] if node.format else None
-    if tuple(arr.shape) != storage_shape(node.type.shape, fmt):
-        raise ValueError(f"weight {node.name}: shape {arr.shape} does not hold {node.type}"
-                         + (f" as {fmt.name}" if fmt else ""))
+    fmt = checked_format(node, arr.shape)
     return dequantize(arr, fmt) if fmt else from_storage(arr, node.type.dtype)
 
 

@@ -63,6 +63,16 @@ def storage_shape(shape: tuple[int, ...], fmt: BlockFormat | None) -> tuple[int,
     return tuple(shape) if fmt is None else (*shape[:-1], fmt.row_bytes(shape[-1]))
 
 
+def checked_format(node, shape: tuple[int, ...]) -> BlockFormat | None:
+    """A weight node's block format (None: plain dtype elements), once an array of
+    `shape` is known to hold it; ValueError otherwise."""
+    fmt = FORMATS[node.format] if node.format else None
+    if tuple(shape) != storage_shape(node.type.shape, fmt):
+        raise ValueError(f"weight {node.name}: shape {tuple(shape)} does not hold {node.type}"
+                         + (f" as {fmt.name}" if fmt else ""))
+    return fmt
+
+
 def quantize(w: np.ndarray, fmt: BlockFormat) -> np.ndarray:
     """float32 [N, K] -> the GGUF bytes [N, row_bytes(K)] (gguf's reference quantizer)."""
     from gguf.quants import quantize as gguf_quantize

@@ -192,6 +192,5 @@ class _Merged:
     def get_f32(self, name: str) -> np.ndarray:
         return self.index[name].get_f32(name)
 
-    @staticmethod
-    def block_format(name: str) -> None:
-        return None
+    def block_format(self, name: str) -> str | None:
+        return self.index[name].block_format(name)

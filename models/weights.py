@@ -19,12 +19,11 @@ from fusec.models.llama import weight_shapes
 
 
 class TensorSource(Protocol):
+    """Checkpoint tensors. A source whose `block_format` names a format for a tensor
+    also has `get_blocks(name)`: its bytes as stored, [rows, bytes per row]."""
+
     def get_f32(self, name: str) -> np.ndarray: ...
     def block_format(self, name: str) -> str | None: ...  # None: not stored in a kernel block format
-
-
-class BlockSource(TensorSource, Protocol):
-    def get_blocks(self, name: str) -> np.ndarray: ...  # [rows, bytes per row], as stored
 
 
 def hf_names(cfg: ModelConfig, name: str) -> list[str]:

@@ -26,7 +26,7 @@ from fusec.fusion.ir import Graph, bind_dims
 from fusec.fusion.ops import OPS
 from fusec.fusion.patterns import Registry
 from fusec.fusion.plan import Launch, Plan, PlanOptions, build_plans
-from fusec.kernels.quant import FORMATS, storage_shape
+from fusec.kernels.quant import checked_format
 from fusec.runtime.device import Device, GemmShape
 from fusec.runtime.memory import BATCH_DIMS, ArenaLayout, arena_layout
 
@@ -91,10 +91,9 @@ class PlanExecutor:
         self._weight_dims: dict[str, int] = {}
         for node in graph.nodes("weight"):
             shape = tuple(self.weights[node.name].shape)
-            fmt = FORMATS[node.format] if node.format else None
-            if fmt is not None and shape != storage_shape(node.type.shape, fmt):
-                raise ValueError(f"weight {node.name}: shape {shape} does not hold {node.type} as {fmt.name}")
-            if fmt is None:
+            if node.format:
+                checked_format(node, shape)
+            else:  # plain weights may have symbolic dims
                 bind_dims(node, shape, self._weight_dims)
         self._fixed_dims = dict(self._weight_dims)  # and the KV cache's, once it has one
         self.kv: dict[str, Any] = {}

@@ -45,6 +45,17 @@ class HostLinker:
         return kernel
 
 
+def split(total: int, parts: int) -> list[tuple[int, int]]:
+    """[0, total) in `parts` contiguous, near-equal, non-empty ranges."""
+    bounds = [total * i // parts for i in range(parts + 1)]
+    return [(lo, hi) for lo, hi in zip(bounds, bounds[1:]) if hi > lo]
+
+
+def grid_parts(total: int, threads: int) -> int:
+    """Threads that share a grid of `total` blocks: small grids stay on one."""
+    return min(threads, max(1, total // MIN_BLOCKS_PER_THREAD)) if total else 0
+
+
 class HostLauncher:
     """Runs a grid of blocks, split into contiguous ranges over a thread pool."""
 
@@ -57,13 +68,13 @@ class HostLauncher:
         total = gx * gy
         if total == 0:
             return
-        parts = min(self.threads, max(1, total // MIN_BLOCKS_PER_THREAD))
+        parts = grid_parts(total, self.threads)
         if parts == 1 or self.pool is None:
             module.fn(*args, gx, 0, total)
             return
-        bounds = [total * i // parts for i in range(parts + 1)]
-        futures = [self.pool.submit(module.fn, *args, gx, lo, hi) for lo, hi in zip(bounds[1:], bounds[2:])]
-        module.fn(*args, gx, bounds[0], bounds[1])  # the calling thread takes the first share
+        (first, *rest) = split(total, parts)
+        futures = [self.pool.submit(module.fn, *args, gx, lo, hi) for lo, hi in rest]
+        module.fn(*args, gx, *first)  # the calling thread takes the first share
         for f in futures:
             f.result()
 

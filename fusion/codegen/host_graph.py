@@ -19,7 +19,7 @@ import llvmlite.binding as llvm
 import numpy as np
 from llvmlite import ir
 
-from fusec.fusion.codegen.host import MIN_BLOCKS_PER_THREAD, HostKernel, HostLauncher
+from fusec.fusion.codegen.host import HostKernel, HostLauncher, grid_parts
 from fusec.fusion.codegen.target import HOST, init_llvm
 
 I32, I64, F32, VOID = ir.IntType(32), ir.IntType(64), ir.FloatType(), ir.VoidType()
@@ -37,10 +37,8 @@ class HostCall:
     grid: tuple[int, int]
 
     def parts(self, threads: int) -> int:
-        """Threads that share this launch (small grids stay on the first), as the
-        pool launcher splits them."""
-        total = self.grid[0] * self.grid[1]
-        return min(threads, max(1, total // MIN_BLOCKS_PER_THREAD)) if total else 0
+        """Threads that share this launch, as the pool launcher splits it."""
+        return grid_parts(self.grid[0] * self.grid[1], threads)
 
 
 class HostGraph:
@@ -49,7 +47,6 @@ class HostGraph:
     def __init__(self, calls: Sequence[HostCall], launcher: HostLauncher) -> None:
         init_llvm()
         self.launcher, self.threads = launcher, launcher.threads
-        self.launches = len(calls)
         name = f"fusec_host_graph_{next(_names)}"
         module = llvm.parse_assembly(str(_step_module(name, calls, self.threads)))
         module.verify()

@@ -9,7 +9,7 @@ from typing import Any, Callable, ContextManager, Mapping, Sequence
 import numpy as np
 
 from fusec.fusion.cache import KernelCache
-from fusec.fusion.codegen.host import HostKernel, HostLauncher, HostLinker
+from fusec.fusion.codegen.host import HostKernel, HostLauncher, HostLinker, split
 from fusec.fusion.codegen.host_graph import HostCall, HostGraph
 from fusec.fusion.codegen.target import HOST
 from fusec.fusion.compiler import compile_kernel
@@ -219,7 +219,7 @@ class HostGemm:
         else:
             wf = self._weight(w, shape.dtype)
             chunk = n
-        parts = self._split(n)
+        parts = split(n, self.launcher.threads)
         for p, (a, b) in enumerate(parts):  # scratch sized now, not inside a step
             self._buffer(p, "out", (min(chunk, b - a), tokens))
             if shape.weight_format:
@@ -249,11 +249,6 @@ class HostGemm:
                 np.copyto(xf, from_storage(x, x_dtype))
             self.launcher.parallel(tasks)
         return gemm
-
-    def _split(self, n: int) -> list[tuple[int, int]]:
-        threads = self.launcher.threads
-        bounds = [n * i // threads for i in range(threads + 1)]
-        return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
     def close(self) -> None:
         self._f32.clear()
