@@ -7,7 +7,7 @@ from typing import Mapping
 from fusec.fusion.codegen.builder import KernelBuilder, Param
 from fusec.fusion.dtypes import DType
 from fusec.kernels.base import Kernel, round_to, row_offset, silu
-from fusec.kernels.quant import FORMATS, HALF, block_values
+from fusec.kernels.quant import FORMATS, GROUP, HALF, group_values
 
 
 class RowKernel(Kernel):
@@ -55,9 +55,9 @@ class Embed(RowKernel):
     def _decode_row(self, kb: KernelBuilder, row, dst) -> None:
         b, fmt = kb.b, FORMATS[self.table_format]
         src = row_offset(kb, row, fmt.row_bytes(self.cols))
-        with kb.lane_loop(self.cols // fmt.block) as blk:
-            halves = block_values(kb, fmt, kb["table"], b.add(src, b.mul(kb.wide(blk), kb.i64(fmt.nbytes))))
-            first = b.add(dst, b.mul(kb.wide(blk), kb.i64(fmt.block)))
+        with kb.lane_loop(self.cols // GROUP) as g:
+            halves = group_values(kb, fmt, kb["table"], src, g)
+            first = b.add(dst, b.mul(kb.wide(g), kb.i64(GROUP)))
             for h, half in enumerate(halves):
                 for j in range(HALF):
                     v = b.extract_element(half, kb.i32(j))

@@ -13,7 +13,7 @@ read `vec` consecutive elements per step (16-byte vector loads when K divides).
 Intermediates are rounded to the activation dtype where the unfused graph stores them.
 
 With `weight_format` (a GGUF block format, kernels/quant.py) W is read in its stored
-blocks and decoded in registers; lanes then stride over blocks of 32 weights, and
+blocks and decoded in registers; lanes then stride over groups of 32 weights, and
 `weight` is the dtype of the norm weight and bias only.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Mapping
 from fusec.fusion.codegen.builder import KernelBuilder, Param
 from fusec.fusion.dtypes import DType
 from fusec.kernels.base import Kernel, cdiv, round_to, row_offset, silu
-from fusec.kernels.quant import FORMATS, block_term, hsum, pack, zero_vector
+from fusec.kernels.quant import FORMATS, GROUP, group_term, hsum, pack, zero_vector
 
 PROLOGUES = ("none", "rms_norm", "add_rms_norm", "silu_mul")
 
@@ -49,8 +49,8 @@ class Gemv(Kernel):
     def __post_init__(self) -> None:
         if self.weight_format is not None:
             FORMATS[self.weight_format].row_bytes(self.k)  # whole blocks per row, or ValueError
-            if FORMATS[self.weight_format].block % self.vec:
-                raise ValueError(f"vec {self.vec} does not divide a block")
+            if GROUP % self.vec:
+                raise ValueError(f"vec {self.vec} does not divide a group of {GROUP}")
 
     def params(self) -> list[Param]:
         p = {"none": ["x"], "rms_norm": ["x", "norm_w"], "add_rms_norm": ["a", "b", "norm_w"],
@@ -136,20 +136,18 @@ class Gemv(Kernel):
         self._store(kb, out_row, n0, totals)
 
     def _block_dots(self, kb: KernelBuilder, rows: list, x_at) -> list:
-        """Each row's dot with x over its quantized blocks, as this lane's partial sum:
-        16-wide accumulators, one horizontal sum at the end."""
+        """Each row's dot with x over its quantized groups of 32, as this lane's partial
+        sum: 16-wide accumulators, one horizontal sum at the end."""
         b, fmt = kb.b, FORMATS[self.weight_format]
         w_rows = [row_offset(kb, r, fmt.row_bytes(self.k)) for r in rows]
         accs = [kb.var(zero_vector()) for _ in rows]
-        with kb.lane_loop(self.k // fmt.block) as blk:
-            i0 = b.mul(blk, kb.i32(fmt.block))
-            xs = [x for c in range(0, fmt.block, self.vec) for x in x_at(b.add(i0, kb.i32(c)))]
+        with kb.lane_loop(self.k // GROUP) as g:
+            i0 = b.mul(g, kb.i32(GROUP))
+            xs = [x for c in range(0, GROUP, self.vec) for x in x_at(b.add(i0, kb.i32(c)))]
             x_lo, x_hi = pack(kb, xs[:16]), pack(kb, xs[16:])
             x_sum = kb.fadd(x_lo, x_hi) if fmt.has_min else None
-            block_at = b.mul(kb.wide(blk), kb.i64(fmt.nbytes))
             for acc, w_row in zip(accs, w_rows):
-                term = block_term(kb, fmt, kb["w"], b.add(w_row, block_at), x_lo, x_hi, x_sum)
-                acc.set(kb.fadd(acc.get(), term))
+                acc.set(kb.fadd(acc.get(), group_term(kb, fmt, kb["w"], w_row, g, x_lo, x_hi, x_sum)))
         return [hsum(kb, acc.get()) for acc in accs]
 
     def _dense_dot(self, kb: KernelBuilder, w_rows: list, accs: list, vec_loop, x_at) -> None:

@@ -1,11 +1,13 @@
 """GGUF's block-quantized weight formats, as kernels read them.
 
-A quantized matrix [N, K] is stored row by row, each row K / 32 blocks of `nbytes`
-bytes, exactly as in a GGUF file, so weights go from the file to the kernels without
-being expanded. A kernel decodes a block in registers (`block_dot`): a float16 scale
-d (and for the `_1` formats a float16 minimum m) and 32 small integers q, the weights
-being q * d (+ m). The dot of a block with 32 activations is then
-d * sum(x * q) (+ m * sum(x)): one multiply by the scale per block, not per weight.
+A quantized matrix [N, K] is stored row by row, each row K / `block` blocks of
+`nbytes` bytes, exactly as in a GGUF file, so weights go from the file to the kernels
+without being expanded. Kernels decode a row 32 weights at a time (a *group*: a whole
+block of the legacy formats, one of the 8 sub-blocks of a K-quant super-block) in
+registers: a scale d per half-group (the same for both halves except in q6_k), a
+minimum m or none, and 32 small integers q, the weights being q * d (+ m). The dot of a
+group with 32 activations is then d * sum(x * q) (+ m * sum(x)): one multiply by the
+scale per group, not per weight.
 
 Layouts (little-endian, llama.cpp's ggml-common.h):
     q8_0  d, qs[32] int8                         w = q * d
@@ -15,6 +17,13 @@ Layouts (little-endian, llama.cpp's ggml-common.h):
     q5_0  d, qh[4], qs[16]: q4_0's nibbles plus  w = (q - 16) * d
           bit j of qh as bit 4 of element j
     q5_1  d, m, qh[4], qs[16] as q5_0            w = q * d + m
+  super-blocks of 256 (8 groups g):
+    q4_k  d, dmin, scales[12] (6-bit sc and mn per group), qs[128]: group g is the low
+          (g even) or high nibbles of qs[32 (g // 2) ..][:32]    w = d sc q - dmin mn
+    q5_k  d, dmin, scales[12], qh[32], qs[128] as q4_k plus bit g of qh[l] as bit 4
+    q6_k  ql[128], qh[64], scales[16] int8 (one per 16 weights), d:
+          group g = 4 h + s: low bits (ql[64 h + 32 (s % 2) ..] >> 4 (s // 2)) & 15,
+          high bits (qh[32 h ..] >> 2 s) & 3          w = d sc (q - 32)
 The numpy side (quantize, dequantize) is the `gguf` package's own: the tests' oracle.
 """
 from __future__ import annotations
@@ -27,15 +36,18 @@ from llvmlite import ir
 from fusec.fusion.codegen.builder import KernelBuilder
 
 I8, I32 = ir.IntType(8), ir.IntType(32)
+GROUP = 32  # weights decoded at a time
+HALF = 16  # a group is decoded as two vectors of 16: its first and second halves
+F32V, I8V, I32V = ir.VectorType(ir.FloatType(), HALF), ir.VectorType(I8, HALF), ir.VectorType(I32, HALF)
 
 
 @dataclass(frozen=True)
 class BlockFormat:
     name: str  # GGUF's type name, lower case
     nbytes: int  # bytes per block of `block` weights
-    has_min: bool  # the `_1` formats: w = q * d + m
-    high_bits: bool  # q5: a fifth bit per weight in qh
-    block: int = 32
+    has_min: bool  # w = q * d + m
+    block: int = GROUP
+    scale_at: tuple[int, ...] = (0,)  # byte offsets of the block's float16 scales (d, m / dmin)
 
     def row_bytes(self, k: int) -> int:
         if k % self.block:
@@ -50,12 +62,16 @@ class BlockFormat:
 
 
 FORMATS = {f.name: f for f in (
-    BlockFormat("q8_0", 34, has_min=False, high_bits=False),
-    BlockFormat("q4_0", 18, has_min=False, high_bits=False),
-    BlockFormat("q4_1", 20, has_min=True, high_bits=False),
-    BlockFormat("q5_0", 22, has_min=False, high_bits=True),
-    BlockFormat("q5_1", 24, has_min=True, high_bits=True),
+    BlockFormat("q8_0", 34, has_min=False),
+    BlockFormat("q4_0", 18, has_min=False),
+    BlockFormat("q4_1", 20, has_min=True, scale_at=(0, 2)),
+    BlockFormat("q5_0", 22, has_min=False),
+    BlockFormat("q5_1", 24, has_min=True, scale_at=(0, 2)),
+    BlockFormat("q4_k", 144, has_min=True, block=256, scale_at=(0, 2)),
+    BlockFormat("q5_k", 176, has_min=True, block=256, scale_at=(0, 2)),
+    BlockFormat("q6_k", 210, has_min=False, block=256, scale_at=(208,)),
 )}
+QUANTIZABLE = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # gguf's numpy quantizer makes these
 
 
 def storage_shape(shape: tuple[int, ...], fmt: BlockFormat | None) -> tuple[int, ...]:
@@ -74,9 +90,12 @@ def checked_format(node, shape: tuple[int, ...]) -> BlockFormat | None:
 
 
 def quantize(w: np.ndarray, fmt: BlockFormat) -> np.ndarray:
-    """float32 [N, K] -> the GGUF bytes [N, row_bytes(K)] (gguf's reference quantizer)."""
+    """float32 [N, K] -> the GGUF bytes [N, row_bytes(K)] (gguf's reference quantizer;
+    the legacy formats only: gguf has no numpy K-quant quantizer)."""
     from gguf.quants import quantize as gguf_quantize
 
+    if fmt.name not in QUANTIZABLE:
+        raise ValueError(f"cannot quantize to {fmt.name} here; expected one of {', '.join(QUANTIZABLE)}")
     w = np.ascontiguousarray(w, np.float32)
     fmt.row_bytes(w.shape[-1])
     return gguf_quantize(w, fmt.ggml_type)
@@ -89,8 +108,19 @@ def dequantize(data: np.ndarray, fmt: BlockFormat) -> np.ndarray:
     return np.asarray(gguf_dequantize(np.ascontiguousarray(data, np.uint8), fmt.ggml_type), np.float32)
 
 
-HALF = 16  # a block is decoded as two vectors of 16: its first and second halves
-F32V, I8V, I32V = ir.VectorType(ir.FloatType(), HALF), ir.VectorType(I8, HALF), ir.VectorType(I32, HALF)
+def random_blocks(rng: np.random.Generator, rows: int, k: int, fmt: BlockFormat, std: float = 1.0) -> np.ndarray:
+    """Test weights in `fmt` with roughly standard deviation `std`: gguf's quantizer where
+    it has one, else random bytes (every quant and sub-scale value occurs) with the float16
+    scales set so that the weights come out near `std`."""
+    if fmt.name in QUANTIZABLE:
+        return quantize(rng.standard_normal((rows, k)).astype(np.float32) * std, fmt)
+    data = rng.integers(0, 256, (rows, k // fmt.block, fmt.nbytes), dtype=np.uint8)
+    # typical |sc * q| is ~ 32 * 8 for q4_k / q5_k (x2 for q5) and ~ 64 * 16 for q6_k
+    span = {"q4_k": 250.0, "q5_k": 500.0, "q6_k": 1000.0}[fmt.name]
+    for at in fmt.scale_at:
+        d = (std / span * (0.5 + rng.random(data.shape[:2]))).astype(np.float16)
+        data[:, :, at:at + 2] = d[..., None].view(np.uint8)
+    return data.reshape(rows, -1)
 
 
 def _load(kb: KernelBuilder, ptr: ir.Value, offset: ir.Value, typ: ir.Type) -> ir.Value:
@@ -105,9 +135,17 @@ def _f16(kb: KernelBuilder, ptr: ir.Value, offset: ir.Value) -> ir.Value:
     return kb.b.fpext(_load(kb, ptr, offset, ir.HalfType()), ir.FloatType())
 
 
+def _byte(kb: KernelBuilder, ptr: ir.Value, offset: ir.Value) -> ir.Value:
+    return kb.b.zext(_load(kb, ptr, offset, I8), I32)
+
+
 def _splat(kb: KernelBuilder, v: ir.Value, typ: ir.VectorType) -> ir.Value:
     vec = kb.b.insert_element(ir.Constant(typ, ir.Undefined), v, kb.i32(0))
     return kb.b.shuffle_vector(vec, ir.Constant(typ, ir.Undefined), ir.Constant(I32V, [0] * HALF))
+
+
+def _ints(values: list[int] | int) -> ir.Constant:
+    return ir.Constant(I32V, values if isinstance(values, list) else [values] * HALF)
 
 
 def pack(kb: KernelBuilder, values: list[ir.Value]) -> ir.Value:
@@ -123,63 +161,137 @@ def zero_vector() -> ir.Constant:
 
 
 def hsum(kb: KernelBuilder, vec: ir.Value) -> ir.Value:
-    """The sum of a vector's elements (once per output, after the block loop)."""
+    """The sum of a vector's elements (once per output, after the group loop)."""
     total = kb.b.extract_element(vec, kb.i32(0))
     for j in range(1, HALF):
         total = kb.fadd(total, kb.b.extract_element(vec, kb.i32(j)))
     return total
 
 
-def block_quants(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, offset: ir.Value
-                 ) -> tuple[ir.Value, ir.Value | None, ir.Value, ir.Value]:
-    """The block at byte `offset`: its scale d, its minimum m (None without one) and its
-    quants as two float vectors (weights 0..15 and 16..31), the format's zero point
-    already subtracted."""
+@dataclass
+class Group:
+    """32 decoded quants (two vectors of 16 as float) and what scales them:
+    w = q * d (+ m), d_hi for the second half (q6_k's scales cover 16 weights)."""
+
+    q_lo: ir.Value
+    q_hi: ir.Value
+    d: ir.Value
+    d_hi: ir.Value | None = None
+    m: ir.Value | None = None
+
+
+def _halves(kb: KernelBuilder, ptr: ir.Value, offset: ir.Value) -> list[ir.Value]:
+    """32 bytes at `offset` as two vectors of 16 i32."""
+    return [kb.b.zext(_load(kb, ptr, kb.b.add(offset, kb.i64(h)), I8V), I32V) for h in (0, HALF)]
+
+
+def _legacy_group(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, offset: ir.Value) -> Group:
     b = kb.b
     at = lambda n: b.add(offset, kb.i64(n))  # noqa: E731
     d = _f16(kb, ptr, offset)
     if fmt.name == "q8_0":
-        qs = _load(kb, ptr, at(2), ir.VectorType(I8, 2 * HALF))
-        halves = [b.shuffle_vector(qs, ir.Constant(qs.type, ir.Undefined), ir.Constant(I32V, list(range(h, h + HALF))))
+        qs = _load(kb, ptr, at(2), ir.VectorType(I8, GROUP))
+        halves = [b.shuffle_vector(qs, ir.Constant(qs.type, ir.Undefined), _ints(list(range(h, h + HALF))))
                   for h in (0, HALF)]
-        return d, None, b.sitofp(halves[0], F32V), b.sitofp(halves[1], F32V)
+        return Group(b.sitofp(halves[0], F32V), b.sitofp(halves[1], F32V), d)
     m = _f16(kb, ptr, at(2)) if fmt.has_min else None
     pos = 4 if fmt.has_min else 2
+    high_bits = fmt.name.startswith("q5")
     qh = None
-    if fmt.high_bits:
+    if high_bits:
         qh = _load(kb, ptr, at(pos), I32)
         pos += 4
     packed = b.zext(_load(kb, ptr, at(pos), I8V), I32V)
-    halves = [b.and_(packed, ir.Constant(I32V, [15] * HALF)), b.lshr(packed, ir.Constant(I32V, [4] * HALF))]
+    halves = [b.and_(packed, _ints(15)), b.lshr(packed, _ints(4))]
     if qh is not None:  # bit j of qh is bit 4 of weight j
         bits = _splat(kb, qh, I32V)
-        halves = [b.or_(q, b.shl(b.and_(b.lshr(bits, ir.Constant(I32V, list(range(h, h + HALF)))),
-                                        ir.Constant(I32V, [1] * HALF)), ir.Constant(I32V, [4] * HALF)))
+        halves = [b.or_(q, b.shl(b.and_(b.lshr(bits, _ints(list(range(h, h + HALF)))), _ints(1)), _ints(4)))
                   for q, h in zip(halves, (0, HALF))]
-    zero = 0 if fmt.has_min else (16 if fmt.high_bits else 8)
+    zero = 0 if fmt.has_min else (16 if high_bits else 8)
     if zero:
-        halves = [b.sub(q, ir.Constant(I32V, [zero] * HALF)) for q in halves]
-    return d, m, b.sitofp(halves[0], F32V), b.sitofp(halves[1], F32V)
+        halves = [b.sub(q, _ints(zero)) for q in halves]
+    return Group(b.sitofp(halves[0], F32V), b.sitofp(halves[1], F32V), d, m=m)
 
 
-def block_values(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, offset: ir.Value) -> tuple[ir.Value, ir.Value]:
-    """The 32 weights of the block at byte `offset`, decoded: two vectors of 16 floats."""
-    d, m, q_lo, q_hi = block_quants(kb, fmt, ptr, offset)
-    scale = _splat(kb, d, F32V)
-    values = [kb.fmul(scale, q) for q in (q_lo, q_hi)]
-    if m is not None:
-        values = [kb.fadd(v, _splat(kb, m, F32V)) for v in values]
+def _k_scale_min(kb: KernelBuilder, ptr: ir.Value, scales: ir.Value, g: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """Group g's 6-bit scale and minimum from q4_k / q5_k's 12 packed bytes: bytes 0..3
+    hold sc 0..3, 4..7 mn 0..3, 8..11 the low 4 bits of sc / mn 4..7 whose top 2 bits
+    sit above sc / mn 0..3."""
+    b = kb.b
+    at = lambda i: b.add(scales, kb.wide(i))  # noqa: E731
+    a, c = _byte(kb, ptr, at(g)), _byte(kb, ptr, at(b.add(g, kb.i32(4))))
+    top = _byte(kb, ptr, at(b.and_(g, kb.i32(3))))  # byte g - 4 for g >= 4
+    six = kb.i32(63)
+    low = (b.and_(a, six), b.and_(c, six))
+    high = (b.or_(b.and_(c, kb.i32(15)), b.shl(b.lshr(top, kb.i32(6)), kb.i32(4))),
+            b.or_(b.lshr(c, kb.i32(4)), b.shl(b.lshr(a, kb.i32(6)), kb.i32(4))))
+    first = b.icmp_unsigned("<", g, kb.i32(4))
+    return b.select(first, low[0], high[0]), b.select(first, low[1], high[1])
+
+
+def _k_group(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, base: ir.Value, g: ir.Value) -> Group:
+    """Group g (i32, 0..7) of the super-block at byte `base`."""
+    b = kb.b
+    at = lambda n: b.add(base, n if isinstance(n, ir.Value) else kb.i64(n))  # noqa: E731
+    if fmt.name == "q6_k":
+        h, s = b.lshr(g, kb.i32(2)), b.and_(g, kb.i32(3))
+        ql_at = b.add(b.mul(h, kb.i32(64)), b.mul(b.and_(s, kb.i32(1)), kb.i32(32)))
+        ql = _halves(kb, ptr, at(kb.wide(ql_at)))
+        qh = _halves(kb, ptr, at(b.add(kb.i64(128), kb.wide(b.mul(h, kb.i32(32))))))
+        lo_shift = _splat(kb, b.mul(b.lshr(s, kb.i32(1)), kb.i32(4)), I32V)
+        hi_shift = _splat(kb, b.mul(s, kb.i32(2)), I32V)
+        qs = [b.sub(b.or_(b.and_(b.lshr(lo, lo_shift), _ints(15)),
+                          b.shl(b.and_(b.lshr(hi, hi_shift), _ints(3)), _ints(4))), _ints(32))
+              for lo, hi in zip(ql, qh)]
+        d = _f16(kb, ptr, at(208))
+        sc_at = b.add(kb.i64(192), kb.wide(b.mul(g, kb.i32(2))))
+        scale = [kb.b.sitofp(_load(kb, ptr, at(b.add(sc_at, kb.i64(j))), I8), ir.FloatType()) for j in (0, 1)]
+        return Group(b.sitofp(qs[0], F32V), b.sitofp(qs[1], F32V), kb.fmul(d, scale[0]), d_hi=kb.fmul(d, scale[1]))
+    d, dmin = _f16(kb, ptr, base), _f16(kb, ptr, at(2))
+    sc, mn = _k_scale_min(kb, ptr, at(4), g)
+    qs_at = 48 if fmt.name == "q5_k" else 16
+    packed = _halves(kb, ptr, at(b.add(kb.i64(qs_at), kb.wide(b.mul(b.lshr(g, kb.i32(1)), kb.i32(32))))))
+    shift = _splat(kb, b.mul(b.and_(g, kb.i32(1)), kb.i32(4)), I32V)
+    qs = [b.and_(b.lshr(p, shift), _ints(15)) for p in packed]
+    if fmt.name == "q5_k":  # bit g of qh[l] is bit 4 of weight l
+        qh = _halves(kb, ptr, at(16))
+        g_vec = _splat(kb, g, I32V)
+        qs = [b.or_(q, b.shl(b.and_(b.lshr(h, g_vec), _ints(1)), _ints(4))) for q, h in zip(qs, qh)]
+    m = b.fsub(kb.f32(0.0), kb.fmul(dmin, b.uitofp(mn, ir.FloatType())))
+    return Group(b.sitofp(qs[0], F32V), b.sitofp(qs[1], F32V), kb.fmul(d, b.uitofp(sc, ir.FloatType())), m=m)
+
+
+def group_quants(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, row: ir.Value, g: ir.Value) -> Group:
+    """Group `g` (i32) of the row starting at byte `row` (i64)."""
+    b = kb.b
+    if fmt.block == GROUP:
+        return _legacy_group(kb, fmt, ptr, b.add(row, b.mul(kb.wide(g), kb.i64(fmt.nbytes))))
+    per = fmt.block // GROUP
+    base = b.add(row, b.mul(kb.wide(b.udiv(g, kb.i32(per))), kb.i64(fmt.nbytes)))
+    return _k_group(kb, fmt, ptr, base, b.urem(g, kb.i32(per)))
+
+
+def group_values(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, row: ir.Value, g: ir.Value
+                 ) -> tuple[ir.Value, ir.Value]:
+    """The 32 weights of group `g` of a row, decoded: two vectors of 16 floats."""
+    q = group_quants(kb, fmt, ptr, row, g)
+    values = [kb.fmul(_splat(kb, d, F32V), v) for d, v in ((q.d, q.q_lo), (q.d_hi or q.d, q.q_hi))]
+    if q.m is not None:
+        values = [kb.fadd(v, _splat(kb, q.m, F32V)) for v in values]
     return values[0], values[1]
 
 
-def block_term(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, offset: ir.Value, x_lo: ir.Value,
+def group_term(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, row: ir.Value, g: ir.Value, x_lo: ir.Value,
                x_hi: ir.Value, x_sum: ir.Value | None) -> ir.Value:
-    """What the block at byte `offset` adds to a 16-wide accumulator whose elements sum
-    to the dot product: d * (x_lo q_lo + x_hi q_hi) (+ m * (x_lo + x_hi), x_sum).
+    """What group `g` of a row adds to a 16-wide accumulator whose elements sum to the
+    dot product: d * (x_lo q_lo + x_hi q_hi) (+ m * (x_lo + x_hi), x_sum).
     Accumulating vectors leaves the horizontal sum for the end of the row."""
-    d, m, q_lo, q_hi = block_quants(kb, fmt, ptr, offset)
-    dot = kb.fadd(kb.fmul(x_lo, q_lo), kb.fmul(x_hi, q_hi))
-    term = kb.fmul(_splat(kb, d, F32V), dot)
-    if m is not None:
-        term = kb.fadd(term, kb.fmul(_splat(kb, m, F32V), x_sum))
+    q = group_quants(kb, fmt, ptr, row, g)
+    if q.d_hi is None:
+        term = kb.fmul(_splat(kb, q.d, F32V), kb.fadd(kb.fmul(x_lo, q.q_lo), kb.fmul(x_hi, q.q_hi)))
+    else:
+        term = kb.fadd(kb.fmul(_splat(kb, q.d, F32V), kb.fmul(x_lo, q.q_lo)),
+                       kb.fmul(_splat(kb, q.d_hi, F32V), kb.fmul(x_hi, q.q_hi)))
+    if q.m is not None:
+        term = kb.fadd(term, kb.fmul(_splat(kb, q.m, F32V), x_sum))
     return term

@@ -77,12 +77,18 @@ def unpermute_llama_gguf(cfg: ModelConfig, source_name: str, w: np.ndarray) -> n
     return rows.swapaxes(1, 2).reshape(w.shape)
 
 
+MIXED_PARTS = "q8_0"  # the format of a fused matrix whose parts are stored in different ones
+
+
 def weight_formats(cfg: ModelConfig, source: TensorSource | None,
                    naming: Callable[[ModelConfig, str], list[str]], native: bool, quantize_to: str | None
                    ) -> dict[str, str]:
     """The block format each matrix runs in (weights not listed run in the model dtype):
     `quantize_to` for every matrix whose rows hold whole blocks (online quantization),
-    else, when `native`, the source's own format where all its parts share one."""
+    else, when `native`, the source's own format where all its parts share one, and
+    q8_0 where a fused matrix joins parts in different block formats (a Q4_K_M file's
+    q and k in q4_k beside v in q6_k): one format per kernel, re-quantized at load with
+    8 bits per weight, finer than any of the parts."""
     formats: dict[str, str] = {}
     for name, shape in weight_shapes(cfg).items():
         if len(shape) != 2:
@@ -93,8 +99,9 @@ def weight_formats(cfg: ModelConfig, source: TensorSource | None,
             continue
         if native and source is not None:
             kinds = {source.block_format(src) for src in naming(cfg, name)}
-            if len(kinds) == 1 and None not in kinds:
-                formats[name] = kinds.pop()
+            if None in kinds:
+                continue
+            formats[name] = kinds.pop() if len(kinds) == 1 else MIXED_PARTS
     return formats
 
 

@@ -16,11 +16,13 @@ from fusec.fusion.compiler import compile_kernel
 from fusec.fusion.dtypes import DType, from_storage, round_to
 from fusec.kernels.elementwise import Embed
 from fusec.kernels.gemv import PROLOGUES, Gemv, vector_width
-from fusec.kernels.quant import FORMATS, dequantize, quantize
+from fusec.kernels.quant import FORMATS, dequantize, random_blocks
 from fusec.runtime.backends.cpu import HostDevice
 from test_patterns import cache, ptxas  # noqa: F401 (cache: the module's kernel cache fixture)
 
-SIZES = [(32, 5), (96, 33), (576, 130)]  # (K, N): one block, a few, SmolLM2's hidden size; N % 4 != 0
+# (K, N) per block size: one block, a few, a real model's width; N % 4 != 0
+SIZES = {32: [(32, 5), (96, 33), (576, 130)], 256: [(256, 5), (768, 33), (1536, 130)]}
+CASES = [(fmt, k, n) for fmt, f in sorted(FORMATS.items()) for k, n in SIZES[f.block]]
 EPS = 1e-5
 
 
@@ -58,13 +60,12 @@ def kernel(fmt: str, prologue: str, k: int, n: int, bias: bool = False) -> Gemv:
                 eps=EPS if "rms" in prologue else 0.0, vec=vector_width(k, DType.F32), weight_format=fmt)
 
 
-@pytest.mark.parametrize("k,n", SIZES)
 @pytest.mark.parametrize("prologue", PROLOGUES)
-@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("fmt,k,n", CASES)
 def test_quantized_gemv_equals_dequantized_reference(fmt, prologue, k, n, device):
     rng = np.random.default_rng(zlib.crc32(f"{fmt} {prologue} {k}".encode()))
     rows = 3
-    packed = quantize(rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(k), FORMATS[fmt])
+    packed = random_blocks(rng, n, k, FORMATS[fmt], std=1 / np.sqrt(k))
     assert packed.shape == (n, FORMATS[fmt].row_bytes(k)) and packed.dtype == np.uint8
     bias = rng.standard_normal(n).astype(np.float32) if prologue == "none" else None
     args = inputs(prologue, rows, k, rng)
@@ -82,9 +83,9 @@ def test_quantized_gemv_equals_dequantized_reference(fmt, prologue, k, n, device
 def test_each_weight_decodes_as_gguf_does(fmt, device):
     """Every quant value of every block position (not only their dot products): one-hot
     activations pick single weights, so a swapped nibble or a wrong high bit shows."""
-    k, n = 64, 4
+    k, n = 2 * FORMATS[fmt].block, 4
     rng = np.random.default_rng(7)
-    packed = quantize(rng.standard_normal((n, k)).astype(np.float32), FORMATS[fmt])
+    packed = random_blocks(rng, n, k, FORMATS[fmt])
     spec = kernel(fmt, "none", k, n)
     eye = np.eye(k, dtype=np.float32)
     y = np.full((k, n), np.nan, np.float32)
@@ -95,6 +96,8 @@ def test_each_weight_decodes_as_gguf_does(fmt, device):
 def test_formats_need_whole_blocks():
     with pytest.raises(ValueError, match="whole blocks"):
         kernel("q4_0", "none", 48, 8)
+    with pytest.raises(ValueError, match="whole blocks of 256"):
+        kernel("q4_k", "none", 576, 8)
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
@@ -105,7 +108,7 @@ def test_quantized_gemv_ptx_assembles(arch, cache, tmp_path):
     target = parse_arch(arch)
     for fmt in sorted(FORMATS):
         for prologue in PROLOGUES:
-            spec = kernel(fmt, prologue, 576, 130, bias=prologue == "none")
+            spec = kernel(fmt, prologue, *SIZES[FORMATS[fmt].block][-1], bias=prologue == "none")
             path = tmp_path / f"{spec.name}.ptx"
             path.write_bytes(compile_kernel(spec, target, cache).data)
             res = subprocess.run([tool, f"-arch={arch}", str(path), "-o", str(tmp_path / "out.cubin")],
@@ -114,11 +117,10 @@ def test_quantized_gemv_ptx_assembles(arch, cache, tmp_path):
 
 
 @pytest.mark.parametrize("out", [DType.F32, DType.F16, DType.BF16], ids=lambda d: d.value)
-@pytest.mark.parametrize("cols,vocab", [(32, 3), (96, 17), (576, 70)])
-@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("fmt,cols,vocab", CASES)
 def test_quantized_embedding_gather_decodes_only_its_rows(fmt, cols, vocab, out, device):
     rng = np.random.default_rng(zlib.crc32(f"embed {fmt} {cols} {out}".encode()))
-    table = quantize(rng.standard_normal((vocab, cols)).astype(np.float32), FORMATS[fmt])
+    table = random_blocks(rng, vocab, cols, FORMATS[fmt])
     ids = rng.integers(0, vocab, 9).astype(np.int32)  # repeats and gaps
     spec = Embed(cols=cols, table=out, out=out, table_format=fmt)
     # poisoned: all-ones bytes are NaN in every float dtype
@@ -139,7 +141,7 @@ def test_quantized_embedding_ptx_assembles(arch, cache, tmp_path):
     if tool is None:
         pytest.skip("ptxas not found")
     for fmt in sorted(FORMATS):
-        spec = Embed(cols=576, table=DType.F16, out=DType.F16, table_format=fmt)
+        spec = Embed(cols=SIZES[FORMATS[fmt].block][-1][0], table=DType.F16, out=DType.F16, table_format=fmt)
         path = tmp_path / f"{spec.name}.ptx"
         path.write_bytes(compile_kernel(spec, parse_arch(arch), cache).data)
         res = subprocess.run([tool, f"-arch={arch}", str(path), "-o", str(tmp_path / "out.cubin")],

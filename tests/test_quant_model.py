@@ -16,7 +16,7 @@ from test_gguf import QUANT_SPEC, decode_blocks, write_gguf
 from test_patterns import cache  # noqa: F401 (the module's kernel cache fixture)
 from fusec.errors import ModelLoadError
 from fusec.fusion.dtypes import DType, from_storage
-from fusec.kernels.quant import FORMATS, dequantize, quantize
+from fusec.kernels.quant import FORMATS, QUANTIZABLE, dequantize, quantize, random_blocks
 from fusec.models.loader import load_model
 from fusec.runtime.backends.cpu import HostDevice
 from fusec.runtime.device import GemmShape
@@ -31,7 +31,7 @@ def hf_quant():
     return make_hf_model(QUANT_SPEC)
 
 
-@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("fmt", QUANTIZABLE)
 def test_gguf_block_formats_run_as_stored(fmt, hf_quant, tmp_path):
     qt = gguf.GGMLQuantizationType[fmt.upper()]
     raw = write_gguf(hf_quant, tmp_path / "m.gguf", qt)
@@ -52,6 +52,64 @@ def test_gguf_block_formats_run_as_stored(fmt, hf_quant, tmp_path):
     fused = engine_generate(model, PROMPTS, GREEDY, "fused", max_num_seqs=4)
     assert fused == ref
     assert len(set(map(tuple, ref))) > 1
+
+
+def write_k_quant_gguf(path, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A tiny Llama as a Q4_K_M-style file: q4_k matrices, v and a down projection in
+    q6_k, the other down in q5_k, norms in f32. gguf has no K-quant quantizer, so the
+    blocks are random (valid scales); returns each quantized tensor's bytes."""
+    hidden, inter, heads, kv_heads, head_dim, vocab, layers = 256, 512, 4, 2, 64, 160, 2
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(64)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_vocab_size(vocab)
+    q = gguf.GGMLQuantizationType
+    shapes = {"token_embd.weight": ((vocab, hidden), q.Q4_K), "output_norm.weight": ((hidden,), None)}
+    for i in range(layers):
+        shapes |= {f"blk.{i}.attn_norm.weight": ((hidden,), None), f"blk.{i}.ffn_norm.weight": ((hidden,), None),
+                   f"blk.{i}.attn_q.weight": ((heads * head_dim, hidden), q.Q4_K),
+                   f"blk.{i}.attn_k.weight": ((kv_heads * head_dim, hidden), q.Q4_K),
+                   f"blk.{i}.attn_v.weight": ((kv_heads * head_dim, hidden), q.Q6_K),
+                   f"blk.{i}.attn_output.weight": ((hidden, heads * head_dim), q.Q4_K),
+                   f"blk.{i}.ffn_gate.weight": ((inter, hidden), q.Q4_K),
+                   f"blk.{i}.ffn_up.weight": ((inter, hidden), q.Q4_K),
+                   f"blk.{i}.ffn_down.weight": ((hidden, inter), q.Q6_K if i == 0 else q.Q5_K)}
+    raw = {}
+    for name, (shape, qtype) in shapes.items():
+        if qtype is None:
+            w.add_tensor(name, (1 + 0.2 * rng.standard_normal(shape)).astype(np.float32))
+            continue
+        std = 0.05 if name.startswith("token_embd") else 1 / np.sqrt(shape[1])
+        raw[name] = random_blocks(rng, shape[0], shape[1], FORMATS[qtype.name.lower()], std)
+        w.add_tensor(name, raw[name], raw_shape=raw[name].shape, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return raw
+
+
+def test_k_quant_gguf_runs_in_its_types(tmp_path):
+    """A Q4_K_M-style file: the K-quant matrices run as stored; the fused q|k|v, whose
+    parts mix q4_k and q6_k, runs re-quantized to q8_0; fused == reference."""
+    raw = write_k_quant_gguf(tmp_path / "m.gguf", np.random.default_rng(11))
+    model = load_model(str(tmp_path / "m.gguf"))
+    assert model.formats == {"embed_tokens": "q4_k", **{f"layers.{i}.{part}": fmt for i in range(2) for part, fmt in
+                             [("qkv", "q8_0"), ("o", "q4_k"), ("gate_up", "q4_k"), ("down", ("q6_k", "q5_k")[i])]}}
+    np.testing.assert_array_equal(model.weights["layers.1.down"], raw["blk.1.ffn_down.weight"])
+    np.testing.assert_array_equal(model.weights["embed_tokens"], raw["token_embd.weight"])
+    v = dequantize(raw["blk.0.attn_v.weight"], FORMATS["q6_k"])
+    v_run = dequantize(model.weights["layers.0.qkv"], FORMATS["q8_0"])[-v.shape[0]:]
+    assert np.abs(v_run - v).max() <= np.abs(v).max() / 127 * 0.51 + 1e-7  # q8_0's rounding only
+    ref = engine_generate(model, PROMPTS, GREEDY, "reference")
+    assert engine_generate(model, PROMPTS, GREEDY, "fused", max_num_seqs=4) == ref
+    assert len({t for seq in ref for t in seq}) > 3
 
 
 def test_quantization_none_dequantizes_a_gguf(hf_quant, tmp_path):
@@ -103,12 +161,12 @@ def test_quantization_refusals(hf_quant, tmp_path):
 
 
 @pytest.mark.parametrize("y_dtype", [DType.F32, DType.F16])
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_1", "q5_0"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_1", "q5_0", "q4_k", "q6_k"])
 def test_host_gemm_decodes_tiles_of_quantized_weights(fmt, y_dtype, cache):
     """Several tiles per thread (a tiny tile size), ragged last tile, 2 and 3 threads."""
     rng = np.random.default_rng(3)
-    n, k, tokens = 157, 96, 5
-    w = quantize(rng.standard_normal((n, k)).astype(np.float32), FORMATS[fmt])
+    n, k, tokens = 157, 96 if FORMATS[fmt].block == 32 else 512, 5
+    w = random_blocks(rng, n, k, FORMATS[fmt])
     x = rng.standard_normal((tokens, k)).astype(np.float32)
     want = x @ dequantize(w, FORMATS[fmt]).T
     for threads in (2, 3):
