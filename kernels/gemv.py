@@ -9,7 +9,9 @@ with x_r produced in-kernel from row r (or rows[r] with `gather`) by the prologu
     silu_mul      x = silu(GU[r, :K]) * GU[r, K:]
 Each block computes `rows_per_block` outputs of one row and recomputes the prologue
 itself, so nothing reads a row that other blocks produce (the legality rule). Lanes
-read `vec` consecutive elements per step (16-byte vector loads when K divides).
+read `vec` consecutive elements per step (16-byte vector loads when K divides). A host
+block writes its prologue once into a private row and takes its outputs 8 at a time,
+so host blocks are large (64 rows) and the prologue is paid once per 64 outputs.
 Intermediates are rounded to the activation dtype where the unfused graph stores them.
 
 With `weight_format` (a GGUF block format, kernels/quant.py) W is read in its stored
@@ -27,6 +29,7 @@ from fusec.kernels.base import Kernel, cdiv, round_to, row_offset, silu
 from fusec.kernels.quant import FORMATS, GROUP, group_term, hsum, pack, zero_vector
 
 PROLOGUES = ("none", "rms_norm", "add_rms_norm", "silu_mul")
+HOST_CHUNK = 8
 
 
 @dataclass(frozen=True)
@@ -122,16 +125,38 @@ class Gemv(Kernel):
                       else [kb.load(kb["norm_w"], i, self.weight)])
             return [round_to(kb, b.fmul(b.fmul(v, inv_rms), w), self.act) for v, w in zip(raw(i), norm_w)]
 
-        rpb = self.rows_per_block
+        if not kb.target.is_gpu:  # the prologue once per block into a private row, outputs a chunk at a time
+            xbuf = kb.local(DType.F32, k_dim)
+            with vec_loop(k_dim) as i:
+                for j, v in enumerate(x_at(i)):
+                    kb.store(xbuf, b.add(i, kb.i32(j)), v, DType.F32)
+
+            def x_at(i) -> list:  # noqa: F811 (the buffered prologue)
+                return (kb.load_vector(xbuf, i, DType.F32, vec) if vec > 1 else [kb.load(xbuf, i, DType.F32)])
+        rpb, chunk = self.rows_per_block, self.rows_per_chunk(kb.target.is_gpu)
         n0 = b.mul(kb.block_id(1), kb.i32(rpb))
+        if chunk == rpb:
+            self._rows(kb, out_row, n0, chunk, x_at, vec_loop)
+        else:
+            with kb.loop(0, kb.imin(kb.i32(rpb), b.sub(kb.i32(self.n), n0)), chunk) as c:
+                self._rows(kb, out_row, b.add(n0, c), chunk, x_at, vec_loop)
+
+    def rows_per_chunk(self, gpu: bool) -> int:
+        """Outputs computed together (one accumulator each): all of a block's on a GPU,
+        8 at a time on the host, whose blocks are larger (the prologue runs once a block)."""
+        return self.rows_per_block if gpu or self.rows_per_block % HOST_CHUNK else HOST_CHUNK
+
+    def _rows(self, kb: KernelBuilder, out_row, n0, chunk: int, x_at, vec_loop) -> None:
+        """Outputs n0 .. n0 + chunk - 1 of row out_row."""
+        b = kb.b
         last = kb.i32(self.n - 1)
         # rows past the end read the last row (kept in bounds) and are not stored
-        rows = [kb.imin(b.add(n0, kb.i32(j)), last) for j in range(rpb)]
+        rows = [kb.imin(b.add(n0, kb.i32(j)), last) for j in range(chunk)]
         if self.weight_format is not None:
             totals = self._block_dots(kb, rows, x_at)
         else:
-            accs = [kb.var(kb.f32(0.0)) for _ in range(rpb)]
-            self._dense_dot(kb, [row_offset(kb, r, k_dim) for r in rows], accs, vec_loop, x_at)
+            accs = [kb.var(kb.f32(0.0)) for _ in range(chunk)]
+            self._dense_dot(kb, [row_offset(kb, r, self.k) for r in rows], accs, vec_loop, x_at)
             totals = [acc.get() for acc in accs]
         self._store(kb, out_row, n0, totals)
 

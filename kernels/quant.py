@@ -170,14 +170,20 @@ def hsum(kb: KernelBuilder, vec: ir.Value) -> ir.Value:
 
 @dataclass
 class Group:
-    """32 decoded quants (two vectors of 16 as float) and what scales them:
-    w = q * d (+ m), d_hi for the second half (q6_k's scales cover 16 weights)."""
+    """32 quants as integers (two vectors of 16 i32) and what scales them:
+    w = (q - zero) * d (+ m), d_hi for the second half (q6_k's scales cover 16 weights)."""
 
     q_lo: ir.Value
     q_hi: ir.Value
     d: ir.Value
     d_hi: ir.Value | None = None
     m: ir.Value | None = None
+    zero: int = 0
+
+    def floats(self, kb: KernelBuilder) -> tuple[ir.Value, ir.Value]:
+        """q - zero as two vectors of 16 floats."""
+        b = kb.b
+        return tuple(b.sitofp(b.sub(q, _ints(self.zero)) if self.zero else q, F32V) for q in (self.q_lo, self.q_hi))
 
 
 def _halves(kb: KernelBuilder, ptr: ir.Value, offset: ir.Value) -> list[ir.Value]:
@@ -191,9 +197,9 @@ def _legacy_group(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, offset: ir
     d = _f16(kb, ptr, offset)
     if fmt.name == "q8_0":
         qs = _load(kb, ptr, at(2), ir.VectorType(I8, GROUP))
-        halves = [b.shuffle_vector(qs, ir.Constant(qs.type, ir.Undefined), _ints(list(range(h, h + HALF))))
-                  for h in (0, HALF)]
-        return Group(b.sitofp(halves[0], F32V), b.sitofp(halves[1], F32V), d)
+        halves = [b.sext(b.shuffle_vector(qs, ir.Constant(qs.type, ir.Undefined), _ints(list(range(h, h + HALF)))),
+                         I32V) for h in (0, HALF)]
+        return Group(halves[0], halves[1], d)
     m = _f16(kb, ptr, at(2)) if fmt.has_min else None
     pos = 4 if fmt.has_min else 2
     high_bits = fmt.name.startswith("q5")
@@ -207,10 +213,7 @@ def _legacy_group(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, offset: ir
         bits = _splat(kb, qh, I32V)
         halves = [b.or_(q, b.shl(b.and_(b.lshr(bits, _ints(list(range(h, h + HALF)))), _ints(1)), _ints(4)))
                   for q, h in zip(halves, (0, HALF))]
-    zero = 0 if fmt.has_min else (16 if high_bits else 8)
-    if zero:
-        halves = [b.sub(q, _ints(zero)) for q in halves]
-    return Group(b.sitofp(halves[0], F32V), b.sitofp(halves[1], F32V), d, m=m)
+    return Group(halves[0], halves[1], d, m=m, zero=0 if fmt.has_min else (16 if high_bits else 8))
 
 
 def _k_scale_min(kb: KernelBuilder, ptr: ir.Value, scales: ir.Value, g: ir.Value) -> tuple[ir.Value, ir.Value]:
@@ -240,13 +243,12 @@ def _k_group(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, base: ir.Value,
         qh = _halves(kb, ptr, at(b.add(kb.i64(128), kb.wide(b.mul(h, kb.i32(32))))))
         lo_shift = _splat(kb, b.mul(b.lshr(s, kb.i32(1)), kb.i32(4)), I32V)
         hi_shift = _splat(kb, b.mul(s, kb.i32(2)), I32V)
-        qs = [b.sub(b.or_(b.and_(b.lshr(lo, lo_shift), _ints(15)),
-                          b.shl(b.and_(b.lshr(hi, hi_shift), _ints(3)), _ints(4))), _ints(32))
+        qs = [b.or_(b.and_(b.lshr(lo, lo_shift), _ints(15)), b.shl(b.and_(b.lshr(hi, hi_shift), _ints(3)), _ints(4)))
               for lo, hi in zip(ql, qh)]
         d = _f16(kb, ptr, at(208))
         sc_at = b.add(kb.i64(192), kb.wide(b.mul(g, kb.i32(2))))
         scale = [kb.b.sitofp(_load(kb, ptr, at(b.add(sc_at, kb.i64(j))), I8), ir.FloatType()) for j in (0, 1)]
-        return Group(b.sitofp(qs[0], F32V), b.sitofp(qs[1], F32V), kb.fmul(d, scale[0]), d_hi=kb.fmul(d, scale[1]))
+        return Group(qs[0], qs[1], kb.fmul(d, scale[0]), d_hi=kb.fmul(d, scale[1]), zero=32)
     d, dmin = _f16(kb, ptr, base), _f16(kb, ptr, at(2))
     sc, mn = _k_scale_min(kb, ptr, at(4), g)
     qs_at = 48 if fmt.name == "q5_k" else 16
@@ -258,7 +260,7 @@ def _k_group(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, base: ir.Value,
         g_vec = _splat(kb, g, I32V)
         qs = [b.or_(q, b.shl(b.and_(b.lshr(h, g_vec), _ints(1)), _ints(4))) for q, h in zip(qs, qh)]
     m = b.fsub(kb.f32(0.0), kb.fmul(dmin, b.uitofp(mn, ir.FloatType())))
-    return Group(b.sitofp(qs[0], F32V), b.sitofp(qs[1], F32V), kb.fmul(d, b.uitofp(sc, ir.FloatType())), m=m)
+    return Group(qs[0], qs[1], kb.fmul(d, b.uitofp(sc, ir.FloatType())), m=m)
 
 
 def group_quants(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, row: ir.Value, g: ir.Value) -> Group:
@@ -275,7 +277,8 @@ def group_values(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, row: ir.Val
                  ) -> tuple[ir.Value, ir.Value]:
     """The 32 weights of group `g` of a row, decoded: two vectors of 16 floats."""
     q = group_quants(kb, fmt, ptr, row, g)
-    values = [kb.fmul(_splat(kb, d, F32V), v) for d, v in ((q.d, q.q_lo), (q.d_hi or q.d, q.q_hi))]
+    q_lo, q_hi = q.floats(kb)
+    values = [kb.fmul(_splat(kb, d, F32V), v) for d, v in ((q.d, q_lo), (q.d_hi or q.d, q_hi))]
     if q.m is not None:
         values = [kb.fadd(v, _splat(kb, q.m, F32V)) for v in values]
     return values[0], values[1]
@@ -287,11 +290,13 @@ def group_term(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, row: ir.Value
     dot product: d * (x_lo q_lo + x_hi q_hi) (+ m * (x_lo + x_hi), x_sum).
     Accumulating vectors leaves the horizontal sum for the end of the row."""
     q = group_quants(kb, fmt, ptr, row, g)
+    q_lo, q_hi = q.floats(kb)
     if q.d_hi is None:
-        term = kb.fmul(_splat(kb, q.d, F32V), kb.fadd(kb.fmul(x_lo, q.q_lo), kb.fmul(x_hi, q.q_hi)))
+        term = kb.fmul(_splat(kb, q.d, F32V), kb.fadd(kb.fmul(x_lo, q_lo), kb.fmul(x_hi, q_hi)))
     else:
-        term = kb.fadd(kb.fmul(_splat(kb, q.d, F32V), kb.fmul(x_lo, q.q_lo)),
-                       kb.fmul(_splat(kb, q.d_hi, F32V), kb.fmul(x_hi, q.q_hi)))
+        term = kb.fadd(kb.fmul(_splat(kb, q.d, F32V), kb.fmul(x_lo, q_lo)),
+                       kb.fmul(_splat(kb, q.d_hi, F32V), kb.fmul(x_hi, q_hi)))
     if q.m is not None:
         term = kb.fadd(term, kb.fmul(_splat(kb, q.m, F32V), x_sum))
     return term
+

@@ -28,7 +28,7 @@ class EngineConfig:
         "dummy: seeded random weights (filled on the device on a GPU).",
         click.Choice(["auto", "safetensors", "gguf", "dummy"])))
     quantization: str = field(default="auto", metadata=_flag(
-        "Weight quantization. auto: a GGUF's block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) run natively on the CPU "
+        "Weight quantization. auto: a GGUF's block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) run natively on the CPU "
         "(dequantized to --dtype on a GPU); none: every weight in --dtype; q8_0 / q4_0: quantize an HF "
         "checkpoint's matrices at load (CPU).", click.Choice(["auto", "none", "q8_0", "q4_0"])))
     seed: int = field(default=0, metadata=_flag("Seed for dummy weights.", click.IntRange(min=0)))

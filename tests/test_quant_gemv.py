@@ -56,8 +56,10 @@ def reference(prologue: str, args: dict[str, np.ndarray], w: np.ndarray, bias: n
 
 
 def kernel(fmt: str, prologue: str, k: int, n: int, bias: bool = False) -> Gemv:
+    # 24 rows a block: three host chunks of 8, the last block ragged for every N here
     return Gemv(k=k, n=n, act=DType.F32, weight=DType.F32, out=DType.F32, prologue=prologue, bias=bias,
-                eps=EPS if "rms" in prologue else 0.0, vec=vector_width(k, DType.F32), weight_format=fmt)
+                eps=EPS if "rms" in prologue else 0.0, vec=vector_width(k, DType.F32), weight_format=fmt,
+                rows_per_block=24)
 
 
 @pytest.mark.parametrize("prologue", PROLOGUES)

@@ -104,6 +104,10 @@ class KernelBuilder:
     def _alloca(self, typ: ir.Type, count: int | None = None) -> ir.Value:
         return self._allocas.alloca(typ, size=None if count is None else ir.Constant(I32, count))
 
+    def local(self, dtype: DType, count: int) -> ir.Value:
+        """A private array of `count` elements (host stack; per-thread on a GPU)."""
+        return self._alloca(self._elem(dtype), count)
+
     # -- grid -----------------------------------------------------------------------
     def _sreg(self, name: str) -> ir.Value:
         fn = self.module.globals.get(f"llvm.nvvm.read.ptx.sreg.{name}")
