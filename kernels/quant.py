@@ -108,21 +108,6 @@ def dequantize(data: np.ndarray, fmt: BlockFormat) -> np.ndarray:
     return np.asarray(gguf_dequantize(np.ascontiguousarray(data, np.uint8), fmt.ggml_type), np.float32)
 
 
-def random_blocks(rng: np.random.Generator, rows: int, k: int, fmt: BlockFormat, std: float = 1.0) -> np.ndarray:
-    """Test weights in `fmt` with roughly standard deviation `std`: gguf's quantizer where
-    it has one, else random bytes (every quant and sub-scale value occurs) with the float16
-    scales set so that the weights come out near `std`."""
-    if fmt.name in QUANTIZABLE:
-        return quantize(rng.standard_normal((rows, k)).astype(np.float32) * std, fmt)
-    data = rng.integers(0, 256, (rows, k // fmt.block, fmt.nbytes), dtype=np.uint8)
-    # typical |sc * q| is ~ 32 * 8 for q4_k / q5_k (x2 for q5) and ~ 64 * 16 for q6_k
-    span = {"q4_k": 250.0, "q5_k": 500.0, "q6_k": 1000.0}[fmt.name]
-    for at in fmt.scale_at:
-        d = (std / span * (0.5 + rng.random(data.shape[:2]))).astype(np.float16)
-        data[:, :, at:at + 2] = d[..., None].view(np.uint8)
-    return data.reshape(rows, -1)
-
-
 def _load(kb: KernelBuilder, ptr: ir.Value, offset: ir.Value, typ: ir.Type) -> ir.Value:
     """A value of `typ` at byte `offset` of ptr. Blocks are 2-byte aligned at best, so
     the load claims no more alignment than one byte (two for the f16 scales)."""
@@ -247,7 +232,7 @@ def _k_group(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, base: ir.Value,
               for lo, hi in zip(ql, qh)]
         d = _f16(kb, ptr, at(208))
         sc_at = b.add(kb.i64(192), kb.wide(b.mul(g, kb.i32(2))))
-        scale = [kb.b.sitofp(_load(kb, ptr, at(b.add(sc_at, kb.i64(j))), I8), ir.FloatType()) for j in (0, 1)]
+        scale = [b.sitofp(_load(kb, ptr, at(b.add(sc_at, kb.i64(j))), I8), ir.FloatType()) for j in (0, 1)]
         return Group(qs[0], qs[1], kb.fmul(d, scale[0]), d_hi=kb.fmul(d, scale[1]), zero=32)
     d, dmin = _f16(kb, ptr, base), _f16(kb, ptr, at(2))
     sc, mn = _k_scale_min(kb, ptr, at(4), g)
@@ -299,4 +284,3 @@ def group_term(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, row: ir.Value
     if q.m is not None:
         term = kb.fadd(term, kb.fmul(_splat(kb, q.m, F32V), x_sum))
     return term
-

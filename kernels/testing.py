@@ -10,7 +10,7 @@ from fusec.fusion.interpreter import Interpreter
 from fusec.fusion.patterns import Registry
 from fusec.fusion.plan import PlanOptions
 from fusec.kernels.examples import Example
-from fusec.kernels.quant import FORMATS, quantize
+from fusec.kernels.quant import FORMATS, QUANTIZABLE, BlockFormat, quantize
 
 TOLERANCE = {DType.F32: 1e-5, DType.F16: 2e-2, DType.BF16: 2e-2}
 
@@ -20,10 +20,27 @@ def random_weights(ex: Example, rng: np.random.Generator) -> dict[str, np.ndarra
     out = {}
     for node in ex.graph.nodes("weight"):
         shape = node.type.shape
+        if node.format:
+            out[node.name] = random_blocks(rng, *shape, FORMATS[node.format], std=1 / np.sqrt(shape[-1]))
+            continue
         w = 1.0 + 0.3 * rng.standard_normal(shape) if len(shape) == 1 else rng.standard_normal(shape) / np.sqrt(shape[-1])
-        w = w.astype(np.float32)
-        out[node.name] = quantize(w, FORMATS[node.format]) if node.format else to_storage(w, node.type.dtype)
+        out[node.name] = to_storage(w.astype(np.float32), node.type.dtype)
     return out
+
+
+def random_blocks(rng: np.random.Generator, rows: int, k: int, fmt: BlockFormat, std: float = 1.0) -> np.ndarray:
+    """Test weights in `fmt` with roughly standard deviation `std`: gguf's quantizer where
+    it has one, else random bytes (every quant and sub-scale value occurs) with the float16
+    scales set so that the weights come out near `std`."""
+    if fmt.name in QUANTIZABLE:
+        return quantize(rng.standard_normal((rows, k)).astype(np.float32) * std, fmt)
+    data = rng.integers(0, 256, (rows, k // fmt.block, fmt.nbytes), dtype=np.uint8)
+    # typical |sc * q| is ~ 32 * 8 for q4_k / q5_k (x2 for q5) and ~ 64 * 16 for q6_k
+    span = {"q4_k": 250.0, "q5_k": 500.0, "q6_k": 1000.0}[fmt.name]
+    for at in fmt.scale_at:
+        d = (std / span * (0.5 + rng.random(data.shape[:2]))).astype(np.float16)
+        data[:, :, at:at + 2] = d[..., None].view(np.uint8)
+    return data.reshape(rows, -1)
 
 
 def random_state(ex: Example, rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -9,7 +9,6 @@ import numpy as np
 from fusec.errors import ModelLoadError, UnsupportedModelError
 
 
-
 def _reader_class():
     import gguf
 

@@ -16,7 +16,8 @@ from fusec.fusion.compiler import compile_kernel
 from fusec.fusion.dtypes import DType, from_storage, round_to
 from fusec.kernels.elementwise import Embed
 from fusec.kernels.gemv import PROLOGUES, Gemv, vector_width
-from fusec.kernels.quant import FORMATS, dequantize, random_blocks
+from fusec.kernels.quant import FORMATS, dequantize
+from fusec.kernels.testing import random_blocks
 from fusec.runtime.backends.cpu import HostDevice
 from test_patterns import cache, ptxas  # noqa: F401 (cache: the module's kernel cache fixture)
 

@@ -16,7 +16,8 @@ from test_gguf import QUANT_SPEC, decode_blocks, write_gguf
 from test_patterns import cache  # noqa: F401 (the module's kernel cache fixture)
 from fusec.errors import ModelLoadError
 from fusec.fusion.dtypes import DType, from_storage
-from fusec.kernels.quant import FORMATS, QUANTIZABLE, dequantize, quantize, random_blocks
+from fusec.kernels.quant import FORMATS, QUANTIZABLE, dequantize
+from fusec.kernels.testing import random_blocks
 from fusec.models.loader import load_model
 from fusec.runtime.backends.cpu import HostDevice
 from fusec.runtime.device import GemmShape
