@@ -7,29 +7,39 @@ with x_r produced in-kernel from row r (or rows[r] with `gather`) by the prologu
     rms_norm      x = rms_norm(X[r]) * norm_w
     add_rms_norm  s = A[r] + B[r]; x = rms_norm(s) * norm_w   (s written out if asked)
     silu_mul      x = silu(GU[r, :K]) * GU[r, K:]
-Each block computes `rows_per_block` outputs of one row and recomputes the prologue
-itself, so nothing reads a row that other blocks produce (the legality rule). Lanes
-read `vec` consecutive elements per step (16-byte vector loads when K divides). A host
-block writes its prologue once into a private row and takes its outputs 8 at a time,
-so host blocks are large (64 rows) and the prologue is paid once per 64 outputs.
-Intermediates are rounded to the activation dtype where the unfused graph stores them.
+Each block computes `rows_per_block` outputs and recomputes the prologue itself, so
+nothing reads a row that other blocks produce (the legality rule). Intermediates are
+rounded to the activation dtype where the unfused graph stores them.
 
-With `weight_format` (a GGUF block format, kernels/quant.py) W is read in its stored
-blocks and decoded in registers; lanes then stride over groups of 32 weights, and
-`weight` is the dtype of the norm weight and bias only.
+GPU: a block takes one token row; lanes read `vec` consecutive elements per step
+(16-byte vector loads when K divides). With `weight_format` (a GGUF block format,
+kernels/quant.py) W is read in its stored blocks and decoded in registers, lanes
+striding over groups of 32 weights; `weight` is then the dtype of the norm weight and
+bias only.
+
+Host: a block takes a tile of `tokens_per_block` token rows (the last one may be
+short: the code is specialised for heights 1, 2, 4, 8). It writes the tile's prologue rows once
+into a private buffer, then walks its outputs a few weight rows at a time with rows x
+tokens 16-wide accumulators: each weight (group) is loaded and decoded once for the
+whole tile, so a batch of T tokens costs far less than T GEMVs. Blocks are large (64
+rows): the prologue is paid once per 64 outputs.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Mapping
+
+from llvmlite import ir
 
 from fusec.fusion.codegen.builder import KernelBuilder, Param
 from fusec.fusion.dtypes import DType
 from fusec.kernels.base import Kernel, cdiv, round_to, row_offset, silu
-from fusec.kernels.quant import FORMATS, GROUP, group_term, hsum, pack, zero_vector
+from fusec.kernels.quant import F32V, FORMATS, GROUP, HALF, I32V, group_term, group_values, hsum, pack, zero_vector
 
 PROLOGUES = ("none", "rms_norm", "add_rms_norm", "silu_mul")
-HOST_CHUNK = 8
+HOST_CHUNK = 8  # most weight rows a host tile works on together
+HOST_ACCUMULATORS = 16  # 16-wide accumulators a host tile keeps (of 32 AVX-512 registers)
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,7 @@ class Gemv(Kernel):
     rows_per_block: int = 4
     vec: int = 1  # elements per lane per step: 16-byte loads when K allows (`vector_width`)
     weight_format: str | None = None  # a block format of kernels/quant.py; None: dense `weight`
+    tokens_per_block: int = 1  # host: token rows a block takes together (GPU: 1)
 
     def __post_init__(self) -> None:
         if self.weight_format is not None:
@@ -70,11 +81,42 @@ class Gemv(Kernel):
 
     def grid(self, dims: Mapping[str, int]) -> tuple[int, int]:
         # rows on x (up to 2**31 - 1 blocks), output blocks on y (65535: N <= 262140 at 4 per block)
-        return dims["num_rows"], cdiv(self.n, self.rows_per_block)
+        return cdiv(dims["num_rows"], self.tokens_per_block), cdiv(self.n, self.rows_per_block)
 
     def body(self, kb: KernelBuilder) -> None:
-        b, k_dim, vec = kb.b, self.k, self.vec
+        if not kb.target.is_gpu:
+            self._host_body(kb)
+            return
+        if self.tokens_per_block != 1:
+            raise ValueError("GPU GEMVs take one token row a block")
         out_row = kb.block_id(0)
+        n0 = kb.b.mul(kb.block_id(1), kb.i32(self.rows_per_block))
+        x_at = self._prologue(kb, out_row)
+        b = kb.b
+        last = kb.i32(self.n - 1)
+        # rows past the end read the last row (kept in bounds) and are not stored
+        rows = [kb.imin(b.add(n0, kb.i32(j)), last) for j in range(self.rows_per_block)]
+        if self.weight_format is not None:
+            totals = self._block_dots(kb, rows, x_at)
+        else:
+            accs = [kb.var(kb.f32(0.0)) for _ in rows]
+            self._dense_dot(kb, [row_offset(kb, r, self.k) for r in rows], accs, x_at)
+            totals = [acc.get() for acc in accs]
+        totals = [kb.reduce(t) for t in totals]
+        with kb.when(b.icmp_unsigned("==", kb.lane(), kb.i32(0))):
+            self._store(kb, out_row, [b.add(n0, kb.i32(j)) for j in range(len(rows))], totals)
+
+    def _vec_loop(self, kb: KernelBuilder, stop: int):
+        """for i in range(lane * vec, stop, lanes * vec): vec elements per lane a step."""
+        if self.vec == 1:
+            return kb.lane_loop(stop)
+        b = kb.b
+        return kb.loop(b.mul(kb.lane(), kb.i32(self.vec)), stop, b.mul(kb.lanes(), kb.i32(self.vec)))
+
+    def _prologue(self, kb: KernelBuilder, out_row):
+        """x_at(i): the prologue's vec elements from i of token row out_row (the residual
+        sum stored on the way by the first output block)."""
+        b, k_dim, vec = kb.b, self.k, self.vec
         src = kb.load(kb["rows"], out_row, DType.I32) if self.gather else out_row
         width = 2 * k_dim if self.prologue == "silu_mul" else k_dim
         base = row_offset(kb, src, width)
@@ -93,16 +135,10 @@ class Gemv(Kernel):
                         for a, c in zip(loads("a", i, self.act), loads("b", i, self.act))]
             return loads("x", i, self.act)
 
-        def vec_loop(stop: int):
-            """for i in range(lane * vec, stop, lanes * vec): vec elements per lane a step."""
-            if vec == 1:
-                return kb.lane_loop(stop)
-            return kb.loop(b.mul(kb.lane(), kb.i32(vec)), stop, b.mul(kb.lanes(), kb.i32(vec)))
-
         inv_rms = None
         if self.prologue in ("rms_norm", "add_rms_norm"):
             sq = kb.var(kb.f32(0.0))
-            with vec_loop(k_dim) as i:
+            with self._vec_loop(kb, k_dim) as i:
                 total = sq.get()
                 for v in raw(i):
                     total = kb.fadd(total, kb.fmul(v, v))
@@ -111,7 +147,7 @@ class Gemv(Kernel):
             inv_rms = b.fdiv(kb.f32(1.0), kb.sqrt(b.fadd(mean, kb.f32(self.eps))))
         if self.residual_out:
             with kb.when(b.icmp_unsigned("==", kb.block_id(1), kb.i32(0))):
-                with vec_loop(k_dim) as i:
+                with self._vec_loop(kb, k_dim) as i:
                     for j, v in enumerate(raw(i)):
                         kb.store(kb["residual"], b.add(at(i), kb.i64(j)), v, self.act)
 
@@ -124,41 +160,85 @@ class Gemv(Kernel):
             norm_w = (kb.load_vector(kb["norm_w"], i, self.weight, vec) if vec > 1
                       else [kb.load(kb["norm_w"], i, self.weight)])
             return [round_to(kb, b.fmul(b.fmul(v, inv_rms), w), self.act) for v, w in zip(raw(i), norm_w)]
+        return x_at
 
-        if not kb.target.is_gpu:  # the prologue once per block into a private row, outputs a chunk at a time
-            xbuf = kb.local(DType.F32, k_dim)
-            with vec_loop(k_dim) as i:
+    # -- host: a tile of token rows, each weight read (and decoded) once for all of them --
+    def _host_body(self, kb: KernelBuilder) -> None:
+        b, tpb = kb.b, self.tokens_per_block
+        t0 = b.mul(kb.block_id(0), kb.i32(tpb))
+        count = kb.imin(kb.i32(tpb), b.sub(kb["num_rows"], t0))  # the last tile may be short
+        xbuf = kb.local(DType.F32, tpb * self.k)  # the tile's prologue rows
+        with kb.loop(0, count) as t:
+            x_at = self._prologue(kb, b.add(t0, t))
+            at = b.mul(t, kb.i32(self.k))
+            with self._vec_loop(kb, self.k) as i:
                 for j, v in enumerate(x_at(i)):
-                    kb.store(xbuf, b.add(i, kb.i32(j)), v, DType.F32)
+                    kb.store(xbuf, b.add(at, b.add(i, kb.i32(j))), v, DType.F32)
+        n0 = b.mul(kb.block_id(1), kb.i32(self.rows_per_block))
+        low = 0
+        for height in tile_heights(tpb):  # code specialised per height: accumulators stay in registers
+            fits = b.and_(b.icmp_signed(">", count, kb.i32(low)), b.icmp_signed("<=", count, kb.i32(height)))
+            with kb.when(fits):
+                # rows past the tile's end repeat its last row and are not stored
+                last = b.sub(count, kb.i32(1))
+                tokens = [kb.imin(kb.i32(t), last) for t in range(height)]
+                self._host_tile(kb, t0, tokens, [b.icmp_signed("<", kb.i32(t), count) for t in range(height)],
+                                xbuf, n0)
+            low = height
 
-            def x_at(i) -> list:  # noqa: F811 (the buffered prologue)
-                return (kb.load_vector(xbuf, i, DType.F32, vec) if vec > 1 else [kb.load(xbuf, i, DType.F32)])
-        rpb, chunk = self.rows_per_block, self.rows_per_chunk(kb.target.is_gpu)
-        n0 = b.mul(kb.block_id(1), kb.i32(rpb))
-        if chunk == rpb:
-            self._rows(kb, out_row, n0, chunk, x_at, vec_loop)
-        else:
-            with kb.loop(0, kb.imin(kb.i32(rpb), b.sub(kb.i32(self.n), n0)), chunk) as c:
-                self._rows(kb, out_row, b.add(n0, c), chunk, x_at, vec_loop)
-
-    def rows_per_chunk(self, gpu: bool) -> int:
-        """Outputs computed together (one accumulator each): all of a block's on a GPU,
-        8 at a time on the host, whose blocks are larger (the prologue runs once a block)."""
-        return self.rows_per_block if gpu or self.rows_per_block % HOST_CHUNK else HOST_CHUNK
-
-    def _rows(self, kb: KernelBuilder, out_row, n0, chunk: int, x_at, vec_loop) -> None:
-        """Outputs n0 .. n0 + chunk - 1 of row out_row."""
+    def _host_tile(self, kb: KernelBuilder, t0, tokens: list, stored: list, xbuf, n0) -> None:
+        """The block's outputs for tile rows `tokens` (the last repeated to fill the height)."""
         b = kb.b
+        chunk = host_rows_per_chunk(len(tokens), self.rows_per_block)
         last = kb.i32(self.n - 1)
-        # rows past the end read the last row (kept in bounds) and are not stored
-        rows = [kb.imin(b.add(n0, kb.i32(j)), last) for j in range(chunk)]
+        x_offsets = [b.mul(t, kb.i32(self.k)) for t in tokens]
+        with kb.loop(0, kb.imin(kb.i32(self.rows_per_block), b.sub(kb.i32(self.n), n0)), chunk) as c:
+            n_first = b.add(n0, c)
+            ns = [b.add(n_first, kb.i32(r)) for r in range(chunk)]
+            rows = [kb.imin(n, last) for n in ns]  # rows past the end: read in bounds, not stored
+            accs = self._tile_dots(kb, xbuf, x_offsets, rows)
+            for t, keep in enumerate(stored):
+                with kb.when(keep):
+                    self._store(kb, b.add(t0, tokens[t]), ns, [hsum(kb, acc[t]) for acc in accs])
+
+    def _tile_dots(self, kb: KernelBuilder, xbuf, x_offsets: list, rows: list) -> list[list]:
+        """accs[r][t]: 16-wide partial sums of W[rows[r]] . x_t, x_t the buffered prologue
+        row at x_offsets[t]."""
+        b, k_dim = kb.b, self.k
+        accs = [[kb.var(zero_vector()) for _ in x_offsets] for _ in rows]
+
+        def xs(at) -> list:
+            return [_load16(kb, xbuf, b.add(at, off), DType.F32) for off in x_offsets]
+
+        def accumulate(r: int, w, x_row: list) -> None:
+            for acc, x in zip(accs[r], x_row):
+                acc.set(kb.fadd(acc.get(), kb.fmul(w, x)))
+
         if self.weight_format is not None:
-            totals = self._block_dots(kb, rows, x_at)
+            fmt = FORMATS[self.weight_format]
+            w_rows = [row_offset(kb, r, fmt.row_bytes(k_dim)) for r in rows]
+            with kb.loop(0, k_dim // GROUP) as g:
+                i0 = b.mul(g, kb.i32(GROUP))
+                x_lo, x_hi = xs(i0), xs(b.add(i0, kb.i32(HALF)))
+                for r, w_row in enumerate(w_rows):
+                    w_lo, w_hi = group_values(kb, fmt, kb["w"], w_row, g)
+                    accumulate(r, w_lo, x_lo)
+                    accumulate(r, w_hi, x_hi)
         else:
-            accs = [kb.var(kb.f32(0.0)) for _ in range(chunk)]
-            self._dense_dot(kb, [row_offset(kb, r, self.k) for r in rows], accs, vec_loop, x_at)
-            totals = [acc.get() for acc in accs]
-        self._store(kb, out_row, n0, totals)
+            w_rows = [row_offset(kb, r, k_dim) for r in rows]
+            whole = k_dim - k_dim % HALF
+            with kb.loop(0, whole, HALF) as i:
+                x_row = xs(i)
+                for r, w_row in enumerate(w_rows):
+                    accumulate(r, _load16(kb, kb["w"], b.add(w_row, kb.wide(i)), self.weight), x_row)
+            for i in range(whole, k_dim):  # a ragged tail, elementwise into lane 0
+                for r, w_row in enumerate(w_rows):
+                    w = kb.load(kb["w"], b.add(w_row, kb.i64(i)), self.weight)
+                    for off, acc in zip(x_offsets, accs[r]):
+                        x = kb.load(xbuf, b.add(off, kb.i32(i)), DType.F32)
+                        acc.set(b.insert_element(acc.get(), kb.fadd(b.extract_element(acc.get(), kb.i32(0)),
+                                                                    kb.fmul(w, x)), kb.i32(0)))
+        return [[acc.get() for acc in row] for row in accs]
 
     def _block_dots(self, kb: KernelBuilder, rows: list, x_at) -> list:
         """Each row's dot with x over its quantized groups of 32, as this lane's partial
@@ -175,9 +255,9 @@ class Gemv(Kernel):
                 acc.set(kb.fadd(acc.get(), group_term(kb, fmt, kb["w"], w_row, g, x_lo, x_hi, x_sum)))
         return [hsum(kb, acc.get()) for acc in accs]
 
-    def _dense_dot(self, kb: KernelBuilder, w_rows: list, accs: list, vec_loop, x_at) -> None:
+    def _dense_dot(self, kb: KernelBuilder, w_rows: list, accs: list, x_at) -> None:
         b, vec = kb.b, self.vec
-        with vec_loop(self.k) as i:
+        with self._vec_loop(kb, self.k) as i:
             xs = x_at(i)
             for acc, w_row in zip(accs, w_rows):
                 w_at = b.add(w_row, kb.wide(i))
@@ -187,18 +267,47 @@ class Gemv(Kernel):
                     total = kb.fadd(total, kb.fmul(x, w))
                 acc.set(total)
 
-    def _store(self, kb: KernelBuilder, out_row, n0, partials: list) -> None:
+    def _store(self, kb: KernelBuilder, out_row, ns: list, totals: list) -> None:
+        """Outputs ns of token row out_row (those below N), rounded, plus the bias."""
         b = kb.b
-        totals = [kb.reduce(p) for p in partials]
         out_base = row_offset(kb, out_row, self.n)
-        with kb.when(b.icmp_unsigned("==", kb.lane(), kb.i32(0))):
-            for j, total in enumerate(totals):
-                n = b.add(n0, kb.i32(j))
-                with kb.when(b.icmp_signed("<", n, kb.i32(self.n))):
-                    y = round_to(kb, total, self.out)
-                    if self.bias:
-                        y = b.fadd(y, kb.load(kb["bias"], n, self.weight))
-                    kb.store(kb["y"], b.add(out_base, kb.wide(n)), y, self.out)
+        for n, total in zip(ns, totals):
+            with kb.when(b.icmp_signed("<", n, kb.i32(self.n))):
+                y = round_to(kb, total, self.out)
+                if self.bias:
+                    y = b.fadd(y, kb.load(kb["bias"], n, self.weight))
+                kb.store(kb["y"], b.add(out_base, kb.wide(n)), y, self.out)
+
+
+def host_rows_per_chunk(tokens: int, rows_per_block: int) -> int:
+    """Weight rows a host tile of `tokens` rows works on together: rows x tokens 16-wide
+    accumulators (at most HOST_ACCUMULATORS, rows a power of two up to HOST_CHUNK),
+    dividing the block's rows."""
+    rows = HOST_CHUNK
+    while rows > 1 and rows * tokens > HOST_ACCUMULATORS:
+        rows //= 2
+    return math.gcd(rows, rows_per_block)
+
+
+def tile_heights(tokens_per_block: int) -> list[int]:
+    """The tile heights host GEMV code is specialised for: powers of two up to
+    tokens_per_block, and it. A shorter tile runs in the next height up (a few rows
+    computed twice, never stored): four variants compile in a third of the time of eight."""
+    heights = [h for h in (1, 2, 4, 8, 16, 32) if h < tokens_per_block]
+    return heights + [tokens_per_block]
+
+
+def _load16(kb: KernelBuilder, ptr, index, dtype: DType):
+    """Elements index..index+15 of ptr as one vector of 16 floats (element-aligned: the
+    host's buffers and weight rows promise no more)."""
+    b = kb.b
+    elem = kb._elem(dtype)
+    raw = b.load(kb.addr(ptr, index, dtype), typ=ir.VectorType(elem, HALF), align=dtype.itemsize)
+    if dtype is DType.F16:
+        return b.fpext(raw, F32V)
+    if dtype is DType.BF16:
+        return b.bitcast(b.shl(b.zext(raw, I32V), ir.Constant(I32V, [16] * HALF)), F32V)
+    return raw
 
 
 def vector_width(k: int, *dtypes: DType) -> int:

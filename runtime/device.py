@@ -20,12 +20,13 @@ from fusec.fusion.dtypes import DType
 from fusec.fusion.ir import Node
 from fusec.fusion.plan import PlanOptions
 
-# Largest batch (tokens) run through the fused-GEMV plan; past it, library GEMMs (which
-# read each weight once per step, not once per token) win. The one default per kind of
-# device, until `fusec autotune` measures it. Host: measured on SmolLM2 (2-core EPYC, q4_1
-# and f32 weights) once host GEMV blocks computed their prologue once: 16 gave N=8 decode
-# 243 tok/s against 169 at 2, N=16 252 against 246 at 8 and 249 at 32.
-HOST_CROSSOVER = 16
+# Largest batch (tokens) run through the fused-GEMV plan; past it, library GEMMs win. The
+# one default per kind of device, until `fusec autotune` measures it. Host: its GEMVs take
+# tiles of 8 token rows (each weight read once a tile), which beat decode-then-numpy-GEMM
+# at every batch measured on SmolLM2 (2-core EPYC): q4_1 weights N=32 decode 362 -> 537
+# tok/s and a 1024-token prefill step 1250 -> 980 ms; f32 weights N=32 323 -> 437. So the
+# host's default is the largest default batch (--max-num-batched-tokens).
+HOST_CROSSOVER = 1024
 GPU_CROSSOVER = 8
 
 

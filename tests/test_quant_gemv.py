@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import zlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -57,17 +58,18 @@ def reference(prologue: str, args: dict[str, np.ndarray], w: np.ndarray, bias: n
 
 
 def kernel(fmt: str, prologue: str, k: int, n: int, bias: bool = False) -> Gemv:
-    # 24 rows a block: three host chunks of 8, the last block ragged for every N here
+    # 24 rows a block: host chunks of 8 / 4 rows, the last block ragged for every N here;
+    # host tiles of 4 token rows (the tests' 7 rows: a tile of 4, then one of 3)
     return Gemv(k=k, n=n, act=DType.F32, weight=DType.F32, out=DType.F32, prologue=prologue, bias=bias,
                 eps=EPS if "rms" in prologue else 0.0, vec=vector_width(k, DType.F32), weight_format=fmt,
-                rows_per_block=24)
+                rows_per_block=24, tokens_per_block=4)
 
 
 @pytest.mark.parametrize("prologue", PROLOGUES)
 @pytest.mark.parametrize("fmt,k,n", CASES)
 def test_quantized_gemv_equals_dequantized_reference(fmt, prologue, k, n, device):
     rng = np.random.default_rng(zlib.crc32(f"{fmt} {prologue} {k}".encode()))
-    rows = 3
+    rows = 7
     packed = random_blocks(rng, n, k, FORMATS[fmt], std=1 / np.sqrt(k))
     assert packed.shape == (n, FORMATS[fmt].row_bytes(k)) and packed.dtype == np.uint8
     bias = rng.standard_normal(n).astype(np.float32) if prologue == "none" else None
@@ -111,7 +113,8 @@ def test_quantized_gemv_ptx_assembles(arch, cache, tmp_path):
     target = parse_arch(arch)
     for fmt in sorted(FORMATS):
         for prologue in PROLOGUES:
-            spec = kernel(fmt, prologue, *SIZES[FORMATS[fmt].block][-1], bias=prologue == "none")
+            spec = replace(kernel(fmt, prologue, *SIZES[FORMATS[fmt].block][-1], bias=prologue == "none"),
+                           tokens_per_block=1)
             path = tmp_path / f"{spec.name}.ptx"
             path.write_bytes(compile_kernel(spec, target, cache).data)
             res = subprocess.run([tool, f"-arch={arch}", str(path), "-o", str(tmp_path / "out.cubin")],

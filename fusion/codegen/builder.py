@@ -250,7 +250,31 @@ class KernelBuilder:
     def exp(self, x: ir.Value) -> ir.Value:
         if self.target.is_gpu:  # ex2.approx: about 2 ulp, no libm on the device
             return self._intrinsic("llvm.nvvm.ex2.approx.ftz.f", [self.b.fmul(x, self.f32(math.log2(math.e)))])
-        return self._intrinsic("llvm.exp.f32", [x])
+        return self._host_exp(x)
+
+    def _host_exp(self, x: ir.Value) -> ir.Value:
+        """exp(x) in straight-line arithmetic (Cephes' expf polynomial, about 1 ulp), so
+        loops calling it vectorise: a call to libm's expf keeps them scalar. Results
+        below float's normal range flush to 0 (as the GPU's ftz), past its top are inf,
+        NaN stays NaN."""
+        b = self.b
+        lo, hi = -87.33654, 88.72284  # exp(lo) is the smallest normal float, exp(hi) near the largest
+        xc = self.fmin(self.fmax(x, self.f32(lo)), self.f32(hi))
+        n = self._intrinsic("llvm.rint.f32", [b.fmul(xc, self.f32(math.log2(math.e)))])
+        # r = xc - n ln2, ln2 in two parts so r keeps its low bits
+        r = b.fsub(b.fsub(xc, b.fmul(n, self.f32(0.693359375))), b.fmul(n, self.f32(-2.12194440e-4)))
+        p = self.f32(1.9875691500e-4)
+        for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+            p = b.fadd(b.fmul(p, r), self.f32(c))
+        y = b.fadd(b.fadd(b.fmul(p, b.fmul(r, r)), r), self.f32(1.0))
+        # times 2**n as two powers of two: 2**128 alone is past float's range
+        ni = b.fptosi(n, I32)
+        half = b.ashr(ni, self.i32(1))
+        for e in (half, b.sub(ni, half)):
+            y = b.fmul(y, b.bitcast(b.shl(b.add(e, self.i32(127)), self.i32(23)), F32))
+        y = b.select(b.fcmp_ordered("<", x, self.f32(lo)), self.f32(0.0), y)
+        y = b.select(b.fcmp_ordered(">", x, self.f32(hi)), self.f32(math.inf), y)
+        return b.select(b.fcmp_unordered("uno", x, x), x, y)
 
     def log(self, x: ir.Value) -> ir.Value:
         if self.target.is_gpu:  # lg2.approx: about 2 ulp

@@ -1,0 +1,65 @@
+"""Host GEMVs take tiles of token rows, with code specialised per tile height: every
+height 1..8 of an 8-row tile (and a second, short tile) for dense f32 / bf16 weights
+and three block formats, through the fullest prologue (residual add + RMSNorm, the sum
+written out) with a bias, against numpy; outputs and the residual poisoned."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fusec.fusion import ops
+from fusec.fusion.dtypes import DType, from_storage, to_storage
+from fusec.kernels.gemv import Gemv, host_rows_per_chunk
+from fusec.kernels.quant import FORMATS, dequantize
+from fusec.kernels.testing import random_blocks
+from fusec.runtime.backends.cpu import HostDevice
+from test_patterns import cache  # noqa: F401 (the module's kernel cache fixture)
+
+K, N, EPS = 520, 75, 1e-5  # K: whole 16-wide steps and a ragged tail of 8 (dense rows)
+TILE = 8
+
+
+@pytest.fixture(scope="module")
+def device(cache):
+    dev = HostDevice(cache)
+    yield dev
+    dev.close()
+
+
+def weights(kind: str, rng) -> tuple[np.ndarray, np.ndarray, DType, str | None]:
+    """(stored weights, their float32 values, weight dtype, block format)."""
+    if kind in FORMATS:
+        k = 512 if FORMATS[kind].block == 256 else K - 8
+        packed = random_blocks(rng, N, k, FORMATS[kind], std=1 / np.sqrt(k))
+        return packed, dequantize(packed, FORMATS[kind]), DType.F32, kind
+    dtype = DType(kind)
+    w = to_storage((rng.standard_normal((N, K)) / np.sqrt(K)).astype(np.float32), dtype)
+    return w, from_storage(w, dtype).astype(np.float32), dtype, None
+
+
+@pytest.mark.parametrize("kind", ["f32", "bf16", "q4_1", "q8_0", "q6_k"])
+def test_every_tile_height(kind, device):
+    rng = np.random.default_rng(len(kind))
+    w, w_values, dtype, fmt = weights(kind, rng)
+    k = w_values.shape[1]
+    spec = Gemv(k=k, n=N, act=DType.F32, weight=dtype, out=DType.F32, prologue="add_rms_norm", bias=True,
+                residual_out=True, eps=EPS, rows_per_block=16, weight_format=fmt, tokens_per_block=TILE)
+    norm_w = to_storage((1 + 0.3 * rng.standard_normal(k)).astype(np.float32), dtype)
+    bias = to_storage(rng.standard_normal(N).astype(np.float32), dtype)
+    for rows in list(range(1, TILE + 1)) + [TILE + 3]:
+        a, b = (rng.standard_normal((rows, k)).astype(np.float32) for _ in range(2))
+        y = np.full((rows, N), np.nan, np.float32)
+        residual = np.full((rows, k), np.nan, np.float32)
+        by_name = {"a": a, "b": b, "norm_w": norm_w, "residual": residual, "w": w, "bias": bias, "y": y}
+        device.launch_kernel(spec, [by_name[p.name] for p in spec.params()[:-1]] + [np.int32(rows)],
+                             spec.grid({"num_rows": rows}))
+        s = a + b
+        want = ops.matmul(ops.rms_norm(s, from_storage(norm_w, dtype), eps=EPS), w_values) + from_storage(bias, dtype)
+        np.testing.assert_array_equal(residual, s)
+        err = np.abs(y.astype(np.float64) - want).max() / np.abs(want).max()
+        assert np.isfinite(y).all() and err < 2e-6, f"{kind}, {rows} rows: relative error {err:.3g}"
+
+
+def test_rows_per_chunk_keep_the_accumulators_in_registers():
+    assert [host_rows_per_chunk(t, 64) for t in (1, 2, 3, 4, 5, 8, 9, 16)] == [8, 8, 4, 4, 2, 2, 1, 1]
+    assert host_rows_per_chunk(1, 12) == 4  # divides the block's rows
