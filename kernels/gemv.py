@@ -18,11 +18,13 @@ striding over groups of 32 weights; `weight` is then the dtype of the norm weigh
 bias only.
 
 Host: a block takes a tile of `tokens_per_block` token rows (the last one may be
-short: the code is specialised for heights 1, 2, 4, 8). It writes the tile's prologue rows once
-into a private buffer, then walks its outputs a few weight rows at a time with rows x
-tokens 16-wide accumulators: each weight (group) is loaded and decoded once for the
-whole tile, so a batch of T tokens costs far less than T GEMVs. Blocks are large (64
-rows): the prologue is paid once per 64 outputs.
+short: the code is specialised for heights 1, 2, 4, 8) and walks its outputs a few
+weight rows at a time with rows x tokens 16-wide accumulators: each weight (group) is
+loaded and decoded once for the whole tile, so a batch of T tokens costs far less than
+T GEMVs. Blocks run tile-major and a CPU thread runs a contiguous range of them, so it
+writes a tile's prologue rows once into launch-scoped memory (`launch_local`) and
+reuses them for every block of that tile it runs; blocks can then be small (16 rows)
+for an even split over threads.
 """
 from __future__ import annotations
 
@@ -89,10 +91,10 @@ class Gemv(Kernel):
             return
         if self.tokens_per_block != 1:
             raise ValueError("GPU GEMVs take one token row a block")
-        out_row = kb.block_id(0)
-        n0 = kb.b.mul(kb.block_id(1), kb.i32(self.rows_per_block))
-        x_at = self._prologue(kb, out_row)
         b = kb.b
+        out_row = kb.block_id(0)
+        n0 = b.mul(kb.block_id(1), kb.i32(self.rows_per_block))
+        x_at = self._prologue(kb, out_row, b.icmp_unsigned("==", kb.block_id(1), kb.i32(0)))
         last = kb.i32(self.n - 1)
         # rows past the end read the last row (kept in bounds) and are not stored
         rows = [kb.imin(b.add(n0, kb.i32(j)), last) for j in range(self.rows_per_block)]
@@ -113,9 +115,9 @@ class Gemv(Kernel):
         b = kb.b
         return kb.loop(b.mul(kb.lane(), kb.i32(self.vec)), stop, b.mul(kb.lanes(), kb.i32(self.vec)))
 
-    def _prologue(self, kb: KernelBuilder, out_row):
+    def _prologue(self, kb: KernelBuilder, out_row, first_block):
         """x_at(i): the prologue's vec elements from i of token row out_row (the residual
-        sum stored on the way by the first output block)."""
+        sum stored on the way where first_block, the row's first output block, holds)."""
         b, k_dim, vec = kb.b, self.k, self.vec
         src = kb.load(kb["rows"], out_row, DType.I32) if self.gather else out_row
         width = 2 * k_dim if self.prologue == "silu_mul" else k_dim
@@ -146,7 +148,7 @@ class Gemv(Kernel):
             mean = b.fdiv(kb.reduce(sq.get()), kb.f32(k_dim))
             inv_rms = b.fdiv(kb.f32(1.0), kb.sqrt(b.fadd(mean, kb.f32(self.eps))))
         if self.residual_out:
-            with kb.when(b.icmp_unsigned("==", kb.block_id(1), kb.i32(0))):
+            with kb.when(first_block):
                 with self._vec_loop(kb, k_dim) as i:
                     for j, v in enumerate(raw(i)):
                         kb.store(kb["residual"], b.add(at(i), kb.i64(j)), v, self.act)
@@ -165,16 +167,27 @@ class Gemv(Kernel):
     # -- host: a tile of token rows, each weight read (and decoded) once for all of them --
     def _host_body(self, kb: KernelBuilder) -> None:
         b, tpb = kb.b, self.tokens_per_block
-        t0 = b.mul(kb.block_id(0), kb.i32(tpb))
+        # Blocks run tile-major (linear id = tile * output blocks + output block), so a
+        # thread's contiguous range of blocks walks one tile's outputs before the next
+        # and computes each tile's prologue rows once, kept in launch-scoped memory.
+        tiles = b.sdiv(b.add(kb["num_rows"], kb.i32(tpb - 1)), kb.i32(tpb))
+        linear = b.add(b.mul(kb.block_id(1), tiles), kb.block_id(0))
+        out_blocks = kb.i32(cdiv(self.n, self.rows_per_block))
+        tile, out_block = b.udiv(linear, out_blocks), b.urem(linear, out_blocks)
+        t0 = b.mul(tile, kb.i32(tpb))
         count = kb.imin(kb.i32(tpb), b.sub(kb["num_rows"], t0))  # the last tile may be short
-        xbuf = kb.local(DType.F32, tpb * self.k)  # the tile's prologue rows
-        with kb.loop(0, count) as t:
-            x_at = self._prologue(kb, b.add(t0, t))
-            at = b.mul(t, kb.i32(self.k))
-            with self._vec_loop(kb, self.k) as i:
-                for j, v in enumerate(x_at(i)):
-                    kb.store(xbuf, b.add(at, b.add(i, kb.i32(j))), v, DType.F32)
-        n0 = b.mul(kb.block_id(1), kb.i32(self.rows_per_block))
+        xbuf = kb.launch_local(ir.FloatType(), tpb * self.k)  # the tile's prologue rows
+        held = kb.launch_local(ir.IntType(32), init=kb.i32(-1))  # the tile xbuf holds
+        with kb.when(b.icmp_signed("!=", kb.load(held, kb.i32(0), DType.I32), tile)):
+            first = b.icmp_unsigned("==", out_block, kb.i32(0))  # the first of its tile: every thread reaches it here
+            with kb.loop(0, count) as t:
+                x_at = self._prologue(kb, b.add(t0, t), first)
+                at = b.mul(t, kb.i32(self.k))
+                with self._vec_loop(kb, self.k) as i:
+                    for j, v in enumerate(x_at(i)):
+                        kb.store(xbuf, b.add(at, b.add(i, kb.i32(j))), v, DType.F32)
+            kb.store(held, kb.i32(0), tile, DType.I32)
+        n0 = b.mul(out_block, kb.i32(self.rows_per_block))
         low = 0
         for height in tile_heights(tpb):  # code specialised per height: accumulators stay in registers
             fits = b.and_(b.icmp_signed(">", count, kb.i32(low)), b.icmp_signed("<=", count, kb.i32(height)))

@@ -60,7 +60,11 @@ def gemv_constraint(m: Match) -> bool:
     return len(acts) == 1
 
 
-HOST_ROWS_PER_BLOCK = 64
+# A host thread keeps a tile's prologue rows across the blocks it runs, so a block's size
+# only sets how evenly threads share a GEMV: 16 rows (SmolLM2 q4_1, 2 cores, N = 1 / 8 / 32:
+# 191 / 563 / 620 tok/s; 32 rows 176 / 522 / 569; 64 rows 192 / 528 / 564; 8 rows
+# 191 / 543 / 633; run-to-run spread about 8%)
+HOST_ROWS_PER_BLOCK = 16
 # token rows a host GEMV block takes together; measured on SmolLM2 q4_1 (2-core EPYC),
 # tok/s at N = 1 / 8 / 32: 4 rows 170 / 338 / 415, 8 rows 175 / 457 / 534, 16 rows
 # 160 / 403 / 397 (16 x 1 accumulators and 16 x rows' activations no longer fit registers)
@@ -96,8 +100,6 @@ def lower_gemv(m: Match, ctx: LowerContext) -> Launch:
     act, weight = _dtype(m, first.inputs[0]), _dtype(m, mm.inputs[1])
     n = mm.type.shape[1]
     # output blocks go on grid y (at most 65535): very wide outputs take more rows a block.
-    # A host block computes its prologue once for its rows: 64 rows a block measured best
-    # on SmolLM2's GEMVs (the down projection's SiLU 204 us at 8 rows, 55 at 64, one thread)
     rows = max(4, cdiv(n, 65535)) if ctx.target.is_gpu else HOST_ROWS_PER_BLOCK
     kernel = Gemv(k=k, n=n, act=act, weight=weight,
                   out=out.type.dtype, prologue=prologue, bias=bias is not None, gather=gather is not None,

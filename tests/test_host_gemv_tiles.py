@@ -1,7 +1,8 @@
 """Host GEMVs take tiles of token rows, with code specialised per tile height: every
-height 1..8 of an 8-row tile (and a second, short tile) for dense f32 / bf16 weights
-and three block formats, through the fullest prologue (residual add + RMSNorm, the sum
-written out) with a bias, against numpy; outputs and the residual poisoned."""
+height 1..8 of an 8-row tile (and a second, short tile, also in block ranges that start
+mid-tile) for dense f32 / bf16 weights and three block formats, through the fullest
+prologue (residual add + RMSNorm, the sum written out) with a bias, against numpy;
+outputs and the residual poisoned."""
 from __future__ import annotations
 
 import numpy as np
@@ -46,13 +47,22 @@ def test_every_tile_height(kind, device):
                 residual_out=True, eps=EPS, rows_per_block=16, weight_format=fmt, tokens_per_block=TILE)
     norm_w = to_storage((1 + 0.3 * rng.standard_normal(k)).astype(np.float32), dtype)
     bias = to_storage(rng.standard_normal(N).astype(np.float32), dtype)
-    for rows in list(range(1, TILE + 1)) + [TILE + 3]:
+    fn = device.load(spec).fn
+    # each height through the pool, then 2 tiles in block ranges that start mid-tile (as
+    # threads' shares do): every range computes its tiles' prologue rows itself
+    for rows, cuts in [(r, None) for r in range(1, TILE + 1)] + [(TILE + 3, None), (TILE + 3, (0, 3, 7, 10))]:
         a, b = (rng.standard_normal((rows, k)).astype(np.float32) for _ in range(2))
         y = np.full((rows, N), np.nan, np.float32)
         residual = np.full((rows, k), np.nan, np.float32)
         by_name = {"a": a, "b": b, "norm_w": norm_w, "residual": residual, "w": w, "bias": bias, "y": y}
-        device.launch_kernel(spec, [by_name[p.name] for p in spec.params()[:-1]] + [np.int32(rows)],
-                             spec.grid({"num_rows": rows}))
+        args = [by_name[p.name] for p in spec.params()[:-1]] + [np.int32(rows)]
+        grid = spec.grid({"num_rows": rows})
+        if cuts is None:
+            device.launch_kernel(spec, args, grid)
+        else:
+            assert cuts[-1] == grid[0] * grid[1]
+            for lo, hi in zip(cuts, cuts[1:]):
+                fn(*[x.ctypes.data if isinstance(x, np.ndarray) and x.ndim else int(x) for x in args], grid[0], lo, hi)
         s = a + b
         want = ops.matmul(ops.rms_norm(s, from_storage(norm_w, dtype), eps=EPS), w_values) + from_storage(bias, dtype)
         np.testing.assert_array_equal(residual, s)

@@ -61,7 +61,8 @@ class KernelBuilder:
             self.fn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), types), name=name)
             self.fn.calling_convention = "ptx_kernel"
         else:
-            self.fn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), types + [I32, I32]),
+            # block x, block y, and the launch's state (`launch_local`)
+            self.fn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), types + [I32, I32, PTR]),
                                   name=f"{name}_block")
             self.fn.linkage = "internal"
             self.fn.attributes.add("alwaysinline")
@@ -74,6 +75,8 @@ class KernelBuilder:
         self._allocas = ir.IRBuilder(self._alloca_block)
         self.b = ir.IRBuilder(self.fn.append_basic_block("start"))
         self._reduce_scratch: ir.Value | None = None
+        self._launch_state: list[tuple[int, ir.Type, ir.Constant | None]] = []  # (byte offset, type, initial)
+        self._launch_bytes = 0
 
     def __getitem__(self, name: str) -> ir.Value:
         return self.args[name]
@@ -107,6 +110,20 @@ class KernelBuilder:
     def local(self, dtype: DType, count: int) -> ir.Value:
         """A private array of `count` elements (host stack; per-thread on a GPU)."""
         return self._alloca(self._elem(dtype), count)
+
+    def launch_local(self, typ: ir.Type, count: int = 1, init: ir.Constant | None = None) -> ir.Value:
+        """Host only: memory that lives for the whole launch call, so a block can leave
+        work for the next block the same thread runs (a CPU thread runs a contiguous
+        range of blocks). `init` (one element) is stored once, before the first block."""
+        if self.target.is_gpu:
+            raise ValueError("launch-scoped memory is host-only")
+        size = ir.ArrayType(typ, count).get_abi_size(self.target.machine().target_data)
+        offset = -(-self._launch_bytes // 64) * 64  # each piece 64-byte aligned
+        self._launch_bytes = offset + size
+        self._launch_state.append((offset, typ, init))
+        state = self.fn.args[len(self.params) + 2]
+        at = self._allocas.gep(state, [ir.Constant(I64, offset)], inbounds=True, source_etype=ir.IntType(8))
+        return self._allocas.bitcast(at, PTR)
 
     # -- grid -----------------------------------------------------------------------
     def _sreg(self, name: str) -> ir.Value:
@@ -338,11 +355,19 @@ class KernelBuilder:
         return self.module
 
     def _host_launcher(self) -> None:
-        """void name(params..., i32 grid_x, i32 begin, i32 end): blocks begin..end-1."""
+        """void name(params..., i32 grid_x, i32 begin, i32 end): blocks begin..end-1, with
+        the launch-scoped memory on this call's stack, initialised once."""
         types = [PARAM_TYPES[p.kind] for p in self.params]
         fn = ir.Function(self.module, ir.FunctionType(ir.VoidType(), types + [I32, I32, I32]), name=self.name)
         *args, grid_x, begin, end = fn.args
         b = ir.IRBuilder(fn.append_basic_block("entry"))
+        raw = b.alloca(ir.IntType(8), size=ir.Constant(I64, max(self._launch_bytes, 1)))
+        raw.align = 64
+        state = b.bitcast(raw, PTR)
+        for offset, typ, init in self._launch_state:
+            if init is not None:
+                at = b.gep(state, [ir.Constant(I64, offset)], inbounds=True, source_etype=ir.IntType(8))
+                b.store(init, b.bitcast(at, init.type.as_pointer()))
         header, body, done = (fn.append_basic_block(n) for n in ("loop", "body", "done"))
         entry = b.block
         b.branch(header)
@@ -351,7 +376,7 @@ class KernelBuilder:
         i.add_incoming(begin, entry)
         b.cbranch(b.icmp_signed("<", i, end), body, done)
         b.position_at_end(body)
-        b.call(self.fn, [*args, b.srem(i, grid_x), b.sdiv(i, grid_x)])
+        b.call(self.fn, [*args, b.srem(i, grid_x), b.sdiv(i, grid_x), state])
         i.add_incoming(b.add(i, ir.Constant(I32, 1)), b.block)
         b.branch(header)
         b.position_at_end(done)
