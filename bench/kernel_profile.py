@@ -1,0 +1,70 @@
+"""Where a host decode step's time goes, kernel by kernel: the launches of the captured
+decode graph for N sequences, each timed alone on one thread (cache-warm), then the
+whole graph replayed on one thread and on all of them (weights streamed from memory).
+Usage:
+  .venv/bin/python bench/kernel_profile.py [--n 1] [--context 100] [--model PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import time
+
+from fusec.fusion.codegen import host_graph
+from fusec.fusion.codegen.host import HostLauncher
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=1, help="sequences in the decode step")
+    ap.add_argument("--context", type=int, default=32, help="prompt tokens per sequence (the KV read)")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--repeats", type=int, default=30)
+    args = ap.parse_args()
+
+    captured: list[list[host_graph.HostCall]] = []
+    build = host_graph.HostGraph.__init__
+
+    def record(self, calls, launcher) -> None:
+        captured.append(list(calls))
+        build(self, calls, launcher)
+
+    host_graph.HostGraph.__init__ = record  # the engine captures a graph per batch bucket
+    from fusec.runtime.llm import LLM
+    from fusec.runtime.sequence import SamplingParams
+
+    llm = LLM(args.model, max_num_seqs=args.n, device="cpu")
+    prompt = list(range(1, args.context + 1))
+    llm.generate(prompt_token_ids=[prompt] * args.n, sampling_params=SamplingParams(max_tokens=2, ignore_eos=True))
+    calls = captured[-1]  # the largest bucket: N sequences
+    per_kernel: dict[str, float] = collections.Counter()
+    count: dict[str, int] = collections.Counter()
+    for call in calls:
+        gx, gy = call.grid
+        run = lambda: call.kernel.fn(*call.values, gx, 0, gx * gy)  # noqa: E731
+        run()
+        start = time.perf_counter()
+        for _ in range(args.repeats):
+            run()
+        per_kernel[call.kernel.name] += (time.perf_counter() - start) / args.repeats
+        count[call.kernel.name] += 1
+    print(f"decode step, {args.n} sequences of ~{args.context} tokens: {len(calls)} launches")
+    for name, seconds in sorted(per_kernel.items(), key=lambda kv: -kv[1]):
+        print(f"{1e3 * seconds:9.3f} ms  {count[name]:3d} x {1e6 * seconds / count[name]:8.1f} us  {name}")
+    print(f"{1e3 * sum(per_kernel.values()):9.3f} ms  summed (one thread, each launch cache-warm)")
+    for threads in sorted({1, os.cpu_count() or 1}):
+        launcher = HostLauncher(threads)
+        graph = host_graph.HostGraph.__new__(host_graph.HostGraph)
+        build(graph, calls, launcher)
+        for _ in range(3):
+            graph.replay()
+        start = time.perf_counter()
+        for _ in range(args.repeats):
+            graph.replay()
+        print(f"{1e3 * (time.perf_counter() - start) / args.repeats:9.3f} ms  replayed on {threads} thread(s)")
+        launcher.close()
+
+
+if __name__ == "__main__":
+    main()
