@@ -30,13 +30,17 @@ def main() -> None:
         captured.append(list(calls))
         build(self, calls, launcher)
 
-    host_graph.HostGraph.__init__ = record  # the engine captures a graph per batch bucket
     from fusec.runtime.llm import LLM
     from fusec.runtime.sequence import SamplingParams
 
-    llm = LLM(args.model, max_num_seqs=args.n, device="cpu")
-    prompt = list(range(1, args.context + 1))
-    llm.generate(prompt_token_ids=[prompt] * args.n, sampling_params=SamplingParams(max_tokens=2, ignore_eos=True))
+    host_graph.HostGraph.__init__ = record  # the engine captures a graph per batch bucket
+    try:
+        llm = LLM(args.model, max_num_seqs=args.n, device="cpu")
+        prompt = list(range(1, args.context + 1))
+        llm.generate(prompt_token_ids=[prompt] * args.n,
+                     sampling_params=SamplingParams(max_tokens=2, ignore_eos=True))
+    finally:
+        host_graph.HostGraph.__init__ = build
     calls = captured[-1]  # the largest bucket: N sequences
     per_kernel: dict[str, float] = collections.Counter()
     count: dict[str, int] = collections.Counter()
@@ -55,8 +59,7 @@ def main() -> None:
     print(f"{1e3 * sum(per_kernel.values()):9.3f} ms  summed (one thread, each launch cache-warm)")
     for threads in sorted({1, os.cpu_count() or 1}):
         launcher = HostLauncher(threads)
-        graph = host_graph.HostGraph.__new__(host_graph.HostGraph)
-        build(graph, calls, launcher)
+        graph = host_graph.HostGraph(calls, launcher)
         for _ in range(3):
             graph.replay()
         start = time.perf_counter()

@@ -32,12 +32,10 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
-from llvmlite import ir
-
 from fusec.fusion.codegen.builder import KernelBuilder, Param
 from fusec.fusion.dtypes import DType
 from fusec.kernels.base import Kernel, cdiv, round_to, row_offset, silu
-from fusec.kernels.quant import F32V, FORMATS, GROUP, HALF, I32V, group_term, group_values, hsum, pack, zero_vector
+from fusec.kernels.quant import FORMATS, GROUP, HALF, group_term, group_values, hsum, pack, zero_vector
 
 PROLOGUES = ("none", "rms_norm", "add_rms_norm", "silu_mul")
 HOST_CHUNK = 8  # most weight rows a host tile works on together
@@ -176,8 +174,8 @@ class Gemv(Kernel):
         tile, out_block = b.udiv(linear, out_blocks), b.urem(linear, out_blocks)
         t0 = b.mul(tile, kb.i32(tpb))
         count = kb.imin(kb.i32(tpb), b.sub(kb["num_rows"], t0))  # the last tile may be short
-        xbuf = kb.launch_local(ir.FloatType(), tpb * self.k)  # the tile's prologue rows
-        held = kb.launch_local(ir.IntType(32), init=kb.i32(-1))  # the tile xbuf holds
+        xbuf = kb.launch_local(DType.F32, tpb * self.k)  # the tile's prologue rows
+        held = kb.launch_local(DType.I32, init=kb.i32(-1))  # the tile xbuf holds
         with kb.when(b.icmp_signed("!=", kb.load(held, kb.i32(0), DType.I32), tile)):
             first = b.icmp_unsigned("==", out_block, kb.i32(0))  # the first of its tile: every thread reaches it here
             with kb.loop(0, count) as t:
@@ -221,7 +219,7 @@ class Gemv(Kernel):
         accs = [[kb.var(zero_vector()) for _ in x_offsets] for _ in rows]
 
         def xs(at) -> list:
-            return [_load16(kb, xbuf, b.add(at, off), DType.F32) for off in x_offsets]
+            return [kb.load_packed(xbuf, b.add(at, off), DType.F32, HALF) for off in x_offsets]
 
         def accumulate(r: int, w, x_row: list) -> None:
             for acc, x in zip(accs[r], x_row):
@@ -243,7 +241,7 @@ class Gemv(Kernel):
             with kb.loop(0, whole, HALF) as i:
                 x_row = xs(i)
                 for r, w_row in enumerate(w_rows):
-                    accumulate(r, _load16(kb, kb["w"], b.add(w_row, kb.wide(i)), self.weight), x_row)
+                    accumulate(r, kb.load_packed(kb["w"], b.add(w_row, kb.wide(i)), self.weight, HALF), x_row)
             for i in range(whole, k_dim):  # a ragged tail, elementwise into lane 0
                 for r, w_row in enumerate(w_rows):
                     w = kb.load(kb["w"], b.add(w_row, kb.i64(i)), self.weight)
@@ -308,19 +306,6 @@ def tile_heights(tokens_per_block: int) -> list[int]:
     computed twice, never stored): four variants compile in a third of the time of eight."""
     heights = [h for h in (1, 2, 4, 8, 16, 32) if h < tokens_per_block]
     return heights + [tokens_per_block]
-
-
-def _load16(kb: KernelBuilder, ptr, index, dtype: DType):
-    """Elements index..index+15 of ptr as one vector of 16 floats (element-aligned: the
-    host's buffers and weight rows promise no more)."""
-    b = kb.b
-    elem = kb._elem(dtype)
-    raw = b.load(kb.addr(ptr, index, dtype), typ=ir.VectorType(elem, HALF), align=dtype.itemsize)
-    if dtype is DType.F16:
-        return b.fpext(raw, F32V)
-    if dtype is DType.BF16:
-        return b.bitcast(b.shl(b.zext(raw, I32V), ir.Constant(I32V, [16] * HALF)), F32V)
-    return raw
 
 
 def vector_width(k: int, *dtypes: DType) -> int:

@@ -125,6 +125,10 @@ def _byte(kb: KernelBuilder, ptr: ir.Value, offset: ir.Value) -> ir.Value:
 
 
 def _splat(kb: KernelBuilder, v: ir.Value, typ: ir.VectorType) -> ir.Value:
+    """v in all 16 lanes. A float widened from float16 (a block's scale) is splat before
+    it is widened: a 16-bit broadcast and one vector convert."""
+    if isinstance(v, ir.CastInstr) and v.opname == "fpext" and v.operands[0].type == ir.HalfType():
+        return kb.b.fpext(_splat(kb, v.operands[0], ir.VectorType(ir.HalfType(), HALF)), typ)
     vec = kb.b.insert_element(ir.Constant(typ, ir.Undefined), v, kb.i32(0))
     return kb.b.shuffle_vector(vec, ir.Constant(typ, ir.Undefined), ir.Constant(I32V, [0] * HALF))
 
@@ -268,23 +272,10 @@ def group_values(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, row: ir.Val
     """The 32 weights of group `g` of a row, decoded: two vectors of 16 floats."""
     q = group_quants(kb, fmt, ptr, row, g)
     q_lo, q_hi = q.floats(kb)
-    values = [kb.fmul(_splat_float(kb, d), v) for d, v in ((q.d, q_lo), (q.d_hi or q.d, q_hi))]
+    values = [kb.fmul(_splat(kb, d, F32V), v) for d, v in ((q.d, q_lo), (q.d_hi or q.d, q_hi))]
     if q.m is not None:
-        values = [kb.fadd(v, _splat_float(kb, q.m)) for v in values]
+        values = [kb.fadd(v, _splat(kb, q.m, F32V)) for v in values]
     return values[0], values[1]
-
-
-def _splat_float(kb: KernelBuilder, v: ir.Value) -> ir.Value:
-    """v in all 16 lanes; a float16 scale straight from memory is splat before it is
-    widened (a 16-bit broadcast and one vector convert)."""
-    if isinstance(v, ir.CastInstr) and v.opname == "fpext":
-        half = v.operands[0]
-        vec = kb.b.shuffle_vector(kb.b.insert_element(ir.Constant(ir.VectorType(ir.HalfType(), HALF), ir.Undefined),
-                                                      half, kb.i32(0)),
-                                  ir.Constant(ir.VectorType(ir.HalfType(), HALF), ir.Undefined),
-                                  ir.Constant(I32V, [0] * HALF))
-        return kb.b.fpext(vec, F32V)
-    return _splat(kb, v, F32V)
 
 
 def group_term(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, row: ir.Value, g: ir.Value, x_lo: ir.Value,

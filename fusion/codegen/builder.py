@@ -107,16 +107,13 @@ class KernelBuilder:
     def _alloca(self, typ: ir.Type, count: int | None = None) -> ir.Value:
         return self._allocas.alloca(typ, size=None if count is None else ir.Constant(I32, count))
 
-    def local(self, dtype: DType, count: int) -> ir.Value:
-        """A private array of `count` elements (host stack; per-thread on a GPU)."""
-        return self._alloca(self._elem(dtype), count)
-
-    def launch_local(self, typ: ir.Type, count: int = 1, init: ir.Constant | None = None) -> ir.Value:
-        """Host only: memory that lives for the whole launch call, so a block can leave
-        work for the next block the same thread runs (a CPU thread runs a contiguous
+    def launch_local(self, dtype: DType, count: int = 1, init: ir.Constant | None = None) -> ir.Value:
+        """Host only: `count` elements that live for the whole launch call, so a block can
+        leave work for the next block the same thread runs (a CPU thread runs a contiguous
         range of blocks). `init` (one element) is stored once, before the first block."""
         if self.target.is_gpu:
             raise ValueError("launch-scoped memory is host-only")
+        typ = self._elem(dtype)
         size = ir.ArrayType(typ, count).get_abi_size(self.target.machine().target_data)
         offset = -(-self._launch_bytes // 64) * 64  # each piece 64-byte aligned
         self._launch_bytes = offset + size
@@ -186,31 +183,35 @@ class KernelBuilder:
 
     def load(self, ptr: ir.Value, index: ir.Value, dtype: DType) -> ir.Value:
         """Element `index` of `ptr` as float (int32 stays i32)."""
-        b = self.b
-        raw = b.load(self.addr(ptr, index, dtype), typ=self._elem(dtype))
-        if dtype is DType.F16:
-            return b.fpext(raw, F32)
-        if dtype is DType.BF16:
-            return b.bitcast(b.shl(b.zext(raw, I32), self.i32(16)), F32)
-        return raw
+        return self._widen(self.b.load(self.addr(ptr, index, dtype), typ=self._elem(dtype)), dtype)
 
-    def load_vector(self, ptr: ir.Value, index: ir.Value, dtype: DType, count: int) -> list[ir.Value]:
-        """Elements index..index+count-1 of `ptr` in one vector load, as floats. index must
-        be a multiple of count and the row start aligned to count elements (GPUs need the
-        alignment for a 16-byte load; on the host it is not assumed)."""
-        b, elem = self.b, self._elem(dtype)
+    def load_packed(self, ptr: ir.Value, index: ir.Value, dtype: DType, count: int) -> ir.Value:
+        """Elements index..index+count-1 of `ptr` in one vector load, as a vector of
+        floats. index must be a multiple of count and the row start aligned to count
+        elements (GPUs need the alignment for a 16-byte load; on the host it is not assumed)."""
         size = dtype.itemsize * count
         align = min(size, 16) if self.target.is_gpu else dtype.itemsize
-        raw = b.load(self.addr(ptr, index, dtype), typ=ir.VectorType(elem, count), align=align)
-        out = []
-        for j in range(count):
-            e = b.extract_element(raw, self.i32(j))
-            if dtype is DType.F16:
-                e = b.fpext(e, F32)
-            elif dtype is DType.BF16:
-                e = b.bitcast(b.shl(b.zext(e, I32), self.i32(16)), F32)
-            out.append(e)
-        return out
+        raw = self.b.load(self.addr(ptr, index, dtype), typ=ir.VectorType(self._elem(dtype), count), align=align)
+        return self._widen(raw, dtype)
+
+    def load_vector(self, ptr: ir.Value, index: ir.Value, dtype: DType, count: int) -> list[ir.Value]:
+        """`load_packed`'s elements as a list of floats."""
+        packed = self.load_packed(ptr, index, dtype, count)
+        return [self.b.extract_element(packed, self.i32(j)) for j in range(count)]
+
+    def _widen(self, raw: ir.Value, dtype: DType) -> ir.Value:
+        """Loaded f16 / bf16 storage (a scalar or a vector) as float32."""
+        b = self.b
+        vector = isinstance(raw.type, ir.VectorType)
+
+        def like(typ: ir.Type) -> ir.Type:
+            return ir.VectorType(typ, raw.type.count) if vector else typ
+        if dtype is DType.F16:
+            return b.fpext(raw, like(F32))
+        if dtype is DType.BF16:
+            sixteen = ir.Constant(like(I32), [16] * raw.type.count if vector else 16)
+            return b.bitcast(b.shl(b.zext(raw, like(I32)), sixteen), like(F32))
+        return raw
 
     def store(self, ptr: ir.Value, index: ir.Value, value: ir.Value, dtype: DType) -> None:
         b = self.b
