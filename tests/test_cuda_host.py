@@ -189,3 +189,21 @@ def test_serve_on_the_cuda_path_answers_openai_clients(tmp_path, smollm2_path):
     assert answers["cuda"] == answers["cpu"]
     assert all(code == 0 for code, _ in outputs.values())
     assert "cuda backend" in outputs["cuda"][1] and "decode graphs for batches [1, 2, 4, 8]" in outputs["cuda"][1]
+
+
+def test_staging_hands_out_aligned_space_in_order_until_reset():
+    from fusec.runtime.backends.cuda import Staging
+
+    rng = np.random.default_rng(3)
+    staging = Staging(np.full(256, 0xA5, np.uint8))
+    a = rng.standard_normal(5).astype(np.float32)  # 20 bytes
+    b = rng.integers(-9, 9, (3, 4)).astype(np.int32)  # 48 bytes
+    base = staging.memory.ctypes.data
+    addr_a, addr_b = staging.put(a), staging.put(b)
+    assert (addr_a - base, addr_b - base) == (0, Staging.ALIGN)
+    np.testing.assert_array_equal(staging.memory[:20].view(np.float32), a)
+    np.testing.assert_array_equal(staging.memory[64:112].view(np.int32).reshape(3, 4), b)
+    assert staging.put(np.zeros(200, np.uint8)) is None  # 128 + 200 > 256: the caller syncs first
+    assert staging.used == 112  # a refused request takes nothing
+    staging.reset()
+    assert staging.put(np.ones(200, np.uint8)) == base

@@ -52,6 +52,53 @@ class DeviceArray:
         return DeviceArray(self.ptr + offset, shape, dtype or self.dtype, self if self.owner is None else self.owner)
 
 
+class Staging:
+    """Page-locked host memory that a step's small copies go through. An async copy from
+    pageable memory may wait for the stream's earlier work (CUDA's "API synchronization
+    behavior"), so a sampler upload would wait for the whole forward; from pinned memory
+    it is queued like a kernel. Space is handed out in order and reclaimed when the
+    stream is synchronized (nothing queued can still read it then)."""
+
+    ALIGN = 64
+
+    def __init__(self, memory: np.ndarray) -> None:
+        self.memory = memory  # uint8, page-locked on a GPU
+        self.used = 0
+
+    @property
+    def capacity(self) -> int:
+        return len(self.memory)
+
+    def reserve(self, nbytes: int) -> int | None:
+        """The offset of nbytes of free staging, or None when they do not fit before a reset."""
+        start = -(-self.used // self.ALIGN) * self.ALIGN
+        if start + nbytes > self.capacity:
+            return None
+        self.used = start + nbytes
+        return start
+
+    def put(self, host: np.ndarray) -> int | None:
+        """host's bytes (C-contiguous) copied in: their address, or None (see reserve)."""
+        start = self.reserve(host.nbytes)
+        if start is None:
+            return None
+        self.memory[start:start + host.nbytes] = host.reshape(-1).view(np.uint8)
+        return self.memory.ctypes.data + start
+
+    def reset(self) -> None:
+        self.used = 0
+
+
+def pinned_array(nbytes: int) -> np.ndarray:
+    """nbytes of page-locked host memory as a uint8 array (freed with cuMemFreeHost)."""
+    import ctypes
+
+    from cuda.bindings import driver
+
+    ptr = int(_check(driver.cuMemHostAlloc(nbytes, 0)))
+    return np.frombuffer((ctypes.c_uint8 * nbytes).from_address(ptr), np.uint8)
+
+
 def device_target(device) -> Target:
     major, _minor = device.compute_capability
     return Target("sm_90" if major >= 9 else "sm_80")
@@ -74,7 +121,8 @@ class CudaDevice:
         self.target = device_target(self.device)
         self.cache = cache or KernelCache()
         self._kernels: dict[str, Any] = {}
-        self._in_flight: list[np.ndarray] = []  # host sources of async copies, kept until a sync
+        self._in_flight: list[np.ndarray] = []  # pageable sources of async copies, kept until a sync
+        self._staging: Staging | None = None  # made on first use, freed by close()
 
     def activate(self) -> None:
         """Make the device's context current on the calling thread: the driver calls
@@ -119,6 +167,26 @@ class CudaDevice:
             self.upload(arr, weights[node.name])
         return placed
 
+    STAGING_BYTES = 8 << 20  # a step's inputs and sampler arrays, many times over
+
+    def staging(self) -> Staging:
+        if self._staging is None:
+            self._staging = Staging(pinned_array(self.STAGING_BYTES))
+        return self._staging
+
+    def _source(self, host: np.ndarray) -> int:
+        """The address an async copy of host (C-contiguous) reads: a pinned copy of it, or,
+        for what is larger than the staging (weights), host itself, kept until a sync."""
+        staging = self.staging()
+        if host.nbytes > staging.capacity:
+            self._in_flight.append(host)
+            return host.ctypes.data
+        address = staging.put(host)
+        if address is None:  # full: wait for the copies queued from it
+            self.sync()
+            address = staging.put(host)
+        return address
+
     def upload(self, buf: DeviceArray, host: np.ndarray) -> None:
         """host's bytes into the start of buf (stream-ordered)."""
         from cuda.bindings import driver
@@ -127,16 +195,28 @@ class CudaDevice:
         if host.nbytes > buf.nbytes:
             raise ValueError(f"{host.nbytes} bytes do not fit a {buf.nbytes}-byte buffer")
         if host.nbytes:
-            _check(driver.cuMemcpyHtoDAsync(buf.ptr, host.ctypes.data, host.nbytes, self.stream_handle))
-            self._in_flight.append(host)  # a pageable copy may still read it after we return
+            _check(driver.cuMemcpyHtoDAsync(buf.ptr, self._source(host), host.nbytes, self.stream_handle))
 
     def download(self, buf: DeviceArray, count: int) -> np.ndarray:
         """The first `count` rows of buf, after the stream's work so far."""
         from cuda.bindings import driver
 
         out = np.empty((count, *buf.shape[1:]), buf.dtype)
-        if out.nbytes:
+        if not out.nbytes:
+            return out
+        staging = self.staging()
+        start = staging.reserve(out.nbytes) if out.nbytes <= staging.capacity else None
+        if start is None and out.nbytes <= staging.capacity:
+            self.sync()
+            start = staging.reserve(out.nbytes)
+        if start is None:  # larger than the staging: straight into pageable memory
             _check(driver.cuMemcpyDtoHAsync(out.ctypes.data, buf.ptr, out.nbytes, self.stream_handle))
+            self.sync()
+            return out
+        _check(driver.cuMemcpyDtoHAsync(staging.memory.ctypes.data + start, buf.ptr, out.nbytes,
+                                        self.stream_handle))
+        self.stream.sync()
+        out.reshape(-1).view(np.uint8)[:] = staging.memory[start:start + out.nbytes]
         self.sync()
         return out
 
@@ -152,7 +232,7 @@ class CudaDevice:
             return
         copy = driver.CUDA_MEMCPY2D()
         copy.srcMemoryType = driver.CUmemorytype.CU_MEMORYTYPE_HOST
-        copy.srcHost = host.ctypes.data
+        copy.srcHost = self._source(host)
         copy.srcPitch = w * host.itemsize
         copy.dstMemoryType = driver.CUmemorytype.CU_MEMORYTYPE_DEVICE
         copy.dstDevice = buf.ptr
@@ -160,7 +240,6 @@ class CudaDevice:
         copy.WidthInBytes = w * host.itemsize
         copy.Height = r
         _check(driver.cuMemcpy2DAsync(copy, self.stream_handle))
-        self._in_flight.append(host)
 
     def to_host(self, buf: DeviceArray) -> np.ndarray:
         return self.download(buf, buf.shape[0])
@@ -196,15 +275,31 @@ class CudaDevice:
         fill_random(self, buf, dtype, seed, stream, scale, shift)
 
     def memory_info(self) -> tuple[int, int]:
-        """(free, total) bytes on the device."""
+        """(free, total) bytes on the device. cuda.core's memory pool keeps what is freed
+        reserved (its release threshold is the maximum) and the driver counts that as
+        used; it is free to this process's allocations, so it is counted free here."""
         from cuda.bindings import driver
 
         free, total = _check(driver.cuMemGetInfo())
+        attributes = getattr(self.device.memory_resource, "attributes", None)
+        if attributes is not None:
+            free += attributes.reserved_mem_current - attributes.used_mem_current
         return int(free), int(total)
+
+    def trim(self) -> None:
+        """Give the pool's reserved but unused memory back to the driver, for other
+        processes and libraries (torch's allocator does not draw on this pool)."""
+        from cuda.bindings import driver
+
+        handle = getattr(self.device.memory_resource, "handle", None)
+        if handle is not None:
+            _check(driver.cuMemPoolTrimTo(handle, 0))
 
     def sync(self) -> None:
         self.stream.sync()
         self._in_flight.clear()
+        if self._staging is not None:
+            self._staging.reset()
 
     def identity(self) -> str:
         """What tuned choices are keyed by: the GPU, its compute capability, the driver
@@ -261,3 +356,10 @@ class CudaDevice:
 
     def close(self) -> None:
         self.sync()
+        if self._staging is not None:
+            from cuda.bindings import driver
+
+            _check(driver.cuMemFreeHost(self._staging.memory.ctypes.data))
+            self._staging = None
+        gc.collect()  # buffers only this engine held go back to the pool, then to the driver
+        self.trim()
