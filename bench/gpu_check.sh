@@ -42,7 +42,7 @@ if [ "${SKIP_SERVER:-0}" = 1 ]; then
   echo "skipped (SKIP_SERVER=1)" > "$server_log"
 elif python3 -c "import fastapi, uvicorn, openai" 2> /dev/null; then
   # a small share each: a module's test servers run side by side on one GPU
-  (cd tests && FUSEC_TEST_SERVE_ARGS="--device cuda --gpu-memory-utilization 0.25" PYTHONUNBUFFERED=1 \
+  (cd tests && FUSEC_TEST_SERVE_ARGS="--device cuda --gpu-memory-utilization 0.1" PYTHONUNBUFFERED=1 \
     python3 -m pytest -q -p no:cacheprovider --rootdir=. --timeout 300 -k "not schemathesis" test_server.py) | tee "$server_log" || true
 else
   echo "server packages not installed: server tests skipped" > "$server_log"

@@ -23,6 +23,18 @@ FUSEC = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "fusec.cl
 SERVE_ARGS = shlex.split(os.environ.get("FUSEC_TEST_SERVE_ARGS", ""))
 
 
+def offline_engine_args() -> dict:
+    """The test servers' device flags as `LLM` keyword arguments, for an offline engine
+    the tests compare a server with (on a GPU it must share the card with the servers)."""
+    flags = dict(zip(SERVE_ARGS[::2], SERVE_ARGS[1::2]))
+    kwargs: dict = {}
+    if "--device" in flags:
+        kwargs["device"] = flags["--device"]
+    if "--gpu-memory-utilization" in flags:
+        kwargs["gpu_memory_utilization"] = float(flags["--gpu-memory-utilization"])
+    return kwargs
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

