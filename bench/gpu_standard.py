@@ -88,7 +88,8 @@ def plot(path: Path, levels: list[int], fusec: dict[int, float], hf: dict[int, f
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(levels, [fusec[n] for n in levels], marker="o", label="fusec")
     if hf:
-        ax.plot(levels, [hf[n] for n in levels], marker="s", label="HF transformers")
+        measured = [n for n in levels if n in hf]  # HF rows land one at a time
+        ax.plot(measured, [hf[n] for n in measured], marker="s", label="HF transformers")
     ref = [n for n in levels if n in VLLM_PUBLISHED]
     ax.plot(ref, [VLLM_PUBLISHED[n] for n in ref], marker="^", linestyle="--", label="vLLM 0.18 (published)")
     ax.set_xscale("log", base=2)

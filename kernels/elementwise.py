@@ -1,4 +1,5 @@
-"""Row-wise kernels between library GEMMs (and the odd standalone op): one block per row."""
+"""Row-wise kernels between library GEMMs (and the odd standalone op): one block per row,
+or per chunk of a row where nothing spans the row."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,6 +20,25 @@ class RowKernel(Kernel):
     @staticmethod
     def _params(*names: str) -> list[Param]:
         return [Param(n, "ptr") for n in names] + [Param("num_rows", "i32")]
+
+
+class ChunkedRowKernel(RowKernel):
+    """Grid: (rows, chunks of CHUNK columns), for elementwise ops. One block per row left
+    wide rows to a few warps per SM: SiLU·mul over 128 rows of 18944 ran at ~0.2 TB/s
+    on an H100 (82 us a call)."""
+
+    CHUNK = 1024
+
+    def grid(self, dims: Mapping[str, int]) -> tuple[int, int]:
+        return dims["num_rows"], -(-self.cols // self.CHUNK)
+
+    def chunk_loop(self, kb: KernelBuilder):
+        """The lane-strided loop over this block's columns."""
+        b = kb.b
+        start = b.mul(kb.block_id(1), kb.i32(self.CHUNK))
+        end = b.add(start, kb.i32(self.CHUNK))
+        stop = b.select(b.icmp_signed("<", end, kb.i32(self.cols)), end, kb.i32(self.cols))
+        return kb.loop(b.add(start, kb.lane()), stop, kb.lanes())
 
 
 @dataclass(frozen=True)
@@ -102,7 +122,7 @@ class AddRmsNorm(RowKernel):
 
 
 @dataclass(frozen=True)
-class Add(RowKernel):
+class Add(ChunkedRowKernel):
     family = "add"
     cols: int
     act: DType
@@ -113,14 +133,14 @@ class Add(RowKernel):
     def body(self, kb: KernelBuilder) -> None:
         b = kb.b
         row = row_offset(kb, kb.block_id(0), self.cols)
-        with kb.lane_loop(self.cols) as i:
+        with self.chunk_loop(kb) as i:
             at = b.add(row, kb.wide(i))
             v = kb.fadd(kb.load(kb["a"], at, self.act), kb.load(kb["b"], at, self.act))
             kb.store(kb["y"], at, v, self.act)
 
 
 @dataclass(frozen=True)
-class BiasAdd(RowKernel):
+class BiasAdd(ChunkedRowKernel):
     family = "bias_add"
     cols: int
     act: DType
@@ -132,14 +152,14 @@ class BiasAdd(RowKernel):
     def body(self, kb: KernelBuilder) -> None:
         b = kb.b
         row = row_offset(kb, kb.block_id(0), self.cols)
-        with kb.lane_loop(self.cols) as i:
+        with self.chunk_loop(kb) as i:
             at = b.add(row, kb.wide(i))
             v = kb.fadd(kb.load(kb["x"], at, self.act), kb.load(kb["bias"], i, self.weight))
             kb.store(kb["y"], at, v, self.act)
 
 
 @dataclass(frozen=True)
-class SiluMul(RowKernel):
+class SiluMul(ChunkedRowKernel):
     family = "silu_mul"
     cols: int  # output width; the input row is [gate | up], twice as wide
     act: DType
@@ -151,7 +171,7 @@ class SiluMul(RowKernel):
         b = kb.b
         r = kb.block_id(0)
         src, dst = row_offset(kb, r, 2 * self.cols), row_offset(kb, r, self.cols)
-        with kb.lane_loop(self.cols) as i:
+        with self.chunk_loop(kb) as i:
             g = kb.load(kb["gu"], b.add(src, kb.wide(i)), self.act)
             u = kb.load(kb["gu"], b.add(src, kb.wide(b.add(i, kb.i32(self.cols)))), self.act)
             kb.store(kb["y"], b.add(dst, kb.wide(i)), b.fmul(silu(kb, g), u), self.act)
