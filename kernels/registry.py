@@ -182,11 +182,16 @@ def lower_attention(m: Match, ctx: LowerContext) -> Launch:
     a = m["attention"]
     q, cache, tables, ctx_lens, qstart = a.inputs
     head_dim, n_heads, n_kv_heads = a.attrs["head_dim"], a.attrs["n_heads"], a.attrs["n_kv_heads"]
+    # GPU: a block serves a KV head's group of query heads (K/V read once a group), except
+    # in the GEMV plan's few-token steps, where that leaves a block per KV head (4 for
+    # Qwen2.5-7B at N=1, 27 us a layer on an H100): there a block per query head fills
+    # the GPU and the extra K/V reads are a few KB
+    grouped = ctx.gpu_shapes and ctx.bucket != "gemv"
     kernel = PagedAttention(n_heads=n_heads, n_kv_heads=n_kv_heads,
                             head_dim=head_dim, block_size=m.graph.node(cache).type.shape[2],
                             scale=a.attrs["scale"], sliding_window=a.attrs.get("sliding_window") or 0,
                             act=a.type.dtype, vec=vector_width(head_dim, a.type.dtype) if ctx.gpu_shapes else 1,
-                            heads_per_block=heads_per_block(n_heads // n_kv_heads) if ctx.gpu_shapes else 1)
+                            heads_per_block=heads_per_block(n_heads // n_kv_heads) if grouped else 1)
     args = {"q": V(q), "k_cache": Arg("k_cache", cache), "v_cache": Arg("v_cache", cache),
             "block_tables": V(tables), "context_lens": V(ctx_lens), "query_start_loc": V(qstart), "out": V(a.name),
             "num_seqs": D(m.graph.node(ctx_lens).type.shape[0]), "table_width": D(m.graph.node(tables).type.shape[1])}
