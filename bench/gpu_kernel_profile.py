@@ -17,14 +17,9 @@ import re
 import statistics
 from pathlib import Path
 
+from fusec.runtime.backends.cuda import check_driver
+
 ROOT = Path(__file__).parent
-
-
-def _driver_call(result):
-    err, *rest = result
-    if int(err) != 0:
-        raise RuntimeError(f"CUDA driver error {err}")
-    return rest[0] if rest else None
 
 
 class Events:
@@ -39,15 +34,15 @@ class Events:
 
     def get(self, i: int):
         while len(self.pool) <= i:
-            self.pool.append(_driver_call(self.driver.cuEventCreate(0)))
+            self.pool.append(check_driver(self.driver.cuEventCreate(0)))
         return self.pool[i]
 
     def record(self, i: int) -> None:
-        _driver_call(self.driver.cuEventRecord(self.get(i), self.stream))
+        check_driver(self.driver.cuEventRecord(self.get(i), self.stream))
 
     def ms(self, a: int, b: int) -> float:
-        _driver_call(self.driver.cuEventSynchronize(self.get(b)))
-        return float(_driver_call(self.elapsed(self.get(a), self.get(b))))
+        check_driver(self.driver.cuEventSynchronize(self.get(b)))
+        return float(check_driver(self.elapsed(self.get(a), self.get(b))))
 
 
 def profile_level(llm, n: int, context: int, repeats: int) -> dict:

@@ -36,8 +36,7 @@ class ChunkedRowKernel(RowKernel):
         """The lane-strided loop over this block's columns."""
         b = kb.b
         start = b.mul(kb.block_id(1), kb.i32(self.CHUNK))
-        end = b.add(start, kb.i32(self.CHUNK))
-        stop = b.select(b.icmp_signed("<", end, kb.i32(self.cols)), end, kb.i32(self.cols))
+        stop = kb.imin(b.add(start, kb.i32(self.CHUNK)), kb.i32(self.cols))
         return kb.loop(b.add(start, kb.lane()), stop, kb.lanes())
 
 

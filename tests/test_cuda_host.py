@@ -199,11 +199,13 @@ def test_staging_hands_out_aligned_space_in_order_until_reset():
     a = rng.standard_normal(5).astype(np.float32)  # 20 bytes
     b = rng.integers(-9, 9, (3, 4)).astype(np.int32)  # 48 bytes
     base = staging.memory.ctypes.data
-    addr_a, addr_b = staging.put(a), staging.put(b)
-    assert (addr_a - base, addr_b - base) == (0, Staging.ALIGN)
+    start_a, start_b = staging.reserve(a.nbytes), staging.reserve(b.nbytes)
+    assert (start_a, start_b) == (0, Staging.ALIGN)
+    assert (staging.write(start_a, a), staging.write(start_b, b)) == (base, base + Staging.ALIGN)
     np.testing.assert_array_equal(staging.memory[:20].view(np.float32), a)
     np.testing.assert_array_equal(staging.memory[64:112].view(np.int32).reshape(3, 4), b)
-    assert staging.put(np.zeros(200, np.uint8)) is None  # 128 + 200 > 256: the caller syncs first
+    np.testing.assert_array_equal(staging.read(start_b, np.empty((3, 4), np.int32)), b)
+    assert staging.reserve(200) is None  # 128 + 200 > 256: the caller syncs first
     assert staging.used == 112  # a refused request takes nothing
     staging.reset()
-    assert staging.put(np.ones(200, np.uint8)) == base
+    assert staging.reserve(200) == 0

@@ -30,7 +30,8 @@ from fusec.runtime.device import fill_random, plan_options
 log = logging.getLogger(__name__)
 
 
-def _check(result) -> Any:
+def check_driver(result) -> Any:
+    """The values of a cuda-bindings call (err, *values), raising on an error."""
     err, *rest = result if isinstance(result, tuple) else (result,)
     if int(err) != 0:
         raise RuntimeError(f"CUDA driver error {err}")
@@ -77,13 +78,15 @@ class Staging:
         self.used = start + nbytes
         return start
 
-    def put(self, host: np.ndarray) -> int | None:
-        """host's bytes (C-contiguous) copied in: their address, or None (see reserve)."""
-        start = self.reserve(host.nbytes)
-        if start is None:
-            return None
+    def write(self, start: int, host: np.ndarray) -> int:
+        """host's bytes (C-contiguous) copied in at a reserved offset: their address."""
         self.memory[start:start + host.nbytes] = host.reshape(-1).view(np.uint8)
         return self.memory.ctypes.data + start
+
+    def read(self, start: int, out: np.ndarray) -> np.ndarray:
+        """out (C-contiguous) filled from the staging at a reserved offset."""
+        out.reshape(-1).view(np.uint8)[:] = self.memory[start:start + out.nbytes]
+        return out
 
     def reset(self) -> None:
         self.used = 0
@@ -95,7 +98,7 @@ def pinned_array(nbytes: int) -> np.ndarray:
 
     from cuda.bindings import driver
 
-    ptr = int(_check(driver.cuMemHostAlloc(nbytes, 0)))
+    ptr = int(check_driver(driver.cuMemHostAlloc(nbytes, 0)))
     return np.frombuffer((ctypes.c_uint8 * nbytes).from_address(ptr), np.uint8)
 
 
@@ -174,18 +177,27 @@ class CudaDevice:
             self._staging = Staging(pinned_array(self.STAGING_BYTES))
         return self._staging
 
-    def _source(self, host: np.ndarray) -> int:
-        """The address an async copy of host (C-contiguous) reads: a pinned copy of it, or,
-        for what is larger than the staging (weights), host itself, kept until a sync."""
+    def _reserve(self, nbytes: int) -> int | None:
+        """An offset of nbytes in the staging, waiting for the copies queued from it when
+        it is full; None for what is larger than the staging (weights), which is copied
+        from pageable memory."""
         staging = self.staging()
-        if host.nbytes > staging.capacity:
+        if nbytes > staging.capacity:
+            return None
+        start = staging.reserve(nbytes)
+        if start is None:
+            self.sync()
+            start = staging.reserve(nbytes)
+        return start
+
+    def _source(self, host: np.ndarray) -> int:
+        """The address an async copy of host (C-contiguous) reads: a pinned copy of it, or
+        host itself, kept until a sync."""
+        start = self._reserve(host.nbytes)
+        if start is None:
             self._in_flight.append(host)
             return host.ctypes.data
-        address = staging.put(host)
-        if address is None:  # full: wait for the copies queued from it
-            self.sync()
-            address = staging.put(host)
-        return address
+        return self.staging().write(start, host)
 
     def upload(self, buf: DeviceArray, host: np.ndarray) -> None:
         """host's bytes into the start of buf (stream-ordered)."""
@@ -195,7 +207,7 @@ class CudaDevice:
         if host.nbytes > buf.nbytes:
             raise ValueError(f"{host.nbytes} bytes do not fit a {buf.nbytes}-byte buffer")
         if host.nbytes:
-            _check(driver.cuMemcpyHtoDAsync(buf.ptr, self._source(host), host.nbytes, self.stream_handle))
+            check_driver(driver.cuMemcpyHtoDAsync(buf.ptr, self._source(host), host.nbytes, self.stream_handle))
 
     def download(self, buf: DeviceArray, count: int) -> np.ndarray:
         """The first `count` rows of buf, after the stream's work so far."""
@@ -204,19 +216,16 @@ class CudaDevice:
         out = np.empty((count, *buf.shape[1:]), buf.dtype)
         if not out.nbytes:
             return out
-        staging = self.staging()
-        start = staging.reserve(out.nbytes) if out.nbytes <= staging.capacity else None
-        if start is None and out.nbytes <= staging.capacity:
-            self.sync()
-            start = staging.reserve(out.nbytes)
-        if start is None:  # larger than the staging: straight into pageable memory
-            _check(driver.cuMemcpyDtoHAsync(out.ctypes.data, buf.ptr, out.nbytes, self.stream_handle))
+        start = self._reserve(out.nbytes)
+        if start is None:
+            check_driver(driver.cuMemcpyDtoHAsync(out.ctypes.data, buf.ptr, out.nbytes, self.stream_handle))
             self.sync()
             return out
-        _check(driver.cuMemcpyDtoHAsync(staging.memory.ctypes.data + start, buf.ptr, out.nbytes,
+        staging = self.staging()
+        check_driver(driver.cuMemcpyDtoHAsync(staging.memory.ctypes.data + start, buf.ptr, out.nbytes,
                                         self.stream_handle))
         self.stream.sync()
-        out.reshape(-1).view(np.uint8)[:] = staging.memory[start:start + out.nbytes]
+        staging.read(start, out)
         self.sync()
         return out
 
@@ -239,7 +248,7 @@ class CudaDevice:
         copy.dstPitch = W * host.itemsize
         copy.WidthInBytes = w * host.itemsize
         copy.Height = r
-        _check(driver.cuMemcpy2DAsync(copy, self.stream_handle))
+        check_driver(driver.cuMemcpy2DAsync(copy, self.stream_handle))
 
     def to_host(self, buf: DeviceArray) -> np.ndarray:
         return self.download(buf, buf.shape[0])
@@ -248,7 +257,7 @@ class CudaDevice:
         from cuda.bindings import driver
 
         if buf.nbytes:
-            _check(driver.cuMemsetD8Async(buf.ptr, byte, buf.nbytes, self.stream_handle))
+            check_driver(driver.cuMemsetD8Async(buf.ptr, byte, buf.nbytes, self.stream_handle))
 
     def copy(self, dst: DeviceArray, src: DeviceArray) -> None:
         from cuda.bindings import driver
@@ -256,7 +265,7 @@ class CudaDevice:
         if dst.nbytes != src.nbytes:
             raise ValueError(f"copy of {src.nbytes} bytes into {dst.nbytes}")
         if dst.nbytes:
-            _check(driver.cuMemcpyDtoDAsync(dst.ptr, src.ptr, dst.nbytes, self.stream_handle))
+            check_driver(driver.cuMemcpyDtoDAsync(dst.ptr, src.ptr, dst.nbytes, self.stream_handle))
 
     def prepare_launch(self, kernel, args: Sequence[Any], grid: tuple[int, int]) -> Callable[[], None]:
         """The launch with its configuration and arguments built once."""
@@ -280,7 +289,7 @@ class CudaDevice:
         used; it is free to this process's allocations, so it is counted free here."""
         from cuda.bindings import driver
 
-        free, total = _check(driver.cuMemGetInfo())
+        free, total = check_driver(driver.cuMemGetInfo())
         attributes = getattr(self.device.memory_resource, "attributes", None)
         if attributes is not None:
             free += attributes.reserved_mem_current - attributes.used_mem_current
@@ -293,7 +302,7 @@ class CudaDevice:
 
         handle = getattr(self.device.memory_resource, "handle", None)
         if handle is not None:
-            _check(driver.cuMemPoolTrimTo(handle, 0))
+            check_driver(driver.cuMemPoolTrimTo(handle, 0))
 
     def sync(self) -> None:
         self.stream.sync()
@@ -313,7 +322,7 @@ class CudaDevice:
             blas = f" cublasLt {cublasLt.get_version()}"
         except ImportError:
             blas = ""
-        return f"{self.device.name} sm_{major}{minor} driver {_check(driver.cuDriverGetVersion())}{blas}"
+        return f"{self.device.name} sm_{major}{minor} driver {check_driver(driver.cuDriverGetVersion())}{blas}"
 
     def step_scope(self) -> ContextManager:
         return contextlib.nullcontext()
@@ -359,7 +368,7 @@ class CudaDevice:
         if self._staging is not None:
             from cuda.bindings import driver
 
-            _check(driver.cuMemFreeHost(self._staging.memory.ctypes.data))
+            check_driver(driver.cuMemFreeHost(self._staging.memory.ctypes.data))
             self._staging = None
         gc.collect()  # buffers only this engine held go back to the pool, then to the driver
         self.trim()
