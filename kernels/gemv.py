@@ -24,7 +24,8 @@ loaded and decoded once for the whole tile, so a batch of T tokens costs far les
 T GEMVs. Blocks run tile-major and a CPU thread runs a contiguous range of them, so it
 writes a tile's prologue rows once into launch-scoped memory (`launch_local`) and
 reuses them for every block of that tile it runs; blocks can then be small (16 rows)
-for an even split over threads.
+for an even split over threads. Each row's weights are prefetched a few KiB ahead: the
+hardware prefetcher follows a tile's 8 interleaved row streams poorly.
 """
 from __future__ import annotations
 
@@ -40,6 +41,14 @@ from fusec.kernels.quant import FORMATS, GROUP, HALF, group_term, group_values, 
 PROLOGUES = ("none", "rms_norm", "add_rms_norm", "silu_mul")
 HOST_CHUNK = 8  # most weight rows a host tile works on together
 HOST_ACCUMULATORS = 16  # 16-wide accumulators a host tile keeps (of 32 AVX-512 registers)
+# How far ahead of each weight row a host tile asks for cache lines. A tile reads up to 8
+# rows at once, each a separate stream the hardware prefetcher follows poorly: on a
+# 2-core EPYC (Zen 5) a prefetch 2 KiB ahead took the q8_0 LM head from 8.5 to 11.7 GB/s
+# on one thread and a SmolLM2 Q4_1 decode step from 4.96 to 3.51 ms (1 KiB and 4 KiB
+# within noise of 2 KiB, 512 B and 8 KiB worse). Rows read a cache line a step (f32) are
+# left to the hardware: prefetching them cost 5-10%; f16 rows gained 1.6x at 8 tokens.
+HOST_PREFETCH_BYTES = 2048
+CACHE_LINE = 64
 
 
 @dataclass(frozen=True)
@@ -231,17 +240,23 @@ class Gemv(Kernel):
             with kb.loop(0, k_dim // GROUP) as g:
                 i0 = b.mul(g, kb.i32(GROUP))
                 x_lo, x_hi = xs(i0), xs(b.add(i0, kb.i32(HALF)))
+                ahead = b.add(b.mul(kb.wide(g), kb.i64(fmt.nbytes * GROUP // fmt.block)), kb.i64(HOST_PREFETCH_BYTES))
                 for r, w_row in enumerate(w_rows):
+                    kb.prefetch(kb["w"], b.add(w_row, ahead))
                     w_lo, w_hi = group_values(kb, fmt, kb["w"], w_row, g)
                     accumulate(r, w_lo, x_lo)
                     accumulate(r, w_hi, x_hi)
         else:
             w_rows = [row_offset(kb, r, k_dim) for r in rows]
             whole = k_dim - k_dim % HALF
+            size = self.weight.itemsize
             with kb.loop(0, whole, HALF) as i:
                 x_row = xs(i)
                 for r, w_row in enumerate(w_rows):
-                    accumulate(r, kb.load_packed(kb["w"], b.add(w_row, kb.wide(i)), self.weight, HALF), x_row)
+                    at = b.add(w_row, kb.wide(i))
+                    if HALF * size < CACHE_LINE:  # a whole line a step (f32) streams well unaided
+                        kb.prefetch(kb["w"], b.add(b.mul(at, kb.i64(size)), kb.i64(HOST_PREFETCH_BYTES)))
+                    accumulate(r, kb.load_packed(kb["w"], at, self.weight, HALF), x_row)
             for i in range(whole, k_dim):  # a ragged tail, elementwise into lane 0
                 for r, w_row in enumerate(w_rows):
                     w = kb.load(kb["w"], b.add(w_row, kb.i64(i)), self.weight)

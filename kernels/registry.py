@@ -182,11 +182,11 @@ def lower_attention(m: Match, ctx: LowerContext) -> Launch:
     a = m["attention"]
     q, cache, tables, ctx_lens, qstart = a.inputs
     head_dim, n_heads, n_kv_heads = a.attrs["head_dim"], a.attrs["n_heads"], a.attrs["n_kv_heads"]
-    # GPU: a block serves a KV head's group of query heads (K/V read once a group), except
-    # in the GEMV plan's few-token steps, where that leaves a block per KV head (4 for
+    # A block serves a KV head's group of query heads (K/V read once a group), except in
+    # the GPU's GEMV plan (few-token steps), where that leaves a block per KV head (4 for
     # Qwen2.5-7B at N=1, 27 us a layer on an H100): there a block per query head fills
     # the GPU and the extra K/V reads are a few KB
-    grouped = ctx.gpu_shapes and ctx.bucket != "gemv"
+    grouped = not ctx.gpu_shapes or ctx.bucket != "gemv"
     kernel = PagedAttention(n_heads=n_heads, n_kv_heads=n_kv_heads,
                             head_dim=head_dim, block_size=m.graph.node(cache).type.shape[2],
                             scale=a.attrs["scale"], sliding_window=a.attrs.get("sliding_window") or 0,

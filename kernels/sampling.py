@@ -62,6 +62,23 @@ class _RowArgmax:
         return top, b.fptosi(kb.reduce(mine, "min"), I32)
 
 
+def _row_max(kb: KernelBuilder, cols: int, x) -> tuple[ir.Value, ir.Value]:
+    """(the largest of x(0..cols-1), the first index holding it), NaNs ignored (a row
+    of NaNs gives index 0). Two passes, a max then a min index, so each is a plain
+    reduction that vectorises on the host: one pass carrying (best, index) kept the
+    greedy argmax over a 49152-token vocabulary scalar (~80 us a row)."""
+    b = kb.b
+    top = kb.var(kb.f32(-math.inf))
+    with kb.lane_loop(cols) as i:
+        top.set(kb.fmax(top.get(), x(i)))
+    mx = kb.reduce(top.get(), "max")
+    first = kb.var(kb.i32(cols))
+    with kb.lane_loop(cols) as i:
+        first.set(kb.imin(first.get(), b.select(b.fcmp_ordered("==", x(i), mx), i, kb.i32(cols))))
+    index = b.fptosi(kb.reduce(b.sitofp(first.get(), F32), "min"), I32)  # exact below 2**24
+    return mx, b.select(b.icmp_signed("<", index, kb.i32(cols)), index, kb.i32(0))
+
+
 @dataclass(frozen=True)
 class ApplyPenalties(RowKernel):
     """Sparse edits of each row's logits, in place (the sampler's private copy of the
@@ -112,10 +129,7 @@ class SampleRows(RowKernel):
         def x(i):
             return kb.load(kb["logits"], b.add(base, kb.wide(i)), DType.F32)
 
-        arg = _RowArgmax(kb, V)
-        with kb.lane_loop(V) as i:
-            arg.offer(i, x(i))
-        mx, greedy_token = arg.result()
+        mx, greedy_token = _row_max(kb, V, x)
         token = kb.var(greedy_token)
         temperature = kb.load(kb["temperature"], r, DType.F32)
         with kb.when(b.fcmp_ordered(">", temperature, kb.f32(0.0))):

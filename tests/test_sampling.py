@@ -113,6 +113,16 @@ def test_greedy_takes_the_first_maximum(device):
     np.testing.assert_array_equal(got.tokens, np.argmax(logits, axis=1))
 
 
+def test_greedy_skips_nan_logits(device):
+    rng = np.random.default_rng(6)
+    logits = rng.standard_normal((2, VOCAB)).astype(np.float32)
+    logits[0, [0, 7, VOCAB - 1]] = np.nan  # NaNs, the first one included, never win
+    logits[1] = np.nan  # nothing to pick: token 0, never id VOCAB
+    seqs = [make_seq(rng, i, temperature=0) for i in range(2)]
+    got = KernelSampler(device, VOCAB, 2).sample(logits, SamplingBatch.build(range(2), seqs, [set()] * 2, VOCAB))
+    np.testing.assert_array_equal(got.tokens, [np.nanargmax(logits[0]), 0])
+
+
 def test_logprob_records_use_raw_logits(device):
     rng = np.random.default_rng(1)
     logits = (rng.standard_normal((3, VOCAB)) * 2).astype(np.float32)

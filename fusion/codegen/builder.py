@@ -230,6 +230,14 @@ class KernelBuilder:
         is_nan = b.fcmp_unordered("uno", v, v)
         return b.trunc(b.select(is_nan, self.i32(0x7FC0), rounded), I16)
 
+    def prefetch(self, ptr: ir.Value, byte_offset: ir.Value) -> None:
+        """Host only: ask for the cache line at byte `byte_offset` of ptr ahead of its use
+        (a hint: never faults, so it may point past the end)."""
+        if self.target.is_gpu:
+            return
+        at = self.b.gep(ptr, [self.wide(byte_offset)], source_etype=ir.IntType(8))
+        self._intrinsic("llvm.prefetch.p0", [at, self.i32(0), self.i32(3), self.i32(1)], ir.VoidType())
+
     def shared(self, n: int, name: str) -> ir.Value:
         """A per-block float array of n elements (shared memory on the GPU)."""
         if not self.target.is_gpu:
