@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 from typing import ClassVar, Mapping
 
 from llvmlite import ir
@@ -25,7 +26,7 @@ class Kernel:
 
     family: ClassVar[str] = "kernel"
 
-    @property
+    @cached_property  # kernels are looked up by name at every launch a step prepares
     def name(self) -> str:
         spec = repr(sorted((k, str(v)) for k, v in asdict(self).items()))
         return f"{self.family}_{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
