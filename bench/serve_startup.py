@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).parent
 
@@ -29,8 +30,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def first_answer(cmd: list[str], env: dict, timeout: float) -> tuple[float, str]:
-    """Seconds from Popen to the first completion's response, and its text."""
+def first_answer(cmd: list[str], env: dict, timeout: float,
+                 answered: Callable[[subprocess.Popen], None] | None = None) -> tuple[float, str]:
+    """Seconds from Popen to the first completion's response, and its text; `answered`
+    sees the server process once it has answered, before it is stopped."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     # token ids: the benchmark configs ship no tokenizer
@@ -47,7 +50,10 @@ def first_answer(cmd: list[str], env: dict, timeout: float) -> tuple[float, str]
                     req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
                     with urllib.request.urlopen(req, timeout=30) as resp:
                         text = json.loads(resp.read())["choices"][0]["text"]
-                    return time.perf_counter() - start, text
+                    seconds = time.perf_counter() - start
+                    if answered is not None:
+                        answered(proc)
+                    return seconds, text
                 except urllib.error.HTTPError as e:  # answered, with an error: not a startup wait
                     raise RuntimeError(f"HTTP {e.code}: {e.read()[:500]!r}") from None
                 except OSError:
