@@ -53,7 +53,9 @@ def autotune_cmd(max_tokens: int, gemm_m: list[int], max_algos: int, repeats: in
     click.echo(f"{'T':>5} {'GEMV plan ms':>13} {'GEMM plan ms':>13}  faster")
     for t, (gemv, gemm) in timings.items():
         click.echo(f"{t:>5} {gemv:>13.3f} {gemm:>13.3f}  {'GEMV' if gemv <= gemm else 'GEMM'}")
-    click.echo(f"crossover: batches of up to {crossover} tokens run the fused-GEMV plan")
+    kept = all(gemv <= gemm for gemv, gemm in timings.values())
+    click.echo(f"crossover: batches of up to {crossover} tokens run the fused-GEMV plan"
+               + (" (it won at every batch tried: the device's default stands)" if kept else ""))
     tuning = Tuning(crossover, timings)
     library = runner.executor.gemm if device.kind == "cuda" else None  # algorithms to choose: cuBLASLt's
     if library is not None:

@@ -112,9 +112,13 @@ def tune_crossover(runner, max_tokens: int, repeats: int = 5, context: int = 64,
                    progress: Callable[[], None] | None = None) -> tuple[int, dict[str, list[float]]]:
     """The largest candidate T up to which every decode step is faster through the
     fused-GEMV plan than through the GEMM plan, and the timings [gemv ms, gemm ms] per T
-    (measured up to the first T where the GEMMs win)."""
+    (measured up to the first T where the GEMMs win). Where the GEMV plan wins at every
+    T tried, the device's default crossover stands (the host's is far above the
+    candidates: its GEMV tiles beat the library GEMM at every batch measured), never
+    the largest T tried."""
     executor = runner.executor
     original = executor.options
+    default = runner.device.plan_options(original.max_positions).crossover
     timings: dict[str, list[float]] = {}
     best = 0
     try:
@@ -127,11 +131,11 @@ def tune_crossover(runner, max_tokens: int, repeats: int = 5, context: int = 64,
             if progress:
                 progress()
             if pair[0] > pair[1]:  # the GEMMs win from here on
-                break
+                return max(best, 1), timings
             best = t
     finally:
         executor.options = original
-    return max(best, 1), timings
+    return max(best, default), timings
 
 
 def gemm_key(shape) -> str:

@@ -13,6 +13,7 @@ from fusec.cli.autotune import autotune_cmd
 from fusec.models.loader import load_model
 from fusec.runtime.autotune import CROSSOVER_CANDIDATES, TuningStore, model_key
 from fusec.runtime.backends.cpu import HostDevice
+from fusec.runtime.device import HOST_CROSSOVER
 from fusec.runtime.config import EngineConfig
 from fusec.runtime.model_runner import ModelRunner
 
@@ -28,8 +29,14 @@ def test_autotune_cpu_crossover_is_stored_and_used(tiny_checkpoints):
     path = Path(res.stdout.strip().splitlines()[-1].removeprefix("wrote "))
     stored = json.loads(path.read_text())
     (entry,) = stored["models"].values()
-    assert entry["crossover"] in CROSSOVER_CANDIDATES and entry["crossover"] <= 6
     assert set(entry["crossover_ms"]) <= {"1", "2", "3", "4", "6"}
+    lost = [int(t) for t, (gemv, gemm) in entry["crossover_ms"].items() if gemv > gemm]
+    if lost:  # the largest T before the first the GEMMs won
+        assert lost == [max(int(t) for t in entry["crossover_ms"])]
+        assert entry["crossover"] == max([1] + [c for c in CROSSOVER_CANDIDATES if c < lost[0]])
+    else:  # the GEMV plan won every T tried: the host's default stands
+        assert set(entry["crossover_ms"]) == {"1", "2", "3", "4", "6"}
+        assert entry["crossover"] == HOST_CROSSOVER
     model = load_model(model_dir)
     device = HostDevice()
     runner = ModelRunner(model, EngineConfig(num_kv_blocks=8), device, max_model_len=64)
