@@ -15,7 +15,7 @@ keys against the group's heads, updates each head's running max and sum once a t
 with the tile's probabilities computed together (their exps vectorise), then adds
 p * V key by key. Loops over head dimensions have constant trip counts, so LLVM
 turns them into a few full-width vector operations; a per-key online softmax kept the
-exps scalar and cost 20% of a 32-sequence decode step.
+exps scalar and cost 18% of a 32-sequence decode step (336 -> 96 us a SmolLM2 layer).
 """
 from __future__ import annotations
 
