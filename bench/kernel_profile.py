@@ -26,9 +26,9 @@ def main() -> None:
     captured: list[list[host_graph.HostCall]] = []
     build = host_graph.HostGraph.__init__
 
-    def record(self, calls, launcher) -> None:
+    def record(self, calls, launcher, program=None) -> None:
         captured.append(list(calls))
-        build(self, calls, launcher)
+        build(self, calls, launcher, program)
 
     from fusec.runtime.llm import LLM
     from fusec.runtime.sequence import SamplingParams
@@ -36,12 +36,12 @@ def main() -> None:
     host_graph.HostGraph.__init__ = record  # the engine captures a graph per batch bucket
     try:
         llm = LLM(args.model, max_num_seqs=args.n, device="cpu")
+        calls = captured[-1]  # the largest decode bucket: N sequences (prefills are captured too)
         prompt = list(range(1, args.context + 1))
         llm.generate(prompt_token_ids=[prompt] * args.n,
                      sampling_params=SamplingParams(max_tokens=2, ignore_eos=True))
     finally:
         host_graph.HostGraph.__init__ = build
-    calls = captured[-1]  # the largest bucket: N sequences
     per_kernel: dict[str, float] = collections.Counter()
     count: dict[str, int] = collections.Counter()
     for call in calls:

@@ -69,6 +69,7 @@ class Device(Protocol):
     target: Target
     supports_graphs: bool
     graph_launch_kinds: frozenset[str]  # the plan launch kinds a captured graph can hold
+    graphs_any_step: bool  # capture is cheap enough to run every step of such plans as a graph
     cache: KernelCache
 
     def activate(self) -> None: ...  # make it usable from the calling thread

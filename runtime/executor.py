@@ -60,6 +60,7 @@ class _Bound:
     outputs: dict[str, Any]  # graph output -> its arena view
     scratch: list[Any]  # the plan's slot views (poisoned before a step when asked)
     calls: list[Callable[[], None]]
+    graph: Any = None  # the calls captured, where every step runs as a graph (False: they cannot be)
 
 
 @dataclass
@@ -99,6 +100,7 @@ class PlanExecutor:
         self.kv: dict[str, Any] = {}
         self.num_blocks = 0
         self.graphs: dict[int, Any] = {}  # decode batch bucket -> captured step
+        self.graph_steps = False  # every all-kernel step as a graph (capture_graphs on a device where that is cheap)
         self._bound: OrderedDict[tuple, _Bound] = OrderedDict()
         self.max_dims: dict[str, int] = {}
         self.layout: ArenaLayout | None = None
@@ -219,9 +221,25 @@ class PlanExecutor:
             if self.poison:
                 for buf in bound.scratch:
                     dev.fill_bytes(buf, 0xFF)  # NaN in f32, f16 and bf16
-            for call in bound.calls:
-                call()
+            graph = self._step_graph(bound)
+            if graph:
+                dev.replay(graph)
+            else:
+                for call in bound.calls:
+                    call()
         return dict(bound.outputs)
+
+    def _step_graph(self, bound: _Bound) -> Any:
+        """The bound shape's calls as a graph, captured on its first step, where the
+        device makes that cheap (the host: a prefill's ~200 pool launches cost ~10 ms
+        more than one replay of them) and the plan holds only capturable launches."""
+        if not self.graph_steps:
+            return None
+        if bound.graph is None:
+            kinds = self.device.graph_launch_kinds
+            capturable = all(launch.kind in kinds for launch in bound.plan.launches)
+            bound.graph = self.device.capture(lambda: [call() for call in bound.calls]) if capturable else False
+        return bound.graph
 
     def capture_graphs(self, buckets: Sequence[int]) -> list[int]:
         """Capture the decode step of each bucket size (batches padded up to it). Returns
@@ -244,6 +262,7 @@ class PlanExecutor:
             self.device.sync()
             captured[bucket] = self.device.capture(lambda: [call() for call in bound.calls])
         self.graphs = captured
+        self.graph_steps = self.device.graphs_any_step
         self.device.sync()
         log.info("captured decode graphs for batch sizes %s (%d KV blocks)", sorted(captured), self.num_blocks)
         return sorted(captured)

@@ -53,3 +53,47 @@ def test_decode_graphs_equal_eager_steps(threads, tiny_checkpoints, cache):
         engine.close()
         device.close()
     assert outputs[False] == outputs[True]
+
+
+def test_one_program_serves_every_shape(cache):
+    """Captures of the same launch sequence at other sizes (so other grids, thread
+    splits and barriers) compile once and replay correctly from their own tables; an
+    f32 argument travels through the table by its bits."""
+    device = HostDevice(cache, threads=2)
+    rng = np.random.default_rng(7)
+    cols = 40
+    add, gather = Add(cols, DType.F32), GatherRows(cols, DType.F32)
+    graphs, keep = [], []  # keep: a graph holds raw addresses, not the arrays
+    for rows in (64, 5, 1, 33):  # 5 and 1 rows run on one thread: no barrier between the launches
+        a, b = (rng.standard_normal((rows, cols)).astype(np.float32) for _ in range(2))
+        order = rng.permutation(rows).astype(np.int32)
+        s, y = np.full((rows, cols), np.nan, np.float32), np.full((rows, cols), np.nan, np.float32)
+        calls = [device.prepare_launch(add, [a, b, s, np.int32(rows)], (rows, 1)),
+                 device.prepare_launch(gather, [s, order, y, np.int32(rows)], (rows, 1))]
+        graphs.append((device.capture(lambda: [call() for call in calls]), a + b, order, y))
+        keep += [a, b, s]
+    assert len({id(graph.program) for graph, *_ in graphs}) == 1
+    for _ in range(3):
+        for graph, total, order, y in graphs:
+            y.fill(np.nan)
+            device.replay(graph)
+            np.testing.assert_array_equal(y, total[order])
+    device.close()
+
+
+def test_prefill_steps_replay_the_decode_program(tiny_checkpoints, cache):
+    """With graphs on, a prefill (any length up to the crossover) runs as a table for the
+    program the decode graphs compiled, not as pool launches; its tokens are checked
+    against eager steps in test_decode_graphs_equal_eager_steps."""
+    model = load_model(str(tiny_checkpoints["qwen2"]))
+    device = HostDevice(cache, threads=2)
+    engine = LLMEngine(EngineConfig(max_num_seqs=2), model=model, device=device)
+    replays = []
+    replay = device.replay
+    device.replay = lambda graph: (replays.append(graph), replay(graph))
+    run_requests(engine, [[5, 3, 8, 1, 9, 2, 4, 4, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert len(replays) == 3  # the prefill, then two decode steps
+    assert len({id(graph.program) for graph in replays}) == 1
+    assert replays[0].table.size != replays[1].table.size or (replays[0].table != replays[1].table).any()
+    engine.close()
+    device.close()

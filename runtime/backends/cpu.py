@@ -10,7 +10,7 @@ import numpy as np
 
 from fusec.fusion.cache import KernelCache
 from fusec.fusion.codegen.host import HostKernel, HostLauncher, HostLinker, split
-from fusec.fusion.codegen.host_graph import HostCall, HostGraph
+from fusec.fusion.codegen.host_graph import HostCall, HostGraph, HostProgram, signature
 from fusec.fusion.codegen.target import HOST
 from fusec.fusion.compiler import compile_kernel
 from fusec.fusion.dtypes import DType, from_storage, round_to, to_storage
@@ -34,6 +34,7 @@ class HostDevice:
     target = HOST
     supports_graphs = True
     graph_launch_kinds = frozenset({"kernel"})  # library GEMMs and numpy ops run in Python
+    graphs_any_step = True  # a capture compiles nothing new for a known launch sequence
 
     def __init__(self, cache: KernelCache | None = None, threads: int | None = None) -> None:
         self.cache = cache or KernelCache()
@@ -41,6 +42,7 @@ class HostDevice:
         self.launcher = HostLauncher(threads or os.cpu_count() or 1)
         self._blas = None
         self.recording: list[HostCall] | None = None  # launches recorded during a capture
+        self._programs: dict[tuple, HostProgram] = {}  # by launch sequence (host_graph.signature)
 
     def activate(self) -> None:
         """Any thread may launch host kernels."""
@@ -146,16 +148,20 @@ class HostDevice:
         """Launches return when done: nothing is in flight."""
 
     def capture(self, body: Callable[[], None]) -> HostGraph:
-        """The kernel launches `body` makes, recorded (not run) and compiled into one
-        native step (fusion/codegen/host_graph.py). Only kernel launches can be
-        captured (`graph_launch_kinds`)."""
+        """The kernel launches `body` makes, recorded (not run) as a table for the native
+        step that runs that launch sequence (fusion/codegen/host_graph.py), compiled on
+        its first capture. Only kernel launches can be captured (`graph_launch_kinds`)."""
         self.recording = []
         try:
             body()
             calls = self.recording
         finally:
             self.recording = None
-        return HostGraph(calls, self.launcher)
+        key = signature(calls)
+        program = self._programs.get(key)
+        if program is None:
+            program = self._programs[key] = HostProgram(calls, self.launcher.threads)
+        return HostGraph(calls, self.launcher, program)
 
     @staticmethod
     def replay(graph: HostGraph) -> None:

@@ -113,6 +113,7 @@ class CudaDevice:
     kind = "cuda"
     supports_graphs = True
     graph_launch_kinds = frozenset({"kernel", "gemm"})  # cuBLASLt calls are captured too
+    graphs_any_step = False  # instantiating a CUDA graph costs more than a prefill's launches save
 
     def __init__(self, cache: KernelCache | None = None) -> None:
         from cuda.core import Device
