@@ -15,6 +15,7 @@ def model_kernels(model, target, max_positions: int, block_size: int) -> tuple[d
     """A model's plans for a target, as a device of that target runs them (the same
     plan options), and the distinct kernels serving it needs: the plans', the
     sampler's, the host GEMMs' weight decoders, and (on a GPU) the dummy-weight fill."""
+    from fusec.fusion.dtypes import DType
     from fusec.fusion.plan import build_plans
     from fusec.kernels.random import FillRandom
     from fusec.kernels.registry import default_registry
@@ -25,12 +26,13 @@ def model_kernels(model, target, max_positions: int, block_size: int) -> tuple[d
     plans = build_plans(model.graph(block_size), default_registry(), options)
     kernels = [k for plan in plans.values() for k in plan.kernels()]
     kernels += KernelSampler.kernel_specs(model.config.vocab_size)
-    if not target.is_gpu:  # the host's GEMMs decode block-quantized weights with a kernel too
+    if not target.is_gpu:  # the host's GEMMs decode block-quantized and 16-bit weights with a kernel too
         from fusec.runtime.backends.cpu import HostGemm
 
         graph = plans["gemm"].graph
         weights = [graph.node(launch.args[1].name) for launch in plans["gemm"].launches if launch.kind == "gemm"]
-        kernels += [HostGemm.decoder(w.type.shape[1], w.format) for w in weights if w.format]
+        kernels += [HostGemm.decoder(w.type.shape[1], w.format, w.type.dtype) for w in weights
+                    if w.format or w.type.dtype is not DType.F32]
     if target.is_gpu:
         kernels.append(FillRandom(model.dtype))
     return plans, list({k.name: k for k in kernels}.values())

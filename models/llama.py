@@ -45,8 +45,9 @@ def kv_cache_shape(cfg: ModelConfig, block_size: int) -> tuple[int | str, ...]:
 
 
 def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size: int = 16,
-                formats: Mapping[str, str] | None = None) -> Graph:
-    """The model as a graph; `formats` names the weights stored in a block format."""
+                formats: Mapping[str, str] | None = None, weight_dtype: DType | None = None) -> Graph:
+    """The model as a graph with activations (and the KV cache) in `dtype`; weights in
+    `weight_dtype` (default: dtype), or in a block format where `formats` names one."""
     g = Graph(f"{cfg.architecture}-{cfg.num_layers}L")
     h, hd = cfg.hidden_size, cfg.head_dim
     ids = g.input("token_ids", (T,))
@@ -57,7 +58,8 @@ def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size
     qstart = g.input("query_start_loc", ("S1",))
     logit_rows = g.input("logits_indices", ("L",))
     formats = formats or {}
-    w = {name: g.weight(name, shape, dtype, formats.get(name)) for name, shape in weight_shapes(cfg).items()}
+    w = {name: g.weight(name, shape, weight_dtype or dtype, formats.get(name))
+         for name, shape in weight_shapes(cfg).items()}
     rope_freqs = tuple(float(f) for f in inv_freq)
 
     x = g.op("embed", [ids, w["embed_tokens"]], (T, h), dtype, name="embed")

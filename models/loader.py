@@ -45,18 +45,22 @@ class Model:
     name: str
     path: Path
     config: ModelConfig
-    dtype: DType
+    dtype: DType  # of activations and the KV cache
     weights: Mapping[str, np.ndarray]  # DummyWeights for --load-format dummy
     inv_freq: np.ndarray
     tokenizer: Tokenizer | None
     formats: dict[str, str] = field(default_factory=dict)  # weight -> block format it runs in
+    weight_dtype: DType | None = None  # of the other weights; None: dtype
+
+    def __post_init__(self) -> None:
+        self.weight_dtype = self.weight_dtype or self.dtype
 
     def graph(self, block_size: int = 16) -> Graph:
-        return build_graph(self.config, self.dtype, self.inv_freq, block_size, self.formats)
+        return build_graph(self.config, self.dtype, self.inv_freq, block_size, self.formats, self.weight_dtype)
 
     def weight_types(self) -> str:
         """What the weights run as, e.g. "q4_1 x210, q8_0 x1, f32 x61"."""
-        kinds = Counter(self.formats.get(name, self.dtype.value) for name in weight_shapes(self.config))
+        kinds = Counter(self.formats.get(name, self.weight_dtype.value) for name in weight_shapes(self.config))
         return ", ".join(f"{kind} x{count}" for kind, count in kinds.most_common())
 
 
@@ -90,15 +94,19 @@ def resolve_model_path(model: str | None) -> Path:
     return path
 
 
-GPU_CHECKPOINT_DTYPES = {"float16": DType.F16, "bfloat16": DType.BF16}
+CHECKPOINT_16BIT = {"float16": DType.F16, "bfloat16": DType.BF16}
 
 
-def auto_dtype(device: str, checkpoint_dtype: object) -> DType:
-    """What dtype "auto" means: on a GPU the checkpoint's f16 or bf16 (f16 for f32
-    checkpoints and GGUF files, as vLLM does); on the CPU what it runs fastest, f32."""
+def auto_dtypes(device: str, checkpoint_dtype: object) -> tuple[DType, DType]:
+    """What dtype "auto" means, as (activations, weights). On a GPU the checkpoint's f16
+    or bf16 for both (f16 for f32 checkpoints and GGUF files, as vLLM does). On the CPU
+    what runs fastest there: f32 activations over the checkpoint's own f16 / bf16
+    weights (half the bytes a decode step streams; measured against f32 weights in
+    bench/results/cpu-dtype-*.md), f32 for f32 checkpoints and a GGUF's plain tensors."""
+    sixteen = CHECKPOINT_16BIT.get(checkpoint_dtype if isinstance(checkpoint_dtype, str) else "")
     if device != "cuda":
-        return DType.F32
-    return GPU_CHECKPOINT_DTYPES.get(checkpoint_dtype if isinstance(checkpoint_dtype, str) else "", DType.F16)
+        return DType.F32, sixteen or DType.F32
+    return sixteen or DType.F16, sixteen or DType.F16
 
 
 def load_model(model: str | None = None, dtype: str = "auto", load_format: str = "auto",
@@ -132,7 +140,8 @@ def load_model(model: str | None = None, dtype: str = "auto", load_format: str =
         if quantize_to:
             raise ModelLoadError(f"{path}: a GGUF file runs in its own types (--quantization auto) or dequantized "
                                  f"(none); --quantization {quantize_to} is for HF checkpoints")
-        return _load_gguf(path, name, dt or auto_dtype(device, None), load_format, seed, with_weights, native)
+        act, weight = (dt, dt) if dt else auto_dtypes(device, None)
+        return _load_gguf(path, name, act, weight, load_format, seed, with_weights, native)
     if load_format == "gguf":
         raise ModelLoadError(f"{path}: --load-format gguf needs a .gguf file")
     return _load_hf_dir(path, name, dt, device, load_format, seed, with_weights, quantize_to)
@@ -147,14 +156,13 @@ def _load_hf_dir(path: Path, name: str, dtype: DType | None, device: str, load_f
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{path / 'config.json'}: not a JSON object")
     config = config_from_hf(raw, str(path / "config.json"))
-    if dtype is None:
-        dtype = auto_dtype(device, raw.get("torch_dtype") or raw.get("dtype"))
+    dtype, weight_dtype = (dtype, dtype) if dtype else auto_dtypes(device, raw.get("torch_dtype") or raw.get("dtype"))
     tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
     formats = weight_formats(config, None, hf_names, native=False, quantize_to=quantize_to)
     if not with_weights:
         weights = {}
     elif load_format == "dummy":
-        weights = DummyWeights(config, dtype, seed, formats)
+        weights = DummyWeights(config, weight_dtype, seed, formats)
     else:
         files = sorted(path.glob("*.safetensors"))
         if not files:
@@ -162,12 +170,12 @@ def _load_hf_dir(path: Path, name: str, dtype: DType | None, device: str, load_f
         opened = [SafetensorsFile(f) for f in files]
         index = {n: f for f in opened for n in f.names()}
         source = _Merged(index)
-        weights = load_weights(config, source, set(index), hf_names, dtype, formats)
-    return Model(name, path, config, dtype, weights, inv_freq(config), tokenizer, formats)
+        weights = load_weights(config, source, set(index), hf_names, weight_dtype, formats)
+    return Model(name, path, config, dtype, weights, inv_freq(config), tokenizer, formats, weight_dtype)
 
 
-def _load_gguf(path: Path, name: str, dtype: DType, load_format: str, seed: int, with_weights: bool,
-               native: bool) -> Model:
+def _load_gguf(path: Path, name: str, dtype: DType, weight_dtype: DType, load_format: str, seed: int,
+               with_weights: bool, native: bool) -> Model:
     f = GGUFFile(path)
     names = f.names()
     config = config_from_gguf(f.metadata, names, str(path))
@@ -177,10 +185,10 @@ def _load_gguf(path: Path, name: str, dtype: DType, load_format: str, seed: int,
     if not with_weights:
         weights = {}
     elif load_format == "dummy":
-        weights = DummyWeights(config, dtype, seed, formats)
+        weights = DummyWeights(config, weight_dtype, seed, formats)
     else:
-        weights = load_weights(config, f, names, gguf_names, dtype, formats, fixup=unpermute_llama_gguf)
-    return Model(name, path, config, dtype, weights, inv_freq(config, factors), tokenizer, formats)
+        weights = load_weights(config, f, names, gguf_names, weight_dtype, formats, fixup=unpermute_llama_gguf)
+    return Model(name, path, config, dtype, weights, inv_freq(config, factors), tokenizer, formats, weight_dtype)
 
 
 class _Merged:

@@ -45,10 +45,12 @@ class Tuning:
 
 
 def model_key(model: Model) -> str:
-    """What the tuning depends on: the model's shapes and dtype, not its weights."""
+    """What the tuning depends on: the model's shapes, its dtype and the types its
+    weights run in (a q4_1 GEMV and an f32 one cross over at other sizes), not its
+    weights' values."""
     c = model.config
     spec = (f"{c.architecture}|{c.hidden_size}|{c.intermediate_size}|{c.num_layers}|{c.num_heads}|"
-            f"{c.num_kv_heads}|{c.head_dim}|{c.vocab_size}|{model.dtype.value}")
+            f"{c.num_kv_heads}|{c.head_dim}|{c.vocab_size}|{model.dtype.value}|{model.weight_types()}")
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 

