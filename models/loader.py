@@ -97,12 +97,15 @@ def resolve_model_path(model: str | None) -> Path:
 CHECKPOINT_16BIT = {"float16": DType.F16, "bfloat16": DType.BF16}
 
 
-def auto_dtypes(device: str, checkpoint_dtype: object) -> tuple[DType, DType]:
-    """What dtype "auto" means, as (activations, weights). On a GPU the checkpoint's f16
-    or bf16 for both (f16 for f32 checkpoints and GGUF files, as vLLM does). On the CPU
-    what runs fastest there: f32 activations over the checkpoint's own f16 / bf16
-    weights (half the bytes a decode step streams; measured against f32 weights in
-    bench/results/cpu-dtype-*.md), f32 for f32 checkpoints and a GGUF's plain tensors."""
+def run_dtypes(chosen: DType | None, device: str, checkpoint_dtype: object) -> tuple[DType, DType]:
+    """(activations, weights): a chosen --dtype for both, else what "auto" means. On a
+    GPU the checkpoint's f16 or bf16 for both (f16 for f32 checkpoints and GGUF files, as
+    vLLM does). On the CPU what runs fastest there: f32 activations over the
+    checkpoint's own f16 / bf16 weights (half the bytes a decode step streams; measured
+    against f32 weights in bench/results/cpu-dtype-*.md), f32 for f32 checkpoints and a
+    GGUF's plain tensors."""
+    if chosen is not None:
+        return chosen, chosen
     sixteen = CHECKPOINT_16BIT.get(checkpoint_dtype if isinstance(checkpoint_dtype, str) else "")
     if device != "cuda":
         return DType.F32, sixteen or DType.F32
@@ -140,8 +143,7 @@ def load_model(model: str | None = None, dtype: str = "auto", load_format: str =
         if quantize_to:
             raise ModelLoadError(f"{path}: a GGUF file runs in its own types (--quantization auto) or dequantized "
                                  f"(none); --quantization {quantize_to} is for HF checkpoints")
-        act, weight = (dt, dt) if dt else auto_dtypes(device, None)
-        return _load_gguf(path, name, act, weight, load_format, seed, with_weights, native)
+        return _load_gguf(path, name, *run_dtypes(dt, device, None), load_format, seed, with_weights, native)
     if load_format == "gguf":
         raise ModelLoadError(f"{path}: --load-format gguf needs a .gguf file")
     return _load_hf_dir(path, name, dt, device, load_format, seed, with_weights, quantize_to)
@@ -156,7 +158,7 @@ def _load_hf_dir(path: Path, name: str, dtype: DType | None, device: str, load_f
     if not isinstance(raw, dict):
         raise ModelLoadError(f"{path / 'config.json'}: not a JSON object")
     config = config_from_hf(raw, str(path / "config.json"))
-    dtype, weight_dtype = (dtype, dtype) if dtype else auto_dtypes(device, raw.get("torch_dtype") or raw.get("dtype"))
+    dtype, weight_dtype = run_dtypes(dtype, device, raw.get("torch_dtype") or raw.get("dtype"))
     tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
     formats = weight_formats(config, None, hf_names, native=False, quantize_to=quantize_to)
     if not with_weights:

@@ -236,10 +236,14 @@ class PlanExecutor:
         if not self.graph_steps:
             return None
         if bound.graph is None:
-            kinds = self.device.graph_launch_kinds
-            capturable = all(launch.kind in kinds for launch in bound.plan.launches)
-            bound.graph = self.device.capture(lambda: [call() for call in bound.calls]) if capturable else False
+            bound.graph = self._capture(bound) if self._capturable(bound.plan) else False
         return bound.graph
+
+    def _capturable(self, plan: Plan) -> bool:
+        return all(launch.kind in self.device.graph_launch_kinds for launch in plan.launches)
+
+    def _capture(self, bound: _Bound) -> Any:
+        return self.device.capture(lambda: [call() for call in bound.calls])
 
     def capture_graphs(self, buckets: Sequence[int]) -> list[int]:
         """Capture the decode step of each bucket size (batches padded up to it). Returns
@@ -249,7 +253,7 @@ class PlanExecutor:
         for bucket in buckets:
             if bucket > self.max_dims.get("S", 0):
                 continue
-            if any(launch.kind not in self.device.graph_launch_kinds for launch in self.plan_for(bucket).launches):
+            if not self._capturable(self.plan_for(bucket)):
                 continue  # e.g. the host's library GEMMs: those batches run their calls
             inputs = pad_decode_inputs(_empty_decode(), bucket, self.max_dims["B"])
             dims = self._dims(inputs)
@@ -260,7 +264,7 @@ class PlanExecutor:
                 for call in bound.calls:  # eager first: library plans and lazy init outside capture
                     call()
             self.device.sync()
-            captured[bucket] = self.device.capture(lambda: [call() for call in bound.calls])
+            captured[bucket] = self._capture(bound)
         self.graphs = captured
         self.graph_steps = self.device.graphs_any_step
         self.device.sync()

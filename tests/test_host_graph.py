@@ -94,6 +94,6 @@ def test_prefill_steps_replay_the_decode_program(tiny_checkpoints, cache):
     run_requests(engine, [[5, 3, 8, 1, 9, 2, 4, 4, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     assert len(replays) == 3  # the prefill, then two decode steps
     assert len({id(graph.program) for graph in replays}) == 1
-    assert replays[0].table.size != replays[1].table.size or (replays[0].table != replays[1].table).any()
+    assert (replays[0].table != replays[1].table).any()  # the prefill's own arguments and grids
     engine.close()
     device.close()

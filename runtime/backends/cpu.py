@@ -178,9 +178,9 @@ class HostGemm:
 
     A block-quantized, f16 or bf16 w is never expanded whole: each thread decodes tiles
     of its rows (TILE_BYTES of float32, cache-sized) with the embedding-gather kernel and
-    multiplies each tile as it is made. Tiles and partial outputs live in one scratch per thread
-    slot, shared by every prepared GEMM (steps never overlap), so memory does not grow
-    with the number of GEMMs."""
+    multiplies each tile as it is made. Tiles and partial outputs live in one scratch per
+    thread slot, shared by every prepared GEMM (steps never overlap), so memory does not
+    grow with the number of GEMMs."""
 
     TILE_BYTES = 1 << 20
 

@@ -224,7 +224,7 @@ class CudaDevice:
             return out
         staging = self.staging()
         check_driver(driver.cuMemcpyDtoHAsync(staging.memory.ctypes.data + start, buf.ptr, out.nbytes,
-                                        self.stream_handle))
+                                              self.stream_handle))
         self.stream.sync()
         staging.read(start, out)
         self.sync()
