@@ -21,6 +21,10 @@ def _levels(value: str) -> list[int]:
     return levels
 
 
+def _label(r) -> str:
+    return f"{r.n}+js" if r.structured else str(r.n)
+
+
 @click.command("bench")
 @engine_options("model", "dtype", "quantization", "load_format", "device", "executor", "max_num_seqs", "max_num_batched_tokens",
                 "max_model_len", "block_size", "kv_cache_gb", "num_kv_blocks", "gpu_memory_utilization",
@@ -32,10 +36,12 @@ def _levels(value: str) -> list[int]:
 @click.option("--output-len", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--ignore-eos/--no-ignore-eos", default=True, show_default=True)
 @click.option("--profile", is_flag=True, help="Also print where each step's time goes (host overhead per N).")
+@click.option("--structured", is_flag=True,
+              help="Run each level again with a JSON-schema constraint on every request, and compare.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def bench_cmd(levels: list[int], num_prompts: int | None, input_len: int, output_len: int, ignore_eos: bool,
-              profile: bool, json_path: Path | None, plot_path: Path | None, **options) -> None:
+              profile: bool, structured: bool, json_path: Path | None, plot_path: Path | None, **options) -> None:
     """Throughput and latency of the engine at each concurrency level (--max-num-seqs
     defaults to the largest N, --max-model-len to input + output + 16; --seed seeds the
     dummy weights and the random prompts)."""
@@ -56,21 +62,27 @@ def bench_cmd(levels: list[int], num_prompts: int | None, input_len: int, output
     def bar(n: int, total: int):
         return tqdm(total=total, desc=f"N={n}", unit="tok", leave=False, disable=None)
 
-    report = benchmark(config, levels, input_len, output_len, num_prompts, ignore_eos, seed, bar)
+    report = benchmark(config, levels, input_len, output_len, num_prompts, ignore_eos, seed, bar, structured)
     click.echo(f"{report.model} ({report.dtype} activations, weights {report.weights}, {report.executor}); startup {report.startup_s:.2f}s; "
                f"input {input_len}, output {output_len} tokens")
-    click.echo(f"{'N':>4} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} {'ITL p95':>8} {'RSS MB':>7}")
+    click.echo(f"{'N':>6} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} {'ITL p95':>8} {'RSS MB':>7}"
+               + ("   (+js: every request under a JSON schema)" if structured else ""))
     for r in report.results:
-        click.echo(f"{r.n:>4} {r.output_tok_s:>9.1f} {r.ttft_p50_ms:>7.0f}ms {r.ttft_p95_ms:>7.0f}ms "
+        click.echo(f"{_label(r):>6} {r.output_tok_s:>9.1f} {r.ttft_p50_ms:>7.0f}ms {r.ttft_p95_ms:>7.0f}ms "
                    f"{r.itl_p50_ms:>6.1f}ms {r.itl_p95_ms:>6.1f}ms {r.peak_rss_mb:>7.0f}")
+    if structured:
+        free = {r.n: r for r in report.results if not r.structured}
+        for r in report.results:
+            if r.structured:
+                click.echo(f"N={r.n}: constrained / free output tok/s = {r.output_tok_s / free[r.n].output_tok_s:.2f}x")
     if profile:
         from fusec.runtime.profile import HOST_PHASES, PHASES
 
         click.echo("per step (ms): " + ", ".join(PHASES) + "; host = " + " + ".join(HOST_PHASES))
-        click.echo(f"{'N':>4} {'step':>8} " + " ".join(f"{p[:8]:>8}" for p in PHASES) + f" {'host ms':>8} {'host %':>7}")
+        click.echo(f"{'N':>6} {'step':>8} " + " ".join(f"{p[:8]:>8}" for p in PHASES) + f" {'host ms':>8} {'host %':>7}")
         for r in report.results:
             p = r.profile
-            click.echo(f"{r.n:>4} {p['step_ms']:>8.2f} " + " ".join(f"{p[ph + '_ms']:>8.2f}" for ph in PHASES)
+            click.echo(f"{_label(r):>6} {p['step_ms']:>8.2f} " + " ".join(f"{p[ph + '_ms']:>8.2f}" for ph in PHASES)
                        + f" {p['host_ms']:>8.2f} {100 * p['host_share']:>6.1f}%")
     if json_path is not None:
         json_path.write_text(json.dumps(report.to_json(), indent=2))

@@ -1,4 +1,4 @@
-"""Next-token selection on the device: penalties, greedy / Gumbel-max sampling with
+"""Next-token selection on the device: penalties, structured-output masks, greedy / Gumbel-max sampling with
 top-k, top-p and min-p, and top logprobs. One block per row; only token ids (and the
 few numbers logprobs need) go back to the host.
 
@@ -105,6 +105,31 @@ class ApplyPenalties(RowKernel):
             rep = kb.load(kb["rep"], e, DType.F32)
             scaled = b.select(b.fcmp_ordered(">", v, kb.f32(0.0)), b.fdiv(v, rep), b.fmul(v, rep))
             kb.store(kb["logits"], at, b.fsub(scaled, kb.load(kb["sub"], e, DType.F32)), DType.F32)
+
+
+@dataclass(frozen=True)
+class ApplyTokenMask(RowKernel):
+    """Structured outputs' allowed tokens, in place (the sampler's private copy): block j
+    sets logits[mask_rows[j], t] to -inf where bit t % 32 of word t // 32 of masks row j
+    is clear (llguidance's packed bitmask, one row per constrained sequence)."""
+
+    family = "apply_token_mask"
+    vocab: int
+
+    def params(self) -> list[Param]:
+        return self._params("logits", "mask_rows", "masks")
+
+    def body(self, kb: KernelBuilder) -> None:
+        b, j, V = kb.b, kb.block_id(0), self.vocab
+        words = (V + 31) // 32
+        base = b.mul(kb.wide(kb.load(kb["mask_rows"], j, DType.I32)), kb.i64(V))
+        mask_base = b.mul(kb.wide(j), kb.i64(words))
+        with kb.lane_loop(V) as i:
+            word = kb.load(kb["masks"], b.add(mask_base, kb.wide(b.lshr(i, kb.i32(5)))), DType.I32)
+            allowed = b.trunc(b.lshr(word, b.and_(i, kb.i32(31))), ir.IntType(1))
+            at = b.add(base, kb.wide(i))
+            kb.store(kb["logits"], at, b.select(allowed, kb.load(kb["logits"], at, DType.F32), kb.f32(-math.inf)),
+                     DType.F32)
 
 
 @dataclass(frozen=True)

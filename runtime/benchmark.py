@@ -12,8 +12,20 @@ from typing import Callable
 import numpy as np
 
 from fusec import __version__
+from fusec.errors import FusecError
 from fusec.runtime.engine import EngineConfig, LLMEngine
 from fusec.runtime.sequence import SamplingParams
+from fusec.runtime.structured_output import StructuredOutputsParams
+
+# `--structured`: every request under this schema. Its 64 required items run past any
+# default output length, so constrained requests decode as many tokens as free ones.
+BENCH_SCHEMA = {
+    "type": "array", "minItems": 64,
+    "items": {"type": "object", "additionalProperties": False, "required": ["id", "name", "tags"],
+              "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 100000},
+                             "name": {"type": "string", "maxLength": 12},
+                             "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3}}},
+}
 
 
 @dataclass
@@ -31,6 +43,7 @@ class LevelResult:
     itl_p95_ms: float
     peak_rss_mb: float
     profile: dict[str, float] = field(default_factory=dict)  # StepProfile.summary() of this level
+    structured: bool = False  # every request under BENCH_SCHEMA
 
 
 @dataclass
@@ -66,12 +79,15 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def run_level(engine: LLMEngine, n: int, num_prompts: int, input_len: int, output_len: int, ignore_eos: bool,
-              seed: int, progress: Callable[[int], None] | None = None) -> LevelResult:
-    """num_prompts requests of random token ids, at most n in flight at once."""
+              seed: int, progress: Callable[[int], None] | None = None, structured: bool = False) -> LevelResult:
+    """num_prompts requests of random token ids, at most n in flight at once (each
+    under BENCH_SCHEMA with `structured`)."""
     rng = np.random.default_rng(seed)
     vocab = engine.model.config.vocab_size
     prompts = [rng.integers(0, vocab, input_len).tolist() for _ in range(num_prompts)]
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=ignore_eos)
+    constraint = StructuredOutputsParams.from_json_schema(BENCH_SCHEMA) if structured else None
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=ignore_eos,
+                            structured_outputs=constraint)
     pending = list(enumerate(prompts))
     arrival: dict[str, float] = {}
     last_seen: dict[str, tuple[int, float]] = {}
@@ -110,11 +126,14 @@ def run_level(engine: LLMEngine, n: int, num_prompts: int, input_len: int, outpu
     wall = time.perf_counter() - start
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return LevelResult(n, num_prompts, input_len, output_len, wall, out_tokens, out_tokens / wall,
-                       _pct(ttft, 50), _pct(ttft, 95), _pct(itl, 50), _pct(itl, 95), rss, engine.profile.summary())
+                       _pct(ttft, 50), _pct(ttft, 95), _pct(itl, 50), _pct(itl, 95), rss, engine.profile.summary(),
+                       structured)
 
 
 def benchmark(config: EngineConfig, levels: list[int], input_len: int, output_len: int, num_prompts: int | None,
-              ignore_eos: bool = True, seed: int = 0, progress_factory=None) -> BenchReport:
+              ignore_eos: bool = True, seed: int = 0, progress_factory=None, structured: bool = False
+              ) -> BenchReport:
+    """Each level free; with `structured`, then again with every request constrained."""
     t0 = time.perf_counter()
     engine = LLMEngine(config)
     # one short request so plan binding and first-touch costs stay out of the first level
@@ -122,13 +141,19 @@ def benchmark(config: EngineConfig, levels: list[int], input_len: int, output_le
     startup = time.perf_counter() - t0
     report = BenchReport(engine.model.name, engine.model.dtype.value, config.executor, startup,
                          engine.model.weight_types(), machine_info(), " ".join(["fusec"] + sys.argv[1:]))
+    if structured:  # compile the schema (and llguidance's tokenizer) outside the timed levels
+        if engine.grammars is None:
+            engine.close()
+            raise FusecError("--structured needs a model with a tokenizer")
+        engine.grammars.compile(StructuredOutputsParams.from_json_schema(BENCH_SCHEMA))
     for n in levels:
-        count = num_prompts or n
-        bar = progress_factory(n, count * output_len) if progress_factory else None
-        report.results.append(run_level(engine, n, count, input_len, output_len, ignore_eos, seed + n,
-                                        bar.update if bar else None))
-        if bar:
-            bar.close()
+        for constrained in (False, True) if structured else (False,):
+            count = num_prompts or n
+            bar = progress_factory(n, count * output_len) if progress_factory else None
+            report.results.append(run_level(engine, n, count, input_len, output_len, ignore_eos, seed + n,
+                                            bar.update if bar else None, constrained))
+            if bar:
+                bar.close()
     engine.close()
     return report
 

@@ -1,12 +1,14 @@
-"""LLMEngine: the synchronous core. `step()` = schedule -> batch -> execute -> sample ->
-update, detokenize, check stops, finish."""
+"""LLMEngine: the synchronous core. `step()` = schedule -> batch -> execute (structured-
+output masks computed meanwhile) -> sample -> update, detokenize, check stops, finish."""
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
+from concurrent.futures import Future
 from typing import Sequence as Seq
 
+import numpy as np
 
 from fusec.errors import InputError
 from fusec.models.detokenizer import IncrementalDetokenizer
@@ -19,6 +21,7 @@ from fusec.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutpu
 from fusec.runtime.profile import StepProfile
 from fusec.runtime.scheduler import Scheduler
 from fusec.runtime.sequence import SamplingParams, Sequence
+from fusec.runtime.structured_output import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,8 @@ class LLMEngine:
         self.end_ids: set[int] = set(cfg.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.end_ids.add(self.tokenizer.eos_token_id)
+        self.grammars = (GrammarCompiler(self.tokenizer.backend.to_str(), cfg.vocab_size, self.end_ids)
+                         if self.tokenizer is not None else None)
         self.requests: dict[str, _Request] = {}
         self.stats = EngineStats()
         self.profile = StepProfile()
@@ -108,6 +113,11 @@ class LLMEngine:
         max_len = len(ids) + params.max_tokens if params.max_tokens else self.max_model_len
         now = time.monotonic() if arrival is None else arrival
         seqs = [Sequence(request_id, i, ids, params, now, max_len) for i in range(params.n)]
+        if params.structured_outputs is not None:
+            if self.grammars is None:
+                raise InputError("structured outputs need the model's tokenizer")
+            for seq in seqs:
+                seq.matcher = self.grammars.matcher(params.structured_outputs)
         detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer else None
                   for _ in seqs]
         self.requests[request_id] = _Request(request_id, prompt, ids, params, seqs, detoks, [""] * params.n,
@@ -142,16 +152,17 @@ class LLMEngine:
         with prof.phase("prepare"):
             inputs = self.runner.prepare([SequenceChunk(c.seq.tokens[c.start:c.start + c.num_tokens], c.start,
                                                         c.block_table) for c in sched.chunks])
+            rows = [row for row, c in enumerate(sched.chunks) if c.completes]
+            sampling = [sched.chunks[row].seq for row in rows]
+            masks = self._masks_async(sampling)  # on llguidance's threads while the forward runs
         logits = self.runner.run(inputs, prof)
         with prof.phase("postprocess"):
             now = time.monotonic()
             self.scheduler.update_after_step(sched)
             self.stats.computed_tokens += sched.num_tokens
-            rows = [row for row, c in enumerate(sched.chunks) if c.completes]
-            sampling = [sched.chunks[row].seq for row in rows]
         if not sampling:
             return []
-        tokens, records = self._sample(logits, rows, sampling)
+        tokens, records = self._sample(logits, rows, sampling, masks)
         with prof.phase("postprocess"):
             touched: dict[str, _Request] = {}
             for row, seq, token, record in zip(rows, sampling, tokens, records):
@@ -162,10 +173,23 @@ class LLMEngine:
                     self._fork_children(req, seq, logits, row, now)
             return [self._output(req, now) for req in touched.values()]
 
-    def _sample(self, logits, rows: list[int], seqs: list[Sequence]) -> tuple[list[int], list]:
+    def _masks_async(self, seqs: list[Sequence]) -> Future | None:
+        """The constrained sequences' allowed-token bitmasks, being computed."""
+        matchers = [s.matcher for s in seqs if s.matcher is not None]
+        return self.grammars.fill_masks_async(matchers) if matchers and self.grammars else None
+
+    @staticmethod
+    def _mask_rows(seqs: list[Sequence], masks: Future | None) -> list[np.ndarray | None]:
+        """masks' rows in the order of seqs, None for a free sequence."""
+        rows = iter(masks.result() if masks is not None else ())
+        return [next(rows) if s.matcher is not None else None for s in seqs]
+
+    def _sample(self, logits, rows: list[int], seqs: list[Sequence], masks: Future | None
+                ) -> tuple[list[int], list]:
         """The next token of seqs[i] from logits row rows[i], and its logprob record."""
         with self.profile.phase("prepare"):
-            batches = self.runner.sampling_batches(rows, seqs, [self.end_ids] * len(seqs))
+            batches = self.runner.sampling_batches(rows, seqs, [self.end_ids] * len(seqs),
+                                                   self._mask_rows(seqs, masks))
         with self.profile.phase("sample"):
             results = self.runner.sample(logits, batches)
         tokens, records = [], []
@@ -178,12 +202,18 @@ class LLMEngine:
         children = req.seqs[1:]
         for child in children:
             self.scheduler.fork(parent, child)
-        tokens, records = self._sample(logits, [row] * len(children), children)
+        tokens, records = self._sample(logits, [row] * len(children), children, self._masks_async(children))
         for child, token, record in zip(children, tokens, records):
             self._append(req, child, token, record, now)
 
     def _append(self, req: _Request, seq: Sequence, token: int, record, now: float) -> None:
         if seq.finished:
+            return
+        if seq.matcher is not None and not seq.matcher.consume_token(token):
+            # only a grammar that allows nothing gets here (its mask left no token)
+            log.error("request %s: the structured-output grammar rejected token %d: %s", req.request_id, token,
+                      seq.matcher.get_error())
+            self.scheduler.finish(seq, "stop")
             return
         seq.append_token(token)
         self.stats.generated_tokens += 1
@@ -212,6 +242,8 @@ class LLMEngine:
                 at, stop = hit
                 req.texts[seq.index] = detok.text[:at + (len(stop) if p.include_stop_str_in_output else 0)]
                 reason = ("stop", stop)
+        if reason is None and seq.matcher is not None and seq.matcher.is_stopped():
+            reason = ("stop", None)  # the constraint is complete: only the end token could follow
         if reason is None and (len(seq.output_ids) >= (p.max_tokens or 1 << 62) or len(seq) >= seq.max_len):
             reason = ("length", None)
         if reason is not None:
@@ -244,6 +276,8 @@ class LLMEngine:
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished, req.metrics)
 
     def close(self) -> None:
+        if self.grammars is not None:
+            self.grammars.close()
         self.runner.close()
         if self._owns_device:
             self.runner.device.close()

@@ -158,12 +158,13 @@ class ModelRunner:
         logits = self.forward(chunks, all_logits)
         return logits if self.device is None else self.device.to_host(logits)
 
-    def sampling_batches(self, rows: Sequence[int], seqs: Sequence[Seq], end_ids: Sequence[set[int]]
-                         ) -> list[SamplingBatch]:
-        """Sampling tensors for seqs[i] drawing from logits row rows[i], in batches the
-        sampler's buffers hold."""
+    def sampling_batches(self, rows: Sequence[int], seqs: Sequence[Seq], end_ids: Sequence[set[int]],
+                         masks: Sequence[np.ndarray | None]) -> list[SamplingBatch]:
+        """Sampling tensors for seqs[i] drawing from logits row rows[i] (allowed tokens
+        masks[i], None: all), in batches the sampler's buffers hold."""
         step = self.max_sample_rows
-        return [SamplingBatch.build(rows[a:a + step], seqs[a:a + step], end_ids[a:a + step], self.vocab)
+        return [SamplingBatch.build(rows[a:a + step], seqs[a:a + step], end_ids[a:a + step], self.vocab,
+                                    masks[a:a + step])
                 for a in range(0, len(rows), step)]
 
     def sample(self, logits: Any, batches: Sequence[SamplingBatch]) -> list[SampleResult]:

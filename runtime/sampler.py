@@ -2,7 +2,8 @@
 
 Order, as in vLLM: logprobs come from the raw model distribution; then penalties
 (repetition over prompt + output, frequency and presence over the output), min_tokens
-(end tokens banned until then), then greedy argmax, or temperature with top-k, top-p
+(end tokens banned until then), structured-output masks (tokens a grammar forbids
+dropped), then greedy argmax, or temperature with top-k, top-p
 and min-p and a Gumbel-max draw whose uniforms are hash(seed, step, token), so a
 seeded request gives the same tokens whatever else is in the batch.
 
@@ -21,14 +22,15 @@ import numpy as np
 from fusec.fusion.dtypes import DType
 from fusec.kernels.elementwise import GatherRows
 from fusec.kernels.random import uniform
-from fusec.kernels.sampling import MAX_LOGPROBS, ApplyPenalties, SampleRows, TopLogprobs
+from fusec.kernels.sampling import MAX_LOGPROBS, ApplyPenalties, ApplyTokenMask, SampleRows, TopLogprobs
 from fusec.runtime.sequence import Logprob, Sequence
 
 
 @dataclass
 class SamplingBatch:
     """Per sampled row r: the logits row it reads and its parameters; penalties as
-    sparse entries starts[r]..starts[r+1]-1 of (token, rep, sub)."""
+    sparse entries starts[r]..starts[r+1]-1 of (token, rep, sub); the rows under a
+    structured-output constraint with their allowed tokens as packed bitmasks."""
 
     rows: np.ndarray  # int32 [B]
     temperature: np.ndarray  # float32 [B]; 0 = greedy
@@ -43,6 +45,8 @@ class SamplingBatch:
     sub: np.ndarray  # float32 [E]; +inf bans the token
     logprob_rows: np.ndarray  # int32 [R]: batch rows that want logprobs
     num_logprobs: np.ndarray  # int32 [R]: how many top logprobs each wants
+    mask_rows: np.ndarray  # int32 [M]: batch rows under a token mask
+    masks: np.ndarray  # int32 [M, ceil(V / 32)]: bit t % 32 of word t // 32 set = token t allowed
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -52,7 +56,9 @@ class SamplingBatch:
         return int(self.num_logprobs.max()) if len(self.num_logprobs) else 0
 
     @classmethod
-    def build(cls, rows: Seq[int], seqs: Seq[Sequence], end_ids: Seq[set[int]], vocab: int) -> "SamplingBatch":
+    def build(cls, rows: Seq[int], seqs: Seq[Sequence], end_ids: Seq[set[int]], vocab: int,
+              masks: Seq[np.ndarray | None] | None = None) -> "SamplingBatch":
+        """masks[i]: seqs[i]'s allowed tokens (a bitmask row), or None when it is free."""
         starts, tokens, rep, sub = [0], [], [], []
         for seq, ends in zip(seqs, end_ids):
             edits = _penalty_edits(seq, ends, vocab)
@@ -63,6 +69,7 @@ class SamplingBatch:
             starts.append(len(tokens))
         params = [s.params for s in seqs]
         want = [(i, p.logprobs) for i, p in enumerate(params) if p.logprobs is not None]
+        masked = [(i, m) for i, m in enumerate(masks or []) if m is not None]
         return cls(
             rows=np.asarray(rows, np.int32),
             temperature=np.asarray([0.0 if p.greedy else p.temperature for p in params], np.float32),
@@ -77,6 +84,9 @@ class SamplingBatch:
             sub=np.asarray(sub, np.float32),
             logprob_rows=np.asarray([i for i, _ in want], np.int32),
             num_logprobs=np.asarray([k for _, k in want], np.int32),
+            mask_rows=np.asarray([i for i, _ in masked], np.int32),
+            masks=(np.stack([m for _, m in masked]).astype(np.int32) if masked
+                   else np.zeros((0, (vocab + 31) // 32), np.int32)),
         )
 
 
@@ -137,7 +147,7 @@ def reference_sample(logits: np.ndarray, batch: SamplingBatch) -> SampleResult:
         lse[j] = m + np.log(np.exp(wide - m).sum())
         order = np.argsort(-raw[row], kind="stable")[:k]
         top_ids[j, :k], top_vals[j, :k] = order, raw[row, order]
-    x, orig = penalised_rows(raw, batch)
+    x, orig = processed_rows(raw, batch)
     tokens = np.zeros(B, np.int32)
     for r in range(B):
         t = batch.temperature[r]
@@ -146,9 +156,9 @@ def reference_sample(logits: np.ndarray, batch: SamplingBatch) -> SampleResult:
     return SampleResult(tokens, picked, orig, lse, top_ids, top_vals)
 
 
-def penalised_rows(rows: np.ndarray, batch: SamplingBatch) -> tuple[np.ndarray, np.ndarray]:
-    """The batch's logits rows [B, V] with its penalty entries applied (a copy), and the
-    values the entries replaced."""
+def processed_rows(rows: np.ndarray, batch: SamplingBatch) -> tuple[np.ndarray, np.ndarray]:
+    """The batch's logits rows [B, V] with its penalty entries and token masks applied
+    (a copy), and the values the penalty entries replaced."""
     x = np.array(rows, np.float32)
     orig = np.zeros(len(batch.tokens), np.float32)
     for r in range(len(x)):
@@ -157,7 +167,14 @@ def penalised_rows(rows: np.ndarray, batch: SamplingBatch) -> tuple[np.ndarray, 
         v = x[r, toks]
         orig[a:b] = v
         x[r, toks] = np.where(v > 0, v / batch.rep[a:b], v * batch.rep[a:b]) - batch.sub[a:b]
+    for row, mask in zip(batch.mask_rows, batch.masks):
+        x[row, ~allowed_tokens(mask, x.shape[1])] = -np.inf
     return x, orig
+
+
+def allowed_tokens(mask: np.ndarray, vocab: int) -> np.ndarray:
+    """A packed bitmask row as booleans [vocab]."""
+    return np.unpackbits(np.ascontiguousarray(mask, "<i4").view(np.uint8), bitorder="little")[:vocab].astype(bool)
 
 
 def kept_tokens(x: np.ndarray, temperature: float, top_k: int, top_p: float, min_p: float
@@ -215,17 +232,18 @@ class KernelSampler:
 
     def __init__(self, device: KernelDevice, vocab: int, max_rows: int) -> None:
         self.device, self.vocab, self.max_rows = device, vocab, max(1, max_rows)
-        self.gather, self.penalties, self.sampler, self.top = self.kernel_specs(vocab)
-        for kernel in (self.gather, self.penalties, self.sampler, self.top):
+        self.gather, self.penalties, self.mask, self.sampler, self.top = self.kernel_specs(vocab)
+        for kernel in (self.gather, self.penalties, self.mask, self.sampler, self.top):
             device.load(kernel)  # at startup, so the first request does not wait for a compile
         per_row = {"rows": np.int32, "temperature": np.float32, "top_k": np.int32, "top_p": np.float32,
                    "min_p": np.float32, "seeds": np.int32, "counters": np.int32, "out_tokens": np.int32,
-                   "picked": np.float32, "logprob_rows": np.int32, "lse": np.float32}
+                   "picked": np.float32, "logprob_rows": np.int32, "lse": np.float32, "mask_rows": np.int32}
         n = self.max_rows
         self.bufs = {name: device.buffer((n,), dtype) for name, dtype in per_row.items()}
         self.bufs["starts"] = device.buffer((n + 1,), np.int32)
         self.bufs["work"] = device.buffer((n, vocab), np.float32)
         self.bufs["penalised"] = device.buffer((n, vocab), np.float32)
+        self.bufs["masks"] = device.buffer((n, (vocab + 31) // 32), np.int32)
         self.bufs["identity"] = device.buffer((n,), np.int32)
         device.upload(self.bufs["identity"], np.arange(n, dtype=np.int32))
         self.bufs["top_ids"] = device.buffer((n, MAX_LOGPROBS), np.int32)
@@ -234,8 +252,9 @@ class KernelSampler:
         self._grow(1024)
 
     @staticmethod
-    def kernel_specs(vocab: int) -> tuple[GatherRows, ApplyPenalties, SampleRows, TopLogprobs]:
-        return GatherRows(vocab, DType.F32), ApplyPenalties(vocab), SampleRows(vocab), TopLogprobs(vocab)
+    def kernel_specs(vocab: int) -> tuple[GatherRows, ApplyPenalties, ApplyTokenMask, SampleRows, TopLogprobs]:
+        return (GatherRows(vocab, DType.F32), ApplyPenalties(vocab), ApplyTokenMask(vocab), SampleRows(vocab),
+                TopLogprobs(vocab))
 
     def _grow(self, entries: int) -> None:
         if entries <= self.entries:
@@ -246,7 +265,7 @@ class KernelSampler:
 
     def sample(self, logits: Any, batch: SamplingBatch) -> SampleResult:
         """logits: the executor's [rows, vocab] float32 logits buffer."""
-        B, E, R = len(batch), len(batch.tokens), len(batch.logprob_rows)
+        B, E, R, M = len(batch), len(batch.tokens), len(batch.logprob_rows), len(batch.mask_rows)
         if B > self.max_rows:
             raise ValueError(f"{B} rows to sample, more than the {self.max_rows} this sampler holds")
         dev, bufs = self.device, self.bufs
@@ -258,14 +277,19 @@ class KernelSampler:
             dev.launch_kernel(self.top, [logits, bufs["logprob_rows"], bufs["lse"], bufs["top_ids"], bufs["top_vals"],
                                          np.int32(batch.k), np.int32(R)], (R, 1))
         source, rows = logits, bufs["rows"]
+        if E or M:
+            # penalties and masks edit a private copy: the logits stay raw for another draw from them
+            dev.launch_kernel(self.gather, [logits, bufs["rows"], bufs["penalised"], np.int32(B)], (B, 1))
+            source, rows = bufs["penalised"], bufs["identity"]
         if E:
-            # penalties edit a private copy: the logits stay raw for another draw from them
             for name in ("tokens", "rep", "sub"):
                 dev.upload(bufs[name], getattr(batch, name))
-            dev.launch_kernel(self.gather, [logits, bufs["rows"], bufs["penalised"], np.int32(B)], (B, 1))
-            dev.launch_kernel(self.penalties, [bufs["penalised"], bufs["starts"], bufs["tokens"], bufs["rep"],
+            dev.launch_kernel(self.penalties, [source, bufs["starts"], bufs["tokens"], bufs["rep"],
                                                bufs["sub"], bufs["orig"], np.int32(B)], (B, 1))
-            source, rows = bufs["penalised"], bufs["identity"]
+        if M:
+            dev.upload(bufs["mask_rows"], batch.mask_rows)
+            dev.upload(bufs["masks"], batch.masks)
+            dev.launch_kernel(self.mask, [source, bufs["mask_rows"], bufs["masks"], np.int32(M)], (M, 1))
         dev.launch_kernel(self.sampler, [source, rows, bufs["temperature"], bufs["top_k"], bufs["top_p"],
                                          bufs["min_p"], bufs["seeds"], bufs["counters"], bufs["work"],
                                          bufs["out_tokens"], bufs["picked"], np.int32(B)], (B, 1))

@@ -4,12 +4,13 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Sequence as Seq
+from typing import Any, Sequence as Seq
 
 import numpy as np
 
 from fusec.errors import InputError
 from fusec.kernels.random import hash3
+from fusec.runtime.structured_output import StructuredOutputsParams
 
 SEED_STREAM = 0x5EED
 
@@ -35,6 +36,7 @@ class SamplingParams:
     logprobs: int | None = None  # top logprobs per generated token (0 = just the chosen one)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None  # a constraint on what may be generated
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -103,6 +105,7 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.stop_reason: int | str | None = None
         self.logprobs: list[Logprob] = []
+        self.matcher: Any = None  # an llguidance matcher walking the output, under a structured-output constraint
         # the sampler's uniforms are hash(seed, tokens generated so far, token id): a
         # seeded request draws the same numbers in any batch, its n completions differ
         self.seed = (int(hash3(params.seed, index, SEED_STREAM)) if params.seed is not None

@@ -36,3 +36,15 @@ def test_bench_reports_levels_and_writes_json_and_plot(tiny_checkpoints, tmp_pat
 def test_bench_rejects_bad_levels():
     res = subprocess.run([FUSEC, "bench", "--n", "1,x"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "comma-separated" in res.stderr
+
+
+def test_bench_structured_runs_each_level_free_and_constrained(tmp_path):
+    out_json = tmp_path / "s.json"
+    res = subprocess.run([FUSEC, "bench", "--n", "2", "--input-len", "8", "--output-len", "12", "--structured",
+                          "--json", str(out_json)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    results = json.loads(out_json.read_text())["results"]
+    assert [(r["n"], r["structured"]) for r in results] == [(2, False), (2, True)]
+    # the schema asks for more than the output length: constrained requests run to it too
+    assert all(r["output_tokens"] == 2 * 12 for r in results)
+    assert "2+js" in res.stdout and "constrained / free output tok/s" in res.stdout

@@ -16,7 +16,7 @@ from fusec.errors import InputError
 from fusec.kernels.random import FillRandom, fill_random_reference, hash3, to_unit, uniform
 from fusec.kernels.sampling import MAX_LOGPROBS
 from fusec.runtime.backends.cpu import HostDevice
-from fusec.runtime.sampler import (KernelSampler, SamplingBatch, draw_scores, kept_tokens, penalised_rows,
+from fusec.runtime.sampler import (KernelSampler, SamplingBatch, draw_scores, kept_tokens, processed_rows,
                                    reference_sample)
 from fusec.runtime.sequence import SamplingParams, Sequence
 
@@ -72,7 +72,7 @@ def check_against_reference(device, logits: np.ndarray, batch: SamplingBatch, ma
         np.testing.assert_array_equal(got.top_ids[j, :k], want.top_ids[j, :k])
         np.testing.assert_array_equal(got.top_vals[j, :k], want.top_vals[j, :k])
     exact = 0
-    penalised, _ = penalised_rows(logits[batch.rows], batch)
+    penalised, _ = processed_rows(logits[batch.rows], batch)
     for r in range(len(batch)):
         if batch.temperature[r] == 0:
             assert got.tokens[r] == want.tokens[r], r
@@ -101,6 +101,39 @@ def test_sampling_kernels_equal_reference(device):
     # the min_tokens ban holds
     banned = [i for i, s in enumerate(seqs) if s.params.min_tokens]
     assert all(int(t) not in (1, 2, VOCAB - 1) for t in reference_sample(logits, batch).tokens[banned])
+
+
+def random_masks(rng: np.random.Generator, rows: int, allowed: float) -> np.ndarray:
+    """Packed bitmask rows (llguidance's layout) allowing about `allowed` of VOCAB tokens."""
+    bits = rng.random((rows, (VOCAB + 31) // 32 * 32)) < allowed
+    bits[:, VOCAB:] = False
+    return np.packbits(bits, axis=1, bitorder="little").view("<i4").astype(np.int32)
+
+
+def test_token_masks_equal_reference_and_hold(device):
+    """Structured-output masks: constrained rows (mixed with free ones, penalties and
+    logprobs) draw only allowed tokens, as the oracle does; free rows are untouched."""
+    rng = np.random.default_rng(5)
+    logits = (rng.standard_normal((20, VOCAB)) * 3).astype(np.float32)
+    seqs = [make_seq(rng, i, **PARAMS[i % len(PARAMS)]) for i in range(24)]
+    rows = rng.integers(0, len(logits), len(seqs)).tolist()
+    dense = random_masks(rng, len(seqs), 0.03)
+    dense[1] = random_masks(rng, 1, 0.0)[0]
+    dense[1][0] = 1 << 5  # exactly one token allowed: 5
+    masks = [dense[i] if i % 3 else None for i in range(len(seqs))]
+    batch = SamplingBatch.build(rows, seqs, [{1, 2}] * len(seqs), VOCAB, masks)
+    assert len(batch.mask_rows) == 16
+    check_against_reference(device, logits, batch, max_rows=32)
+    got = KernelSampler(device, VOCAB, 32).sample(logits.copy(), batch)
+    from fusec.runtime.sampler import allowed_tokens
+
+    for i, mask in enumerate(masks):
+        if mask is not None:
+            assert allowed_tokens(mask, VOCAB)[got.tokens[i]], i
+    assert got.tokens[1] == 5
+    free = reference_sample(logits, SamplingBatch.build(rows, seqs, [{1, 2}] * len(seqs), VOCAB))
+    unmasked = [i for i, m in enumerate(masks) if m is None and seqs[i].params.greedy]
+    assert unmasked and all(got.tokens[i] == free.tokens[i] for i in unmasked)
 
 
 def test_greedy_takes_the_first_maximum(device):

@@ -9,7 +9,9 @@ from typing import Annotated, Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator,
                       model_serializer)
 
+from fusec.errors import InputError
 from fusec.runtime.sequence import SamplingParams
+from fusec.runtime.structured_output import StructuredOutputsParams
 
 Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -22,6 +24,29 @@ class OpenAIModel(BaseModel):
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
     continuous_usage_stats: bool = False
+
+
+class JsonSchemaFormat(OpenAIModel):
+    name: str = "response"
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsFields(OpenAIModel):
+    """vLLM's `structured_outputs`: one of these."""
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class SamplingFields(OpenAIModel):
@@ -45,6 +70,13 @@ class SamplingFields(OpenAIModel):
     stop_token_ids: list[TokenId] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsFields | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -63,7 +95,43 @@ class SamplingFields(OpenAIModel):
             repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=list(self.stop or []),
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens, include_stop_str_in_output=self.include_stop_str_in_output)
+            skip_special_tokens=self.skip_special_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
+            structured_outputs=self.structured_outputs_params())
+
+    def structured_outputs_params(self) -> StructuredOutputsParams | None:
+        """The request's one constraint, from whichever field gave it; InputError when
+        several do or one is malformed."""
+        found: list[StructuredOutputsParams] = []
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            found.append(StructuredOutputsParams(json_object=True))
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.json_schema is None:
+                raise InputError("response_format of type json_schema needs json_schema.schema")
+            found.append(StructuredOutputsParams.from_json_schema(fmt.json_schema.json_schema))
+        so = self.structured_outputs
+        if so is not None:
+            given = [so.json_ is not None, so.regex is not None, so.choice is not None, so.grammar is not None,
+                     bool(so.json_object)]
+            if sum(given) != 1:
+                raise InputError("structured_outputs takes exactly one of json, regex, choice, grammar, json_object")
+            if so.json_ is not None:
+                found.append(StructuredOutputsParams.from_json_schema(so.json_))
+            else:
+                choice = None if so.choice is None else tuple(so.choice)
+                found.append(StructuredOutputsParams(regex=so.regex, choice=choice, grammar=so.grammar,
+                                                     json_object=bool(so.json_object)))
+        if self.guided_json is not None:
+            found.append(StructuredOutputsParams.from_json_schema(self.guided_json))
+        for name, value in (("regex", self.guided_regex), ("grammar", self.guided_grammar)):
+            if value is not None:
+                found.append(StructuredOutputsParams(**{name: value}))
+        if self.guided_choice is not None:
+            found.append(StructuredOutputsParams(choice=tuple(self.guided_choice)))
+        if len(found) > 1:
+            raise InputError("give one structured-output constraint: response_format, structured_outputs or one "
+                             "guided_* field")
+        return found[0] if found else None
 
 
 class CompletionRequest(SamplingFields):

@@ -7,6 +7,7 @@ import asyncio
 
 from fusec.models.tokenizer import Tokenizer
 from fusec.runtime.async_engine import AsyncEngine
+from fusec.runtime.sequence import SamplingParams
 from fusec.runtime.server.errors import APIError
 from fusec.runtime.server.protocol import ChatMessage
 from fusec.runtime.server.serving_models import OpenAIServingModels
@@ -31,6 +32,17 @@ class OpenAIServing:
         tok = self._need_tokenizer()
         turns = [{"role": m.role, "content": m.text()} for m in messages]
         return await asyncio.to_thread(tok.encode_chat, turns, add_generation_prompt)
+
+    async def _compile_constraint(self, params: SamplingParams) -> None:
+        """Compile a request's structured-output constraint before the engine takes it (in
+        a worker thread: a large schema takes a while), so a bad one is a 400 and the
+        engine's step loop only copies the compiled grammar."""
+        if params.structured_outputs is None:
+            return
+        grammars = self.engine.engine.grammars
+        if grammars is None:
+            raise APIError(400, "structured outputs need the model's tokenizer")
+        await asyncio.to_thread(grammars.compile, params.structured_outputs)
 
     async def _decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         tok = self._need_tokenizer()

@@ -109,6 +109,7 @@ class OpenAIServingGenerate(OpenAIServing, ABC, Generic[RequestT]):
         return Generation(request, f"{self.request_id_prefix}-{uuid.uuid4().hex}", model, prompts, params)
 
     async def _generate(self, gen: Generation[RequestT], raw: Request) -> Response | BaseModel:
+        await self._compile_constraint(gen.params)
         streams = await self._submit(gen)
         if gen.request.stream:
             return StreamingResponse(self._stream(gen, streams), media_type="text/event-stream")
