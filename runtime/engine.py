@@ -19,6 +19,7 @@ from fusec.runtime.block_manager import BlockManager
 from fusec.runtime.model_runner import ModelRunner, SequenceChunk
 from fusec.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from fusec.runtime.profile import StepProfile
+from fusec.runtime.sampler import token_bitmask
 from fusec.runtime.scheduler import Scheduler
 from fusec.runtime.sequence import SamplingParams, Sequence
 from fusec.runtime.structured_output import GrammarCompiler
@@ -113,6 +114,13 @@ class LLMEngine:
         max_len = len(ids) + params.max_tokens if params.max_tokens else self.max_model_len
         now = time.monotonic() if arrival is None else arrival
         seqs = [Sequence(request_id, i, ids, params, now, max_len) for i in range(params.n)]
+        for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or [])):
+            if any(not 0 <= t < vocab for t in ids):
+                raise InputError(f"{name}: token ids must be in [0, {vocab})")
+        if params.allowed_token_ids:
+            allowed = token_bitmask(params.allowed_token_ids, vocab)
+            for seq in seqs:
+                seq.allowed_mask = allowed
         if params.structured_outputs is not None:
             if self.grammars is None:
                 raise InputError("structured outputs need the model's tokenizer")
@@ -180,9 +188,16 @@ class LLMEngine:
 
     @staticmethod
     def _mask_rows(seqs: list[Sequence], masks: Future | None) -> list[np.ndarray | None]:
-        """masks' rows in the order of seqs, None for a free sequence."""
+        """Each sequence's allowed tokens (its grammar's mask row and its allowed_token_ids),
+        None for a free sequence."""
         rows = iter(masks.result() if masks is not None else ())
-        return [next(rows) if s.matcher is not None else None for s in seqs]
+        out: list[np.ndarray | None] = []
+        for s in seqs:
+            grammar = next(rows) if s.matcher is not None else None
+            if s.allowed_mask is not None:
+                grammar = s.allowed_mask if grammar is None else grammar & s.allowed_mask
+            out.append(grammar)
+        return out
 
     def _sample(self, logits, rows: list[int], seqs: list[Sequence], masks: Future | None
                 ) -> tuple[list[int], list]:

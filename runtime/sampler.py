@@ -1,7 +1,7 @@
 """Next-token selection for a batch.
 
 Order, as in vLLM: logprobs come from the raw model distribution; then penalties
-(repetition over prompt + output, frequency and presence over the output), min_tokens
+(repetition over prompt + output, frequency and presence over the output), logit_bias, min_tokens
 (end tokens banned until then), structured-output masks (tokens a grammar forbids
 dropped), then greedy argmax, or temperature with top-k, top-p
 and min-p and a Gumbel-max draw whose uniforms are hash(seed, step, token), so a
@@ -101,6 +101,8 @@ def _penalty_edits(seq: Sequence, ends: set[int], vocab: int) -> dict[int, tuple
         ids, counts = np.unique(np.asarray(seq.output_ids, np.int64), return_counts=True)
         for t, c in zip(ids.tolist(), counts.tolist()):
             edits.setdefault(t, [1.0, 0.0])[1] += p.frequency_penalty * c + p.presence_penalty
+    for t, bias in (p.logit_bias or {}).items():
+        edits.setdefault(t, [1.0, 0.0])[1] -= bias
     if len(seq.output_ids) < p.min_tokens:
         for t in ends:
             if 0 <= t < vocab:
@@ -170,6 +172,13 @@ def processed_rows(rows: np.ndarray, batch: SamplingBatch) -> tuple[np.ndarray, 
     for row, mask in zip(batch.mask_rows, batch.masks):
         x[row, ~allowed_tokens(mask, x.shape[1])] = -np.inf
     return x, orig
+
+
+def token_bitmask(token_ids: Seq[int], vocab: int) -> np.ndarray:
+    """Allowed token ids as a packed bitmask row (the layout of structured-output masks)."""
+    bits = np.zeros((vocab + 31) // 32 * 32, bool)
+    bits[np.asarray(token_ids, np.int64)] = True
+    return np.packbits(bits, bitorder="little").view("<i4").astype(np.int32)
 
 
 def allowed_tokens(mask: np.ndarray, vocab: int) -> np.ndarray:

@@ -37,6 +37,8 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured_outputs: StructuredOutputsParams | None = None  # a constraint on what may be generated
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI: -100 bans, 100 forces)
+    allowed_token_ids: list[int] | None = None  # only these may be generated
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -58,6 +60,8 @@ class SamplingParams:
             (self.min_tokens >= 0, "min_tokens must be >= 0"),
             (self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens must be <= max_tokens"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (all(-100 <= b <= 100 for b in (self.logit_bias or {}).values()), "logit_bias values must be in [-100, 100]"),
+            (self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "allowed_token_ids must not be empty"),
         ]
         for ok, message in checks:
             if not ok:
@@ -106,6 +110,7 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.logprobs: list[Logprob] = []
         self.matcher: Any = None  # an llguidance matcher walking the output, under a structured-output constraint
+        self.allowed_mask: np.ndarray | None = None  # allowed_token_ids as a packed bitmask row
         # the sampler's uniforms are hash(seed, tokens generated so far, token id): a
         # seeded request draws the same numbers in any batch, its n completions differ
         self.seed = (int(hash3(params.seed, index, SEED_STREAM)) if params.seed is not None

@@ -52,6 +52,8 @@ PARAMS = [
     dict(temperature=0, min_tokens=50, max_tokens=60, logprobs=MAX_LOGPROBS),  # the end tokens are banned
     dict(temperature=1.0, top_k=1),
     dict(temperature=2.0, top_p=0.999, top_k=VOCAB),
+    dict(temperature=0.9, logit_bias={3: 8.0, 7: -100.0}, repetition_penalty=1.2),
+    dict(temperature=0, logit_bias={11: 100.0}, logprobs=2),  # forced: greedy takes token 11
 ]
 
 
@@ -101,6 +103,9 @@ def test_sampling_kernels_equal_reference(device):
     # the min_tokens ban holds
     banned = [i for i, s in enumerate(seqs) if s.params.min_tokens]
     assert all(int(t) not in (1, 2, VOCAB - 1) for t in reference_sample(logits, batch).tokens[banned])
+    # logit_bias: +100 forces its token, -100 bans its
+    forced = [i for i, s in enumerate(seqs) if 11 in (s.params.logit_bias or {})]
+    assert forced and all(reference_sample(logits, batch).tokens[forced] == 11)
 
 
 def random_masks(rng: np.random.Generator, rows: int, allowed: float) -> np.ndarray:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 
+import httpx
 import jsonschema
 import openai
 import pydantic
@@ -129,3 +130,36 @@ def test_bad_constraints_are_400s(client, extra, message):
     assert body["code"] == 400 and message in body["message"], body
     ok = client.chat.completions.create(model="smol", messages=ASK, max_tokens=3)  # the server is fine
     assert ok.choices[0].message.content is not None
+
+
+def token_ids(server, text: str) -> list[int]:
+    return httpx.post(server.url + "/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"]
+
+
+def test_logit_bias_and_allowed_token_ids(server, client):
+    (banana,) = token_ids(server, " banana")
+    out = client.completions.create(model="smol", prompt="I like", max_tokens=4, temperature=0,
+                                    logit_bias={str(banana): 100})
+    assert out.choices[0].text == " banana" * 4
+    free = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=1, temperature=0)
+    (first,) = token_ids(server, free.choices[0].text)
+    banned = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=1, temperature=0,
+                                       logit_bias={str(first): -100})
+    assert banned.choices[0].text != free.choices[0].text
+    allowed = token_ids(server, " yes") + token_ids(server, " no")
+    out = client.completions.create(model="smol", prompt="Answer:", max_tokens=6, temperature=1.0, seed=2, n=8,
+                                    extra_body={"allowed_token_ids": allowed})
+    assert all(re.fullmatch(r"( yes| no)+", c.text) for c in out.choices), [c.text for c in out.choices]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"logit_bias": {"abc": 1}}, "token ids"),
+    ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "[-100, 100]"),
+    ({"allowed_token_ids": [10 ** 9]}, "allowed_token_ids"),
+    ({"allowed_token_ids": []}, "must not be empty"),
+])
+def test_bad_biases_are_400s(client, extra, message):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="smol", prompt="x", max_tokens=2, extra_body=extra)
+    assert message in err.value.response.json()["error"]["message"]

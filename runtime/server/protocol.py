@@ -77,6 +77,8 @@ class SamplingFields(OpenAIModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's keys) -> bias
+    allowed_token_ids: list[TokenId] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -96,7 +98,16 @@ class SamplingFields(OpenAIModel):
             seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=list(self.stop or []),
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
-            structured_outputs=self.structured_outputs_params())
+            structured_outputs=self.structured_outputs_params(), logit_bias=self._logit_bias(),
+            allowed_token_ids=self.allowed_token_ids)
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        if self.logit_bias is None:
+            return None
+        try:
+            return {int(k): v for k, v in self.logit_bias.items()}
+        except ValueError:
+            raise InputError("logit_bias keys must be token ids") from None
 
     def structured_outputs_params(self) -> StructuredOutputsParams | None:
         """The request's one constraint, from whichever field gave it; InputError when
