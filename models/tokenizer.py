@@ -65,16 +65,19 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    **template_args: Any) -> str:
+        """template_args: the template's extra variables (e.g. `tools`)."""
         if not self.chat_template:
             raise InputError("this model has no chat template")
         return render_chat(self.chat_template, [dict(m) for m in messages],
                            add_generation_prompt=add_generation_prompt,
-                           bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+                           bos_token=self.bos_token or "", eos_token=self.eos_token or "", **template_args)
 
-    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    **template_args: Any) -> list[int]:
         # The template writes any BOS itself, so no special tokens are added on top (as HF does).
-        return self.encode(self.render_chat(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, add_generation_prompt, **template_args), add_special_tokens=False)
 
     # -- construction -------------------------------------------------------------
     @classmethod

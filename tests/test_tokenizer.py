@@ -106,3 +106,68 @@ def test_split_characters_are_held_back(ours):
     assert len(ids) > 1, "the crab emoji should span several byte-level tokens"
     detok = IncrementalDetokenizer(ours)
     assert [detok.push(t) for t in ids] == [""] * (len(ids) - 1) + ["🦀"]
+
+
+# Qwen2.5's way of writing tools and tool turns (Hermes-style <tool_call> JSON), trimmed
+TOOLS_TEMPLATE = """{%- if tools %}<|im_start|>system
+{{ messages[0].content if messages[0].role == 'system' else 'You are helpful.' }}
+
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools><|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == 'system' and tools %}{%- elif message.role == 'assistant' and message.tool_calls %}
+<|im_start|>assistant
+{{ message.content }}
+{%- for tool_call in message.tool_calls %}{% set call = tool_call.function %}
+<tool_call>
+{"name": "{{ call.name }}", "arguments": {{ call.arguments | tojson }}}
+</tool_call>
+{%- endfor %}<|im_end|>
+{%- elif message.role == 'tool' %}
+<|im_start|>user
+<tool_response id="{{ message.tool_call_id }}">
+{{ message.content }}
+</tool_response><|im_end|>
+{%- else %}
+<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+<|im_start|>assistant
+{% endif %}"""
+
+
+def test_tool_turns_reach_the_template_intact(ours, hf_tok):
+    """A request's tools, assistant tool_calls (arguments as JSON text, as clients send
+    them) and tool results render as transformers renders the same conversation."""
+    from fusec.runtime.server.protocol import ChatCompletionRequest, chat_template_args
+
+    weather = {"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+                                                "parameters": {"type": "object",
+                                                               "properties": {"city": {"type": "string"}},
+                                                               "required": ["city"]}}}
+    body = {"model": "x", "tools": [weather], "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_7", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'}}]},
+        {"role": "tool", "tool_call_id": "call_7", "content": "21 C, sunny"},
+    ]}
+    req = ChatCompletionRequest.model_validate(body)
+    turns = [m.template_dict() for m in req.messages]
+    tok = Tokenizer(ours.backend, bos_token=ours.bos_token, eos_token=ours.eos_token, chat_template=TOOLS_TEMPLATE)
+    got = tok.render_chat(turns, True, **chat_template_args(req.tools, req.chat_template_kwargs))
+    hf_messages = [dict(m) for m in body["messages"]]
+    hf_messages[2] = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_7", "type": "function", "function": {"name": "get_weather",
+                                                         "arguments": {"city": "Paris", "unit": "C"}}}]}
+    want = hf_tok.apply_chat_template(hf_messages, tools=[weather], chat_template=TOOLS_TEMPLATE, tokenize=False,
+                                      add_generation_prompt=True)
+    assert got == want
+    assert '"arguments": {"city": "Paris", "unit": "C"}' in got and 'id="call_7"' in got and "get_weather" in got

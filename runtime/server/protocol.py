@@ -4,6 +4,7 @@ fields are accepted and ignored, as vLLM does. Response models are what the serv
 sends, field for field."""
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator,
@@ -158,19 +159,86 @@ class TextPart(OpenAIModel):
     text: str
 
 
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+
+
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(OpenAIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(OpenAIModel):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: dict[str, str]
+
+
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # the call a tool turn answers
 
     def text(self) -> str:
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
 
+    def template_dict(self) -> dict[str, Any]:
+        """The turn as chat templates read it (HF's convention): tool-call arguments as
+        objects where they parse, so a template's `tojson` does not quote them twice."""
+        turn: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            turn["name"] = self.name
+        if self.tool_call_id is not None:
+            turn["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            turn["tool_calls"] = [{"id": c.id, "type": c.type,
+                                   "function": {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}}
+                                  for c in self.tool_calls]
+        return turn
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def chat_template_args(tools: list[ChatTool] | None, kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """Template variables beyond the messages (HF's apply_chat_template extras)."""
+    extra = dict(kwargs or {})
+    reserved = sorted(set(extra) & {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
+    if reserved:
+        raise InputError(f"chat_template_kwargs may not set {', '.join(reserved)}")
+    if tools:
+        extra["tools"] = [t.model_dump(exclude_none=True) for t in tools]
+    return extra
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     logprobs: bool = False
@@ -183,8 +251,10 @@ class TokenizeRequest(OpenAIModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[ChatTool] | None = None
     add_special_tokens: bool = True
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 class DetokenizeRequest(OpenAIModel):

@@ -10,7 +10,8 @@ from fusec.runtime.sequence import Logprob
 from fusec.runtime.server.errors import APIError
 from fusec.runtime.server.protocol import (ChatCompletionChoice, ChatCompletionRequest, ChatCompletionResponse,
                                            ChatCompletionStreamResponse, ChatLogprobs, ChatResponseMessage,
-                                           ChatStreamChoice, ChatTokenLogprob, DeltaMessage, TopLogprob)
+                                           ChatStreamChoice, ChatTokenLogprob, DeltaMessage, TopLogprob,
+                                           chat_template_args)
 from fusec.runtime.server.serving_generate import Delta, Generation, OpenAIServingGenerate, Prompt
 
 
@@ -23,7 +24,14 @@ class OpenAIServingChat(OpenAIServingGenerate[ChatCompletionRequest]):
         model = self.models.resolve(req.model)
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
-        ids = await self._encode_chat(req.messages, req.add_generation_prompt)
+        if req.tools and req.tool_choice != "none":
+            # tool calls are not parsed from the output yet: refuse rather than answer in prose
+            raise APIError(400, "tool calling is not supported yet; tool_choice \"none\" renders the tools into "
+                                "the prompt and answers in text", "tool_choice")
+        if req.tool_choice is not None and req.tool_choice != "none" and not req.tools:
+            raise APIError(400, "tool_choice needs tools", "tool_choice")
+        ids = await self._encode_chat(req.messages, req.add_generation_prompt,
+                                      chat_template_args(req.tools, req.chat_template_kwargs))
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         params = req.sampling_params(req.max_completion_tokens or req.max_tokens, logprobs)
         return await self._generate(self._new_generation(req, model, [Prompt(ids)], params), raw)

@@ -4,6 +4,7 @@ a long prompt must not stall the event loop, which serves every other client."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from fusec.models.tokenizer import Tokenizer
 from fusec.runtime.async_engine import AsyncEngine
@@ -28,10 +29,13 @@ class OpenAIServing:
         tok = self._need_tokenizer()
         return await asyncio.to_thread(lambda: [tok.encode(t, add_special_tokens=add_special_tokens) for t in texts])
 
-    async def _encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> list[int]:
+    async def _encode_chat(self, messages: list[ChatMessage], add_generation_prompt: bool,
+                           template_args: dict[str, Any]) -> list[int]:
+        """The conversation through the model's chat template; template_args are its
+        extra variables (tools, chat_template_kwargs)."""
         tok = self._need_tokenizer()
-        turns = [{"role": m.role, "content": m.text()} for m in messages]
-        return await asyncio.to_thread(tok.encode_chat, turns, add_generation_prompt)
+        turns = [m.template_dict() for m in messages]
+        return await asyncio.to_thread(tok.encode_chat, turns, add_generation_prompt, **template_args)
 
     async def _compile_constraint(self, params: SamplingParams) -> None:
         """Compile a request's structured-output constraint before the engine takes it (in

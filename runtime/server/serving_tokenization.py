@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from fusec.runtime.server.errors import APIError
-from fusec.runtime.server.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from fusec.runtime.server.protocol import (DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse,
+                                           chat_template_args)
 from fusec.runtime.server.serving_engine import OpenAIServing
 
 
@@ -11,7 +12,8 @@ class OpenAIServingTokenization(OpenAIServing):
         self.models.resolve(req.model)
         self._need_tokenizer()
         if req.messages is not None:
-            ids = await self._encode_chat(req.messages, req.add_generation_prompt)
+            ids = await self._encode_chat(req.messages, req.add_generation_prompt,
+                                          chat_template_args(req.tools, req.chat_template_kwargs))
         elif req.prompt is not None:
             (ids,) = await self._encode([req.prompt], req.add_special_tokens)
         else:
