@@ -37,5 +37,6 @@ def render_chat(template: str, messages: Sequence[dict[str, Any]], *, add_genera
                                          bos_token=bos_token, eos_token=eos_token, **extra)
     except InputError:
         raise
-    except jinja2.TemplateError as e:
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError) as e:
+        # what the conversation or chat_template_kwargs made the template do: the request's fault
         raise InputError(f"chat template failed: {e}") from None

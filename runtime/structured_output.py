@@ -76,7 +76,7 @@ class StructuredOutputsParams:
             return llguidance.grammar_from("choice", list(self.choice))
         try:
             return llguidance.grammar_from("grammar", self.grammar or "")
-        except ValueError as e:
+        except Exception as e:  # the GBNF converter raises more than ValueError on malformed text
             raise InputError(f"invalid grammar: {e}") from None
 
 
