@@ -26,6 +26,7 @@ BENCH_SCHEMA = {
                              "name": {"type": "string", "maxLength": 12},
                              "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3}}},
 }
+BENCH_CONSTRAINT = StructuredOutputsParams.build(json=BENCH_SCHEMA)
 
 
 @dataclass
@@ -43,7 +44,7 @@ class LevelResult:
     itl_p95_ms: float
     peak_rss_mb: float
     profile: dict[str, float] = field(default_factory=dict)  # StepProfile.summary() of this level
-    structured: bool = False  # every request under BENCH_SCHEMA
+    structured: bool = False  # every request under BENCH_CONSTRAINT
 
 
 @dataclass
@@ -81,13 +82,12 @@ def _pct(values: list[float], q: float) -> float:
 def run_level(engine: LLMEngine, n: int, num_prompts: int, input_len: int, output_len: int, ignore_eos: bool,
               seed: int, progress: Callable[[int], None] | None = None, structured: bool = False) -> LevelResult:
     """num_prompts requests of random token ids, at most n in flight at once (each
-    under BENCH_SCHEMA with `structured`)."""
+    under BENCH_CONSTRAINT with `structured`)."""
     rng = np.random.default_rng(seed)
     vocab = engine.model.config.vocab_size
     prompts = [rng.integers(0, vocab, input_len).tolist() for _ in range(num_prompts)]
-    constraint = StructuredOutputsParams.from_json_schema(BENCH_SCHEMA) if structured else None
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=ignore_eos,
-                            structured_outputs=constraint)
+                            structured_outputs=BENCH_CONSTRAINT if structured else None)
     pending = list(enumerate(prompts))
     arrival: dict[str, float] = {}
     last_seen: dict[str, tuple[int, float]] = {}
@@ -145,7 +145,7 @@ def benchmark(config: EngineConfig, levels: list[int], input_len: int, output_le
         if engine.grammars is None:
             engine.close()
             raise FusecError("--structured needs a model with a tokenizer")
-        engine.grammars.compile(StructuredOutputsParams.from_json_schema(BENCH_SCHEMA))
+        engine.grammars.compile(BENCH_CONSTRAINT)
     for n in levels:
         for constrained in (False, True) if structured else (False,):
             count = num_prompts or n

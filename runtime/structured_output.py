@@ -51,16 +51,11 @@ class StructuredOutputsParams:
             raise InputError("a structured-output choice is a non-empty list of strings")
 
     @classmethod
-    def from_json_schema(cls, schema: Any) -> "StructuredOutputsParams":
-        """A schema given as an object or as its JSON text."""
-        if isinstance(schema, str):
-            try:
-                schema = json.loads(schema)
-            except json.JSONDecodeError as e:
-                raise InputError(f"the JSON schema is not valid JSON: {e}") from None
-        if not isinstance(schema, dict):
-            raise InputError("a JSON schema must be an object")
-        return cls(json=json.dumps(schema))
+    def build(cls, *, json: Any = None, regex: str | None = None, choice: Sequence[str] | None = None,
+              grammar: str | None = None, json_object: bool = False) -> "StructuredOutputsParams":
+        """From API values: a schema as an object or as its JSON text, a choice as any list."""
+        return cls(json=None if json is None else _schema_text(json), regex=regex,
+                   choice=None if choice is None else tuple(choice), grammar=grammar, json_object=json_object)
 
     def grammar_text(self) -> str:
         """The constraint as an llguidance grammar (checked when a matcher compiles it)."""
@@ -78,6 +73,19 @@ class StructuredOutputsParams:
             return llguidance.grammar_from("grammar", self.grammar or "")
         except Exception as e:  # the GBNF converter raises more than ValueError on malformed text
             raise InputError(f"invalid grammar: {e}") from None
+
+
+def _schema_text(schema: Any) -> str:
+    """A JSON schema given as an object or as its JSON text, serialised (key order kept:
+    it is the order properties are generated in)."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise InputError(f"the JSON schema is not valid JSON: {e}") from None
+    if not isinstance(schema, dict):
+        raise InputError("a JSON schema must be an object")
+    return json.dumps(schema)
 
 
 class GrammarCompiler:

@@ -120,26 +120,14 @@ class SamplingFields(OpenAIModel):
         elif fmt is not None and fmt.type == "json_schema":
             if fmt.json_schema is None or fmt.json_schema.json_schema is None:
                 raise InputError("response_format of type json_schema needs json_schema.schema")
-            found.append(StructuredOutputsParams.from_json_schema(fmt.json_schema.json_schema))
+            found.append(StructuredOutputsParams.build(json=fmt.json_schema.json_schema))
         so = self.structured_outputs
-        if so is not None:
-            given = [so.json_ is not None, so.regex is not None, so.choice is not None, so.grammar is not None,
-                     bool(so.json_object)]
-            if sum(given) != 1:
-                raise InputError("structured_outputs takes exactly one of json, regex, choice, grammar, json_object")
-            if so.json_ is not None:
-                found.append(StructuredOutputsParams.from_json_schema(so.json_))
-            else:
-                choice = None if so.choice is None else tuple(so.choice)
-                found.append(StructuredOutputsParams(regex=so.regex, choice=choice, grammar=so.grammar,
-                                                     json_object=bool(so.json_object)))
-        if self.guided_json is not None:
-            found.append(StructuredOutputsParams.from_json_schema(self.guided_json))
-        for name, value in (("regex", self.guided_regex), ("grammar", self.guided_grammar)):
-            if value is not None:
-                found.append(StructuredOutputsParams(**{name: value}))
-        if self.guided_choice is not None:
-            found.append(StructuredOutputsParams(choice=tuple(self.guided_choice)))
+        if so is not None:  # StructuredOutputsParams checks that exactly one is given
+            found.append(StructuredOutputsParams.build(json=so.json_, regex=so.regex, choice=so.choice,
+                                                       grammar=so.grammar, json_object=bool(so.json_object)))
+        guided = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
+                  "grammar": self.guided_grammar}
+        found += [StructuredOutputsParams.build(**{kind: value}) for kind, value in guided.items() if value is not None]
         if len(found) > 1:
             raise InputError("give one structured-output constraint: response_format, structured_outputs or one "
                              "guided_* field")
