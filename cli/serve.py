@@ -8,6 +8,7 @@ import click
 
 from fusec.errors import FusecError
 from fusec.runtime.config import EngineConfig, engine_options
+from fusec.runtime.server.tool_parsers import TOOL_PARSERS
 
 log = logging.getLogger("fusec.server")
 
@@ -38,11 +39,18 @@ def _graphs_note(engine) -> str:
 @click.option("--served-model-name", "served_names", multiple=True, help="Name(s) clients use [default: the model]")
 @click.option("--api-key", default=None, envvar="FUSEC_API_KEY", help="Require 'Authorization: Bearer KEY'.")
 @click.option("--disable-log-requests", is_flag=True)
+@click.option("--enable-auto-tool-choice", is_flag=True,
+              help="Let the model decide when to call tools (tool_choice \"auto\"); needs --tool-call-parser.")
+@click.option("--tool-call-parser", type=click.Choice(sorted(TOOL_PARSERS)), default=None,
+              help="How tool calls are read from the model's text under tool_choice \"auto\".")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error", "critical"]))
 def serve_cmd(model_tag: str | None, host: str, port: int, served_names: tuple[str, ...], api_key: str | None,
-              disable_log_requests: bool, log_level: str, **options) -> None:
+              disable_log_requests: bool, enable_auto_tool_choice: bool, tool_call_parser: str | None,
+              log_level: str, **options) -> None:
     """Serve a model over the OpenAI API (`fusec serve [MODEL]`, like `vllm serve`)."""
+    if enable_auto_tool_choice and tool_call_parser is None:
+        raise click.UsageError("--enable-auto-tool-choice needs --tool-call-parser")
     import uvicorn
 
     from fusec.runtime.async_engine import AsyncEngine
@@ -55,7 +63,9 @@ def serve_cmd(model_tag: str | None, host: str, port: int, served_names: tuple[s
     model = model or model_tag
     engine = LLMEngine(EngineConfig.from_options(options, model=model))
     names = list(served_names) or [model or engine.model.name]
-    app = create_app(AsyncEngine(engine), ServerSettings(names, api_key, disable_log_requests, str(engine.model.path)))
+    app = create_app(AsyncEngine(engine), ServerSettings(
+        names, api_key, disable_log_requests, str(engine.model.path),
+        tool_call_parser=tool_call_parser if enable_auto_tool_choice else None))
     logging.getLogger("fusec").setLevel(log_level.upper())
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30,
                             access_log=not disable_log_requests)

@@ -78,12 +78,18 @@ def _bad_inputs(tmp: Path, tiny: Path, smollm2: Path) -> dict[str, tuple[list[st
         "bad option value": (["generate", "--prompt", "x", "--max-tokens", "0"], "--max-tokens"),
         "no CUDA device": (["generate", "--device", "cuda", "--prompt", "x"],
                            "no CUDA device found; use --device cpu"),
+        "auto tool choice without a parser": (["serve", "--enable-auto-tool-choice"], "needs --tool-call-parser"),
+        "unknown tool-call parser": (["serve", "--tool-call-parser", "nope"], "--tool-call-parser"),
     }
 
 
 CASES = ["missing path", "unsupported architecture", "broken config.json", "truncated safetensors",
          "garbage safetensors", "truncated gguf", "garbage gguf", "no tokenizer", "prompt longer than context",
-         "prompt longer than --max-model-len", "bad option value", "no CUDA device"]
+         "prompt longer than --max-model-len", "bad option value", "no CUDA device",
+         "auto tool choice without a parser", "unknown tool-call parser"]
+
+
+USAGE_ERRORS = {"bad option value", "auto tool choice without a parser", "unknown tool-call parser"}
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +104,7 @@ def test_bad_input_is_one_line_exit_2(bad_inputs, case):
     assert res.returncode == 2, (res.returncode, res.stdout, res.stderr)
     assert "Traceback" not in res.stderr
     lines = [line for line in res.stderr.splitlines() if line.strip()]
-    if case != "bad option value":  # click's usage errors carry a usage line too
+    if case not in USAGE_ERRORS:  # click's usage errors carry a usage line too
         assert len(lines) == 1, res.stderr
     assert expected in res.stderr
     assert res.stdout == ""

@@ -123,7 +123,7 @@ def test_streaming_gives_the_same_text(client):
     ({"guided_grammar": "start: undefined_rule"}, "undefined_rule"),
     ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "one structured-output constraint"),
     ({"tools": "garbage"}, "tools"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool calling is not supported yet"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "requires --enable-auto-tool-choice"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}], "tool_choice": "none"}, "name"),
     ({"tool_choice": "required"}, "tool_choice needs tools"),
     ({"chat_template_kwargs": {"messages": []}}, "may not set messages"),
@@ -169,12 +169,3 @@ def test_bad_biases_are_400s(client, extra, message):
         client.completions.create(model="smol", prompt="x", max_tokens=2, extra_body=extra)
     assert message in err.value.response.json()["error"]["message"]
 
-
-def test_tools_with_tool_choice_none_render_and_answer_in_text(client):
-    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
-    msgs = ASK + [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
-    out = client.chat.completions.create(model="smol", messages=msgs, tools=[tool], tool_choice="none", max_tokens=5,
-                                         temperature=0)
-    assert out.choices[0].message.content and not out.choices[0].message.tool_calls

@@ -22,6 +22,7 @@ class ServerSettings:
     api_key: str | None = None
     disable_log_requests: bool = False
     model_path: str = ""
+    tool_call_parser: str | None = None  # with --enable-auto-tool-choice: how "auto" reads calls
 
 
 def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
@@ -32,7 +33,7 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     state = app.state
     state.engine, state.settings, state.metrics, state.serving_models = engine, settings, metrics, models
     state.serving_completion = OpenAIServingCompletion(engine, models, metrics)
-    state.serving_chat = OpenAIServingChat(engine, models, metrics)
+    state.serving_chat = OpenAIServingChat(engine, models, metrics, settings.tool_call_parser)
     state.serving_tokenization = OpenAIServingTokenization(engine, models)
     install_error_handlers(app)
     app.include_router(router)

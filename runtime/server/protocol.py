@@ -173,9 +173,13 @@ class ChatTool(OpenAIModel):
     function: FunctionDefinition
 
 
+class ToolChoiceFunction(OpenAIModel):
+    name: str
+
+
 class NamedToolChoice(OpenAIModel):
     type: Literal["function"]
-    function: dict[str, str]
+    function: ToolChoiceFunction
 
 
 class ChatMessage(OpenAIModel):
@@ -226,7 +230,8 @@ def chat_template_args(tools: list[ChatTool] | None, kwargs: dict[str, Any] | No
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[ChatTool] | None = None
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # None: auto with tools
+    parallel_tool_calls: bool = True
     max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     logprobs: bool = False
@@ -336,7 +341,8 @@ class ChatLogprobs(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)  # vLLM's shape: [] when there are none
 
 
 class ChatCompletionChoice(BaseModel):
@@ -356,14 +362,33 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
-class DeltaMessage(BaseModel):
-    """Only what a chunk adds: the role in the first, then content; `{}` when neither."""
-    role: Literal["assistant"] | None = None
-    content: str | None = None
+class CompactModel(BaseModel):
+    """A stream delta: fields that are None are left out, as OpenAI sends them."""
 
     @model_serializer(mode="wrap")
     def _without_nulls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunctionCall(CompactModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(CompactModel):
+    """A call's first delta has its id, type and name; later ones argument fragments."""
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall
+
+
+class DeltaMessage(CompactModel):
+    """Only what a chunk adds: the role in the first, then content or tool calls; `{}` when
+    none."""
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):

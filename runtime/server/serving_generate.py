@@ -86,6 +86,7 @@ class OpenAIServingGenerate(OpenAIServing, ABC, Generic[RequestT]):
     request_id_prefix: str
     chunk_type: type[BaseModel]  # a stream chunk: id, created, model, choices, usage
     response_type: type[BaseModel]  # the whole answer: id, created, model, choices, usage
+    generation_type: type[Generation] = Generation  # a subclass carries what an endpoint adds per request
 
     def __init__(self, engine: AsyncEngine, models: OpenAIServingModels, metrics: ServerMetrics) -> None:
         super().__init__(engine, models)
@@ -97,16 +98,18 @@ class OpenAIServingGenerate(OpenAIServing, ABC, Generic[RequestT]):
         return []
 
     @abstractmethod
-    def _stream_choice(self, gen: Generation[RequestT], delta: Delta) -> BaseModel: ...
+    def _stream_choice(self, gen: Generation[RequestT], delta: Delta) -> BaseModel | None:
+        """The chunk choice for a delta; None when there is nothing to send yet."""
 
     @abstractmethod
     def _final_choice(self, gen: Generation[RequestT], index: int, prompt_index: int,
                       output: CompletionOutput) -> BaseModel: ...
 
     # -- the shared path ----------------------------------------------------------------------------
-    def _new_generation(self, request: RequestT, model: str, prompts: list[Prompt],
-                        params: SamplingParams) -> Generation[RequestT]:
-        return Generation(request, f"{self.request_id_prefix}-{uuid.uuid4().hex}", model, prompts, params)
+    def _new_generation(self, request: RequestT, model: str, prompts: list[Prompt], params: SamplingParams,
+                        **extra) -> Generation[RequestT]:
+        return self.generation_type(request, f"{self.request_id_prefix}-{uuid.uuid4().hex}", model, prompts, params,
+                                    **extra)
 
     async def _generate(self, gen: Generation[RequestT], raw: Request) -> Response | BaseModel:
         await self._compile_constraint(gen.params)
@@ -139,8 +142,9 @@ class OpenAIServingGenerate(OpenAIServing, ABC, Generic[RequestT]):
             async for i, out in outputs:
                 for c in out.outputs:
                     delta = self._advance(gen, i, c)
-                    if delta is not None:
-                        yield self._sse(gen, self._chunk(gen, [self._stream_choice(gen, delta)]))
+                    choice = self._stream_choice(gen, delta) if delta is not None else None
+                    if choice is not None:
+                        yield self._sse(gen, self._chunk(gen, [choice]))
         finally:
             outputs.close()  # a disconnected client lands here: abort what is left
         if gen.include_usage:
