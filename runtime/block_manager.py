@@ -64,14 +64,14 @@ class BlockManager:
         return alloc.blocks if alloc is not None else []
 
     # -- prefix cache -------------------------------------------------------------------
-    def claim_prefix(self, seq_id: int, tokens: Seq[int]) -> tuple[list[int], int]:
+    def claim_prefix(self, seq_id: int, tokens: Seq[int], use_cache: bool = True) -> tuple[list[int], int]:
         """Start the table of a newly admitted sequence with the cached blocks of the
-        longest cached prefix of tokens; returns the table and the number of tokens its
-        blocks hold. At least one token is left to compute, and the block holding it is
-        never a shared one."""
+        longest cached prefix of tokens (none without use_cache); returns the table and
+        the number of tokens its blocks hold. At least one token is left to compute, and
+        the block holding it is never a shared one."""
         assert seq_id not in self.allocations
         alloc = self.allocations[seq_id] = _Allocation()
-        if not self.prefix_caching:
+        if not self.prefix_caching or not use_cache:
             return alloc.blocks, 0
         bs = self.block_size
         self.cache_queries += len(tokens)

@@ -2,6 +2,7 @@
 output masks computed meanwhile) -> sample -> update, detokenize, check stops, finish."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -19,9 +20,9 @@ from fusec.runtime.block_manager import BlockManager
 from fusec.runtime.model_runner import ModelRunner, SequenceChunk
 from fusec.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from fusec.runtime.profile import StepProfile
-from fusec.runtime.sampler import token_bitmask
+from fusec.runtime.sampler import prompt_logprobs, token_bitmask
 from fusec.runtime.scheduler import Scheduler
-from fusec.runtime.sequence import SamplingParams, Sequence
+from fusec.runtime.sequence import Logprob, SamplingParams, Sequence
 from fusec.runtime.structured_output import GrammarCompiler
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ class _Request:
     detoks: list[IncrementalDetokenizer]
     texts: list[str]
     metrics: RequestMetrics
+    keep: int  # the n returned: fewer than len(seqs) under best_of
+    want_logprobs: bool  # the caller asked for logprobs (best_of computes them regardless)
+    prompt_logprobs: list[Logprob | None] | None = None  # filled as the prompt's chunks run
     finished_reported: bool = False
 
 
@@ -97,6 +101,10 @@ class LLMEngine:
                     prompt_token_ids: Seq[int] | None = None, arrival: float | None = None) -> None:
         if request_id in self.requests:
             raise InputError(f"duplicate request id {request_id!r}")
+        keep, want_logprobs = params.n, params.logprobs is not None
+        if params.best_of is not None and params.best_of > params.n:
+            # run best_of completions, each scoring its tokens; the n best are returned
+            params = dataclasses.replace(params, n=params.best_of, best_of=None, logprobs=params.logprobs or 0)
         if params.n > self.scheduler.max_num_seqs:
             raise InputError(f"n = {params.n} is more than --max-num-seqs {self.scheduler.max_num_seqs}: a request's "
                              f"completions run together")
@@ -114,8 +122,9 @@ class LLMEngine:
         max_len = len(ids) + params.max_tokens if params.max_tokens else self.max_model_len
         now = time.monotonic() if arrival is None else arrival
         seqs = [Sequence(request_id, i, ids, params, now, max_len) for i in range(params.n)]
-        for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or [])):
-            if any(not 0 <= t < vocab for t in ids):
+        for name, listed in (("logit_bias", params.logit_bias or {}),
+                             ("allowed_token_ids", params.allowed_token_ids or [])):
+            if any(not 0 <= t < vocab for t in listed):
                 raise InputError(f"{name}: token ids must be in [0, {vocab})")
         if params.allowed_token_ids:
             allowed = token_bitmask(params.allowed_token_ids, vocab)
@@ -129,7 +138,8 @@ class LLMEngine:
         detoks = [IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens) if self.tokenizer else None
                   for _ in seqs]
         self.requests[request_id] = _Request(request_id, prompt, ids, params, seqs, detoks, [""] * params.n,
-                                             RequestMetrics(now))
+                                             RequestMetrics(now), keep, want_logprobs,
+                                             [None] * len(ids) if params.prompt_logprobs is not None else None)
         self.scheduler.add(seqs[0])  # the other n - 1 fork from it once its prompt is in the cache
         self.stats.prompt_tokens += len(ids)
 
@@ -159,13 +169,17 @@ class LLMEngine:
         prof.steps += 1
         with prof.phase("prepare"):
             inputs = self.runner.prepare([SequenceChunk(c.seq.tokens[c.start:c.start + c.num_tokens], c.start,
-                                                        c.block_table) for c in sched.chunks])
-            rows = [row for row, c in enumerate(sched.chunks) if c.completes]
-            sampling = [sched.chunks[row].seq for row in rows]
+                                                        c.block_table, c.all_logits) for c in sched.chunks])
+            last_rows = np.cumsum([c.num_tokens if c.all_logits else 1 for c in sched.chunks]) - 1
+            completing = [c for c in sched.chunks if c.completes]
+            rows = [int(last_rows[k]) for k, c in enumerate(sched.chunks) if c.completes]
+            sampling = [c.seq for c in completing]
             masks = self._masks_async(sampling)  # on llguidance's threads while the forward runs
         logits = self.runner.run(inputs, prof)
         with prof.phase("postprocess"):
             now = time.monotonic()
+            if any(c.all_logits for c in sched.chunks):
+                self._score_prompts(logits, sched.chunks, last_rows)
             self.scheduler.update_after_step(sched)
             self.stats.computed_tokens += sched.num_tokens
         if not sampling:
@@ -180,6 +194,23 @@ class LLMEngine:
                 if seq.index == 0 and len(seq.output_ids) == 1 and req.params.n > 1:
                     self._fork_children(req, seq, logits, row, now)
             return [self._output(req, now) for req in touched.values()]
+
+    def _score_prompts(self, logits, chunks, last_rows: np.ndarray) -> None:
+        """prompt_logprobs: each scored chunk's rows give the logprobs of the prompt tokens
+        that follow them."""
+        host = self.runner.logits_to_host(logits)
+        for chunk, last in zip(chunks, last_rows):
+            req = self.requests.get(chunk.seq.request_id)
+            if not chunk.all_logits or req is None or req.prompt_logprobs is None:
+                continue
+            prompt = req.prompt_ids
+            m = min(chunk.num_tokens, len(prompt) - 1 - chunk.start)  # positions with a next prompt token
+            if m <= 0:
+                continue
+            first = int(last) - chunk.num_tokens + 1
+            scored = prompt_logprobs(host[first:first + m], prompt[chunk.start + 1:chunk.start + 1 + m],
+                                     req.params.prompt_logprobs or 0)
+            req.prompt_logprobs[chunk.start + 1:chunk.start + 1 + m] = scored
 
     def _masks_async(self, seqs: list[Sequence]) -> Future | None:
         """The constrained sequences' allowed-token bitmasks, being computed."""
@@ -285,10 +316,21 @@ class LLMEngine:
             outs.append(CompletionOutput(seq.index, text, list(seq.output_ids),
                                          sum(l.logprob for l in lps) if lps else None, lps,
                                          seq.finish_reason, seq.stop_reason))
+        if req.keep < len(outs):
+            outs = self._best(outs, req) if finished else []  # best_of: nothing to show until all are done
         if finished:
             req.metrics.finished_time = now
             self.requests.pop(req.request_id, None)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished, req.metrics)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished, req.metrics,
+                             req.prompt_logprobs)
+
+    @staticmethod
+    def _best(outs: list[CompletionOutput], req: _Request) -> list[CompletionOutput]:
+        """best_of: the req.keep completions of highest cumulative logprob, renumbered."""
+        ranked = sorted(outs, key=lambda o: -(o.cumulative_logprob or 0.0))[:req.keep]
+        return [dataclasses.replace(o, index=k, logprobs=o.logprobs if req.want_logprobs else None,
+                                    cumulative_logprob=o.cumulative_logprob if req.want_logprobs else None)
+                for k, o in enumerate(ranked)]
 
     def close(self) -> None:
         if self.grammars is not None:

@@ -23,11 +23,14 @@ def align(n: int) -> int:
 BATCH_DIMS = ("T", "S", "S1", "L", "B")  # the dims that shape activations (not NB: the KV cache)
 
 
-def max_dims(max_tokens: int, max_seqs: int, max_positions: int, block_size: int) -> dict[str, int]:
+def max_dims(max_tokens: int, max_seqs: int, max_positions: int, block_size: int,
+             extra_logit_rows: int = 0) -> dict[str, int]:
     """The largest value of every batch dim in a step of at most max_tokens tokens from
-    at most max_seqs sequences, each wanting the logits of its last token."""
+    at most max_seqs sequences, each wanting the logits of its last token, plus up to
+    extra_logit_rows more logits rows (prompt_logprobs)."""
     seqs = min(max_seqs, max_tokens)
-    return {"T": max_tokens, "S": seqs, "S1": seqs + 1, "L": seqs, "B": -(-max_positions // block_size)}
+    return {"T": max_tokens, "S": seqs, "S1": seqs + 1, "L": min(seqs + extra_logit_rows, max_tokens),
+            "B": -(-max_positions // block_size)}
 
 
 @dataclass(frozen=True)

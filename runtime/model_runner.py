@@ -15,6 +15,7 @@ from fusec.runtime.executor import PlanExecutor, ReferenceExecutor
 from fusec.runtime.memory import MemoryUse, kv_cache_blocks, max_dims
 from fusec.runtime.profile import StepProfile
 from fusec.runtime.sampler import KernelSampler, SampleResult, SamplingBatch, reference_sample
+from fusec.runtime.scheduler import PROMPT_LOGPROB_ROWS
 from fusec.runtime.sequence import Sequence as Seq
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class SequenceChunk:
     token_ids: Sequence[int]
     start: int
     block_table: list[int] = field(default_factory=list)
+    all_logits: bool = False  # the logits of every token, not just the last
 
 
 def build_inputs(chunks: Sequence[SequenceChunk], block_size: int, all_logits: bool = False) -> dict[str, np.ndarray]:
@@ -45,7 +47,8 @@ def build_inputs(chunks: Sequence[SequenceChunk], block_size: int, all_logits: b
     tables = np.zeros((len(chunks), width), dtype=np.int32)
     for i, c in enumerate(chunks):
         tables[i, : len(c.block_table)] = c.block_table
-    rows = np.arange(qstart[-1]) if all_logits else qstart[1:] - 1
+    rows = np.concatenate([np.arange(qstart[i], qstart[i + 1]) if all_logits or c.all_logits else [qstart[i + 1] - 1]
+                           for i, c in enumerate(chunks)])
     return {
         "token_ids": np.concatenate([np.asarray(c.token_ids) for c in chunks]).astype(np.int32),
         "positions": positions,
@@ -89,7 +92,7 @@ class ModelRunner:
             self.executor = PlanExecutor(device, graph, model.weights, default_registry(),
                                          device.plan_options(max_model_len, crossover),
                                          max_dims=max_dims(max_tokens, self.max_sample_rows, max_model_len,
-                                                           config.block_size))
+                                                           config.block_size, PROMPT_LOGPROB_ROWS))
             if tuning and self.executor.gemm is not None:
                 from fusec.runtime.autotune import parse_gemm_key
 
@@ -155,7 +158,9 @@ class ModelRunner:
 
     def execute(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> np.ndarray:
         """forward(), as a host array."""
-        logits = self.forward(chunks, all_logits)
+        return self.logits_to_host(self.forward(chunks, all_logits))
+
+    def logits_to_host(self, logits: Any) -> np.ndarray:
         return logits if self.device is None else self.device.to_host(logits)
 
     def sampling_batches(self, rows: Sequence[int], seqs: Sequence[Seq], end_ids: Sequence[set[int]],

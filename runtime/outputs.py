@@ -37,3 +37,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
+    # prompt_logprobs: one per prompt token (None for the first, which has no context)
+    prompt_logprobs: list[Logprob | None] | None = None

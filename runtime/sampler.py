@@ -134,6 +134,24 @@ class SampleResult:
         return out
 
 
+def prompt_logprobs(rows: np.ndarray, targets: Seq[int], k: int) -> list[Logprob]:
+    """prompt_logprobs for consecutive prompt positions: rows[i] are the raw logits before
+    prompt token targets[i]; its logprob, its rank (1 = the most likely) and the k most
+    likely tokens. Raw model distribution, as the sampled tokens' logprobs."""
+    x = np.asarray(rows, np.float64)
+    lse = x.max(axis=1, keepdims=True)
+    lse += np.log(np.exp(x - lse).sum(axis=1, keepdims=True))
+    at = np.arange(len(x))
+    picked = x[at, np.asarray(targets)]
+    ranks = 1 + (x > picked[:, None]).sum(axis=1)
+    out = []
+    for i in range(len(x)):
+        top = np.argsort(-x[i], kind="stable")[:k] if k else np.zeros(0, np.int64)
+        out.append(Logprob(int(targets[i]), float(picked[i] - lse[i, 0]),
+                           [(int(t), float(x[i, t] - lse[i, 0])) for t in top], int(ranks[i])))
+    return out
+
+
 # -- the numpy oracle ------------------------------------------------------------------------
 def reference_sample(logits: np.ndarray, batch: SamplingBatch) -> SampleResult:
     """What the sampling kernels compute, in numpy (float64 where they use float32)."""

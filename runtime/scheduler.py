@@ -20,6 +20,10 @@ from dataclasses import dataclass, field
 from fusec.runtime.block_manager import BlockManager
 from fusec.runtime.sequence import Sequence, SequenceStatus
 
+# Logits rows a step may spend on prompt_logprobs beyond one per sequence: it bounds the
+# logits buffer (rows x vocab floats); a long scored prompt takes several steps.
+PROMPT_LOGPROB_ROWS = 64
+
 
 @dataclass
 class ScheduledChunk:
@@ -27,6 +31,7 @@ class ScheduledChunk:
     start: int  # tokens already in the cache
     num_tokens: int
     block_table: list[int]  # the sequence's blocks, valid until the next schedule()
+    all_logits: bool = False  # the logits of every token, not just the last (prompt_logprobs)
 
     @property
     def completes(self) -> bool:
@@ -108,10 +113,18 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        scored_rows = PROMPT_LOGPROB_ROWS
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed, budget)
+            scores = seq.scores_prompt
+            if scores:
+                if not scored_rows:
+                    i += 1  # its logits rows are spent this step
+                    continue
+                n = min(n, scored_rows)
+                scored_rows -= n
             while not self.blocks.can_grow(seq.seq_id, seq.num_computed, seq.num_computed + n):
                 self._preempt(self.running[-1], out)  # the newest; possibly seq itself
                 if seq.status is SequenceStatus.WAITING:
@@ -119,7 +132,7 @@ class Scheduler:
             if seq.status is SequenceStatus.WAITING:
                 break
             table = self.blocks.grow(seq.seq_id, seq.num_computed, seq.num_computed + n)
-            out.chunks.append(ScheduledChunk(seq, seq.num_computed, n, table))
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed, n, table, scores))
             budget -= n
             i += 1
         seats = sum(map(seats_taken, self.running))
@@ -127,9 +140,15 @@ class Scheduler:
             seq = self.waiting[0]
             if seats + seats_taken(seq) > self.max_num_seqs:
                 break
-            _, seq.num_cached = self.blocks.claim_prefix(seq.seq_id, seq.tokens)
+            scores = seq.scores_prompt
+            if scores and not scored_rows:
+                break
+            # a scored prompt is computed whole: cached positions would have no logits
+            _, seq.num_cached = self.blocks.claim_prefix(seq.seq_id, seq.tokens, use_cache=not scores)
             seq.num_computed = seq.num_cached
             n = min(seq.num_uncomputed, budget)
+            if scores:
+                n = min(n, scored_rows)
             if not self.blocks.can_grow(seq.seq_id, seq.num_computed, seq.num_computed + n):
                 self._free(seq)  # hold no blocks while waiting
                 break
@@ -138,7 +157,8 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             seats += seats_taken(seq)
-            out.chunks.append(ScheduledChunk(seq, seq.num_computed, n, table))
+            out.chunks.append(ScheduledChunk(seq, seq.num_computed, n, table, scores))
             budget -= n
+            scored_rows -= n if scores else 0
         out.copies = self.blocks.take_copies()
         return out

@@ -39,6 +39,8 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | None = None  # a constraint on what may be generated
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI: -100 bans, 100 forces)
     allowed_token_ids: list[int] | None = None  # only these may be generated
+    best_of: int | None = None  # generate this many, return the n of highest cumulative logprob
+    prompt_logprobs: int | None = None  # logprobs of the prompt's tokens (and this many top ones each)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -62,6 +64,8 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
             (all(-100 <= b <= 100 for b in (self.logit_bias or {}).values()), "logit_bias values must be in [-100, 100]"),
             (self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "allowed_token_ids must not be empty"),
+            (self.best_of is None or self.best_of >= self.n, "best_of must be greater than or equal to n"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs must be in [0, 20]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -83,6 +87,7 @@ class Logprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]]  # (token id, logprob), best first
+    rank: int | None = None  # of token_id among all tokens, 1 = the most likely (prompt logprobs)
 
 
 class Sequence:
@@ -121,6 +126,11 @@ class Sequence:
     @property
     def prompt_ids(self) -> list[int]:
         return self.tokens[:self.num_prompt_tokens]
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Its next chunk needs the logits of every prompt position (prompt_logprobs)."""
+        return self.index == 0 and self.params.prompt_logprobs is not None and self.num_computed < self.num_prompt_tokens
 
     @property
     def output_ids(self) -> list[int]:

@@ -199,3 +199,48 @@ def test_abort_frees_blocks(tiny):
     assert engine.blocks.num_free < engine.blocks.num_blocks
     engine.abort_request("x")
     assert engine.blocks.all_free() and not engine.has_unfinished_requests()
+
+
+def test_best_of_returns_the_n_most_likely_of_best_of(tiny):
+    """best_of=6, n=2: the two of six seeded samples with the highest cumulative logprob
+    (the same six that n=6 draws), renumbered, without logprobs unless asked."""
+    engine = LLMEngine(EngineConfig(), model=tiny["llama"])
+    prompt = [5, 17, 99, 3, 42]
+    sampled = dict(temperature=1.0, seed=4, max_tokens=8, ignore_eos=True)
+    (six,) = run(engine, [prompt], SamplingParams(n=6, logprobs=0, **sampled))
+    ranked = sorted(six.outputs, key=lambda o: -o.cumulative_logprob)
+    (best,) = run(engine, [prompt], SamplingParams(n=2, best_of=6, **sampled))
+    assert [o.index for o in best.outputs] == [0, 1]
+    assert [o.token_ids for o in best.outputs] == [o.token_ids for o in ranked[:2]]
+    assert all(o.logprobs is None and o.cumulative_logprob is None for o in best.outputs)
+    (scored,) = run(engine, [prompt], SamplingParams(n=2, best_of=6, logprobs=1, **sampled))
+    assert [o.cumulative_logprob for o in scored.outputs] == pytest.approx([o.cumulative_logprob for o in ranked[:2]])
+    with pytest.raises(InputError, match="best_of"):
+        SamplingParams(n=3, best_of=2)
+
+
+def test_prompt_logprobs_match_transformers(tiny_checkpoints, tiny):
+    """prompt_logprobs of a 120-token prompt (two steps of scored rows), submitted
+    after the same prompt filled the prefix cache and beside another request, equal the
+    log-softmax of transformers' logits: each token's logprob and rank, and the top 3."""
+    import torch
+    import transformers
+
+    model = tiny["llama"]
+    prompt = np.random.default_rng(3).integers(0, model.config.vocab_size, 120).tolist()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"]).eval()
+    with torch.no_grad():
+        want = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].double(), dim=-1).numpy()
+    engine = LLMEngine(EngineConfig(max_num_batched_tokens=96), model=model)
+    run(engine, [prompt], SamplingParams(max_tokens=1))  # the prompt is now in the prefix cache
+    outs = run(engine, [prompt, prompt[:40]], [SamplingParams(max_tokens=2, prompt_logprobs=3),
+                                                SamplingParams(max_tokens=2)])
+    got = outs[0].prompt_logprobs
+    assert outs[0].prompt_token_ids == prompt and outs[1].prompt_logprobs is None
+    assert len(got) == len(prompt) and got[0] is None
+    for j in range(1, len(prompt)):
+        row, lp = want[j - 1], got[j]
+        assert lp.token_id == prompt[j]
+        assert lp.logprob == pytest.approx(row[prompt[j]], abs=2e-3)
+        assert lp.rank == 1 + int((row > row[prompt[j]]).sum())
+        assert [t for t, _ in lp.top] == np.argsort(-row)[:3].tolist()

@@ -96,6 +96,35 @@ def test_n_stop_logprobs_echo(smol):
     assert echo.choices[0].text.startswith("Hello there")
 
 
+def test_best_of_and_prompt_logprobs(smol):
+    """best_of: the n best of best_of samples by cumulative logprob; prompt_logprobs in
+    vLLM's shape on completions (per choice) and chat (per response)."""
+    c = client(smol)
+    prompt = "The capital of France is"
+    sampled = dict(model="smol", prompt=prompt, max_tokens=6, temperature=1.0, seed=5)
+    six = c.completions.create(n=6, logprobs=0, **sampled)
+    totals = sorted((sum(ch.logprobs.token_logprobs), ch.text) for ch in six.choices)
+    best = c.completions.create(n=2, best_of=6, **sampled)
+    assert [ch.text for ch in sorted(best.choices, key=lambda ch: ch.index)] == [t for _, t in totals[::-1][:2]]
+    assert all(ch.logprobs is None for ch in best.choices)
+    ids = httpx.post(smol.url + "/tokenize", json={"prompt": prompt}).json()["tokens"]
+    out = c.completions.create(model="smol", prompt=prompt, max_tokens=1, temperature=0,
+                               extra_body={"prompt_logprobs": 2}).model_dump()
+    scored = out["choices"][0]["prompt_logprobs"]
+    assert len(scored) == len(ids) and scored[0] is None
+    for token, entry in zip(ids[1:], scored[1:]):
+        mine = entry[str(token)] if str(token) in entry else entry[token]
+        assert mine["logprob"] <= 0 and mine["rank"] >= 1 and mine["decoded_token"]
+        assert 2 <= len(entry) <= 3 and sorted(e["rank"] for e in entry.values())[:2] == [1, 2]
+    chat = c.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
+                                     extra_body={"prompt_logprobs": 0}).model_dump()
+    assert chat["prompt_logprobs"][0] is None and all(len(e) == 1 for e in chat["prompt_logprobs"][1:])
+    for extra in ({"best_of": 3, "n": 4}, {"best_of": 3, "stream": True}, {"prompt_logprobs": 1, "stream": True},
+                  {"prompt_logprobs": 21}):
+        r = httpx.post(smol.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, **extra})
+        assert r.status_code == 400 and r.json()["error"]["message"], extra
+
+
 BAD = [
     ("/v1/completions", "{not json", 400),
     ("/v1/completions", [1, 2], 400),

@@ -80,6 +80,8 @@ class SamplingFields(OpenAIModel):
     guided_grammar: str | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's keys) -> bias
     allowed_token_ids: list[TokenId] | None = None
+    best_of: int | None = Field(None, ge=1, le=128)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
 
     @field_validator("stop")
     @classmethod
@@ -90,6 +92,10 @@ class SamplingFields(OpenAIModel):
         return stops
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        if self.stream and self.best_of is not None and self.best_of > self.n:
+            raise InputError("best_of > n cannot be streamed: the best are known only at the end")
+        if self.stream and self.prompt_logprobs is not None:
+            raise InputError("`prompt_logprobs` are not available when `stream=True`.")
         return SamplingParams(
             n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
@@ -100,7 +106,7 @@ class SamplingFields(OpenAIModel):
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
             structured_outputs=self.structured_outputs_params(), logit_bias=self._logit_bias(),
-            allowed_token_ids=self.allowed_token_ids)
+            allowed_token_ids=self.allowed_token_ids, best_of=self.best_of, prompt_logprobs=self.prompt_logprobs)
 
     def _logit_bias(self) -> dict[int, float] | None:
         if self.logit_bias is None:
@@ -297,12 +303,25 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's shape of one prompt_logprobs entry."""
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# one per prompt token, keyed by token id (the prompt's token first, then the top ones);
+# None for the first token, which has no context
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -360,6 +379,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatCompletionChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompactModel(BaseModel):

@@ -88,6 +88,9 @@ class OpenAIServingChat(OpenAIServingGenerate[ChatCompletionRequest]):
                                     logprobs=self._logprobs(output.logprobs) if output.logprobs is not None else None,
                                     finish_reason=finish_reason, stop_reason=output.stop_reason)
 
+    def _response_fields(self, gen: ChatGeneration) -> dict:
+        return {"prompt_logprobs": self._prompt_logprobs(gen, 0)}
+
     def _logprobs(self, lps: list[Logprob]) -> ChatLogprobs:
         return ChatLogprobs(content=[ChatTokenLogprob(**self._entry(lp.token_id, lp.logprob),
                                                       top_logprobs=[TopLogprob(**self._entry(t, v)) for t, v in lp.top])

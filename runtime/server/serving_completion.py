@@ -22,7 +22,7 @@ class OpenAIServingCompletion(OpenAIServingGenerate[CompletionRequest]):
         if req.suffix:
             raise APIError(400, "suffix is not supported", "suffix")
         if req.echo and req.logprobs is not None:
-            raise APIError(400, "echo with logprobs is not supported (prompt logprobs are not computed)", "echo")
+            raise APIError(400, "echo with logprobs is not supported: ask for prompt_logprobs (vLLM's field)", "echo")
         prompts = await self._prompts(req)
         params = req.sampling_params(req.max_tokens, req.logprobs)
         return await self._generate(self._new_generation(req, model, prompts, params), raw)
@@ -58,7 +58,8 @@ class OpenAIServingCompletion(OpenAIServingGenerate[CompletionRequest]):
         prefix = gen.prompts[prompt_index].text if gen.request.echo else ""
         logprobs = self._logprobs(output.logprobs, len(prefix)) if output.logprobs is not None else None
         return CompletionChoice(index=index, text=prefix + output.text, logprobs=logprobs,
-                                finish_reason=output.finish_reason, stop_reason=output.stop_reason)
+                                finish_reason=output.finish_reason, stop_reason=output.stop_reason,
+                                prompt_logprobs=self._prompt_logprobs(gen, prompt_index))
 
     def _logprobs(self, lps: list[Logprob], offset: int) -> CompletionLogprobs:
         tokens = [self._token_str(lp.token_id) for lp in lps]

@@ -19,7 +19,7 @@ from fusec.runtime.async_engine import AsyncEngine, RequestStream
 from fusec.runtime.outputs import CompletionOutput, RequestOutput
 from fusec.runtime.sequence import Logprob, SamplingParams
 from fusec.runtime.server.metrics import ServerMetrics
-from fusec.runtime.server.protocol import SamplingFields, UsageInfo
+from fusec.runtime.server.protocol import PromptLogprob, PromptLogprobs, SamplingFields, UsageInfo
 from fusec.runtime.server.serving_engine import OpenAIServing
 from fusec.runtime.server.serving_models import OpenAIServingModels
 
@@ -53,6 +53,7 @@ class Generation(Generic[RequestT]):
     created: int = field(default_factory=lambda: int(time.time()))
     arrival: float = field(default_factory=time.monotonic)
     progress: list[list[Progress]] = field(init=False)  # [prompt][sequence]
+    prompt_logprobs: dict[int, list[Logprob | None]] = field(init=False, default_factory=dict)  # by prompt
 
     def __post_init__(self) -> None:
         self.progress = [[Progress(last_time=self.arrival) for _ in range(self.params.n)] for _ in self.prompts]
@@ -161,6 +162,8 @@ class OpenAIServingGenerate(OpenAIServing, ABC, Generic[RequestT]):
                 for c in out.outputs:
                     self._record(gen.progress[i][c.index], c, gen.arrival)
                     final[(i, c.index)] = c
+                if out.prompt_logprobs is not None:
+                    gen.prompt_logprobs[i] = out.prompt_logprobs
                 if await raw.is_disconnected():
                     return Response(status_code=499)  # the client is gone; `finally` aborts the rest
         finally:
@@ -168,7 +171,22 @@ class OpenAIServingGenerate(OpenAIServing, ABC, Generic[RequestT]):
         choices = [self._final_choice(gen, gen.choice_index(i, c), i, c) for (i, _), c in sorted(final.items())]
         usage = gen.usage(sum(len(c.token_ids) for c in final.values()))
         return self.response_type(id=gen.request_id, created=gen.created, model=gen.model, choices=choices,
-                                  usage=usage)
+                                  usage=usage, **self._response_fields(gen))
+
+    def _response_fields(self, gen: Generation[RequestT]) -> dict:
+        """What a whole answer carries beyond its choices and usage."""
+        return {}
+
+    def _prompt_logprobs(self, gen: Generation[RequestT], prompt_index: int) -> PromptLogprobs | None:
+        """A prompt's prompt_logprobs in vLLM's shape, when they were asked for."""
+        lps = gen.prompt_logprobs.get(prompt_index)
+        if lps is None:
+            return None
+        entry = lambda token, logprob, rank: PromptLogprob(logprob=logprob, rank=rank,
+                                                           decoded_token=self._token_str(token))
+        return [None if lp is None else {lp.token_id: entry(lp.token_id, lp.logprob, lp.rank),
+                                         **{t: entry(t, v, r) for r, (t, v) in enumerate(lp.top, 1)}}
+                for lp in lps]
 
     def _advance(self, gen: Generation[RequestT], prompt_index: int, out: CompletionOutput) -> Delta | None:
         """Count a sequence's new output; what to send of it, or None when nothing is new."""
