@@ -79,6 +79,20 @@ def test_required_always_gets_valid_calls(client):
     assert all(len(c.message.tool_calls) == 1 for c in single.choices)
 
 
+def test_required_with_nested_definitions(client):
+    """A tool whose parameters reference their own $defs (pydantic's nested models)."""
+    place = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+             "additionalProperties": False}
+    params = {"type": "object", "properties": {"where": {"$ref": "#/$defs/Place"}}, "required": ["where"],
+              "additionalProperties": False, "$defs": {"Place": place}}
+    tool = {"type": "function", "function": {"name": "book", "parameters": params}}
+    out = client.chat.completions.create(model="smol", messages=ASK, tools=[tool], tool_choice="required", n=4,
+                                         temperature=1.0, seed=2, max_tokens=200)
+    for choice in out.choices:
+        for call in choice.message.tool_calls:
+            jsonschema.validate(json.loads(call.function.arguments), params)
+
+
 def _streamed(client, **kwargs) -> list[dict]:
     """Each choice of a streamed answer put back together: content, calls, finish_reason."""
     choices: dict[int, dict] = {}

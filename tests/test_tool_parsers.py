@@ -151,3 +151,20 @@ def test_required_schema_lists_each_tool_and_caps_parallel_calls():
     assert schema["minItems"] == 1 and schema["maxItems"] == 1
     names = [item["properties"]["name"]["enum"] for item in schema["items"]["anyOf"]]
     assert names == [["get_weather"], ["time"]]
+
+
+def test_required_schema_hoists_defs_so_references_resolve():
+    tools = [{"type": "function", "function": {"name": "book", "parameters": {
+        "type": "object", "properties": {"where": {"$ref": "#/$defs/Place"}}, "required": ["where"],
+        "$defs": {"Place": {"type": "object", "properties": {"city": {"type": "string"}}}}}}}]
+    req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}], "tools": tools,
+                                                "tool_choice": "required"})
+    schema = required_calls_schema(req.tools, parallel=True)
+    assert schema["$defs"] == {"Place": tools[0]["function"]["parameters"]["$defs"]["Place"]}
+    assert "$defs" not in schema["items"]["anyOf"][0]["properties"]["parameters"]
+    clash = dict(tools[0], function=dict(tools[0]["function"], name="other", parameters={
+        "type": "object", "$defs": {"Place": {"type": "string"}}}))
+    req = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}],
+                                                "tools": tools + [clash], "tool_choice": "required"})
+    with pytest.raises(InputError, match="Place"):
+        required_calls_schema(req.tools, parallel=True)

@@ -25,14 +25,22 @@ log = logging.getLogger("fusec.server")
 
 def required_calls_schema(tools: list[ChatTool], parallel: bool) -> dict[str, Any]:
     """The JSON the grammar forces for tool_choice "required": a list of calls, each one
-    of the tools by name with arguments that match its parameters."""
-    calls = [{"type": "object",
-              "properties": {"name": {"type": "string", "enum": [t.function.name]},
-                             "parameters": t.function.parameters or {"type": "object"}},
-              "required": ["name", "parameters"], "additionalProperties": False} for t in tools]
+    of the tools by name with arguments that match its parameters. Each tool's `$defs`
+    move to the root, where its `#/$defs/...` references point."""
+    calls, defs = [], {}
+    for t in tools:
+        params = dict(t.function.parameters or {"type": "object"})
+        for name, definition in params.pop("$defs", {}).items():
+            if defs.setdefault(name, definition) != definition:
+                raise InputError(f"tools define $defs/{name} differently: tool_choice \"required\" needs one meaning")
+        calls.append({"type": "object",
+                      "properties": {"name": {"type": "string", "enum": [t.function.name]}, "parameters": params},
+                      "required": ["name", "parameters"], "additionalProperties": False})
     schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
     if not parallel:
         schema["maxItems"] = 1
+    if defs:
+        schema["$defs"] = defs
     return schema
 
 
