@@ -271,18 +271,18 @@ class LLMEngine:
             req.metrics.num_cached_tokens = max(req.metrics.num_cached_tokens, seq.num_cached)
         seq.token_times.append(now)
         p = seq.params
-        detok = req.detoks[seq.index]
-        new_from = 0
-        if detok is not None:
-            new_from = len(detok.text)
-            detok.push(token)
-            req.texts[seq.index] = detok.text
         reason: tuple[str, int | str | None] | None = None
         if not p.ignore_eos and token in self.end_ids and len(seq.output_ids) > p.min_tokens - 1:
             reason = ("stop", None)
         elif token in p.stop_token_ids and len(seq.output_ids) >= p.min_tokens:
             reason = ("stop", token)
-        elif p.stop and detok is not None and len(seq.output_ids) >= p.min_tokens:
+        detok = req.detoks[seq.index]
+        new_from = 0
+        if detok is not None and reason is None:  # the token that stops a sequence is not text (vLLM's rule)
+            new_from = len(detok.text)
+            detok.push(token)
+            req.texts[seq.index] = detok.text
+        if reason is None and p.stop and detok is not None and len(seq.output_ids) >= p.min_tokens:
             hit = self._find_stop(detok.text, p.stop, new_from)
             if hit is not None:
                 at, stop = hit
@@ -327,7 +327,8 @@ class LLMEngine:
     @staticmethod
     def _best(outs: list[CompletionOutput], req: _Request) -> list[CompletionOutput]:
         """best_of: the req.keep completions of highest cumulative logprob, renumbered."""
-        ranked = sorted(outs, key=lambda o: -(o.cumulative_logprob or 0.0))[:req.keep]
+        ranked = sorted(outs, key=lambda o: -o.cumulative_logprob if o.cumulative_logprob is not None
+                        else float("inf"))[:req.keep]
         return [dataclasses.replace(o, index=k, logprobs=o.logprobs if req.want_logprobs else None,
                                     cumulative_logprob=o.cumulative_logprob if req.want_logprobs else None)
                 for k, o in enumerate(ranked)]

@@ -47,6 +47,23 @@ CASES = [
     (RequiredCallsParser, f'[{{"name":"get_weather","parameters":{WEATHER}}},{{"name":"time","parameters":{TIME}}}]',
      None, [("get_weather", WEATHER), ("time", TIME)]),
     (RequiredCallsParser, '[{"name":"time","parameters":{"tz":"UT', None, [("time", '{"tz":"UT')]),  # length cut
+    # malformed: a bare name, a raw control character, a bad escape in a key
+    (HermesToolParser, '<tool_call>{"name": get, "arguments": {}}', '<tool_call>{"name": get, "arguments": {}}', []),
+    (HermesToolParser, '<tool_call>{"name": "a\nb", "arguments": {}}', '<tool_call>{"name": "a\nb", "arguments": {}}',
+     []),
+    (HermesToolParser, '<tool_call>{"\\q": 1}', '<tool_call>{"\\q": 1}', []),
+    # a malformed block after good calls ends the calls
+    (HermesToolParser, f'<tool_call>{{"name":"time","arguments":{TIME}}}</tool_call>\n<tool_call>oops', None,
+     [("time", TIME)]),
+    (MistralToolParser, f'[TOOL_CALLS]time[ARGS]{TIME}\n[TOOL_CALLS]g[ARGS]}}', None, [("time", TIME), ("g", "")]),
+    (HermesToolParser, '<tool_call>{"name": "g", "arguments": }', None, [("g", "")]),  # named, then broken
+    (Llama3JsonToolParser, f'{{"name": "time", "parameters": {TIME}}}; {{x', None, [("time", TIME)]),
+    # calls go out in order: an unnamed one ends them (here: none, so the text stays text)
+    (HermesToolParser, f'<tool_call>{{"arguments": {{}}}}</tool_call><tool_call>{{"name":"time","arguments":{TIME}}}'
+                       f'</tool_call>', f'<tool_call>{{"arguments": {{}}}}</tool_call><tool_call>{{"name":"time",'
+                                        f'"arguments":{TIME}}}</tool_call>', []),
+    # the first arguments key counts
+    (HermesToolParser, '<tool_call>{"name":"f","arguments":{"a": 1},"arguments":{"b": 22}}', None, [("f", '{"a": 1}')]),
 ]
 
 
@@ -168,3 +185,36 @@ def test_required_schema_hoists_defs_so_references_resolve():
                                                 "tools": tools + [clash], "tool_choice": "required"})
     with pytest.raises(InputError, match="Place"):
         required_calls_schema(req.tools, parallel=True)
+
+
+def test_mangled_outputs_stream_as_they_finish():
+    """1000 model outputs mangled from the cases (characters and markers inserted or
+    deleted, cut short): no exception escapes, and the stream in random splits always
+    adds up to the final message."""
+    rng = np.random.default_rng(0)
+    pieces = list('{}[]",:<>/ a\\\n') + ["<tool_call>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>", '"name"',
+                                          '"arguments"']
+    for _ in range(1000):
+        parser_type, text, _, _ = CASES[rng.integers(len(CASES))]
+        for _ in range(rng.integers(1, 4)):
+            k = int(rng.integers(0, len(text) + 1))
+            op = rng.integers(3)
+            text = (text[:k] + pieces[rng.integers(len(pieces))] + text[k:] if op == 0 else
+                    text[:k] + text[k + 1:] if op == 1 else text[:k])
+        if not text:
+            continue
+        content, calls = _auto(parser_type).final(text)
+        cuts = sorted({int(c) for c in rng.integers(1, len(text) + 1, size=rng.integers(1, 10))} | {len(text)})
+        stream = _auto(parser_type).stream(0)
+        streamed, names, arguments = "", [], []
+        for cut in cuts:
+            piece, deltas = stream.update(text[:cut], final=cut == len(text))
+            streamed += piece
+            for d in deltas:
+                if d.id is not None:
+                    names.append(d.function.name)
+                    arguments.append(d.function.arguments or "")
+                else:
+                    arguments[d.index] += d.function.arguments
+        assert streamed == (content or ""), text
+        assert list(zip(names, arguments)) == [(c.function.name, c.function.arguments) for c in calls], text

@@ -11,7 +11,12 @@ _SCALAR_END = ",}]" + WHITESPACE
 
 
 class JSONScanError(ValueError):
-    """The text is not JSON where JSON was expected."""
+    """The text is not JSON where JSON was expected; `members` are an object's members
+    read before the fault."""
+
+    def __init__(self, message: str, members: list[Member] | None = None) -> None:
+        super().__init__(message)
+        self.members = members or []
 
 
 def skip_ws(text: str, i: int) -> int:
@@ -80,7 +85,13 @@ def object_members(text: str, start: int) -> tuple[list[Member], int | None]:
     if text[start] != "{":
         raise JSONScanError("expected a JSON object")
     members: list[Member] = []
-    i = start + 1
+    try:
+        return _read_members(text, start + 1, members)
+    except ValueError as e:  # JSONScanError, or json's own on a malformed key
+        raise JSONScanError(str(e), members) from None
+
+
+def _read_members(text: str, i: int, members: list[Member]) -> tuple[list[Member], int | None]:
     while True:
         i = skip_ws(text, i)
         if i >= len(text):

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fusec.errors import InputError
-from fusec.runtime.server.json_scan import JSONScanError
 from fusec.runtime.server.protocol import (ChatCompletionRequest, ChatTool, DeltaFunctionCall, DeltaToolCall,
                                            FunctionCall, ToolCall)
 from fusec.runtime.server.tool_parsers import (TOOL_PARSERS, NamedCallParser, ParsedOutput, PartialCall,
@@ -30,17 +29,18 @@ def required_calls_schema(tools: list[ChatTool], parallel: bool) -> dict[str, An
     calls, defs = [], {}
     for t in tools:
         params = dict(t.function.parameters or {"type": "object"})
-        for name, definition in params.pop("$defs", {}).items():
-            if defs.setdefault(name, definition) != definition:
-                raise InputError(f"tools define $defs/{name} differently: tool_choice \"required\" needs one meaning")
+        for key in ("$defs", "definitions"):  # draft 2019+ and its predecessors
+            for name, definition in params.pop(key, {}).items():
+                if defs.setdefault(key, {}).setdefault(name, definition) != definition:
+                    raise InputError(f"tools define {key}/{name} differently: tool_choice \"required\" needs "
+                                     f"one meaning")
         calls.append({"type": "object",
                       "properties": {"name": {"type": "string", "enum": [t.function.name]}, "parameters": params},
                       "required": ["name", "parameters"], "additionalProperties": False})
     schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
     if not parallel:
         schema["maxItems"] = 1
-    if defs:
-        schema["$defs"] = defs
+    schema.update(defs)
     return schema
 
 
@@ -64,7 +64,7 @@ class ToolCalling:
         content; a call cut off by max_tokens is returned as far as it goes (finish_reason
         "length"), as OpenAI does."""
         parsed = _parse(self.parser, text, final=True)
-        named = [] if parsed is None else [c for c in parsed.calls[:self.max_calls] if c.name is not None]
+        named = [] if parsed is None else leading_calls(parsed.calls, self.max_calls)
         if not named:
             return text, []
         calls = [ToolCall(id=self.parser.call_id(), function=FunctionCall(name=c.name, arguments=c.arguments))
@@ -72,15 +72,26 @@ class ToolCalling:
         return parsed.content or None, calls
 
     def finish_reason(self, engine_reason: str | None, called: bool) -> str | None:
-        if engine_reason == "stop" and (self.mode == "required" or (self.mode == "auto" and called)):
+        if engine_reason == "stop" and called and self.mode != "named":
             return "tool_calls"
         return engine_reason
+
+
+def leading_calls(calls: list[PartialCall], max_calls: int | None) -> list[PartialCall]:
+    """The calls that go out: in order, up to the first whose name is not complete, at
+    most max_calls."""
+    named = []
+    for call in calls[:max_calls]:
+        if call.name is None:
+            break
+        named.append(call)
+    return named
 
 
 def _parse(parser: ToolParser, text: str, final: bool) -> ParsedOutput | None:
     try:
         return parser.parse(text, final)
-    except JSONScanError as e:
+    except ValueError as e:  # JSONScanError, or json's own error on a malformed name or key
         log.warning("model output is not a well-formed tool call (%s): answering with text", e)
         return None
 
@@ -107,7 +118,8 @@ class ToolCallStream:
 
     def update(self, text: str, final: bool) -> tuple[str, list[DeltaToolCall]]:
         parsed = None if self.broken else _parse(self.parser, text, final)
-        if parsed is None or (final and not self.sent and not any(c.name for c in parsed.calls)):
+        calls = [] if parsed is None else leading_calls(parsed.calls, self.max_calls)
+        if parsed is None or (final and not self.sent and not calls):
             # not calls after all: the text goes out as it is, unless a call already went
             self.broken = True
             rest = "" if self.sent else text[self.content_sent:]
@@ -115,13 +127,11 @@ class ToolCallStream:
             return rest, []
         content = parsed.content[self.content_sent:]
         self.content_sent = len(parsed.content)
-        return content, self._call_deltas(parsed.calls[:self.max_calls])
+        return content, self._call_deltas(calls)
 
     def _call_deltas(self, calls: list[PartialCall]) -> list[DeltaToolCall]:
         deltas: list[DeltaToolCall] = []
         for index, call in enumerate(calls):
-            if call.name is None:
-                break
             if index == len(self.sent):
                 self.sent.append(_SentCall(len(call.arguments)))
                 deltas.append(DeltaToolCall(index=index, id=self.parser.call_id(), type="function",

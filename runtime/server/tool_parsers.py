@@ -40,15 +40,21 @@ class ToolParser(ABC):
 
 def _call_in_object(text: str, start: int, argument_keys: tuple[str, ...]) -> tuple[PartialCall, int | None]:
     """The call written as an object {"name": ..., <argument key>: {...}} at text[start];
-    the index past the object, or None while it is open."""
-    members, end = object_members(text, start)
+    the index past the object, or None while it is open. A fault after the name ends the
+    call where it is (its name may have been streamed already)."""
+    try:
+        members, end = object_members(text, start)
+    except JSONScanError as e:
+        if not any(m.key == "name" and m.end is not None for m in e.members):
+            raise
+        members, end = e.members, None
     name, arguments = None, ""
     for m in members:
         if m.key == "name" and m.end is not None:
             name = json.loads(text[m.start:m.end])
             if not isinstance(name, str):
                 raise JSONScanError("a tool call's name must be a string")
-        elif m.key in argument_keys:
+        elif m.key in argument_keys and not arguments:
             arguments = text[m.start:len(text) if m.end is None else m.end]
     return PartialCall(name, arguments), end
 
@@ -61,12 +67,25 @@ def _calls_in_array(text: str, start: int, argument_keys: tuple[str, ...]) -> li
         if text[i] == "," and calls:
             i = skip_ws(text, i + 1)
             continue
-        call, end = _call_in_object(text, i, argument_keys)
-        calls.append(call)
-        if end is None:
+        found = _next_call(calls, lambda: _call_in_object(text, i, argument_keys))
+        if found is None:
             break
-        i = skip_ws(text, end)
+        i = skip_ws(text, found)
     return calls
+
+
+def _next_call(calls: list[PartialCall], read) -> int | None:
+    """Append the call `read()` returns and give the index past it; None when it is
+    still open, or malformed after good calls (the calls end there; malformed first,
+    the text is not calls: JSONScanError)."""
+    try:
+        call, end = read()
+    except ValueError:
+        if not calls:
+            raise
+        return None
+    calls.append(call)
+    return end
 
 
 def _prose(text: str, marker: str, final: bool) -> str:
@@ -96,8 +115,7 @@ class HermesToolParser(ToolParser):
             i = skip_ws(text, at + len(self.start))
             if i >= len(text):
                 break
-            call, end = _call_in_object(text, i, ("arguments", "parameters"))
-            calls.append(call)
+            end = _next_call(calls, lambda: _call_in_object(text, i, ("arguments", "parameters")))
             if end is None:
                 break
             at = text.find(self.start, end)
@@ -121,8 +139,7 @@ class Llama3JsonToolParser(ToolParser):
             return ParsedOutput(text if final else text.rstrip(), [])
         calls: list[PartialCall] = []
         while i < len(text) and text[i] == "{":
-            call, end = _call_in_object(text, i, ("parameters", "arguments"))
-            calls.append(call)
+            end = _next_call(calls, lambda: _call_in_object(text, i, ("parameters", "arguments")))
             if end is None:
                 break
             i = skip_ws(text, end)
@@ -141,6 +158,15 @@ class MistralToolParser(ToolParser):
     def call_id(self) -> str:
         return "".join(secrets.choice(self._id_chars) for _ in range(9))
 
+    @staticmethod
+    def _v11_call(text: str, start: int, sep: int, j: int) -> tuple[PartialCall, int | None]:
+        name = text[start:sep].strip()
+        try:
+            end = value_end(text, j) if j < len(text) else None
+        except JSONScanError:  # no arguments after the name: the call ends (its name may have gone out)
+            return PartialCall(name, ""), None
+        return PartialCall(name, text[j:len(text) if end is None else end]), end
+
     def parse(self, text: str, final: bool) -> ParsedOutput:
         first = text.find(self.marker)
         if first < 0:
@@ -157,8 +183,7 @@ class MistralToolParser(ToolParser):
             if sep < 0:
                 break  # the name is still coming
             j = skip_ws(text, sep + len(self.args_marker))
-            end = value_end(text, j) if j < len(text) else None
-            calls.append(PartialCall(text[start:sep].strip(), text[j:len(text) if end is None else end]))
+            end = _next_call(calls, lambda: self._v11_call(text, start, sep, j))
             if end is None:
                 break
             at = text.find(self.marker, end)
