@@ -88,6 +88,14 @@ class LiveServer:
         return self.proc.returncode, out
 
 
+def serve_for_module(*args: str):
+    """A module fixture's body: a server with these flags, stopped cleanly at the end."""
+    server = LiveServer(*args)
+    yield server
+    code, err = server.stop()
+    assert code == 0, err
+
+
 def write_tiny_chat_model(path: Path, gguf: Path) -> Path:
     """A tiny random Llama with SmolLM2's real tokenizer and chat template: fast, and
     every endpoint (chat, tokenize) works on it."""

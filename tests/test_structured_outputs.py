@@ -12,7 +12,7 @@ import openai
 import pydantic
 import pytest
 
-from server_helpers import LiveServer
+from server_helpers import serve_for_module
 
 pytestmark = pytest.mark.slow
 
@@ -40,10 +40,7 @@ ASK = [{"role": "user", "content": "Describe a person as JSON."}]
 
 @pytest.fixture(scope="module")
 def server():
-    srv = LiveServer("--served-model-name", "smol", "--max-model-len", "2048")
-    yield srv
-    code, err = srv.stop()
-    assert code == 0, err
+    yield from serve_for_module("--served-model-name", "smol", "--max-model-len", "2048")
 
 
 @pytest.fixture(scope="module")

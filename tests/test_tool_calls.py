@@ -13,7 +13,7 @@ import openai
 import pydantic
 import pytest
 
-from server_helpers import LiveServer
+from server_helpers import serve_for_module
 
 pytestmark = pytest.mark.slow
 
@@ -40,11 +40,8 @@ HERMES_CALL = r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "(P
 
 @pytest.fixture(scope="module")
 def server():
-    srv = LiveServer("--served-model-name", "smol", "--max-model-len", "2048", "--enable-auto-tool-choice",
-                     "--tool-call-parser", "hermes")
-    yield srv
-    code, err = srv.stop()
-    assert code == 0, err
+    yield from serve_for_module("--served-model-name", "smol", "--max-model-len", "2048",
+                                "--enable-auto-tool-choice", "--tool-call-parser", "hermes")
 
 
 @pytest.fixture(scope="module")
