@@ -170,10 +170,10 @@ class LLMEngine:
         with prof.phase("prepare"):
             inputs = self.runner.prepare([SequenceChunk(c.seq.tokens[c.start:c.start + c.num_tokens], c.start,
                                                         c.block_table, c.all_logits) for c in sched.chunks])
-            last_rows = np.cumsum([c.num_tokens if c.all_logits else 1 for c in sched.chunks]) - 1
-            completing = [c for c in sched.chunks if c.completes]
+            # the logits row of each chunk's last token
+            last_rows = np.searchsorted(inputs["logits_indices"], inputs["query_start_loc"][1:] - 1)
             rows = [int(last_rows[k]) for k, c in enumerate(sched.chunks) if c.completes]
-            sampling = [c.seq for c in completing]
+            sampling = [c.seq for c in sched.chunks if c.completes]
             masks = self._masks_async(sampling)  # on llguidance's threads while the forward runs
         logits = self.runner.run(inputs, prof)
         with prof.phase("postprocess"):

@@ -31,7 +31,7 @@ class SequenceChunk:
     all_logits: bool = False  # the logits of every token, not just the last
 
 
-def build_inputs(chunks: Sequence[SequenceChunk], block_size: int, all_logits: bool = False) -> dict[str, np.ndarray]:
+def build_inputs(chunks: Sequence[SequenceChunk], block_size: int) -> dict[str, np.ndarray]:
     lens = [len(c.token_ids) for c in chunks]
     if not chunks or min(lens) < 1:
         raise ValueError("every chunk needs at least one token")
@@ -47,7 +47,7 @@ def build_inputs(chunks: Sequence[SequenceChunk], block_size: int, all_logits: b
     tables = np.zeros((len(chunks), width), dtype=np.int32)
     for i, c in enumerate(chunks):
         tables[i, : len(c.block_table)] = c.block_table
-    rows = np.concatenate([np.arange(qstart[i], qstart[i + 1]) if all_logits or c.all_logits else [qstart[i + 1] - 1]
+    rows = np.concatenate([np.arange(qstart[i], qstart[i + 1]) if c.all_logits else [qstart[i + 1] - 1]
                            for i, c in enumerate(chunks)])
     return {
         "token_ids": np.concatenate([np.asarray(c.token_ids) for c in chunks]).astype(np.int32),
@@ -137,9 +137,9 @@ class ModelRunner:
     def close(self) -> None:
         self.executor.close()
 
-    def prepare(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> dict[str, np.ndarray]:
+    def prepare(self, chunks: Sequence[SequenceChunk]) -> dict[str, np.ndarray]:
         """The graph inputs (paged-attention metadata) for a batch."""
-        return build_inputs(chunks, self.block_size, all_logits)
+        return build_inputs(chunks, self.block_size)
 
     def run(self, inputs: dict[str, np.ndarray], profile: StepProfile | None = None) -> Any:
         """Logits (float32, [rows, vocab]) where the executor keeps them (device memory,
@@ -152,13 +152,13 @@ class ModelRunner:
             (logits,) = self.executor.launch(staged).values()
         return logits
 
-    def forward(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> Any:
-        """Logits of each chunk's last token, or of every token with all_logits."""
-        return self.run(self.prepare(chunks, all_logits))
+    def forward(self, chunks: Sequence[SequenceChunk]) -> Any:
+        """Logits of each chunk's last token, or of all its tokens where it says all_logits."""
+        return self.run(self.prepare(chunks))
 
-    def execute(self, chunks: Sequence[SequenceChunk], all_logits: bool = False) -> np.ndarray:
+    def execute(self, chunks: Sequence[SequenceChunk]) -> np.ndarray:
         """forward(), as a host array."""
-        return self.logits_to_host(self.forward(chunks, all_logits))
+        return self.logits_to_host(self.forward(chunks))
 
     def logits_to_host(self, logits: Any) -> np.ndarray:
         return logits if self.device is None else self.device.to_host(logits)

@@ -124,7 +124,6 @@ class Scheduler:
                     i += 1  # its logits rows are spent this step
                     continue
                 n = min(n, scored_rows)
-                scored_rows -= n
             while not self.blocks.can_grow(seq.seq_id, seq.num_computed, seq.num_computed + n):
                 self._preempt(self.running[-1], out)  # the newest; possibly seq itself
                 if seq.status is SequenceStatus.WAITING:
@@ -134,6 +133,7 @@ class Scheduler:
             table = self.blocks.grow(seq.seq_id, seq.num_computed, seq.num_computed + n)
             out.chunks.append(ScheduledChunk(seq, seq.num_computed, n, table, scores))
             budget -= n
+            scored_rows -= n if scores else 0
             i += 1
         seats = sum(map(seats_taken, self.running))
         while self.waiting and budget > 0 and not out.preempted:

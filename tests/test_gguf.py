@@ -108,7 +108,7 @@ def test_f32_gguf_matches_transformers(tmp_path):
     ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]
     with torch.no_grad():
         want = hf(torch.tensor([ids])).logits[0].numpy()
-    got = poisoned_runner(model, 4, 8).execute([SequenceChunk(ids, 0, [2, 0])], all_logits=True)
+    got = poisoned_runner(model, 4, 8).execute([SequenceChunk(ids, 0, [2, 0], all_logits=True)])
     assert rel_err(got, want) < 1e-4
 
 

@@ -36,8 +36,8 @@ def test_prefill_and_decode_match_transformers(tiny_checkpoints, name):
     follow = [rng.integers(0, vocab, 8).tolist(), rng.integers(0, vocab, 8).tolist()]
     tables = scattered_tables(16, [-(-(len(p) + 8) // BLOCK) for p in prompts], seed=3)
     runner = poisoned_runner(model, 16, BLOCK)
-    chunks = [SequenceChunk(p, 0, t) for p, t in zip(prompts, tables)]
-    logits = runner.execute(chunks, all_logits=True)
+    chunks = [SequenceChunk(p, 0, t, all_logits=True) for p, t in zip(prompts, tables)]
+    logits = runner.execute(chunks)
 
     with torch.no_grad():
         full = [hf(torch.tensor([p + f])).logits[0].numpy() for p, f in zip(prompts, follow)]
@@ -57,9 +57,9 @@ def test_chunked_prefill_equals_one_shot(tiny_checkpoints):
     model = load_model(str(tiny_checkpoints["llama"]))
     ids = np.random.default_rng(1).integers(0, model.config.vocab_size, 13).tolist()
     table = scattered_tables(8, [4], seed=5)[0]
-    whole = poisoned_runner(model, 8, BLOCK).execute([SequenceChunk(ids, 0, table)], all_logits=True)
+    whole = poisoned_runner(model, 8, BLOCK).execute([SequenceChunk(ids, 0, table, all_logits=True)])
     runner = poisoned_runner(model, 8, BLOCK)
-    parts = [runner.execute([SequenceChunk(ids[a:b], a, table)], all_logits=True) for a, b in [(0, 5), (5, 9), (9, 13)]]
+    parts = [runner.execute([SequenceChunk(ids[a:b], a, table, all_logits=True)]) for a, b in [(0, 5), (5, 9), (9, 13)]]
     assert rel_err(np.concatenate(parts), whole) < 1e-5
 
 
@@ -75,7 +75,7 @@ def test_bf16_checkpoint_loads_bit_exact(tiny_checkpoints, tmp_path):
     ids = [5, 17, 200, 3, 99]
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].float().numpy()
-    got = poisoned_runner(model, 4, BLOCK).execute([SequenceChunk(ids, 0, [0, 1])], all_logits=True)
+    got = poisoned_runner(model, 4, BLOCK).execute([SequenceChunk(ids, 0, [0, 1], all_logits=True)])
     assert rel_err(got, ref) < 5e-2  # bf16 activations round differently in torch
 
 

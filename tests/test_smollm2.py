@@ -56,8 +56,8 @@ def test_prefill_logits_match(ours, hf):
     ids = prompts(tok)[3]
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].numpy()
-    got = poisoned_runner(ours, 8, 16).execute([SequenceChunk(ids, 0, list(range(-(-len(ids) // 16))))],
-                                               all_logits=True)
+    got = poisoned_runner(ours, 8, 16).execute([SequenceChunk(ids, 0, list(range(-(-len(ids) // 16))),
+                                                              all_logits=True)])
     assert rel_err(got, want) < 1e-4
 
 

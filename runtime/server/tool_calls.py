@@ -96,11 +96,6 @@ def _parse(parser: ToolParser, text: str, final: bool) -> ParsedOutput | None:
         return None
 
 
-@dataclass
-class _SentCall:
-    arguments_sent: int
-
-
 class ToolCallStream:
     """One choice's stream: each update reads the whole text so far and returns what is
     new, content and tool-call deltas (a call's id, type and name once, then argument
@@ -109,20 +104,20 @@ class ToolCallStream:
     def __init__(self, parser: ToolParser, max_calls: int | None) -> None:
         self.parser, self.max_calls = parser, max_calls
         self.content_sent = 0
-        self.sent: list[_SentCall] = []
+        self.arguments_sent: list[int] = []  # per call that went out
         self.broken = False
 
     @property
     def called(self) -> bool:
-        return bool(self.sent)
+        return bool(self.arguments_sent)
 
     def update(self, text: str, final: bool) -> tuple[str, list[DeltaToolCall]]:
         parsed = None if self.broken else _parse(self.parser, text, final)
         calls = [] if parsed is None else leading_calls(parsed.calls, self.max_calls)
-        if parsed is None or (final and not self.sent and not calls):
+        if parsed is None or (final and not self.called and not calls):
             # not calls after all: the text goes out as it is, unless a call already went
             self.broken = True
-            rest = "" if self.sent else text[self.content_sent:]
+            rest = "" if self.called else text[self.content_sent:]
             self.content_sent = len(text)
             return rest, []
         content = parsed.content[self.content_sent:]
@@ -132,14 +127,14 @@ class ToolCallStream:
     def _call_deltas(self, calls: list[PartialCall]) -> list[DeltaToolCall]:
         deltas: list[DeltaToolCall] = []
         for index, call in enumerate(calls):
-            if index == len(self.sent):
-                self.sent.append(_SentCall(len(call.arguments)))
+            if index == len(self.arguments_sent):
+                self.arguments_sent.append(len(call.arguments))
                 deltas.append(DeltaToolCall(index=index, id=self.parser.call_id(), type="function",
                                             function=DeltaFunctionCall(name=call.name, arguments=call.arguments)))
                 continue
-            new = call.arguments[self.sent[index].arguments_sent:]
+            new = call.arguments[self.arguments_sent[index]:]
             if new:
-                self.sent[index].arguments_sent = len(call.arguments)
+                self.arguments_sent[index] = len(call.arguments)
                 deltas.append(DeltaToolCall(index=index, function=DeltaFunctionCall(arguments=new)))
         return deltas
 
