@@ -10,6 +10,7 @@ from fusec import __version__
 from fusec.cli.autotune import autotune_cmd
 from fusec.cli.bench import bench_cmd
 from fusec.cli.compile import compile_cmd
+from fusec.cli.run_batch import run_batch_cmd
 from fusec.cli.serve import serve_cmd
 from fusec.errors import FusecError
 from fusec.runtime.config import engine_options
@@ -154,6 +155,7 @@ cli.add_command(compile_cmd)
 cli.add_command(autotune_cmd)
 cli.add_command(bench_cmd)
 cli.add_command(serve_cmd)
+cli.add_command(run_batch_cmd)
 
 
 def main() -> None:

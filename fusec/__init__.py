@@ -7,11 +7,11 @@
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "PoolingParams", "SamplingParams", "__version__"]
 
 if TYPE_CHECKING:
     from fusec.runtime.llm import LLM
-    from fusec.runtime.sequence import SamplingParams
+    from fusec.runtime.sequence import PoolingParams, SamplingParams
 
 
 def __getattr__(name: str) -> Any:
@@ -20,8 +20,8 @@ def __getattr__(name: str) -> Any:
         from fusec.runtime.llm import LLM
 
         return LLM
-    if name == "SamplingParams":
-        from fusec.runtime.sequence import SamplingParams
+    if name in ("SamplingParams", "PoolingParams"):
+        from fusec.runtime import sequence
 
-        return SamplingParams
+        return getattr(sequence, name)
     raise AttributeError(name)

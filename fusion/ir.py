@@ -124,6 +124,14 @@ class Graph:
                 raise ValueError(f"unknown output {n!r}")
         self.outputs = list(names)
 
+    def with_outputs(self, *names: str) -> Graph:
+        """The same nodes (shared, not copied) returning other outputs: what DCE, fusion
+        and buffer planning keep depends on the outputs."""
+        g = Graph(self.name)
+        g.nx, g._order = self.nx.copy(), dict(self._order)
+        g.set_outputs(*names)
+        return g
+
     # -- reading ------------------------------------------------------------------
     def node(self, name: str) -> Node:
         return self.nx.nodes[name]["node"]

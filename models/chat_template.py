@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Sequence
 
 import jinja2
@@ -28,6 +29,20 @@ def _compile(source: str) -> jinja2.Template:
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
+
+
+def load_chat_template(value: str) -> str:
+    """--chat-template: a file's contents, or the value itself when it is a template
+    (vLLM's rule: a value with Jinja markup that names no file is the template)."""
+    path = Path(value).expanduser()
+    try:
+        if path.is_file():
+            return path.read_text()
+    except OSError:  # a template string too long to be a file name
+        pass
+    if any(mark in value for mark in ("{{", "{%")):
+        return value
+    raise InputError(f"The supplied chat template ({value}) looks like a file path, but it failed to be opened")
 
 
 def render_chat(template: str, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,

@@ -17,6 +17,10 @@ from fusec.models.config import ModelConfig
 T = "T"
 INPUTS = ("token_ids", "positions", "slot_mapping", "block_tables", "context_lens",
           "query_start_loc", "logits_indices")
+# The final-normed hidden states of the rows that get logits: not a graph output (the
+# decode plan's LM-head GEMV keeps them in registers), but a value a runner may ask the
+# plans for (an embedding is its prompt's last row, vLLM's LAST pooling)
+HIDDEN_ROWS = "logit_rows"
 
 
 def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -102,7 +106,7 @@ def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size
         x = g.op("add", [residual, down], (T, h), dtype, name=p + "mlp_residual", layer=i)
 
     x = g.op("rms_norm", [x, w["norm"]], (T, h), dtype, name="final_norm", eps=cfg.rms_norm_eps)
-    x = g.op("gather_rows", [x, logit_rows], ("L", h), dtype, name="logit_rows")
+    x = g.op("gather_rows", [x, logit_rows], ("L", h), dtype, name=HIDDEN_ROWS)
     head = w["embed_tokens"] if cfg.tie_word_embeddings else w["lm_head"]
     logits = g.op("matmul", [x, head], ("L", cfg.vocab_size), DType.F32, name="logits")
     g.set_outputs(logits)

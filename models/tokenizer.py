@@ -81,9 +81,20 @@ class Tokenizer:
 
     # -- construction -------------------------------------------------------------
     @classmethod
-    def from_hf_dir(cls, path: Path) -> "Tokenizer":
+    def from_path(cls, path: str | Path) -> "Tokenizer":
+        """--tokenizer: an HF directory, or a tokenizer.json (its directory's
+        tokenizer_config.json, when there is one, gives the special tokens and template)."""
+        where = Path(path).expanduser()
+        if where.is_file():
+            return cls.from_hf_dir(where.parent, where.name)
+        if not (where / "tokenizer.json").is_file():
+            raise ModelLoadError(f"tokenizer {path}: neither a tokenizer.json file nor a directory holding one")
+        return cls.from_hf_dir(where)
+
+    @classmethod
+    def from_hf_dir(cls, path: Path, file_name: str = "tokenizer.json") -> "Tokenizer":
         try:
-            backend = BackendTokenizer.from_file(str(path / "tokenizer.json"))
+            backend = BackendTokenizer.from_file(str(path / file_name))
             cfg_path = path / "tokenizer_config.json"
             cfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
         except Exception as e:

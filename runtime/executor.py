@@ -25,7 +25,7 @@ from fusec.fusion.interpreter import Interpreter
 from fusec.fusion.ir import Graph, bind_dims
 from fusec.fusion.ops import OPS
 from fusec.fusion.patterns import Registry
-from fusec.fusion.plan import Launch, Plan, PlanOptions, build_plans
+from fusec.fusion.plan import Launch, Plan, PlanOptions, build_plan
 from fusec.kernels.quant import checked_format
 from fusec.runtime.device import Device, GemmShape
 from fusec.runtime.memory import BATCH_DIMS, ArenaLayout, arena_layout
@@ -74,9 +74,15 @@ class PlanExecutor:
     MAX_BOUND = 32  # batch shapes kept bound (decode steps repeat few shapes)
 
     def __init__(self, device: Device, graph: Graph, weights: Mapping[str, np.ndarray], registry: Registry,
-                 options: PlanOptions, max_dims: Mapping[str, int] | None = None, poison: bool = False) -> None:
+                 options: PlanOptions, max_dims: Mapping[str, int] | None = None, poison: bool = False,
+                 extra_outputs: Sequence[str] = ()) -> None:
         self.device, self.graph, self.options, self.poison = device, graph, options, poison
-        self.plans = build_plans(graph, registry, options)
+        # extra_outputs are values only the gemm plan returns, for a step that asks (stage(extras=True)):
+        # the gemv plan's fused kernels may keep them private (the LM-head GEMV norms and gathers its rows
+        # in registers), while the gemm plan writes them to a buffer anyway, so keeping one costs no launch
+        self.plans = {"gemv": build_plan(graph, registry, options, "gemv"),
+                      "gemm": build_plan(graph.with_outputs(*graph.outputs, *extra_outputs), registry, options,
+                                         "gemm")}
         kernels = {k.name: k for plan in self.plans.values() for k in plan.kernels()}
         for kernel in tqdm(kernels.values(), desc="loading kernels", unit="kernel", disable=None, leave=False):
             device.load(kernel)
@@ -175,8 +181,8 @@ class PlanExecutor:
             self.gemm = None
 
     # -- steps ----------------------------------------------------------------------------
-    def plan_for(self, num_tokens: int) -> Plan:
-        return self.plans["gemv" if num_tokens <= self.options.crossover else "gemm"]
+    def plan_for(self, num_tokens: int, extras: bool = False) -> Plan:
+        return self.plans["gemv" if num_tokens <= self.options.crossover and not extras else "gemm"]
 
     def _dims(self, inputs: Mapping[str, np.ndarray]) -> dict[str, int]:
         dims = dict(self._fixed_dims)
@@ -188,11 +194,12 @@ class PlanExecutor:
         """One step; the outputs are device buffers valid until the next run."""
         return self.launch(self.stage(inputs))
 
-    def stage(self, inputs: Mapping[str, np.ndarray]) -> "_Staged":
+    def stage(self, inputs: Mapping[str, np.ndarray], extras: bool = False) -> "_Staged":
         """A step's host work before any launch: dims, the bound plan (prepared once per
         shape), the inputs copied in. A decode step goes to the captured graph of the
-        smallest bucket that holds it."""
-        bucket = self._graph_bucket(inputs)
+        smallest bucket that holds it. With `extras` the step also returns the extra
+        outputs: it runs the gemm plan, eagerly."""
+        bucket = None if extras else self._graph_bucket(inputs)
         rows = 0
         if bucket is not None:
             tables, rows = inputs["block_tables"], len(inputs["context_lens"])
@@ -200,7 +207,7 @@ class PlanExecutor:
         dims = self._dims(inputs)
         check_positions(inputs, self.options.max_positions)
         self._reserve(dims)
-        bound = self._bind(self.plan_for(dims["T"]), dims)
+        bound = self._bind(self.plan_for(dims["T"], extras), dims)
         for name, buf in bound.inputs.items():
             if bucket is not None and name == "block_tables":
                 # only the real rows' used columns: the rest holds block ids written before
@@ -301,7 +308,7 @@ class PlanExecutor:
             values[value] = dev.view(self.arena, t.bind(dims), t.dtype.storage, layout.slots[(plan.bucket, slot)])
             scratch.append(values[value])
         calls = [self._prepare(plan, launch, dims, values) for launch in plan.launches]
-        outputs = {name: values[plan.resolve(name)] for name in graph.outputs}
+        outputs = {name: values[plan.resolve(name)] for name in plan.graph.outputs}
         bound = self._bound[key] = _Bound(plan, dims, inputs, outputs, scratch, calls)
         if len(self._bound) > self.MAX_BOUND:
             self._bound.popitem(last=False)
@@ -356,9 +363,10 @@ class ReferenceExecutor:
 
     device = None
 
-    def __init__(self, graph: Graph, weights: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, graph: Graph, weights: Mapping[str, np.ndarray], extra_outputs: Sequence[str] = ()) -> None:
         self.graph = graph
-        self.interpreter = Interpreter(graph, weights)
+        # the interpreter computes every value anyway: the extra outputs are always returned
+        self.interpreter = Interpreter(graph.with_outputs(*graph.outputs, *extra_outputs), weights)
         self.kv: dict[str, np.ndarray] = {}
         self.num_blocks = 0
 
@@ -374,7 +382,7 @@ class ReferenceExecutor:
         for cache in self.kv.values():
             cache[:, dst] = cache[:, src]
 
-    def stage(self, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    def stage(self, inputs: Mapping[str, np.ndarray], extras: bool = False) -> Mapping[str, np.ndarray]:
         return inputs
 
     def launch(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

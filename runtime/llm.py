@@ -1,4 +1,4 @@
-"""The offline Python API, in vLLM's shape: LLM(...).generate(...) and .chat(...)."""
+"""The offline Python API, in vLLM's shape: LLM(...).generate(...), .chat(...) and .embed(...)."""
 from __future__ import annotations
 
 import itertools
@@ -8,8 +8,8 @@ from tqdm import tqdm
 
 from fusec.errors import InputError
 from fusec.runtime.engine import EngineConfig, LLMEngine
-from fusec.runtime.outputs import RequestOutput
-from fusec.runtime.sequence import SamplingParams
+from fusec.runtime.outputs import EmbeddingRequestOutput, RequestOutput
+from fusec.runtime.sequence import PoolingParams, SamplingParams
 
 Messages = Seq[Mapping[str, Any]]
 
@@ -31,22 +31,37 @@ class LLM:
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  prompt_token_ids: Seq[Seq[int]] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
         """Completions for each prompt (text, or token ids), in the order given."""
-        if prompt_token_ids is not None:
-            items: list[tuple[str | None, Seq[int] | None]] = [(None, ids) for ids in prompt_token_ids]
-        else:
-            if prompts is None:
-                raise InputError("give prompts or prompt_token_ids")
-            items = [(p, None) for p in ([prompts] if isinstance(prompts, str) else prompts)]
-        params = sampling_params or SamplingParams()
+        items = self._items(prompts, prompt_token_ids)
+        # unset: the model's generation config defaults (--generation-config), as vLLM's LLM
+        params = sampling_params or SamplingParams(**self.engine.default_sampling)
         per = list(params) if isinstance(params, (list, tuple)) else [params] * len(items)
         if len(per) != len(items):
             raise InputError("give one SamplingParams, or one per prompt")
-        ids = []
-        for (text, tokens), p in zip(items, per):
-            rid = str(next(self._ids))
-            self.engine.add_request(rid, text, p, prompt_token_ids=tokens)
-            ids.append(rid)
-        return self._run(ids, use_tqdm)
+        return self._run([self._add(text, tokens, p) for (text, tokens), p in zip(items, per)], use_tqdm)
+
+    def embed(self, prompts: str | Seq[str] | None = None, pooling_params: PoolingParams | None = None,
+              prompt_token_ids: Seq[Seq[int]] | None = None, use_tqdm: bool = False) -> list[EmbeddingRequestOutput]:
+        """The embedding of each prompt (text, or token ids), in the order given: vLLM's
+        pooling for a decoder-only model, the final hidden state of its last token,
+        L2-normalised."""
+        params = pooling_params or PoolingParams()
+        return self._run([self._add(text, tokens, params) for text, tokens in self._items(prompts, prompt_token_ids)],
+                         use_tqdm)
+
+    @staticmethod
+    def _items(prompts: str | Seq[str] | None, prompt_token_ids: Seq[Seq[int]] | None
+               ) -> list[tuple[str | None, Seq[int] | None]]:
+        """(text, token ids) of each prompt, one of them None."""
+        if prompt_token_ids is not None:
+            return [(None, ids) for ids in prompt_token_ids]
+        if prompts is None:
+            raise InputError("give prompts or prompt_token_ids")
+        return [(p, None) for p in ([prompts] if isinstance(prompts, str) else prompts)]
+
+    def _add(self, text: str | None, tokens: Seq[int] | None, params: SamplingParams | PoolingParams) -> str:
+        rid = str(next(self._ids))
+        self.engine.add_request(rid, text, params, prompt_token_ids=tokens)
+        return rid
 
     def chat(self, messages: Messages | Seq[Messages], sampling_params: SamplingParams | None = None,
              add_generation_prompt: bool = True, use_tqdm: bool = False) -> list[RequestOutput]:
@@ -58,8 +73,8 @@ class LLM:
         token_ids = [tok.encode_chat(c, add_generation_prompt) for c in convs]
         return self.generate(prompt_token_ids=token_ids, sampling_params=sampling_params, use_tqdm=use_tqdm)
 
-    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
-        done: dict[str, RequestOutput] = {}
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list:
+        done: dict[str, RequestOutput | EmbeddingRequestOutput] = {}
         bar = tqdm(total=len(request_ids), desc="generating", unit="req", disable=not use_tqdm)
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():

@@ -8,6 +8,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fusec.fusion.dtypes import from_storage
+from fusec.models.llama import HIDDEN_ROWS
 from fusec.models.loader import Model
 from fusec.runtime.config import EngineConfig
 from fusec.runtime.device import Device
@@ -76,9 +78,11 @@ class ModelRunner:
         self.vocab = model.config.vocab_size
         self.max_sample_rows = max(1, config.max_num_seqs)
         graph = model.graph(config.block_size)
+        (self.logits_name,) = graph.outputs
+        self.hidden_dtype = graph.node(HIDDEN_ROWS).type.dtype
         memory: MemoryUse | None = None
         if device is None:
-            self.executor: PlanExecutor | ReferenceExecutor = ReferenceExecutor(graph, model.weights)
+            self.executor: PlanExecutor | ReferenceExecutor = ReferenceExecutor(graph, model.weights, (HIDDEN_ROWS,))
             self.sampler = None  # the reference samples with the kernels' numpy oracle
         else:
             from fusec.kernels.registry import default_registry
@@ -92,7 +96,8 @@ class ModelRunner:
             self.executor = PlanExecutor(device, graph, model.weights, default_registry(),
                                          device.plan_options(max_model_len, crossover),
                                          max_dims=max_dims(max_tokens, self.max_sample_rows, max_model_len,
-                                                           config.block_size, PROMPT_LOGPROB_ROWS))
+                                                           config.block_size, PROMPT_LOGPROB_ROWS),
+                                         extra_outputs=(HIDDEN_ROWS,))
             if tuning and self.executor.gemm is not None:
                 from fusec.runtime.autotune import parse_gemm_key
 
@@ -145,12 +150,25 @@ class ModelRunner:
         """Logits (float32, [rows, vocab]) where the executor keeps them (device memory,
         valid until the next run). The profile gets the executor's host work before the
         launches ("stage") apart from the launches ("forward")."""
+        return self._launch(inputs, profile, extras=False)[self.logits_name]
+
+    def run_with_hidden(self, inputs: dict[str, np.ndarray], profile: StepProfile | None = None
+                        ) -> tuple[Any, np.ndarray]:
+        """run()'s logits, and the final-normed hidden state of each logits row (float32,
+        [rows, hidden], on the host): what embeddings pool. The step runs the gemm plan,
+        which keeps those rows, whatever its size."""
+        outputs = self._launch(inputs, profile, extras=True)
+        hidden = outputs[HIDDEN_ROWS]
+        if self.device is not None:  # the reference's values are float32 already
+            hidden = from_storage(self.device.to_host(hidden), self.hidden_dtype)
+        return outputs[self.logits_name], hidden
+
+    def _launch(self, inputs: dict[str, np.ndarray], profile: StepProfile | None, extras: bool) -> dict[str, Any]:
         profile = profile or StepProfile()
         with profile.phase("stage"):
-            staged = self.executor.stage(inputs)
+            staged = self.executor.stage(inputs, extras)
         with profile.phase("forward"):
-            (logits,) = self.executor.launch(staged).values()
-        return logits
+            return self.executor.launch(staged)
 
     def forward(self, chunks: Sequence[SequenceChunk]) -> Any:
         """Logits of each chunk's last token, or of all its tokens where it says all_logits."""

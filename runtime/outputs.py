@@ -23,8 +23,12 @@ class CompletionOutput:
 
 @dataclass
 class RequestMetrics:
+    """When a request reached each phase (time.monotonic(), the engine's clock): vLLM's
+    queue, prefill, decode and inference times are the gaps between them."""
     arrival_time: float
+    first_scheduled_time: float | None = None
     first_token_time: float | None = None
+    last_token_time: float | None = None
     finished_time: float | None = None
     num_cached_tokens: int = 0
 
@@ -39,3 +43,18 @@ class RequestOutput:
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(0.0))
     # prompt_logprobs: one per prompt token (None for the first, which has no context)
     prompt_logprobs: list[Logprob | None] | None = None
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """An embedding request's one output (vLLM's EmbeddingRequestOutput): always finished."""
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True

@@ -58,10 +58,14 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 chunked_prefill: bool = True) -> None:
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        # off: a prompt waits until one step's budget holds all of it (vLLM's
+        # --no-enable-chunked-prefill; scored prompts still go 64 rows a step)
+        self.chunked_prefill = chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -149,6 +153,9 @@ class Scheduler:
             n = min(seq.num_uncomputed, budget)
             if scores:
                 n = min(n, scored_rows)
+            elif not self.chunked_prefill and n < seq.num_uncomputed:
+                self._free(seq)  # the next step's budget holds it whole
+                break
             if not self.blocks.can_grow(seq.seq_id, seq.num_computed, seq.num_computed + n):
                 self._free(seq)  # hold no blocks while waiting
                 break

@@ -76,6 +76,15 @@ class SamplingParams:
         return self.temperature < 1e-5
 
 
+@dataclass
+class PoolingParams:
+    """An embedding request (vLLM's PoolingParams, task "embed"): the final hidden state
+    of the prompt's last token (LAST pooling), L2-normalised unless `normalize` is off.
+    Nothing is generated."""
+
+    normalize: bool = True
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -116,6 +125,7 @@ class Sequence:
         self.logprobs: list[Logprob] = []
         self.matcher: Any = None  # an llguidance matcher walking the output, under a structured-output constraint
         self.allowed_mask: np.ndarray | None = None  # allowed_token_ids as a packed bitmask row
+        self.pooling: PoolingParams | None = None  # an embedding request's: it ends after its prompt, unsampled
         # the sampler's uniforms are hash(seed, tokens generated so far, token id): a
         # seeded request draws the same numbers in any batch, its n completions differ
         self.seed = (int(hash3(params.seed, index, SEED_STREAM)) if params.seed is not None

@@ -63,11 +63,13 @@ class LiveServer:
         raise RuntimeError("server did not start")
 
     def metrics(self) -> dict[str, float]:
-        values = {}
+        """Each `vllm:` sample's value by its name, summed over its label sets."""
+        values: dict[str, float] = {}
         for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
-            if line.startswith("fusec:") and " " in line:
+            if line.startswith("vllm:") and " " in line:
                 name, value = line.rsplit(" ", 1)
-                values[name.split("{")[0]] = float(value)
+                name = name.split("{")[0]
+                values[name] = values.get(name, 0.0) + float(value)
         return values
 
     def output(self) -> str:

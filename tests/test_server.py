@@ -178,7 +178,7 @@ def test_bad_input_table(tiny):
             assert err["message"] and err["code"] == status and err["type"], (path, body, err)
         ok = http.post("/v1/completions", json={"prompt": "hello", "max_tokens": 3})
         assert ok.status_code == 200 and len(ok.json()["choices"]) == 1
-    assert tiny.metrics()["fusec:num_requests_running"] == 0
+    assert tiny.metrics()["vllm:num_requests_running"] == 0
 
 
 def test_api_key(tiny_checkpoints):
@@ -217,8 +217,8 @@ def test_256_concurrent_streams(tiny):
     assert not errors, errors[:3]
     assert results == [1] * 256
     m = tiny.metrics()
-    assert m["fusec:num_requests_running"] == 0 and m["fusec:num_requests_waiting"] == 0
-    assert m["fusec:kv_cache_usage_perc"] == 0
+    assert m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0
+    assert m["vllm:kv_cache_usage_perc"] == 0
 
 
 def test_disconnecting_clients_leave_nothing_behind(tiny):
@@ -237,11 +237,11 @@ def test_disconnecting_clients_leave_nothing_behind(tiny):
     asyncio.run(main())
     for _ in range(100):
         m = tiny.metrics()
-        if m["fusec:num_requests_running"] == 0 and m["fusec:kv_cache_usage_perc"] == 0:
+        if m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0:
             break
         asyncio.run(asyncio.sleep(0.1))
-    assert m["fusec:num_requests_running"] == 0 and m["fusec:num_requests_waiting"] == 0
-    assert m["fusec:kv_cache_usage_perc"] == 0
+    assert m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0
+    assert m["vllm:kv_cache_usage_perc"] == 0
 
 
 def test_schemathesis_finds_no_5xx(tiny, tmp_path):
@@ -257,7 +257,7 @@ def test_schemathesis_finds_no_5xx(tiny, tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
     m = tiny.metrics()
-    assert m["fusec:num_requests_running"] == 0 and m["fusec:kv_cache_usage_perc"] == 0
+    assert m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0
 
 
 def test_sigterm_drains_in_flight_requests(tiny_checkpoints):
@@ -275,7 +275,7 @@ def test_sigterm_drains_in_flight_requests(tiny_checkpoints):
     reader = threading.Thread(target=stream)
     reader.start()
     for _ in range(200):  # wait until the request is generating
-        if server.metrics().get("fusec:generation_tokens_total", 0) > 0:
+        if server.metrics().get("vllm:generation_tokens_total", 0) > 0:
             break
         threading.Event().wait(0.02)
     server.proc.send_signal(signal.SIGTERM)

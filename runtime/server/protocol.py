@@ -5,7 +5,7 @@ sends, field for field."""
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator,
                       model_serializer)
@@ -91,18 +91,24 @@ class SamplingFields(OpenAIModel):
             raise ValueError("at most 16 stop strings")
         return stops
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+        """defaults: the model's generation config, for the fields the request leaves unset."""
         if self.stream and self.best_of is not None and self.best_of > self.n:
             raise InputError("best_of > n cannot be streamed: the best are known only at the end")
         if self.stream and self.prompt_logprobs is not None:
             raise InputError("`prompt_logprobs` are not available when `stream=True`.")
+        defaults = defaults or {}
+
+        def pick(name: str, fallback: Any) -> Any:
+            value = getattr(self, name)
+            return defaults.get(name, fallback) if value is None else value
         return SamplingParams(
-            n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
-            min_p=self.min_p or 0.0, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
-            seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens, stop=list(self.stop or []),
+            n=self.n, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0), top_k=pick("top_k", 0),
+            min_p=pick("min_p", 0.0), presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, repetition_penalty=pick("repetition_penalty", 1.0),
+            seed=self.seed, max_tokens=_capped(max_tokens, defaults.get("max_tokens")),
+            min_tokens=self.min_tokens, stop=list(self.stop or []),
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
             structured_outputs=self.structured_outputs_params(), logit_bias=self._logit_bias(),
@@ -138,6 +144,11 @@ class SamplingFields(OpenAIModel):
             raise InputError("give one structured-output constraint: response_format, structured_outputs or one "
                              "guided_* field")
         return found[0] if found else None
+
+
+def _capped(asked: int | None, cap: int | None) -> int | None:
+    """max_tokens under the generation config's max_new_tokens, which caps every request (vLLM)."""
+    return asked if cap is None else cap if asked is None else min(asked, cap)
 
 
 class CompletionRequest(SamplingFields):
@@ -259,6 +270,16 @@ class TokenizeRequest(OpenAIModel):
 class DetokenizeRequest(OpenAIModel):
     model: str | None = None
     tokens: list[TokenId]
+
+
+class EmbeddingRequest(OpenAIModel):
+    model: str | None = None
+    input: str | list[str] | list[TokenId] | list[list[TokenId]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    # vLLM's: keep each input's last k tokens (-1: the model's context length)
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
 
 
 # -- responses ----------------------------------------------------------------------------
@@ -437,6 +458,26 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class EmbeddingData(BaseModel):
+    index: int
+    object: Literal["embedding"] = "embedding"
+    embedding: list[float] | str  # str: base64 of the little-endian float32 values
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    id: str
+    object: Literal["list"] = "list"
+    created: int
+    model: str
+    data: list[EmbeddingData]
+    usage: EmbeddingUsage
 
 
 class VersionResponse(BaseModel):

@@ -9,13 +9,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from fusec import __version__
 from fusec.runtime.server.errors import APIError
 from fusec.runtime.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                                           CompletionResponse, DetokenizeRequest, DetokenizeResponse, ModelList,
+                                           CompletionResponse, DetokenizeRequest, DetokenizeResponse,
+                                           EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList,
                                            TokenizeRequest, TokenizeResponse, VersionResponse)
 
 
 async def check_key(request: Request) -> None:
-    api_key = request.app.state.settings.api_key
-    if api_key is not None and request.headers.get("authorization", "") != f"Bearer {api_key}":
+    keys = request.app.state.settings.api_keys
+    if keys and request.headers.get("authorization", "") not in {f"Bearer {k}" for k in keys}:
         raise APIError(401, "invalid or missing API key")
 
 
@@ -43,6 +44,11 @@ async def models(request: Request) -> ModelList:
     return request.app.state.serving_models.list()
 
 
+@authorized.get("/v1/models/{model_id:path}")
+async def model(model_id: str, request: Request) -> ModelCard:
+    return request.app.state.serving_models.card(model_id)
+
+
 @authorized.post("/tokenize")
 async def tokenize(req: TokenizeRequest, request: Request) -> TokenizeResponse:
     return await request.app.state.serving_tokenization.tokenize(req)
@@ -61,6 +67,11 @@ async def completions(req: CompletionRequest, request: Request) -> Response | Co
 @authorized.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def chat(req: ChatCompletionRequest, request: Request) -> Response | ChatCompletionResponse:
     return await request.app.state.serving_chat.create(req, request)
+
+
+@authorized.post("/v1/embeddings")
+async def embeddings(req: EmbeddingRequest, request: Request) -> EmbeddingResponse:
+    return await request.app.state.serving_embedding.create(req)
 
 
 router.include_router(authorized)

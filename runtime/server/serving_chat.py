@@ -46,7 +46,8 @@ class OpenAIServingChat(OpenAIServingGenerate[ChatCompletionRequest]):
         ids = await self._encode_chat(req.messages, req.add_generation_prompt,
                                       chat_template_args(req.tools, req.chat_template_kwargs))
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = req.sampling_params(req.max_completion_tokens or req.max_tokens, logprobs)
+        params = req.sampling_params(req.max_completion_tokens or req.max_tokens, logprobs,
+                                     self.engine.engine.default_sampling)
         if tools is not None and tools.constraint is not None:
             params = dataclasses.replace(params, structured_outputs=tools.constraint)
         elif tools is not None:

@@ -24,17 +24,11 @@ class OpenAIServingCompletion(OpenAIServingGenerate[CompletionRequest]):
         if req.echo and req.logprobs is not None:
             raise APIError(400, "echo with logprobs is not supported: ask for prompt_logprobs (vLLM's field)", "echo")
         prompts = await self._prompts(req)
-        params = req.sampling_params(req.max_tokens, req.logprobs)
+        params = req.sampling_params(req.max_tokens, req.logprobs, self.engine.engine.default_sampling)
         return await self._generate(self._new_generation(req, model, prompts, params), raw)
 
     async def _prompts(self, req: CompletionRequest) -> list[Prompt]:
-        prompt = req.prompt
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        elif not prompt:
-            raise APIError(400, "prompt is empty", "prompt")
-        elif isinstance(prompt[0], int):
-            prompt = [prompt]
+        prompt = self._prompt_list(req.prompt, "prompt")
         if isinstance(prompt[0], str):
             return [Prompt(ids, text) for text, ids in zip(prompt, await self._encode(prompt))]
         prompts = [Prompt(list(ids)) for ids in prompt]

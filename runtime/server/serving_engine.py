@@ -7,8 +7,8 @@ import asyncio
 from typing import Any
 
 from fusec.models.tokenizer import Tokenizer
-from fusec.runtime.async_engine import AsyncEngine
-from fusec.runtime.sequence import SamplingParams
+from fusec.runtime.async_engine import AsyncEngine, RequestStream
+from fusec.runtime.sequence import PoolingParams, SamplingParams
 from fusec.runtime.server.errors import APIError
 from fusec.runtime.server.protocol import ChatMessage
 from fusec.runtime.server.serving_models import OpenAIServingModels
@@ -24,6 +24,18 @@ class OpenAIServing:
         if self.tokenizer is None:
             raise APIError(400, "this model has no tokenizer: send prompt token ids")
         return self.tokenizer
+
+    @staticmethod
+    def _prompt_list(given: str | list[str] | list[int] | list[list[int]], field: str) -> list[str] | list[list[int]]:
+        """OpenAI's prompt forms (a string, strings, token ids, lists of token ids) as a list
+        of prompts: strings, or token-id lists."""
+        if isinstance(given, str):
+            return [given]
+        if not given:
+            raise APIError(400, f"{field} is empty", field)
+        if isinstance(given[0], int):
+            return [list(given)]
+        return list(given)
 
     async def _encode(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         tok = self._need_tokenizer()
@@ -47,6 +59,22 @@ class OpenAIServing:
         if grammars is None:
             raise APIError(400, "structured outputs need the model's tokenizer")
         await asyncio.to_thread(grammars.compile, params.structured_outputs)
+
+    async def _add_all(self, request_id: str, prompts: list[list[int]], params: SamplingParams | PoolingParams,
+                       arrival: float | None = None) -> list[RequestStream]:
+        """Hand every prompt of a request to the engine together (ids request_id-0, -1,
+        ...) and wait until all are taken, so bad input is a 400 before any byte of a
+        response is sent; on one's error the others are aborted."""
+        results = await asyncio.gather(
+            *(self.engine.add_request(f"{request_id}-{i}", None, params, prompt_token_ids=ids, arrival=arrival)
+              for i, ids in enumerate(prompts)), return_exceptions=True)
+        streams = [r for r in results if isinstance(r, RequestStream)]
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            for s in streams:
+                s.abort()
+            raise errors[0]
+        return streams
 
     async def _decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         tok = self._need_tokenizer()

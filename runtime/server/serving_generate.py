@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from fusec.runtime.async_engine import AsyncEngine, RequestStream
 from fusec.runtime.outputs import CompletionOutput, RequestOutput
 from fusec.runtime.sequence import Logprob, SamplingParams
-from fusec.runtime.server.metrics import ServerMetrics
+from fusec.runtime.server.metrics import RequestStats, ServerMetrics
 from fusec.runtime.server.protocol import PromptLogprob, PromptLogprobs, SamplingFields, UsageInfo
 from fusec.runtime.server.serving_engine import OpenAIServing
 from fusec.runtime.server.serving_models import OpenAIServingModels
@@ -38,7 +38,6 @@ class Progress:
     text_len: int = 0
     token_count: int = 0
     logprob_count: int = 0
-    last_time: float = 0.0
     done: bool = False
 
 
@@ -54,9 +53,10 @@ class Generation(Generic[RequestT]):
     arrival: float = field(default_factory=time.monotonic)
     progress: list[list[Progress]] = field(init=False)  # [prompt][sequence]
     prompt_logprobs: dict[int, list[Logprob | None]] = field(init=False, default_factory=dict)  # by prompt
+    stats: list[RequestStats] = field(init=False, default_factory=list)  # by prompt, once the engine took them
 
     def __post_init__(self) -> None:
-        self.progress = [[Progress(last_time=self.arrival) for _ in range(self.params.n)] for _ in self.prompts]
+        self.progress = [[Progress() for _ in range(self.params.n)] for _ in self.prompts]
 
     @property
     def include_usage(self) -> bool:
@@ -120,34 +120,29 @@ class OpenAIServingGenerate(OpenAIServing, ABC, Generic[RequestT]):
         return await self._aggregate(gen, streams, raw)
 
     async def _submit(self, gen: Generation[RequestT]) -> list[RequestStream]:
-        """Hand every prompt to the engine together and wait until all are taken, so bad
-        input is a 400 before any byte of a response is sent."""
-        results = await asyncio.gather(
-            *(self.engine.add_request(f"{gen.request_id}-{i}", None, gen.params, prompt_token_ids=p.token_ids)
-              for i, p in enumerate(gen.prompts)), return_exceptions=True)
-        streams = [r for r in results if isinstance(r, RequestStream)]
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            for s in streams:
-                s.abort()
-            raise errors[0]
-        for p in gen.prompts:
-            self.metrics.prompt_tokens.inc(len(p.token_ids))
+        streams = await self._add_all(gen.request_id, [p.token_ids for p in gen.prompts], gen.params, gen.arrival)
+        gen.stats = [self.metrics.track(s.request_id, len(p.token_ids), gen.params, gen.arrival)
+                     for s, p in zip(streams, gen.prompts)]
         return streams
 
     async def _stream(self, gen: Generation[RequestT], streams: list[RequestStream]) -> AsyncIterator[str]:
         outputs = MergedOutputs(streams)
+        ending = "abort"
         try:
             for choice in self._opening_choices(gen):
                 yield self._sse(gen, self._chunk(gen, [choice]))
             async for i, out in outputs:
+                gen.stats[i].update(out)
                 for c in out.outputs:
                     delta = self._advance(gen, i, c)
                     choice = self._stream_choice(gen, delta) if delta is not None else None
                     if choice is not None:
                         yield self._sse(gen, self._chunk(gen, [choice]))
+        except Exception:
+            ending = "error"
+            raise
         finally:
-            outputs.close()  # a disconnected client lands here: abort what is left
+            self._end(gen, outputs, ending)  # a disconnected client lands here: abort what is left
         if gen.include_usage:
             tokens = sum(p.token_count for per_prompt in gen.progress for p in per_prompt)
             yield self._sse(gen, self._chunk(gen, [], gen.usage(tokens)))
@@ -157,17 +152,22 @@ class OpenAIServingGenerate(OpenAIServing, ABC, Generic[RequestT]):
                          raw: Request) -> Response | BaseModel:
         final: dict[tuple[int, int], CompletionOutput] = {}
         outputs = MergedOutputs(streams)
+        ending = "abort"
         try:
             async for i, out in outputs:
+                gen.stats[i].update(out)
                 for c in out.outputs:
-                    self._record(gen.progress[i][c.index], c, gen.arrival)
+                    self._record(gen.progress[i][c.index], c)
                     final[(i, c.index)] = c
                 if out.prompt_logprobs is not None:
                     gen.prompt_logprobs[i] = out.prompt_logprobs
                 if await raw.is_disconnected():
                     return Response(status_code=499)  # the client is gone; `finally` aborts the rest
+        except Exception:
+            ending = "error"
+            raise
         finally:
-            outputs.close()
+            self._end(gen, outputs, ending)
         choices = [self._final_choice(gen, gen.choice_index(i, c), i, c) for (i, _), c in sorted(final.items())]
         usage = gen.usage(sum(len(c.token_ids) for c in final.values()))
         return self.response_type(id=gen.request_id, created=gen.created, model=gen.model, choices=choices,
@@ -197,28 +197,24 @@ class OpenAIServingGenerate(OpenAIServing, ABC, Generic[RequestT]):
         text = out.text[p.text_len:]
         logprobs = out.logprobs[p.logprob_count:] if out.logprobs is not None else None
         tokens_before = p.token_count
-        self._record(p, out, gen.arrival)
+        self._record(p, out)
         if not text and not out.finished and p.token_count == tokens_before:
             return None
         delta = Delta(gen.choice_index(prompt_index, out), prompt_index, out, text, logprobs, p.text_len, first)
         p.text_len, p.logprob_count = len(out.text), len(out.logprobs or [])
         return delta
 
-    def _record(self, p: Progress, out: CompletionOutput, arrival: float) -> None:
-        now = time.monotonic()
-        new = len(out.token_ids) - p.token_count
-        if new > 0:
-            if p.token_count == 0:
-                self.metrics.ttft.observe(now - arrival)
-            else:
-                for _ in range(new):
-                    self.metrics.itl.observe((now - p.last_time) / new)
-            self.metrics.generation_tokens.inc(new)
-            p.token_count, p.last_time = len(out.token_ids), now
-        if out.finished and not p.done:
-            p.done = True
-            self.metrics.e2e.observe(now - arrival)
-            self.metrics.finished(out.finish_reason or "stop")
+    @staticmethod
+    def _record(p: Progress, out: CompletionOutput) -> None:
+        p.token_count, p.done = len(out.token_ids), out.finished
+
+    @staticmethod
+    def _end(gen: Generation[RequestT], outputs: MergedOutputs, ending: str) -> None:
+        """Abort what has not finished; its requests count as ended by `ending` ("abort":
+        the client left or the answer was cut short; "error": a step failed)."""
+        outputs.close()
+        for stats in gen.stats:
+            stats.close(ending)
 
     def _chunk(self, gen: Generation[RequestT], choices: list[BaseModel], usage: UsageInfo | None = None) -> BaseModel:
         return self.chunk_type(id=gen.request_id, created=gen.created, model=gen.model, choices=choices, usage=usage)

@@ -23,5 +23,11 @@ class OpenAIServingModels:
 
     def list(self) -> ModelList:
         created = int(time.time())
-        return ModelList(data=[ModelCard(id=name, created=created, root=self.model_path,
-                                         max_model_len=self.max_model_len) for name in self.names])
+        return ModelList(data=[self._card(name, created) for name in self.names])
+
+    def card(self, name: str) -> ModelCard:
+        """`/v1/models/{id}`: one served name's card, 404 for any other."""
+        return self._card(self.resolve(name), int(time.time()))
+
+    def _card(self, name: str, created: int) -> ModelCard:
+        return ModelCard(id=name, created=created, root=self.model_path, max_model_len=self.max_model_len)
