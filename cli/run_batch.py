@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, TextIO
 import click
 from tqdm import tqdm
 
-from fusec.cli.serve import SERVE_ENGINE_FIELDS
+from fusec.cli.serve import SERVE_ENGINE_FIELDS, ServeCommand
 from fusec.errors import FusecError
 from fusec.runtime.config import EngineConfig, engine_options
 
@@ -41,7 +41,7 @@ def _open_output(path: str) -> contextlib.AbstractContextManager[TextIO]:
     return contextlib.nullcontext(sys.stdout) if path == "-" else open(path, "w", encoding="utf-8")
 
 
-@click.command("run-batch")
+@click.command("run-batch", cls=ServeCommand)  # --served-model-name a b, as serve
 @click.option("-i", "--input-file", required=True,
               help="The batch file: one request a line in OpenAI's batch format (- reads stdin).")
 @click.option("-o", "--output-file", required=True,

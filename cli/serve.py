@@ -145,6 +145,8 @@ def serve_cmd(model_tag: str | None, host: str | None, port: int, served_names: 
         raise click.UsageError("--enable-auto-tool-choice needs --tool-call-parser")
     if (ssl_keyfile is None) != (ssl_certfile is None):
         raise click.UsageError("TLS needs both --ssl-keyfile and --ssl-certfile")
+    if ssl_certfile is None and (ssl_ca_certs is not None or ssl_cert_reqs):
+        raise click.UsageError("--ssl-ca-certs and --ssl-cert-reqs need TLS (--ssl-keyfile and --ssl-certfile)")
     model = options["model"]
     if model_tag and model and model_tag != model:
         raise FusecError("give the model once: as the argument or as --model")

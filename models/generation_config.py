@@ -23,14 +23,29 @@ def default_sampling(source: str, model_path: Path, override: str | None = None)
     directory holding a generation_config.json; override: JSON merged over it
     (--override-generation-config). max_tokens, when set, caps every request's (vLLM's rule)."""
     raw = _source(source, model_path)
+    # a model's own out-of-range value is skipped (with a word), not made every request's error
     defaults = {param: raw[key] for key, param in FIELDS.items()
-                if _number(raw.get(key)) and raw[key] != HF_DEFAULTS.get(key)}
+                if _number(raw.get(key)) and raw[key] != HF_DEFAULTS.get(key) and _usable(key, raw[key])}
     for key, value in _override(override).items():
         defaults[FIELDS[key]] = value
     if defaults:
         log.info("default sampling parameters from the model's generation config (--generation-config vllm to "
                  "ignore them): %s", defaults)
     return defaults
+
+
+def check_generation_config(source: str, override: str | None) -> None:
+    """What the flags name, checked before the model loads: the folder holds a
+    generation_config.json, the override is valid."""
+    if source not in ("auto", "vllm"):
+        _folder(source)
+    _override(override)
+
+
+# what each sampling default must be for a request to accept it
+VALID = {"temperature": lambda v: v >= 0, "top_p": lambda v: 0 < v <= 1,
+         "top_k": lambda v: isinstance(v, int) and v >= -1, "min_p": lambda v: 0 <= v <= 1,
+         "repetition_penalty": lambda v: v > 0, "max_new_tokens": lambda v: isinstance(v, int) and v >= 1}
 
 
 def _override(text: str | None) -> dict[str, Any]:
@@ -45,9 +60,17 @@ def _override(text: str | None) -> dict[str, Any]:
     unknown = sorted(set(value) - set(FIELDS))
     if unknown:
         raise InputError(f"--override-generation-config: unknown keys {unknown}; expected some of {sorted(FIELDS)}")
-    if not all(_number(v) for v in value.values()):
-        raise InputError("--override-generation-config values must be numbers")
+    bad = sorted(k for k, v in value.items() if not _number(v) or not VALID[k](v))
+    if bad:
+        raise InputError(f"--override-generation-config: out-of-range values for {bad}")
     return value
+
+
+def _folder(source: str) -> Path:
+    folder = Path(source).expanduser()
+    if not (folder / "generation_config.json").is_file():
+        raise InputError(f"--generation-config {source}: no generation_config.json there")
+    return folder
 
 
 def _source(source: str, model_path: Path) -> dict[str, Any]:
@@ -55,19 +78,27 @@ def _source(source: str, model_path: Path) -> dict[str, Any]:
         return {}
     if source == "auto":
         return _read(model_path) if model_path.is_dir() else {}  # a GGUF carries no generation config
-    folder = Path(source).expanduser()
-    if not (folder / "generation_config.json").is_file():
-        raise ModelLoadError(f"--generation-config {source}: no generation_config.json there")
-    return _read(folder)
+    return _read(_folder(source))
 
 
 def eos_token_ids(model_path: Path) -> set[int]:
     """The end-of-sequence ids a model's generation_config.json adds (Llama 3's
     instruct models end turns with <|eot_id|>, listed only there). vLLM stops on them
     whatever --generation-config says."""
-    value = _read(model_path).get("eos_token_id") if model_path.is_dir() else None
+    try:
+        value = _read(model_path).get("eos_token_id") if model_path.is_dir() else None
+    except ModelLoadError as e:  # the file is optional: a broken one costs its stop ids, not the model
+        log.warning("%s", e)
+        return set()
     ids = value if isinstance(value, list) else [value]
     return {i for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= 0}
+
+
+def _usable(key: str, value: Any) -> bool:
+    if VALID[key](value):
+        return True
+    log.warning("generation_config.json: %s = %r is out of range; not used as a default", key, value)
+    return False
 
 
 def _number(value: Any) -> bool:

@@ -84,12 +84,8 @@ class Tokenizer:
     def from_path(cls, path: str | Path) -> "Tokenizer":
         """--tokenizer: an HF directory, or a tokenizer.json (its directory's
         tokenizer_config.json, when there is one, gives the special tokens and template)."""
-        where = Path(path).expanduser()
-        if where.is_file():
-            return cls.from_hf_dir(where.parent, where.name)
-        if not (where / "tokenizer.json").is_file():
-            raise ModelLoadError(f"tokenizer {path}: neither a tokenizer.json file nor a directory holding one")
-        return cls.from_hf_dir(where)
+        file = tokenizer_file(path)
+        return cls.from_hf_dir(file.parent, file.name)
 
     @classmethod
     def from_hf_dir(cls, path: Path, file_name: str = "tokenizer.json") -> "Tokenizer":
@@ -140,6 +136,15 @@ class Tokenizer:
             single, special = f"{single} {eos}", special + [(eos, vocab[eos])]
         backend.post_processor = processors.TemplateProcessing(single=single, special_tokens=special)
         return cls(backend, bos_token=bos, eos_token=eos, chat_template=meta.get("tokenizer.chat_template"))
+
+
+def tokenizer_file(path: str | Path) -> Path:
+    """--tokenizer's tokenizer.json: the file itself, or the one in that directory."""
+    where = Path(path).expanduser()
+    file = where if where.is_file() else where / "tokenizer.json"
+    if not file.is_file():
+        raise ModelLoadError(f"tokenizer {path}: neither a tokenizer.json file nor a directory holding one")
+    return file
 
 
 def _token_str(value: Any) -> str | None:

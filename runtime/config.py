@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from decimal import Decimal
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import click
 
 from fusec.errors import InputError
+from fusec.models.chat_template import load_chat_template
+from fusec.models.generation_config import check_generation_config
+from fusec.models.tokenizer import tokenizer_file
 
 # vLLM's names (half = float16, float = float32) and fusec's short ones
 DTYPE_CHOICES = ["auto", "half", "float16", "bfloat16", "float", "float32", "f32", "f16", "bf16"]
 KV_CACHE_DTYPES = ["auto", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc"]
 MAX_TOP_LOGPROBS = 20  # the sampler's top-logprobs width (kernels/sampling.py MAX_LOGPROBS)
+DEFAULT_BATCHED_TOKENS = 1024
 
 
 class HumanInt(click.ParamType):
@@ -39,10 +44,10 @@ class HumanInt(click.ParamType):
             forms = "2048, 2k, 2K, 25.6k" + (", -1 or auto" if self.allow_auto else "")
             self.fail(f"{value!r} is not a positive integer (forms: {forms})", param, ctx)
         number, unit = match.groups()
-        scaled = float(number) * self._UNITS.get(unit, 1)
-        if scaled != int(scaled) or scaled < 1:
-            self.fail(f"{value!r} is not a positive whole number of tokens", param, ctx)
-        return int(scaled)
+        scaled = int(Decimal(number) * self._UNITS.get(unit, 1))  # exact: 32.7k is 32700
+        if scaled < 1:
+            self.fail(f"{value!r} is not a positive number of tokens", param, ctx)
+        return scaled
 
 
 def _flag(help: str, type: Any = None, flag: str | None = None, **click_kw: Any) -> dict:
@@ -90,8 +95,9 @@ class EngineConfig:
         HumanInt(allow_auto=True)))
     max_num_seqs: int = field(default=64, metadata=_flag(
         "Most sequences in one step.", click.IntRange(min=1)))
-    max_num_batched_tokens: int = field(default=1024, metadata=_flag(
-        "Most tokens in one step (longer prompts are prefilled in chunks).", HumanInt()))
+    max_num_batched_tokens: int | None = field(default=None, metadata=_flag(
+        f"Most tokens in one step (longer prompts are prefilled in chunks) [default: {DEFAULT_BATCHED_TOKENS}; "
+        f"with --no-enable-chunked-prefill the larger of --max-model-len and 2048, as vLLM].", HumanInt()))
     enable_chunked_prefill: bool = field(default=True, metadata=_flag(
         "Split prompts longer than --max-num-batched-tokens over several steps; off: a prompt is prefilled in one "
         "step (--max-num-batched-tokens must then hold --max-model-len).",
@@ -124,7 +130,8 @@ class EngineConfig:
     data_parallel_size: int = field(default=1, metadata=_flag(
         "Model replicas (fusec serves one).", click.IntRange(min=1), flag="--data-parallel-size", aliases=["-dp"]))
     trust_remote_code: bool = field(default=False, metadata=_flag(
-        "Accepted for vLLM compatibility: fusec runs no code from model repositories.", flag="--trust-remote-code/--no-trust-remote-code"))
+        "Accepted for vLLM compatibility: fusec runs no code from model repositories.",
+        flag="--trust-remote-code/--no-trust-remote-code"))
     crossover: int | None = field(default=None, metadata=_flag(
         "Largest batch (tokens) run through the fused-GEMV plan [default: `fusec autotune`'s choice for this "
         "device and model, else the device's default].", click.IntRange(min=1)))
@@ -140,6 +147,12 @@ class EngineConfig:
                              f"the activation dtype only (auto)")
         if self.max_logprobs > MAX_TOP_LOGPROBS or self.max_logprobs < 0:
             raise InputError(f"max_logprobs must be in [0, {MAX_TOP_LOGPROBS}] (the sampler's top-logprobs width)")
+        # the files and JSON the flags name, before any model loads
+        if self.tokenizer is not None:
+            tokenizer_file(self.tokenizer)
+        if self.chat_template is not None:
+            load_chat_template(self.chat_template)
+        check_generation_config(self.generation_config, self.override_generation_config)
 
     def resolved_max_model_len(self, model_limit: int) -> int:
         """The context the engine serves: --max-model-len, which may not pass the model's
@@ -149,12 +162,20 @@ class EngineConfig:
                              f"max_model_len (max_position_embeddings={model_limit} in the model's config). This "
                              f"may lead to incorrect model outputs; fusec serves at most the model's limit.")
         limit = self.max_model_len or model_limit
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens < limit:
-            raise InputError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than max_model_len "
-                             f"({limit}). This effectively limits the maximum sequence length to "
-                             f"max_num_batched_tokens and makes fusec reject longer sequences. Please increase "
-                             f"max_num_batched_tokens or decrease max_model_len.")
+        budget = self.resolved_max_num_batched_tokens(limit)
+        if not self.enable_chunked_prefill and budget < limit:
+            raise InputError(f"max_num_batched_tokens ({budget}) is smaller than max_model_len ({limit}). This "
+                             f"effectively limits the maximum sequence length to max_num_batched_tokens and makes "
+                             f"fusec reject longer sequences. Please increase max_num_batched_tokens or decrease "
+                             f"max_model_len.")
         return limit
+
+    def resolved_max_num_batched_tokens(self, max_model_len: int) -> int:
+        """The step's token budget: --max-num-batched-tokens, else 1024, or (prompts not
+        chunked) enough for the longest prompt, as vLLM's default."""
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return DEFAULT_BATCHED_TOKENS if self.enable_chunked_prefill else max(max_model_len, 2048)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], **overrides: Any) -> "EngineConfig":

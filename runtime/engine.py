@@ -82,6 +82,8 @@ class LLMEngine:
         if config.trust_remote_code:
             log.info("--trust-remote-code: fusec runs no code from model repositories; the flag changes nothing")
         self.max_model_len = config.resolved_max_model_len(cfg.max_position_embeddings)
+        config = self.config = dataclasses.replace(
+            config, max_num_batched_tokens=config.resolved_max_num_batched_tokens(self.max_model_len))
         self._owns_device = device is None and config.executor != "reference"
         if self._owns_device:
             device = make_device(kind)
@@ -140,6 +142,7 @@ class LLMEngine:
             raise InputError(f"n = {params.n} is more than --max-num-seqs {self.scheduler.max_num_seqs}: a request's "
                              f"completions run together")
         ids = self._prompt_ids(prompt, prompt_token_ids)
+        params = self._cap_max_tokens(params, len(ids))
         vocab = self.model.config.vocab_size
         wanted = len(ids) + (params.max_tokens or 1)
         if wanted > self.max_model_len:
@@ -168,6 +171,16 @@ class LLMEngine:
                                              RequestMetrics(now), keep, want_logprobs,
                                              [None] * len(ids) if params.prompt_logprobs is not None else None)
         self.scheduler.add(seqs[0])  # the other n - 1 fork from it once its prompt is in the cache
+
+    def _cap_max_tokens(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
+        """The generation config's max_new_tokens caps every request (vLLM's rule); a
+        request that set no max_tokens gets it, or what the context leaves if less."""
+        cap = self.default_sampling.get("max_tokens")
+        if cap is None or (params.max_tokens is not None and params.max_tokens <= cap):
+            return params
+        room = max(self.max_model_len - prompt_len, 1)
+        capped = cap if params.max_tokens else min(cap, room)
+        return dataclasses.replace(params, max_tokens=capped, min_tokens=min(params.min_tokens, capped))
 
     def _prompt_ids(self, prompt: str | None, prompt_token_ids: Seq[int] | None) -> list[int]:
         ids = list(prompt_token_ids) if prompt_token_ids is not None else self.tokenize(prompt or "")

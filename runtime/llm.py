@@ -32,8 +32,10 @@ class LLM:
                  prompt_token_ids: Seq[Seq[int]] | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
         """Completions for each prompt (text, or token ids), in the order given."""
         items = self._items(prompts, prompt_token_ids)
-        # unset: the model's generation config defaults (--generation-config), as vLLM's LLM
-        params = sampling_params or SamplingParams(**self.engine.default_sampling)
+        # unset: the model's generation config defaults (--generation-config), as vLLM's LLM;
+        # its max_tokens is a cap the engine applies to every request
+        defaults = {k: v for k, v in self.engine.default_sampling.items() if k != "max_tokens"}
+        params = sampling_params or SamplingParams(**defaults)
         per = list(params) if isinstance(params, (list, tuple)) else [params] * len(items)
         if len(per) != len(items):
             raise InputError("give one SamplingParams, or one per prompt")

@@ -92,7 +92,7 @@ class ModelRunner:
 
             tuning = self._tuning(device, model)
             crossover = config.crossover or (tuning.crossover if tuning else None)
-            max_tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
+            max_tokens = max(config.resolved_max_num_batched_tokens(max_model_len), config.max_num_seqs)
             self.executor = PlanExecutor(device, graph, model.weights, default_registry(),
                                          device.plan_options(max_model_len, crossover),
                                          max_dims=max_dims(max_tokens, self.max_sample_rows, max_model_len,

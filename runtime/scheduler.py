@@ -147,15 +147,14 @@ class Scheduler:
             scores = seq.scores_prompt
             if scores and not scored_rows:
                 break
+            if not self.chunked_prefill and not scores and len(seq) > budget:
+                break  # the prompt runs whole: a later step's budget holds it (cache hits aside)
             # a scored prompt is computed whole: cached positions would have no logits
             _, seq.num_cached = self.blocks.claim_prefix(seq.seq_id, seq.tokens, use_cache=not scores)
             seq.num_computed = seq.num_cached
             n = min(seq.num_uncomputed, budget)
             if scores:
                 n = min(n, scored_rows)
-            elif not self.chunked_prefill and n < seq.num_uncomputed:
-                self._free(seq)  # the next step's budget holds it whole
-                break
             if not self.blocks.can_grow(seq.seq_id, seq.num_computed, seq.num_computed + n):
                 self._free(seq)  # hold no blocks while waiting
                 break

@@ -33,7 +33,7 @@ def _requests(rng: random.Random) -> list[dict]:
                   "body": {"prompt": "x", "max_tokens": -rng.randint(1, 9)}})
     lines.append({"custom_id": "bad-url", "method": "POST", "url": "/v1/no-such-endpoint", "body": {}})
     lines.append({"custom_id": "streamed", "method": "POST", "url": "/v1/completions",
-                  "body": {"prompt": "x", "max_tokens": 4, "stream": True}})
+                  "body": {"prompt": "x", "max_tokens": 4, "stream": 1}})  # pydantic reads 1 as true
     return lines
 
 
@@ -48,7 +48,7 @@ def test_batch_file_answers_every_line_like_the_server(tmp_path):
     requests = _requests(random.Random(7))
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in requests) + "\n")  # a trailing blank line is skipped
-    res = run_batch("-i", str(src), "-o", str(dst), "--served-model-name", "smol", "--max-model-len", "2048",
+    res = run_batch("-i", str(src), "-o", str(dst), "--served-model-name", "smol", "smol-alias", "--max-model-len", "2048",
                     *SERVE_ARGS)
     assert res.returncode == 0, res.stderr
     assert res.stderr.strip().splitlines()[-1] == f"fusec run-batch: 20 ok, 3 failed; results in {dst}"

@@ -223,3 +223,22 @@ def test_random_operations_reach_preemption_copy_on_write_and_prefix_hits():
     counts = [simulate(seed, True) for seed in SEEDS]
     for field_name in ("preempted", "copies", "forks", "cache_hits"):
         assert sum(getattr(c, field_name) for c in counts) > 0, field_name
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_unchunked_prefill_runs_each_prompt_whole(chunked):
+    """--no-enable-chunked-prefill: a prompt the step's remaining budget cannot hold waits
+    for the next step instead of being split; with chunking it takes what is left."""
+    rng = random.Random(5)
+    sched = Scheduler(BlockManager(64, BS), max_num_seqs=8, max_num_batched_tokens=64, chunked_prefill=chunked)
+    a, b = (make_seq([rng.randrange(1000) for _ in range(40)], 48, request_id=r) for r in "ab")
+    sched.add(a)
+    sched.add(b)
+    first = step(sched)
+    assert [(c.seq.request_id, c.num_tokens) for c in first.chunks] == ([("a", 40), ("b", 24)] if chunked
+                                                                         else [("a", 40)])
+    a.append_token(1)  # a sampled its first token
+    second = step(sched)
+    assert [(c.seq.request_id, c.num_tokens) for c in second.chunks] == ([("a", 1), ("b", 16)] if chunked
+                                                                          else [("a", 1), ("b", 40)])
+    check_scheduler(sched)

@@ -28,8 +28,9 @@ def parse(*args: str) -> dict:
 # flag(s) -> the EngineConfig field and the value it must hold
 ENGINE_FLAGS = [
     (["--model", "m"], "model", "m"),
-    (["--tokenizer", "/tok"], "tokenizer", "/tok"),
-    (["--chat-template", "t.jinja"], "chat_template", "t.jinja"),
+    (["--tokenizer", "TOKENIZER"], "tokenizer", "TOKENIZER"),  # paths filled in by the test: they must exist
+    (["--chat-template", "TEMPLATE"], "chat_template", "TEMPLATE"),
+    (["--chat-template", "{{ messages[0].content }}"], "chat_template", "{{ messages[0].content }}"),
     (["--generation-config", "vllm"], "generation_config", "vllm"),
     (["--override-generation-config", '{"temperature": 0.5}'], "override_generation_config", '{"temperature": 0.5}'),
     (["--dtype", "half"], "dtype", "half"),
@@ -44,6 +45,7 @@ ENGINE_FLAGS = [
     (["--max-model-len", "2k"], "max_model_len", 2000),
     (["--max-model-len", "2K"], "max_model_len", 2048),
     (["--max-model-len", "-1"], "max_model_len", None),
+    (["--max-model-len", "32.7k"], "max_model_len", 32700),
     (["--max-num-seqs", "8"], "max_num_seqs", 8),
     (["--max-num-batched-tokens", "4k"], "max_num_batched_tokens", 4000),
     (["--enable-chunked-prefill"], "enable_chunked_prefill", True),
@@ -68,7 +70,12 @@ ENGINE_FLAGS = [
 
 
 @pytest.mark.parametrize("args, name, value", ENGINE_FLAGS, ids=[" ".join(a) for a, _, _ in ENGINE_FLAGS])
-def test_engine_flag_reaches_its_config_field(args, name, value):
+def test_engine_flag_reaches_its_config_field(args, name, value, tmp_path):
+    files = {"TOKENIZER": tmp_path / "tokenizer.json", "TEMPLATE": tmp_path / "t.jinja"}
+    for path in files.values():
+        path.write_text("{}")
+    args = [str(files.get(a, a)) for a in args]
+    value = str(files[value]) if value in files else value
     config = vars(EngineConfig.from_options(parse(*args)))
     assert config.pop(name) == value
     defaults = vars(EngineConfig())
@@ -111,8 +118,15 @@ def test_config_refusals_name_the_reason():
         EngineConfig(max_model_len=4096).resolved_max_model_len(2048)
     assert EngineConfig(max_model_len=1024).resolved_max_model_len(2048) == 1024
     with pytest.raises(InputError, match=r"max_num_batched_tokens \(1024\) is smaller than max_model_len \(2048\)"):
-        EngineConfig(enable_chunked_prefill=False).resolved_max_model_len(2048)
-    assert EngineConfig(enable_chunked_prefill=False, max_num_batched_tokens=2048).resolved_max_model_len(2048)
+        EngineConfig(enable_chunked_prefill=False, max_num_batched_tokens=1024).resolved_max_model_len(2048)
+    unchunked = EngineConfig(enable_chunked_prefill=False)  # vLLM's default budget then holds the context
+    assert unchunked.resolved_max_model_len(8192) == 8192 and unchunked.resolved_max_num_batched_tokens(8192) == 8192
+    assert EngineConfig().resolved_max_num_batched_tokens(8192) == 1024
+    # what the flags name is checked before any model loads
+    with pytest.raises(InputError, match="out-of-range values for \\['temperature'\\]"):
+        EngineConfig(override_generation_config='{"temperature": -1}')
+    with pytest.raises(InputError, match="looks like a file path"):
+        EngineConfig(chat_template="missing.jinja")
 
 
 def test_generation_config_defaults(tmp_path):
@@ -127,11 +141,10 @@ def test_generation_config_defaults(tmp_path):
     assert default_sampling("auto", tmp_path / "model.gguf") == {}  # a GGUF has none
     defaults = default_sampling("auto", tmp_path)
     unset = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}]).sampling_params(None, None, defaults)
-    assert (unset.temperature, unset.top_p, unset.top_k, unset.max_tokens) == (0.6, 0.9, 20, 7)
+    assert (unset.temperature, unset.top_p, unset.top_k, unset.max_tokens) == (0.6, 0.9, 20, None)  # cap: engine's
     given = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], temperature=0.0, top_k=-1)
     params = given.sampling_params(3, None, defaults)
     assert (params.temperature, params.top_k, params.top_p, params.max_tokens) == (0.0, 0, 0.9, 3)
-    assert given.sampling_params(100, None, defaults).max_tokens == 7  # max_new_tokens caps every request
     # --override-generation-config: merged over the file, or alone under `vllm`
     assert default_sampling("auto", tmp_path, '{"temperature": 0.2, "max_new_tokens": 99}') == {
         "temperature": 0.2, "top_p": 0.9, "top_k": 20, "max_tokens": 99}
@@ -284,3 +297,30 @@ def test_docs_list_every_serve_flag():
     docs = (Path(__file__).parents[1] / "docs" / "api.md").read_text()
     flags = {opt for p in serve_cmd.params for opt in p.opts if opt.startswith("--")}
     assert sorted(f for f in flags if f"`{f}`" not in docs) == []
+
+
+def test_generation_config_max_new_tokens_caps_requests(tiny_checkpoints, tmp_path):
+    """max_new_tokens caps every request and is an unset request's max_tokens, up to what
+    the context leaves (never a 400 the client did not cause)."""
+    from fusec.runtime.llm import LLM
+    from fusec.runtime.sequence import SamplingParams
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoints["llama"], model)
+    (model / "generation_config.json").write_text(json.dumps({"max_new_tokens": 1000, "temperature": 0.0}))
+    llm = LLM(str(model), max_model_len=48, num_kv_blocks=32)
+    try:
+        prompt = [[3, 14, 15, 92, 65, 35, 89, 79]]
+        unset = llm.generate(prompt_token_ids=prompt, sampling_params=SamplingParams(max_tokens=None, ignore_eos=True))
+        assert len(unset[0].outputs[0].token_ids) == 48 - 8  # the room left, not 1000
+        (model / "generation_config.json").write_text(json.dumps({"max_new_tokens": 5}))
+    finally:
+        llm.engine.close()
+    llm = LLM(str(model), max_model_len=48, num_kv_blocks=32)
+    try:
+        asked = llm.generate(prompt_token_ids=prompt, sampling_params=SamplingParams(max_tokens=20, ignore_eos=True))
+        assert len(asked[0].outputs[0].token_ids) == 5
+        default = llm.generate(prompt_token_ids=prompt)  # SamplingParams' own 16, under the cap
+        assert len(default[0].outputs[0].token_ids) <= 5
+    finally:
+        llm.engine.close()

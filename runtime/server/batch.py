@@ -11,7 +11,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
 import httpx
 from fastapi import FastAPI
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from fusec.errors import InputError
 
@@ -116,9 +116,21 @@ async def _answer(client: httpx.AsyncClient, request: BatchRequestInput, urls: l
     if request.url not in urls:
         return BatchRequestOutput.refused(request.custom_id, f"URL {request.url} was used. Supported endpoints: "
                                                              f"{', '.join(urls)}.")
-    if request.body.get("stream") is True:
+    if _streams(request.body):
         return BatchRequestOutput.refused(request.custom_id, "Request must not be sent in stream mode")
     response = await client.post(request.url, json=request.body)
+    try:
+        body = response.json()
+    except ValueError:  # not a JSON answer: never a batch result
+        return BatchRequestOutput(request.custom_id, response.status_code, error=response.text[:1000])
     if response.status_code == 200:
-        return BatchRequestOutput(request.custom_id, 200, body=response.json())
-    return BatchRequestOutput(request.custom_id, response.status_code, error=response.json())
+        return BatchRequestOutput(request.custom_id, 200, body=body)
+    return BatchRequestOutput(request.custom_id, response.status_code, error=body)
+
+
+def _streams(body: dict[str, Any]) -> bool:
+    """`stream` as the request models read it (1, "true" and "yes" are true too)."""
+    try:
+        return TypeAdapter(bool).validate_python(body.get("stream", False))
+    except ValidationError:
+        return False  # the app answers the bad value with a 400

@@ -93,7 +93,8 @@ class SamplingFields(OpenAIModel):
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         defaults: Mapping[str, Any] | None = None) -> SamplingParams:
-        """defaults: the model's generation config, for the fields the request leaves unset."""
+        """defaults: the model's generation config, for the sampling fields the request
+        leaves unset (its max_tokens cap is the engine's to apply)."""
         if self.stream and self.best_of is not None and self.best_of > self.n:
             raise InputError("best_of > n cannot be streamed: the best are known only at the end")
         if self.stream and self.prompt_logprobs is not None:
@@ -107,7 +108,7 @@ class SamplingFields(OpenAIModel):
             n=self.n, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0), top_k=pick("top_k", 0),
             min_p=pick("min_p", 0.0), presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=pick("repetition_penalty", 1.0),
-            seed=self.seed, max_tokens=_capped(max_tokens, defaults.get("max_tokens")),
+            seed=self.seed, max_tokens=max_tokens,
             min_tokens=self.min_tokens, stop=list(self.stop or []),
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos, logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens, include_stop_str_in_output=self.include_stop_str_in_output,
@@ -144,11 +145,6 @@ class SamplingFields(OpenAIModel):
             raise InputError("give one structured-output constraint: response_format, structured_outputs or one "
                              "guided_* field")
         return found[0] if found else None
-
-
-def _capped(asked: int | None, cap: int | None) -> int | None:
-    """max_tokens under the generation config's max_new_tokens, which caps every request (vLLM)."""
-    return asked if cap is None else cap if asked is None else min(asked, cap)
 
 
 class CompletionRequest(SamplingFields):
