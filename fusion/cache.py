@@ -4,8 +4,10 @@ key = SHA-256 over what determines the artifact (see fusion.compiler: the kernel
 specialisation and generator source, the target's triple, CPU and features, the
 compile options, the llvmlite / LLVM / fusec versions). Each entry stores a header
 with the SHA-256 of its payload, so a truncated or corrupted file is detected,
-discarded and rebuilt, never loaded. Writes go to a temporary file in the same folder
-and are renamed into place, so concurrent compiles never see a torn file.
+discarded and rebuilt, never loaded; so is a payload the caller's check rejects
+(fusion.artifact_check: one rewritten with its checksum recomputed). Writes go to a
+temporary file in the same folder and are renamed into place, so concurrent compiles
+never see a torn file.
 """
 from __future__ import annotations
 
@@ -60,9 +62,17 @@ class KernelCache:
     def path(self, key: str, suffix: str) -> Path:
         return self.root / key[:2] / f"{key}{suffix}"
 
-    def get_or_build(self, key: str, suffix: str, build: Callable[[], bytes], label: str = "") -> bytes:
+    def get_or_build(self, key: str, suffix: str, build: Callable[[], bytes], label: str = "",
+                     check: Callable[[bytes], None] | None = None) -> bytes:
+        """The entry's payload, or build()'s, stored. `check` raises ValueError for a
+        payload that passes the checksum but must not be loaded; it is rebuilt."""
         path = self.path(key, suffix)
         payload = self._read(path)
+        if payload is not None and check is not None:
+            try:
+                check(payload)
+            except ValueError as e:
+                payload = self._discard(path, str(e))
         if payload is not None:
             self.stats.hits += 1
             self.stats.hit_names.append(label or key)
@@ -86,8 +96,17 @@ class KernelCache:
             digest, payload = data[len(MAGIC): header_end - 1].decode("ascii", "replace"), data[header_end:]
             if hashlib.sha256(payload).hexdigest() == digest:
                 return payload
+        return self._discard(path, "checksum mismatch")
+
+    def _discard(self, path: Path, why: str) -> None:
+        """Delete a corrupt entry (the caller rebuilds it). One warning per cache: a bad
+        cache has many such entries, and stats.corrupt counts them all."""
         self.stats.corrupt += 1
-        log.warning("discarding corrupt cache entry %s", path)
+        if self.stats.corrupt == 1:
+            log.warning("kernel cache %s: corrupt entry %s (%s) rebuilt; further corrupt entries are rebuilt "
+                        "without a warning", self.root, path.name, why)
+        else:
+            log.debug("discarding corrupt cache entry %s (%s)", path, why)
         try:
             path.unlink(missing_ok=True)
         except OSError:

@@ -17,6 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from fusec.fusion.artifact_check import check_artifact
 from fusec.fusion.cache import KernelCache, artifact_key
 from fusec.fusion.codegen.compile import compile_ir
 from fusec.fusion.codegen.target import Target
@@ -100,5 +101,5 @@ def is_cached(kernel: Any, target: Target, cache: KernelCache) -> bool:
 def compile_kernel(kernel: Any, target: Target, cache: KernelCache) -> Artifact:
     key = kernel_key(kernel, target)
     data = cache.get_or_build(key, artifact_suffix(target), lambda: compile_ir(kernel.build(target), target),
-                              label=kernel.name)
+                              label=kernel.name, check=lambda payload: check_artifact(payload, kernel.name, target))
     return Artifact(kernel, target, data, key)

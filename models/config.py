@@ -1,6 +1,8 @@
 """Model configuration, read from an HF config.json or GGUF metadata."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -12,6 +14,15 @@ HF_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
 }
 GGUF_ARCHITECTURES = ("llama", "qwen2")
+# Upper bounds on a config's sizes, far past any released model of these families
+# (Llama-3.1-405B: 126 layers, hidden 16384, FFN 53248, 128 query heads; vocabularies up
+# to ~256k; contexts up to 10M), so that a corrupt or hostile config fails at once rather
+# than after sizing tables from it. The weights these allow are checked against the files
+# or, for dummy weights, the machine's memory (weights.py).
+SIZE_LIMITS = {
+    "vocab_size": 1 << 24, "hidden_size": 1 << 16, "intermediate_size": 1 << 20, "num_layers": 1024,
+    "num_heads": 1024, "num_kv_heads": 1024, "head_dim": 1024, "max_position_embeddings": 1 << 24,
+}
 
 
 @dataclass(frozen=True)
@@ -37,10 +48,15 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "max_position_embeddings"):
-            if getattr(self, name) <= 0:
-                raise ModelLoadError(f"config: {name} must be positive, got {getattr(self, name)}")
+        # Checked before anything is sized from the config: an absurd size fails here in
+        # microseconds instead of allocating for minutes first.
+        for name, limit in SIZE_LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+                raise ModelLoadError(f"config: {name} must be an integer in 1..{limit}, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ModelLoadError(f"config: {name} must be a positive finite number, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise ModelLoadError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
@@ -63,10 +79,28 @@ def _require(cfg: Mapping[str, Any], key: str, source: str) -> Any:
     return cfg[key]
 
 
-def _eos_ids(value: Any) -> tuple[int, ...]:
+def _int(value: Any, key: str, source: str) -> int:
+    """A config integer as HF and GGUF write them: never a float, bool or string, which
+    int() would quietly truncate or parse (hidden_size 64.5 is a corrupt config)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ModelLoadError(f"{source}: {key} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _head_dim(explicit: Any, hidden: int, heads: int, key: str, source: str) -> int:
+    """The explicit head size, else hidden / heads, which must then divide evenly."""
+    if explicit:
+        return _int(explicit, key, source)
+    if heads <= 0 or hidden % heads:
+        raise ModelLoadError(f"{source}: hidden size {hidden} is not a multiple of {heads} attention heads")
+    return hidden // heads
+
+
+def _eos_ids(value: Any, source: str) -> tuple[int, ...]:
     if value is None:
         return ()
-    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+    values = value if isinstance(value, (list, tuple)) else (value,)
+    return tuple(_int(v, "eos_token_id", source) for v in values)
 
 
 def config_from_hf(cfg: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
@@ -91,32 +125,33 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> ModelConfig:
         raise UnsupportedModelError(f"{source}: mlp_bias is not supported")
     if arch == "qwen2" and cfg.get("use_sliding_window"):
         raise UnsupportedModelError(f"{source}: Qwen2 use_sliding_window is not supported")
-    hidden = int(_require(cfg, "hidden_size", source))
-    heads = int(_require(cfg, "num_attention_heads", source))
+    hidden = _int(_require(cfg, "hidden_size", source), "hidden_size", source)
+    heads = _int(_require(cfg, "num_attention_heads", source), "num_attention_heads", source)
     # transformers >= 5 writes rope_parameters; older versions rope_theta + rope_scaling.
     rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     rope.setdefault("rope_type", rope.pop("type", "default"))
     theta = rope.pop("rope_theta", None) or cfg.get("rope_theta", 10000.0)
     bias = bool(cfg.get("attention_bias", False))
+    window = cfg.get("sliding_window") if arch == "mistral" else None
     return ModelConfig(
         architecture=arch,
-        vocab_size=int(_require(cfg, "vocab_size", source)),
+        vocab_size=_int(_require(cfg, "vocab_size", source), "vocab_size", source),
         hidden_size=hidden,
-        intermediate_size=int(_require(cfg, "intermediate_size", source)),
-        num_layers=int(_require(cfg, "num_hidden_layers", source)),
+        intermediate_size=_int(_require(cfg, "intermediate_size", source), "intermediate_size", source),
+        num_layers=_int(_require(cfg, "num_hidden_layers", source), "num_hidden_layers", source),
         num_heads=heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        num_kv_heads=_int(cfg.get("num_key_value_heads") or heads, "num_key_value_heads", source),
+        head_dim=_head_dim(cfg.get("head_dim"), hidden, heads, "head_dim", source),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=float(theta),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+        max_position_embeddings=_int(cfg.get("max_position_embeddings", 2048), "max_position_embeddings", source),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=arch == "qwen2" or bias,
         o_bias=bias and arch == "llama",
-        sliding_window=cfg.get("sliding_window") if arch == "mistral" else None,
+        sliding_window=_int(window, "sliding_window", source) if window is not None else None,
         rope_scaling=rope,
         bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=_eos_ids(cfg.get("eos_token_id")),
+        eos_token_ids=_eos_ids(cfg.get("eos_token_id"), source),
     )
 
 
@@ -141,8 +176,11 @@ def _config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], source: s
             raise ModelLoadError(f"{source}: missing GGUF key {arch}.{name}")
         return value
 
-    hidden = int(key("embedding_length"))
-    heads = int(key("attention.head_count"))
+    def size(name: str, default: Any = None) -> int:
+        return _int(key(name, default), f"{arch}.{name}", source)
+
+    hidden = size("embedding_length")
+    heads = size("attention.head_count")
     rope: dict[str, Any] = {"rope_type": "default"}
     scaling = meta.get(f"{arch}.rope.scaling.type")
     if scaling == "linear":
@@ -154,20 +192,21 @@ def _config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], source: s
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or ())
     return ModelConfig(
         architecture=arch,
-        vocab_size=int(vocab),
+        vocab_size=_int(vocab, f"{arch}.vocab_size", source),
         hidden_size=hidden,
-        intermediate_size=int(key("feed_forward_length")),
-        num_layers=int(key("block_count")),
+        intermediate_size=size("feed_forward_length"),
+        num_layers=size("block_count"),
         num_heads=heads,
-        num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv") or heads),
-        head_dim=int(meta.get(f"{arch}.attention.key_length") or hidden // heads),
+        num_kv_heads=size("attention.head_count_kv", heads),
+        head_dim=_head_dim(meta.get(f"{arch}.attention.key_length"), hidden, heads,
+                           f"{arch}.attention.key_length", source),
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
         rope_theta=float(meta.get(f"{arch}.rope.freq_base") or 10000.0),
-        max_position_embeddings=int(key("context_length")),
+        max_position_embeddings=size("context_length"),
         tie_word_embeddings="output.weight" not in tensor_names,
         qkv_bias="blk.0.attn_q.bias" in tensor_names,
         o_bias="blk.0.attn_output.bias" in tensor_names,
         rope_scaling=rope,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=_eos_ids(meta.get("tokenizer.ggml.eos_token_id")),
+        eos_token_ids=_eos_ids(meta.get("tokenizer.ggml.eos_token_id"), source),
     )

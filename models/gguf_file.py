@@ -34,10 +34,7 @@ class GGUFFile:
             self.reader = _reader_class()(str(path), "r")
             self.metadata: dict[str, Any] = {k: _field_value(f) for k, f in self.reader.fields.items()}
             self.tensors = {t.name: t for t in self.reader.tensors}
-            end = self.reader.data.size
-            for t in self.reader.tensors:
-                if t.data_offset + t.n_bytes > end or t.data.nbytes != t.n_bytes:
-                    raise ValueError(f"tensor {t.name} extends past the end of the file")
+            _check_layout(self.reader.tensors, self.reader.data.size)
         except ModelLoadError:
             raise
         except Exception as e:  # the gguf package raises many kinds on bad input
@@ -53,6 +50,10 @@ class GGUFFile:
         t = self.tensors.get(name)
         kind = t.tensor_type.name.lower() if t is not None else None
         return kind if kind in FORMATS else None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """In numpy order (GGUF lists the innermost dimension first)."""
+        return tuple(int(d) for d in reversed(self.tensors[name].shape))
 
     def get_blocks(self, name: str) -> np.ndarray:
         """A block-quantized tensor's bytes as stored, [rows, bytes per row] (a view of the
@@ -70,8 +71,18 @@ class GGUFFile:
         except NotImplementedError:
             raise UnsupportedModelError(f"{self.path}: tensor {name} has type {t.tensor_type.name}, "
                                         "which the gguf package cannot decode") from None
-        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists the innermost dim first
-        return out.reshape(shape)
+        return out.reshape(self.shape(name))
+
+
+def _check_layout(tensors: list, file_size: int) -> None:
+    """Every tensor's bytes inside the file and overlapping no other tensor's."""
+    for t in tensors:
+        if t.data_offset + t.n_bytes > file_size or t.data.nbytes != t.n_bytes:
+            raise ValueError(f"tensor {t.name} extends past the end of the file")
+    spans = sorted((int(t.data_offset), int(t.data_offset) + int(t.n_bytes), t.name) for t in tensors if t.n_bytes)
+    for (_, prev_end, prev), (start, _, name) in zip(spans, spans[1:]):
+        if start < prev_end:
+            raise ValueError(f"tensor {name} overlaps tensor {prev}")
 
 
 def _field_value(field: Any) -> Any:

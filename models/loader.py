@@ -204,3 +204,6 @@ class _Merged:
 
     def block_format(self, name: str) -> str | None:
         return self.index[name].block_format(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.index[name].shape(name)

@@ -33,15 +33,7 @@ class SafetensorsFile:
                 raise ValueError("header is not a JSON object")
             header.pop("__metadata__", None)
             data_len = size - 8 - header_len
-            for name, info in header.items():
-                dt = info["dtype"]
-                if dt not in _DTYPES:
-                    raise ValueError(f"tensor {name}: unsupported dtype {dt}")
-                start, end = info["data_offsets"]
-                nbytes = math.prod(info["shape"]) * np.dtype(_DTYPES[dt][0]).itemsize
-                if not (0 <= start <= end <= data_len and end - start == nbytes):
-                    raise ValueError(f"tensor {name}: data offsets {start}..{end} out of range "
-                                     f"(file has {data_len} data bytes)")
+            _check_layout(header, data_len)
         except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise ModelLoadError(f"{path}: corrupt or truncated safetensors file ({e})") from None
         self.header: dict = header
@@ -55,9 +47,43 @@ class SafetensorsFile:
         """safetensors checkpoints hold plain dtypes, no block formats."""
         return None
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.header[name]["shape"])
+
     def get_f32(self, name: str) -> np.ndarray:
         info = self.header[name]
         np_dtype, dtype = _DTYPES[info["dtype"]]
         start, end = info["data_offsets"]
         raw = self._data[start:end] if self._data is not None else np.zeros(0, np.uint8)
         return from_storage(raw.view(np_dtype).reshape(info["shape"]), dtype)
+
+
+def _check_layout(header: dict, data_len: int) -> None:
+    """Each tensor's dtype, shape and byte range: non-negative integer dims whose bytes
+    are exactly its range, inside the data and overlapping no other tensor's (a file
+    whose tensors all point at offset 0 is corrupt, not a model)."""
+    spans = []
+    for name, info in header.items():
+        dt = info["dtype"]
+        if dt not in _DTYPES:
+            raise ValueError(f"tensor {name}: unsupported dtype {dt}")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise ValueError(f"tensor {name}: bad shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
+            raise ValueError(f"tensor {name}: bad data offsets {offsets!r}")
+        start, end = offsets
+        nbytes = math.prod(shape) * np.dtype(_DTYPES[dt][0]).itemsize
+        if not (0 <= start <= end <= data_len and end - start == nbytes):
+            raise ValueError(f"tensor {name}: data offsets {start}..{end} do not hold its {nbytes} bytes "
+                             f"within the file's {data_len} data bytes")
+        if end > start:
+            spans.append((start, end, name))
+    spans.sort()
+    for (_, prev_end, prev), (start, _, name) in zip(spans, spans[1:]):
+        if start < prev_end:
+            raise ValueError(f"tensor {name} overlaps tensor {prev}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

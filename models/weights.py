@@ -5,6 +5,8 @@ make up each fusec weight. Weights come out in the storage form of the model dty
 """
 from __future__ import annotations
 
+import math
+import os
 from typing import Callable, Iterator, Mapping, Protocol
 
 import numpy as np
@@ -12,7 +14,7 @@ from tqdm import tqdm
 
 from fusec.errors import ModelLoadError
 from fusec.fusion.dtypes import DType, to_storage
-from fusec.kernels.quant import FORMATS, quantize, storage_shape
+from fusec.kernels.quant import FORMATS, BlockFormat, quantize, storage_shape
 from fusec.kernels.random import fill_random_reference, weight_fill
 from fusec.models.config import ModelConfig
 from fusec.models.llama import weight_shapes
@@ -24,6 +26,7 @@ class TensorSource(Protocol):
 
     def get_f32(self, name: str) -> np.ndarray: ...
     def block_format(self, name: str) -> str | None: ...  # None: not stored in a kernel block format
+    def shape(self, name: str) -> tuple[int, ...]: ...  # in elements, numpy order; read from the header
 
 
 def hf_names(cfg: ModelConfig, name: str) -> list[str]:
@@ -112,23 +115,18 @@ def load_weights(cfg: ModelConfig, source: TensorSource, available: set[str],
     """Each weight in its run form: a block format's bytes (as stored, or quantized now)
     or the model dtype's storage. Row fixups and concatenations work on byte rows too."""
     shapes = weight_shapes(cfg)
+    _check_shapes(cfg, source, available, naming, shapes)  # before reading (allocating) any
     weights: dict[str, np.ndarray] = {}
-    for name, shape in tqdm(shapes.items(), desc=desc, unit="tensor", disable=None, leave=False):
+    for name in tqdm(shapes, desc=desc, unit="tensor", disable=None, leave=False):
         sources = naming(cfg, name)
-        for src in sources:
-            if src not in available:
-                raise ModelLoadError(f"checkpoint lacks tensor {src!r} (needed for {name})")
         fmt = FORMATS[formats[name]] if name in formats else None
         stored = fmt is not None and all(source.block_format(src) == fmt.name for src in sources)
         parts = []
         for src in sources:
             t = source.get_blocks(src) if stored else source.get_f32(src)  # type: ignore[attr-defined]
+            _check_finite(src, t, fmt if stored else None)
             parts.append(fixup(cfg, src, t) if fixup else t)
         w = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-        want = storage_shape(shape, fmt) if stored else shape
-        if w.shape != want:
-            raise ModelLoadError(f"tensor for {name} has shape {w.shape}, config implies {shape}"
-                                 + (f" ({fmt.name} bytes {want})" if stored and fmt else ""))
         if stored:
             weights[name] = w
         elif fmt is not None:
@@ -136,6 +134,48 @@ def load_weights(cfg: ModelConfig, source: TensorSource, available: set[str],
         else:
             weights[name] = to_storage(w, dtype)
     return weights
+
+
+def _part_shapes(cfg: ModelConfig, name: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The shapes of the source tensors that weight `name` concatenates along rows."""
+    rows = {"qkv": (cfg.q_size, cfg.kv_size, cfg.kv_size), "qkv_bias": (cfg.q_size, cfg.kv_size, cfg.kv_size),
+            "gate_up": (cfg.intermediate_size,) * 2}.get(name.rsplit(".", 1)[-1])
+    return [shape] if rows is None else [(r, *shape[1:]) for r in rows]
+
+
+def _check_shapes(cfg: ModelConfig, source: TensorSource, available: set[str],
+                  naming: Callable[[ModelConfig, str], list[str]], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Every tensor the config implies is in the checkpoint with the shape it implies."""
+    for name, shape in shapes.items():
+        for src, want in zip(naming(cfg, name), _part_shapes(cfg, name, shape), strict=True):
+            if src not in available:
+                raise ModelLoadError(f"checkpoint lacks tensor {src!r} (needed for {name})")
+            if source.shape(src) != want:
+                raise ModelLoadError(f"tensor {src!r} has shape {list(source.shape(src))}, "
+                                     f"the config implies {list(want)}")
+
+
+def _check_finite(src: str, t: np.ndarray, fmt: BlockFormat | None) -> None:
+    """Refuse NaN or infinite weights: a dense tensor's values, or a block format's
+    float16 scales (corrupt quantized bytes decode to finite garbage, but one random
+    scale in 32 is NaN or infinite). Bit tests on the scales' exponents: nothing is decoded."""
+    if fmt is None:
+        bad = not np.isfinite(t).all()
+    else:
+        halves = t.reshape(-1, fmt.nbytes).view(np.uint16)
+        bad = any(((halves[:, at // 2] & 0x7C00) == 0x7C00).any() for at in fmt.scale_at)
+    if bad:
+        raise ModelLoadError(f"tensor {src!r} holds NaN or infinite values")
+
+
+def weights_nbytes(cfg: ModelConfig, dtype: DType, formats: Mapping[str, str]) -> int:
+    """Bytes of the weights in their run form: block formats' bytes, else `dtype`'s."""
+    return sum(math.prod(storage_shape(shape, FORMATS[formats[name]])) if name in formats
+               else math.prod(shape) * dtype.itemsize for name, shape in weight_shapes(cfg).items())
+
+
+def _physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class DummyWeights(Mapping[str, np.ndarray]):
@@ -148,6 +188,10 @@ class DummyWeights(Mapping[str, np.ndarray]):
     def __init__(self, cfg: ModelConfig, dtype: DType, seed: int, formats: Mapping[str, str] | None = None) -> None:
         self.dtype, self.seed = dtype, seed
         self.formats = dict(formats or {})  # matrices quantized to a block format after the draw
+        need, have = weights_nbytes(cfg, dtype, self.formats), _physical_memory()
+        if need > have:  # no file bounds these: refuse before drawing any
+            raise ModelLoadError(f"--load-format dummy: the config's weights need {need} bytes "
+                                 f"({need / 2**30:.1f} GiB), more than this machine's {have / 2**30:.1f} GiB")
         self.shapes = weight_shapes(cfg)
         self._host: dict[str, np.ndarray] = {}
 

@@ -17,7 +17,7 @@ import weakref
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Sequence as Seq
 
-from fusec.runtime.engine import LLMEngine
+from fusec.runtime.engine import LLMEngine, NonFiniteLogits
 from fusec.runtime.outputs import EmbeddingRequestOutput, RequestOutput
 from fusec.runtime.sequence import PoolingParams, SamplingParams
 
@@ -182,6 +182,12 @@ class EngineLoop:
         computed = self.engine.stats.computed_tokens
         try:
             outputs = self.engine.step()
+        except NonFiniteLogits as e:  # only these requests fail; the others' outputs came with it
+            for request_id in e.request_ids:
+                channel = self.channels.pop(request_id, None)
+                if channel is not None:
+                    channel.send(e)
+            outputs = e.outputs
         except Exception as e:  # fail the requests in flight, keep serving
             log.exception("engine step failed")
             self._fail_all(e)

@@ -33,6 +33,16 @@ from fusec.runtime.structured_output import GrammarCompiler
 log = logging.getLogger(__name__)
 
 
+class NonFiniteLogits(RuntimeError):
+    """A step sampled from NaN or infinite logits: the model's fault, not the requests'.
+    Raised by step() once the rest of the step is done; the failed requests are already
+    gone from the engine, and `outputs` is what the step made for the others."""
+
+    def __init__(self, request_ids: list[str], outputs: list) -> None:
+        super().__init__("the model produced non-finite logits (NaN/inf): its weights may be corrupt")
+        self.request_ids, self.outputs = request_ids, outputs
+
+
 @dataclass
 class EngineStats:
     prefilled_tokens: int = 0  # prompt tokens of requests whose prefill finished (vLLM's prompt_tokens)
@@ -264,16 +274,25 @@ class LLMEngine:
             embedded = [self._finish_pooling(seq, hidden[row]) for row, seq in pooled]
         if not sampling:
             return embedded
-        tokens, records = self._sample(logits, rows, sampling, masks)
+        tokens, records, nonfinite = self._sample(logits, rows, sampling, masks)
         with prof.phase("postprocess"):
+            failed = list(dict.fromkeys(seq.request_id for seq, bad in zip(sampling, nonfinite) if bad))
+            for request_id in failed:
+                self.abort_request(request_id)
             touched: dict[str, _Request] = {}
             for row, seq, token, record in zip(rows, sampling, tokens, records):
-                req = self.requests[seq.request_id]
+                req = self.requests.get(seq.request_id)
+                if req is None:  # failed above
+                    continue
                 touched[req.request_id] = req
                 self._append(req, seq, token, record, now)
                 if seq.index == 0 and len(seq.output_ids) == 1 and req.params.n > 1:
                     self._fork_children(req, seq, logits, row, now)
-            return embedded + [self._output(req, now) for req in touched.values()]
+            outputs = embedded + [self._output(req, now) for req in touched.values()]
+        if failed:
+            log.error("non-finite logits for requests %s: the model's weights may be corrupt", ", ".join(failed))
+            raise NonFiniteLogits(failed, outputs)
+        return outputs
 
     def _finish_pooling(self, seq: Sequence, hidden: np.ndarray) -> EmbeddingRequestOutput:
         """An embedding request whose prompt is computed: its last token's final hidden
@@ -322,24 +341,27 @@ class LLMEngine:
         return out
 
     def _sample(self, logits, rows: list[int], seqs: list[Sequence], masks: Future | None
-                ) -> tuple[list[int], list]:
-        """The next token of seqs[i] from logits row rows[i], and its logprob record."""
+                ) -> tuple[list[int], list, list[bool]]:
+        """The next token of seqs[i] from logits row rows[i], its logprob record, and
+        whether that row's logits were not finite."""
         with self.profile.phase("prepare"):
             batches = self.runner.sampling_batches(rows, seqs, [self.end_ids] * len(seqs),
                                                    self._mask_rows(seqs, masks))
         with self.profile.phase("sample"):
             results = self.runner.sample(logits, batches)
-        tokens, records = [], []
+        tokens, records, nonfinite = [], [], []
         for batch, result in zip(batches, results):
             tokens += result.tokens.tolist()
             records += result.records(batch)
-        return tokens, records
+            nonfinite += result.nonfinite(batch).tolist()
+        return tokens, records, nonfinite
 
     def _fork_children(self, req: _Request, parent: Sequence, logits, row: int, now: float) -> None:
         children = req.seqs[1:]
         for child in children:
             self.scheduler.fork(parent, child)
-        tokens, records = self._sample(logits, [row] * len(children), children, self._masks_async(children))
+        # the parent's row was finite: the children draw from it too
+        tokens, records, _ = self._sample(logits, [row] * len(children), children, self._masks_async(children))
         for child, token, record in zip(children, tokens, records):
             self._append(req, child, token, record, now)
 

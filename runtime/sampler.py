@@ -113,11 +113,19 @@ def _penalty_edits(seq: Sequence, ends: set[int], vocab: int) -> dict[int, tuple
 @dataclass
 class SampleResult:
     tokens: np.ndarray  # int32 [B]
-    picked: np.ndarray  # float32 [B]: the chosen token's logit after penalties (read back only for logprobs)
+    picked: np.ndarray  # float32 [B]: the chosen token's logit after penalties
     orig: np.ndarray  # float32 [E]: logits the penalties replaced
     lse: np.ndarray  # float32 [R]: raw log-sum-exp of each logprob row
     top_ids: np.ndarray  # int32 [R, MAX_LOGPROBS]
     top_vals: np.ndarray  # float32 [R, MAX_LOGPROBS]: raw logits
+
+    def nonfinite(self, batch: SamplingBatch) -> np.ndarray:
+        """bool [B]: the rows whose raw logits were not all finite, from what was read back
+        anyway: a row of NaN picks a NaN logit, and a logprob row's log-sum-exp is NaN or
+        infinite when any of its logits is NaN or +inf. Penalties and masks never make NaN."""
+        bad = np.isnan(self.picked)
+        bad[batch.logprob_rows] |= ~np.isfinite(self.lse)
+        return bad
 
     def records(self, batch: SamplingBatch) -> list[Logprob | None]:
         out: list[Logprob | None] = [None] * len(batch)
@@ -321,10 +329,10 @@ class KernelSampler:
                                          bufs["min_p"], bufs["seeds"], bufs["counters"], bufs["work"],
                                          bufs["out_tokens"], bufs["picked"], np.int32(B)], (B, 1))
         empty_i, empty_f = np.zeros((0, MAX_LOGPROBS), np.int32), np.zeros((0, MAX_LOGPROBS), np.float32)
-        # picked logits only serve logprob records: a step without them reads back the ids alone
+        # the picked logits (B floats) come back every step: they show a row of NaN logits
         return SampleResult(
             tokens=dev.download(bufs["out_tokens"], B),
-            picked=dev.download(bufs["picked"], B) if R else np.zeros(B, np.float32),
+            picked=dev.download(bufs["picked"], B),
             orig=dev.download(bufs["orig"], E) if E else np.zeros(0, np.float32),
             lse=dev.download(bufs["lse"], R) if R else np.zeros(0, np.float32),
             top_ids=dev.download(bufs["top_ids"], R) if R else empty_i,

@@ -1,6 +1,7 @@
 """Start and stop a real `fusec serve` on loopback for tests."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 
@@ -88,6 +90,33 @@ class LiveServer:
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
         return self.proc.returncode, out
+
+
+@contextlib.contextmanager
+def serve_in_process(engine, startup_timeout: float = 60) -> Iterator[str]:
+    """The app over this LLMEngine on uvicorn in a thread of the test process (a test can
+    reach into the engine): its URL; everything shut down at the end."""
+    import threading
+
+    import uvicorn
+
+    from fusec.runtime.async_engine import AsyncEngine
+    from fusec.runtime.server.app import ServerSettings, create_app
+
+    app = create_app(AsyncEngine(engine), ServerSettings(["tiny"]))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn")
+    thread.start()
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        app.state.engine.shutdown()
 
 
 def serve_for_module(*args: str):

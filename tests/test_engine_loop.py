@@ -10,14 +10,11 @@ from dataclasses import dataclass, field
 
 import httpx
 import pytest
-import uvicorn
 
 from fusec.models.loader import load_model
-from fusec.runtime.async_engine import AsyncEngine
 from fusec.runtime.engine import EngineConfig, LLMEngine
 from fusec.runtime.sequence import SamplingParams
-from fusec.runtime.server.app import ServerSettings, create_app
-from server_helpers import free_port
+from server_helpers import serve_in_process
 
 STEP_S = 0.5
 FAST_S = 0.05
@@ -65,20 +62,8 @@ def slow_server(tiny_checkpoints, monkeypatch):
 
     monkeypatch.setattr(LLMEngine, "step", slow_step)
     monkeypatch.setattr(LLMEngine, "add_request", recorded_add)
-    app = create_app(AsyncEngine(engine), ServerSettings(["tiny"]))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn")
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{server.config.port}", timeline
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        app.state.engine.shutdown()
+    with serve_in_process(engine, startup_timeout=30) as url:
+        yield url, timeline
 
 
 async def timed_get(http: httpx.AsyncClient, path: str) -> float:

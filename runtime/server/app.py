@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fusec import __version__
 from fusec.runtime.async_engine import AsyncEngine
 from fusec.runtime.server.errors import install_error_handlers
+from fusec.runtime.server.limits import RequestLimits
 from fusec.runtime.server.metrics import ServerMetrics
 from fusec.runtime.server.routes import router
 from fusec.runtime.server.serving_chat import OpenAIServingChat
@@ -39,6 +40,7 @@ class ServerSettings:
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
     allow_credentials: bool = False
     docs: bool = True  # /docs, /redoc and /openapi.json
+    max_request_bytes: int = 16 * 1024 * 1024  # a larger body is refused with 413 while it arrives
 
 
 @contextlib.asynccontextmanager
@@ -72,6 +74,8 @@ def create_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     state.serving_tokenization = OpenAIServingTokenization(engine, models)
     state.serving_embedding = OpenAIServingEmbedding(engine, models, metrics)
     install_error_handlers(app)
+    # the key and body-size checks sit inside CORS, so their 401 / 413 carry its headers
+    app.add_middleware(RequestLimits, api_keys=settings.api_keys, max_request_bytes=settings.max_request_bytes)
     app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins,
                        allow_methods=settings.allowed_methods, allow_headers=settings.allowed_headers,
                        allow_credentials=settings.allow_credentials)

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fusec.errors import FusecError
+from fusec.runtime.engine import NonFiniteLogits
 from fusec.runtime.server.protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger("fusec.server")
@@ -25,10 +26,32 @@ class APIError(Exception):
         self.status, self.message, self.param = status, message, param
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    body = ErrorResponse(error=ErrorInfo(message=message, type=ERROR_TYPES.get(status, "APIError"), param=param,
+def error_body(status: int, message: str, param: str | None = None) -> ErrorResponse:
+    # a message may quote the request (a model name): lone surrogates must not make it unencodable
+    message, param = _encodable(message), None if param is None else _encodable(param)
+    return ErrorResponse(error=ErrorInfo(message=message, type=ERROR_TYPES.get(status, "APIError"), param=param,
                                          code=status))
-    return JSONResponse(body.model_dump(), status_code=status)
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param).model_dump(), status_code=status)
+
+
+def stream_error_event(exc: Exception) -> str:
+    """An SSE event for an error after a stream began (its status line is sent), as
+    vLLM sends one: `data: {"error": ...}`."""
+    if isinstance(exc, NonFiniteLogits):
+        body = error_body(500, str(exc))
+    elif isinstance(exc, FusecError):
+        body = error_body(400, str(exc))
+    else:
+        log.error("stream failed", exc_info=exc)
+        body = error_body(500, f"internal error: {type(exc).__name__}")
+    return f"data: {body.model_dump_json()}\n\n"
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -49,6 +72,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(FusecError)
     async def _input_error(_: Request, exc: FusecError) -> JSONResponse:
         return error_response(400, str(exc))
+
+    @app.exception_handler(NonFiniteLogits)
+    async def _model_fault(_: Request, exc: NonFiniteLogits) -> JSONResponse:
+        return error_response(500, str(exc))  # the model's fault, not the request's
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -5,21 +5,62 @@ sends, field for field."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator,
-                      model_serializer)
+                      model_serializer, model_validator)
 
 from fusec.errors import InputError
 from fusec.runtime.sequence import SamplingParams
 from fusec.runtime.structured_output import StructuredOutputsParams
 
 Int32 = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
-TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+# strict: JSON's true and false are not token ids 1 and 0
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1, strict=True)]
 
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+class RequestModel(OpenAIModel):
+    """A request body. Python's json module lets through what JSON text cannot carry
+    (lone UTF-16 surrogate escapes such as "\\ud800", NaN, Infinity); those are refused
+    here, once for every field, before a tokenizer or a response encoder meets them."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_json_values(cls, data: Any) -> Any:
+        _check_json_values(data)
+        return data
+
+
+def _check_json_values(data: Any) -> None:
+    """ValueError naming the top-level field that holds a string with a lone surrogate
+    or a non-finite number (iterative: nesting as deep as json allows does not recurse)."""
+    todo: list[tuple[Any, str | None]] = [(data, None)]
+    while todo:
+        value, field = todo.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ValueError(f"{_shown(field)}a string holds a lone UTF-16 surrogate, which is not "
+                                     f"valid Unicode") from None
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                raise ValueError(f"{_shown(field)}NaN and Infinity are not valid JSON numbers")
+        elif isinstance(value, dict):
+            todo += [(k, field or k) for k in value]
+            todo += [(v, field or k) for k, v in value.items()]
+        elif isinstance(value, list):
+            todo += [(v, field) for v in value]
+
+
+def _shown(field: Any) -> str:
+    return "" if not isinstance(field, str) else field.encode("utf-8", "backslashreplace").decode("utf-8") + ": "
 
 
 class StreamOptions(OpenAIModel):
@@ -50,7 +91,7 @@ class StructuredOutputsFields(OpenAIModel):
     json_object: bool | None = None
 
 
-class SamplingFields(OpenAIModel):
+class SamplingFields(RequestModel):
     model: str | None = None
     n: int = Field(1, ge=1, le=128)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -253,7 +294,7 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
-class TokenizeRequest(OpenAIModel):
+class TokenizeRequest(RequestModel):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -263,12 +304,12 @@ class TokenizeRequest(OpenAIModel):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
-class DetokenizeRequest(OpenAIModel):
+class DetokenizeRequest(RequestModel):
     model: str | None = None
     tokens: list[TokenId]
 
 
-class EmbeddingRequest(OpenAIModel):
+class EmbeddingRequest(RequestModel):
     model: str | None = None
     input: str | list[str] | list[TokenId] | list[list[TokenId]]
     encoding_format: Literal["float", "base64"] = "float"

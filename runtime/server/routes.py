@@ -1,27 +1,19 @@
-"""The HTTP routes: thin handlers that check the key, parse the body and hand over to
-the serving objects on `app.state`."""
+"""The HTTP routes: thin handlers that parse the body and hand over to the serving
+objects on `app.state` (the API key is checked before the body is read, in limits.py)."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from fusec import __version__
-from fusec.runtime.server.errors import APIError
 from fusec.runtime.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                            CompletionResponse, DetokenizeRequest, DetokenizeResponse,
                                            EmbeddingRequest, EmbeddingResponse, ModelCard, ModelList,
                                            TokenizeRequest, TokenizeResponse, VersionResponse)
 
 
-async def check_key(request: Request) -> None:
-    keys = request.app.state.settings.api_keys
-    if keys and request.headers.get("authorization", "") not in {f"Bearer {k}" for k in keys}:
-        raise APIError(401, "invalid or missing API key")
-
-
 router = APIRouter()
-authorized = APIRouter(dependencies=[Depends(check_key)])
 
 
 @router.get("/health")
@@ -39,39 +31,37 @@ async def metrics(request: Request) -> Response:
     return PlainTextResponse(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@authorized.get("/v1/models")
+@router.get("/v1/models")
 async def models(request: Request) -> ModelList:
     return request.app.state.serving_models.list()
 
 
-@authorized.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}")
 async def model(model_id: str, request: Request) -> ModelCard:
     return request.app.state.serving_models.card(model_id)
 
 
-@authorized.post("/tokenize")
+@router.post("/tokenize")
 async def tokenize(req: TokenizeRequest, request: Request) -> TokenizeResponse:
     return await request.app.state.serving_tokenization.tokenize(req)
 
 
-@authorized.post("/detokenize")
+@router.post("/detokenize")
 async def detokenize(req: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     return await request.app.state.serving_tokenization.detokenize(req)
 
 
-@authorized.post("/v1/completions", response_model=CompletionResponse)
+@router.post("/v1/completions", response_model=CompletionResponse)
 async def completions(req: CompletionRequest, request: Request) -> Response | CompletionResponse:
     return await request.app.state.serving_completion.create(req, request)
 
 
-@authorized.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def chat(req: ChatCompletionRequest, request: Request) -> Response | ChatCompletionResponse:
     return await request.app.state.serving_chat.create(req, request)
 
 
-@authorized.post("/v1/embeddings")
+@router.post("/v1/embeddings")
 async def embeddings(req: EmbeddingRequest, request: Request) -> EmbeddingResponse:
     return await request.app.state.serving_embedding.create(req)
 
-
-router.include_router(authorized)

@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from fusec.runtime.async_engine import AsyncEngine, RequestStream
 from fusec.runtime.outputs import CompletionOutput, RequestOutput
 from fusec.runtime.sequence import Logprob, SamplingParams
+from fusec.runtime.server.errors import stream_error_event
 from fusec.runtime.server.metrics import RequestStats, ServerMetrics
 from fusec.runtime.server.protocol import PromptLogprob, PromptLogprobs, SamplingFields, UsageInfo
 from fusec.runtime.server.serving_engine import OpenAIServing
@@ -128,6 +129,7 @@ class OpenAIServingGenerate(OpenAIServing, ABC, Generic[RequestT]):
     async def _stream(self, gen: Generation[RequestT], streams: list[RequestStream]) -> AsyncIterator[str]:
         outputs = MergedOutputs(streams)
         ending = "abort"
+        failure: Exception | None = None
         try:
             for choice in self._opening_choices(gen):
                 yield self._sse(gen, self._chunk(gen, [choice]))
@@ -138,12 +140,13 @@ class OpenAIServingGenerate(OpenAIServing, ABC, Generic[RequestT]):
                     choice = self._stream_choice(gen, delta) if delta is not None else None
                     if choice is not None:
                         yield self._sse(gen, self._chunk(gen, [choice]))
-        except Exception:
-            ending = "error"
-            raise
+        except Exception as e:  # the status line is sent: the error goes as an event, the stream ends well-formed
+            ending, failure = "error", e
         finally:
             self._end(gen, outputs, ending)  # a disconnected client lands here: abort what is left
-        if gen.include_usage:
+        if failure is not None:
+            yield stream_error_event(failure)
+        elif gen.include_usage:
             tokens = sum(p.token_count for per_prompt in gen.progress for p in per_prompt)
             yield self._sse(gen, self._chunk(gen, [], gen.usage(tokens)))
         yield "data: [DONE]\n\n"
