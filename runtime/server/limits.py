@@ -45,7 +45,13 @@ class RequestLimits:
             return
         length = _content_length(scope)
         if length is not None and length > self.max_request_bytes:
-            await _refuse(scope, receive, send, 413, self._too_large_message())
+            # a body up to twice the limit is read away first (discarded, never kept): closing
+            # on unread bytes makes the kernel reset the connection, and the client may lose
+            # the 413 in flight; a larger one is cut off at once
+            near = length <= 2 * self.max_request_bytes
+            if near:
+                await _drain(receive)
+            await _refuse(scope, receive, send, 413, self._too_large_message(), close=not near)
             return
         await self._counted(scope, receive, send)
 
@@ -90,11 +96,20 @@ class RequestLimits:
                 raise
 
 
-async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
+async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, message: str,
+                  close: bool = True) -> None:
     response = error_response(status, message)
-    # the client may still be sending the body: closing ends that instead of draining it
-    response.headers["connection"] = "close"
+    if close:  # the client may still be sending the body: closing ends that instead of draining it
+        response.headers["connection"] = "close"
     await response(scope, receive, send)
+
+
+async def _drain(receive: Receive) -> None:
+    """Read the rest of a request's body, keeping none of it."""
+    while True:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            return
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
