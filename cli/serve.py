@@ -70,7 +70,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise FusecError(f"cannot listen on {host or '*'}:{port}: {e.strerror or e}") from None
+        raise FusecError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     sock.set_inheritable(True)
     return sock
 
@@ -94,7 +94,7 @@ def _graphs_note(engine) -> str:
 @click.command("serve", cls=ServeCommand)
 @click.argument("model_tag", required=False)
 @engine_options(*SERVE_ENGINE_FIELDS)
-@click.option("--host", default=None, help="Address to listen on [default: all interfaces, as vLLM]")
+@click.option("--host", default=None, help="Address to listen on [default: all interfaces (0.0.0.0), as vLLM]")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--served-model-name", "served_names", multiple=True,
               help="Name(s) clients use: `--served-model-name a b`; the first is reported [default: the model]")
@@ -155,7 +155,8 @@ def serve_cmd(model_tag: str | None, host: str | None, port: int, served_names: 
     model = model or model_tag
     logging.getLogger("fusec").setLevel(log_level.upper())
     config = EngineConfig.from_options(options, model=model)  # bad flag values fail here, before any loading
-    sock = bind_socket(host or "0.0.0.0", port)
+    host = host or "0.0.0.0"  # vLLM's default: all interfaces
+    sock = bind_socket(host, port)
     with sock:
         import uvicorn
 
@@ -167,20 +168,20 @@ def serve_cmd(model_tag: str | None, host: str | None, port: int, served_names: 
         names = list(served_names) or [model or engine.model.name]
         app = create_app(AsyncEngine(engine), ServerSettings(
             names, model_path=str(engine.model.path), api_keys=list(api_keys), docs=not disable_fastapi_docs,
-            disable_log_requests=disable_log_requests,
-            disable_log_stats=disable_log_stats, tool_call_parser=tool_call_parser if enable_auto_tool_choice else None,
+            disable_log_requests=disable_log_requests, disable_log_stats=disable_log_stats,
+            tool_call_parser=tool_call_parser if enable_auto_tool_choice else None,
             allowed_origins=allowed_origins, allowed_methods=allowed_methods, allowed_headers=allowed_headers,
             allow_credentials=allow_credentials, max_request_bytes=max_request_bytes))
         server = uvicorn.Server(uvicorn.Config(
-            app, log_level=uvicorn_log_level, timeout_graceful_shutdown=30, access_log=not (disable_log_requests or disable_uvicorn_access_log),
-            root_path=root_path, ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, ssl_ca_certs=ssl_ca_certs,
-            ssl_cert_reqs=ssl_cert_reqs))
+            app, log_level=uvicorn_log_level, timeout_graceful_shutdown=30,
+            access_log=not (disable_log_requests or disable_uvicorn_access_log), root_path=root_path,
+            ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, ssl_ca_certs=ssl_ca_certs, ssl_cert_reqs=ssl_cert_reqs))
         scheme = "https" if ssl_certfile else "http"
         click.echo(f"fusec serving {names[0]} ({engine.model.config.architecture}, {engine.model.dtype.value} "
                    f"activations, weights {engine.model.weight_types()}, "
                    f"{engine.device} backend, fused plans, {engine.blocks.num_blocks} KV blocks, max_model_len "
                    f"{engine.max_model_len}{_graphs_note(engine)}{_kernels_note(engine)}) on "
-                   f"{scheme}://{host or '0.0.0.0'}:{port}{root_path}/v1", err=True)
+                   f"{scheme}://{host}:{port}{root_path}/v1", err=True)
         # uvicorn drains on SIGINT / SIGTERM, then re-raises the signal to the handler it found:
         # make that a no-op so the process finishes its own shutdown and exits 0
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -82,8 +82,7 @@ class EngineConfig:
     quantization: str = field(default="auto", metadata=_flag(
         "Weight quantization. auto: a GGUF's block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) run natively on the CPU "
         "(dequantized to --dtype on a GPU); none: every weight in --dtype; q8_0 / q4_0: quantize an HF "
-        "checkpoint's matrices at load (CPU).", click.Choice(["auto", "none", "q8_0", "q4_0"]), flag="--quantization",
-        aliases=["-q"]))
+        "checkpoint's matrices at load (CPU).", click.Choice(["auto", "none", "q8_0", "q4_0"]), aliases=["-q"]))
     seed: int = field(default=0, metadata=_flag("Seed for dummy weights.", click.IntRange(min=0)))
     device: str = field(default="auto", metadata=_flag(
         "auto: a CUDA GPU when one is found, else the CPU.", click.Choice(["auto", "cpu", "cuda"])))
@@ -113,7 +112,7 @@ class EngineConfig:
         "KV-cache memory on the CPU.", click.FloatRange(min=0.01)))
     num_kv_blocks: int | None = field(default=None, metadata=_flag(
         "KV-cache blocks, overriding --kv-cache-gb and --gpu-memory-utilization.", click.IntRange(min=1),
-        flag="--num-kv-blocks", aliases=["--num-gpu-blocks-override"]))
+        aliases=["--num-gpu-blocks-override"]))
     gpu_memory_utilization: float = field(default=0.9, metadata=_flag(
         "Share of the GPU's memory for weights, activations and the KV cache.", click.FloatRange(0.05, 1.0)))
     enable_prefix_caching: bool = field(default=True, metadata=_flag(
@@ -123,12 +122,12 @@ class EngineConfig:
         "Run every step eagerly: no CUDA graphs.", flag="--enforce-eager/--no-enforce-eager"))
     tensor_parallel_size: int = field(default=1, metadata=_flag(
         "Devices to split each layer over (fusec runs a model on one device).", click.IntRange(min=1),
-        flag="--tensor-parallel-size", aliases=["-tp"]))
+        aliases=["-tp"]))
     pipeline_parallel_size: int = field(default=1, metadata=_flag(
         "Devices to split the layers over (fusec runs a model on one device).", click.IntRange(min=1),
-        flag="--pipeline-parallel-size", aliases=["-pp"]))
+        aliases=["-pp"]))
     data_parallel_size: int = field(default=1, metadata=_flag(
-        "Model replicas (fusec serves one).", click.IntRange(min=1), flag="--data-parallel-size", aliases=["-dp"]))
+        "Model replicas (fusec serves one).", click.IntRange(min=1), aliases=["-dp"]))
     trust_remote_code: bool = field(default=False, metadata=_flag(
         "Accepted for vLLM compatibility: fusec runs no code from model repositories.",
         flag="--trust-remote-code/--no-trust-remote-code"))

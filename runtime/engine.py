@@ -92,8 +92,6 @@ class LLMEngine:
         if config.trust_remote_code:
             log.info("--trust-remote-code: fusec runs no code from model repositories; the flag changes nothing")
         self.max_model_len = config.resolved_max_model_len(cfg.max_position_embeddings)
-        config = self.config = dataclasses.replace(
-            config, max_num_batched_tokens=config.resolved_max_num_batched_tokens(self.max_model_len))
         self._owns_device = device is None and config.executor != "reference"
         if self._owns_device:
             device = make_device(kind)
@@ -104,7 +102,8 @@ class LLMEngine:
                 device.close()
             raise
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, max(config.max_num_batched_tokens, 1),
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs,
+                                   max(config.resolved_max_num_batched_tokens(self.max_model_len), 1),
                                    config.enable_chunked_prefill)
         self.end_ids: set[int] = set(cfg.eos_token_ids) | {
             i for i in eos_token_ids(self.model.path) if i < cfg.vocab_size}
