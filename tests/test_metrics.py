@@ -124,6 +124,9 @@ def test_vllm_metrics_and_log_lines(tiny_model):
                 break
             time.sleep(0.05)
         time.sleep(1.2)  # a stats line about the last work
+        # counters come from the engine's snapshot, the step histogram from a notice the loop runs a moment
+        # later: scrape again once everything has settled
+        m = scrape(server)
     finally:
         out = stop(server)
 
