@@ -125,6 +125,9 @@ def _graphs_note(engine) -> str:
 @click.option("--root-path", default="", help="The path prefix a proxy serves the API under (ASGI root_path).")
 @click.option("--max-request-bytes", default=16 * 1024 * 1024, show_default=True, type=click.IntRange(min=1),
               help="Refuse a request body larger than this with 413, while it arrives (fusec's own; vLLM has none).")
+@click.option("--shutdown-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0),
+              help="On SIGTERM / SIGINT, seconds running requests may go on; then (or at a second signal) each "
+                   "ends with finish_reason \"abort\" (fusec's own).")
 @click.option("--ssl-keyfile", default=None, type=click.Path(exists=True, dir_okay=False), help="TLS private key.")
 @click.option("--ssl-certfile", default=None, type=click.Path(exists=True, dir_okay=False), help="TLS certificate.")
 @click.option("--ssl-ca-certs", default=None, type=click.Path(exists=True, dir_okay=False),
@@ -140,7 +143,7 @@ def serve_cmd(model_tag: str | None, host: str | None, port: int, served_names: 
               disable_uvicorn_access_log: bool, disable_fastapi_docs: bool, disable_log_stats: bool,
               enable_auto_tool_choice: bool, tool_call_parser: str | None, allowed_origins: list[str],
               allowed_methods: list[str], allowed_headers: list[str], allow_credentials: bool, root_path: str,
-              max_request_bytes: int, ssl_keyfile: str | None, ssl_certfile: str | None, ssl_ca_certs: str | None,
+              max_request_bytes: int, shutdown_timeout: float, ssl_keyfile: str | None, ssl_certfile: str | None, ssl_ca_certs: str | None,
               ssl_cert_reqs: int, uvicorn_log_level: str, log_level: str, **options) -> None:
     """Serve a model over the OpenAI API (`fusec serve [MODEL]`, like `vllm serve`)."""
     if enable_auto_tool_choice and tool_call_parser is None:
@@ -163,6 +166,7 @@ def serve_cmd(model_tag: str | None, host: str | None, port: int, served_names: 
         from fusec.runtime.async_engine import AsyncEngine
         from fusec.runtime.engine import LLMEngine
         from fusec.runtime.server.app import ServerSettings, create_app
+        from fusec.runtime.server.shutdown import DrainingServer
 
         engine = LLMEngine(config)
         names = list(served_names) or [model or engine.model.name]
@@ -172,10 +176,11 @@ def serve_cmd(model_tag: str | None, host: str | None, port: int, served_names: 
             tool_call_parser=tool_call_parser if enable_auto_tool_choice else None,
             allowed_origins=allowed_origins, allowed_methods=allowed_methods, allowed_headers=allowed_headers,
             allow_credentials=allow_credentials, max_request_bytes=max_request_bytes))
-        server = uvicorn.Server(uvicorn.Config(
-            app, log_level=uvicorn_log_level, timeout_graceful_shutdown=30,
+        server = DrainingServer(uvicorn.Config(
+            app, log_level=uvicorn_log_level,
             access_log=not (disable_log_requests or disable_uvicorn_access_log), root_path=root_path,
-            ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, ssl_ca_certs=ssl_ca_certs, ssl_cert_reqs=ssl_cert_reqs))
+            ssl_keyfile=ssl_keyfile, ssl_certfile=ssl_certfile, ssl_ca_certs=ssl_ca_certs, ssl_cert_reqs=ssl_cert_reqs),
+            app.state.engine, drain_s=shutdown_timeout)
         scheme = "https" if ssl_certfile else "http"
         click.echo(f"fusec serving {names[0]} ({engine.model.config.architecture}, {engine.model.dtype.value} "
                    f"activations, weights {engine.model.weight_types()}, "
@@ -187,7 +192,7 @@ def serve_cmd(model_tag: str | None, host: str | None, port: int, served_names: 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: None)
         try:
-            server.run(sockets=[sock])  # SIGINT / SIGTERM: stop accepting, let in-flight requests finish, exit
+            server.run(sockets=[sock])  # SIGINT / SIGTERM: stop accepting, drain (shutdown.py), exit
         finally:
             app.state.engine.shutdown()
             click.echo("fusec server stopped", err=True)

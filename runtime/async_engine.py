@@ -105,11 +105,16 @@ class _Abort:
     channel: _Channel  # only this submission: a rejected duplicate id must not abort the original
 
 
+class _EndAll:
+    """Abort every request, each with its final output, and refuse new ones (a server
+    that is shutting down)."""
+
+
 class _Stop:
     pass
 
 
-_Command = _Add | _Abort | _Stop
+_Command = _Add | _Abort | _EndAll | _Stop
 
 
 class EngineLoop:
@@ -122,6 +127,7 @@ class EngineLoop:
         self.channels: dict[str, _Channel] = {}
         self.watchers: tuple[_StepWatcher, ...] = ()  # replaced whole by other threads, never mutated
         self.stopping = False
+        self.refusing = False  # after _EndAll: new requests get EngineShutDown
         self.load = self._snapshot()
 
     def run(self) -> None:
@@ -160,7 +166,9 @@ class EngineLoop:
                 if self.channels.get(cmd.request_id) is cmd.channel:
                     del self.channels[cmd.request_id]
                     self.engine.abort_request(cmd.request_id)
-            elif self.stopping:
+            elif isinstance(cmd, _EndAll):
+                self._end_all()
+            elif self.stopping or self.refusing:
                 cmd.channel.accept(EngineShutDown())
             else:
                 self._add(cmd)
@@ -213,6 +221,15 @@ class EngineLoop:
         for request_id, channel in list(self.channels.items()):
             self._abort(request_id)
             channel.send(error)
+
+    def _end_all(self) -> None:
+        self.refusing = True
+        if self.channels:
+            log.warning("aborting %d running request(s): the server is shutting down", len(self.channels))
+        for request_id, channel in list(self.channels.items()):
+            del self.channels[request_id]
+            final = self.engine.abort_request(request_id)
+            channel.send(final if final is not None else EngineShutDown("the server is shutting down"))
 
     def _abort(self, request_id: str) -> None:
         self.channels.pop(request_id, None)
@@ -308,6 +325,12 @@ class AsyncEngine:
         """Call callback(tokens) on the running event loop after every step that ran the
         model, with the tokens it computed."""
         self._loop.watchers = (*self._loop.watchers, _StepWatcher(asyncio.get_running_loop(), callback))
+
+    def end_all(self) -> None:
+        """Abort every request: a generation's stream ends with what it has (finish_reason
+        "abort"), an embedding request fails with EngineShutDown; new requests are refused.
+        Safe to call from a signal handler (it only enqueues)."""
+        self._commands.put(_EndAll())
 
     def shutdown(self) -> None:
         """Stop the loop (requests still in flight fail with EngineShutDown), join, close."""

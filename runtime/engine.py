@@ -217,13 +217,19 @@ class LLMEngine:
                                              RequestMetrics(now), 1, False)
         self.scheduler.add(seq)
 
-    def abort_request(self, request_id: str) -> None:
-        req = self.requests.pop(request_id, None)
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its blocks. Its final output (what it has, finish_reason
+        "abort"), or None when it is not running or is an embedding request (no partial answer)."""
+        req = self.requests.get(request_id)
         if req is None:
-            return
+            return None
         for seq in req.seqs:
             if not seq.finished:
                 self.scheduler.finish(seq, "abort")
+        if req.seqs[0].pooling is not None:
+            del self.requests[request_id]
+            return None
+        return self._output(req, time.monotonic())  # finished: it lets go of the request
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

@@ -182,3 +182,33 @@ def test_shutdown_fails_requests_in_flight(model):
             await engine.add_request("late", None, SamplingParams(), prompt_token_ids=[1])
 
     asyncio.run(main())
+
+
+def test_end_all_gives_each_generation_its_last_output_and_refuses_new_requests(start):
+    """What a draining server does at its deadline: a generation's stream ends with what it
+    has (finish_reason "abort"), an embedding request fails, nothing new is taken."""
+    from fusec.runtime.sequence import PoolingParams
+
+    engine = start(max_num_seqs=1)  # the second generation waits in the queue
+
+    async def main():
+        params = SamplingParams(max_tokens=90, ignore_eos=True)
+        running = await engine.add_request("running", None, params, prompt_token_ids=[1, 2, 3])
+        waiting = await engine.add_request("waiting", None, params, prompt_token_ids=[4, 5, 6])
+        first = await running.__anext__()
+        pooled = await engine.add_request("pooled", None, PoolingParams(), prompt_token_ids=list(range(9)))
+        engine.end_all()
+        outs = [o async for o in running]
+        assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+        assert outs[-1].outputs[0].token_ids[:len(first.outputs[0].token_ids)] == first.outputs[0].token_ids
+        (last,) = [o async for o in waiting]
+        assert last.finished and last.outputs[0].finish_reason == "abort" and last.outputs[0].token_ids == []
+        with pytest.raises(EngineShutDown):
+            async for _ in pooled:
+                pass
+        with pytest.raises(EngineShutDown):
+            await engine.add_request("late", None, SamplingParams(), prompt_token_ids=[1])
+        load = await wait_idle(engine)
+        assert load.running == 0 and load.waiting == 0 and load.kv_usage == 0.0
+
+    asyncio.run(main())

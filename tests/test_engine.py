@@ -10,7 +10,7 @@ from fusec.errors import InputError
 from fusec.models.loader import load_model
 from fusec.runtime.engine import EngineConfig, LLMEngine
 from fusec.runtime.llm import LLM
-from fusec.runtime.sequence import SamplingParams
+from fusec.runtime.sequence import PoolingParams, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -195,9 +195,19 @@ def test_abort_frees_blocks(tiny):
     engine = LLMEngine(EngineConfig(), model=tiny["llama"])
     engine.add_request("x", None, SamplingParams(n=3, max_tokens=50, ignore_eos=True), prompt_token_ids=list(range(40)))
     engine.step()
-    engine.step()
+    (last,) = engine.step()
     assert engine.blocks.num_free < engine.blocks.num_blocks
-    engine.abort_request("x")
+    final = engine.abort_request("x")  # what each completion has so far, ended by the abort
+    assert engine.blocks.all_free() and not engine.has_unfinished_requests()
+    assert final.finished and [c.finish_reason for c in final.outputs] == ["abort"] * 3
+    assert [c.token_ids for c in final.outputs] == [c.token_ids for c in last.outputs] and last.outputs[0].token_ids
+    assert engine.abort_request("x") is None  # gone
+
+
+def test_abort_of_an_embedding_request_has_no_output(tiny):
+    engine = LLMEngine(EngineConfig(), model=tiny["llama"])
+    engine.add_request("e", None, PoolingParams(), prompt_token_ids=list(range(40)))
+    assert engine.abort_request("e") is None
     assert engine.blocks.all_free() and not engine.has_unfinished_requests()
 
 

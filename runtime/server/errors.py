@@ -9,13 +9,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fusec.errors import FusecError
+from fusec.runtime.async_engine import EngineShutDown
 from fusec.runtime.engine import NonFiniteLogits
 from fusec.runtime.server.protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger("fusec.server")
 
 ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "MethodNotAllowed",
-               413: "RequestTooLarge", 422: "BadRequestError", 500: "InternalServerError"}
+               413: "RequestTooLarge", 422: "BadRequestError", 500: "InternalServerError",
+               503: "ServiceUnavailableError"}
 
 
 class APIError(Exception):
@@ -46,6 +48,8 @@ def stream_error_event(exc: Exception) -> str:
     vLLM sends one: `data: {"error": ...}`."""
     if isinstance(exc, NonFiniteLogits):
         body = error_body(500, str(exc))
+    elif isinstance(exc, EngineShutDown):
+        body = error_body(503, str(exc))
     elif isinstance(exc, FusecError):
         body = error_body(400, str(exc))
     else:
@@ -76,6 +80,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NonFiniteLogits)
     async def _model_fault(_: Request, exc: NonFiniteLogits) -> JSONResponse:
         return error_response(500, str(exc))  # the model's fault, not the request's
+
+    @app.exception_handler(EngineShutDown)
+    async def _shut_down(_: Request, exc: EngineShutDown) -> JSONResponse:
+        return error_response(503, str(exc))  # the server is going away: try another replica
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
