@@ -116,6 +116,33 @@ def test_booleans_are_not_token_ids(tiny, path, body):
     assert_still_serving(tiny.url, {"prompt": [5, 6, 7], "max_tokens": 2})
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/tokenize"])
+def test_a_huge_prompt_does_not_stall_the_server(tiny, path):
+    """A 12 MB prompt takes seconds to tokenize (then is refused: over max_model_len);
+    meanwhile /health answers at once: tokenization runs in a worker thread and lets go
+    of the GIL (tokenizers' plain encode holds it for the whole call: 12 s here)."""
+    import threading
+
+    prompt = ("hello world, this is a long prompt. " * 350_000)[:12_000_000]
+    answer: list[httpx.Response] = []
+    sender = threading.Thread(target=lambda: answer.append(
+        httpx.post(tiny.url + path, json={"model": "tiny", "prompt": prompt, "max_tokens": 2}, timeout=300)))
+    sender.start()
+    time.sleep(0.5)  # the body is sent and its tokenization has begun
+    worst = 0.0
+    while sender.is_alive():
+        start = time.monotonic()
+        assert httpx.get(tiny.url + "/health", timeout=60).status_code == 200
+        worst = max(worst, time.monotonic() - start)
+        time.sleep(0.05)
+    sender.join()
+    if path == "/tokenize":
+        assert answer[0].status_code == 200 and answer[0].json()["count"] > 2_000_000
+    else:
+        assert_error(answer[0], 400, "maximum context length")
+    assert worst < 1.5, f"/health took {worst:.2f} s while a prompt was tokenized"
+
+
 # -- NaN logits ----------------------------------------------------------------------------------
 
 
