@@ -81,7 +81,8 @@ def _kernels_note(engine) -> str:
     if device is None:
         return ""
     stats = device.cache.stats
-    return f", kernels: {stats.hits} cache hits, {stats.misses} misses"
+    corrupt = f" ({stats.corrupt} corrupt entries rebuilt)" if stats.corrupt else ""
+    return f", kernels: {stats.hits} cache hits, {stats.misses} misses{corrupt}"
 
 
 def _graphs_note(engine) -> str:

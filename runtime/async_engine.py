@@ -17,7 +17,7 @@ import weakref
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Sequence as Seq
 
-from fusec.runtime.engine import LLMEngine, NonFiniteLogits
+from fusec.runtime.engine import LLMEngine, NonFiniteValues
 from fusec.runtime.outputs import EmbeddingRequestOutput, RequestOutput
 from fusec.runtime.sequence import PoolingParams, SamplingParams
 
@@ -190,7 +190,7 @@ class EngineLoop:
         computed = self.engine.stats.computed_tokens
         try:
             outputs = self.engine.step()
-        except NonFiniteLogits as e:  # only these requests fail; the others' outputs came with it
+        except NonFiniteValues as e:  # only these requests fail; the others' outputs came with it
             for request_id in e.request_ids:
                 channel = self.channels.pop(request_id, None)
                 if channel is not None:

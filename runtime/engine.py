@@ -33,13 +33,14 @@ from fusec.runtime.structured_output import GrammarCompiler
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLogits(RuntimeError):
-    """A step sampled from NaN or infinite logits: the model's fault, not the requests'.
-    Raised by step() once the rest of the step is done; the failed requests are already
-    gone from the engine, and `outputs` is what the step made for the others."""
+class NonFiniteValues(RuntimeError):
+    """A step met NaN or infinite logits (to sample from) or hidden states (to pool into
+    an embedding): the model's fault, not the requests'. Raised by step() once the rest of
+    the step is done; the failed requests are already gone from the engine, and `outputs`
+    is what the step made for the others."""
 
     def __init__(self, request_ids: list[str], outputs: list) -> None:
-        super().__init__("the model produced non-finite logits (NaN/inf): its weights may be corrupt")
+        super().__init__("the model produced non-finite values (NaN/inf): its weights may be corrupt")
         self.request_ids, self.outputs = request_ids, outputs
 
 
@@ -276,12 +277,18 @@ class LLMEngine:
                 if c.completes and c.seq.index == 0 and not c.seq.output_ids:  # a prompt is in, once per request
                     self.stats.prefilled_tokens += c.seq.num_prompt_tokens
                     self.stats.prefilled_cached_tokens += c.seq.num_cached
-            embedded = [self._finish_pooling(seq, hidden[row]) for row, seq in pooled]
+            pooled_outs = [self._finish_pooling(seq, hidden[row]) for row, seq in pooled]
+            embedded = [out for out in pooled_outs if out is not None]
+            failed = [seq.request_id for (_, seq), out in zip(pooled, pooled_outs) if out is None]
         if not sampling:
+            if failed:
+                log.error("non-finite hidden states for requests %s: the model's weights may be corrupt",
+                          ", ".join(failed))
+                raise NonFiniteValues(failed, embedded)
             return embedded
         tokens, records, nonfinite = self._sample(logits, rows, sampling, masks)
         with prof.phase("postprocess"):
-            failed = list(dict.fromkeys(seq.request_id for seq, bad in zip(sampling, nonfinite) if bad))
+            failed += list(dict.fromkeys(seq.request_id for seq, bad in zip(sampling, nonfinite) if bad))
             for request_id in failed:
                 self.abort_request(request_id)
             touched: dict[str, _Request] = {}
@@ -295,17 +302,21 @@ class LLMEngine:
                     self._fork_children(req, seq, logits, row, now)
             outputs = embedded + [self._output(req, now) for req in touched.values()]
         if failed:
-            log.error("non-finite logits for requests %s: the model's weights may be corrupt", ", ".join(failed))
-            raise NonFiniteLogits(failed, outputs)
+            log.error("non-finite logits or hidden states for requests %s: the model's weights may be corrupt",
+                      ", ".join(failed))
+            raise NonFiniteValues(failed, outputs)
         return outputs
 
-    def _finish_pooling(self, seq: Sequence, hidden: np.ndarray) -> EmbeddingRequestOutput:
+    def _finish_pooling(self, seq: Sequence, hidden: np.ndarray) -> EmbeddingRequestOutput | None:
         """An embedding request whose prompt is computed: its last token's final hidden
-        state (vLLM's LAST pooling), L2-normalised unless asked not to. Its blocks go back
-        now (the prefix cache keeps its full ones)."""
+        state (vLLM's LAST pooling), L2-normalised unless asked not to; None when that
+        state is not finite (the request fails). Its blocks go back now (the prefix cache
+        keeps its full ones)."""
         self.scheduler.finish(seq, "stop")
         req = self.requests.pop(seq.request_id)
         vector = hidden.astype(np.float32)
+        if not np.isfinite(vector).all():
+            return None
         if seq.pooling.normalize:
             vector = vector / max(float(np.linalg.norm(vector)), 1e-12)  # torch's F.normalize, as vLLM
         return EmbeddingRequestOutput(req.request_id, EmbeddingOutput(vector.tolist()), req.prompt_ids)

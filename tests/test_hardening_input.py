@@ -165,10 +165,10 @@ BAD_PROMPT, GOOD_PROMPT = [5, POISONED, 9], [5, 8, 9]
 @pytest.mark.parametrize("extra", [{}, {"logprobs": 3}, {"temperature": 0.8, "seed": 1}, {"n": 2}])
 def test_nan_logits_are_a_clear_500_and_only_for_that_request(poisoned, extra):
     body = {"prompt": BAD_PROMPT, "max_tokens": 4, "temperature": 0, **extra}
-    assert_error(httpx.post(poisoned + "/v1/completions", json=body, timeout=60), 500, "non-finite logits")
+    assert_error(httpx.post(poisoned + "/v1/completions", json=body, timeout=60), 500, "non-finite values")
     # several prompts in one request: one poisoned fails the whole answer
     both = {**body, "prompt": [GOOD_PROMPT, BAD_PROMPT]}
-    assert_error(httpx.post(poisoned + "/v1/completions", json=both, timeout=60), 500, "non-finite logits")
+    assert_error(httpx.post(poisoned + "/v1/completions", json=both, timeout=60), 500, "non-finite values")
     assert_still_serving(poisoned, {**body, "prompt": GOOD_PROMPT})
 
 
@@ -181,5 +181,17 @@ def test_nan_logits_end_a_stream_with_an_error_event(poisoned, extra):
     assert lines[-1] == "data: [DONE]"
     events = [strict_json(line.removeprefix("data: ")) for line in lines[:-1]]
     error = events[-1]["error"]
-    assert error["code"] == 500 and "non-finite logits" in error["message"], events
+    assert error["code"] == 500 and "non-finite values" in error["message"], events
     assert_still_serving(poisoned, {"prompt": GOOD_PROMPT, "max_tokens": 4, "logprobs": 2})
+
+
+@pytest.mark.parametrize("encoding_format", ["float", "base64"])
+def test_nan_hidden_states_fail_an_embedding_request_clearly(poisoned, encoding_format):
+    """An embedding of NaNs is a 500 naming the cause, not a 200 of nulls; the others in
+    the same request are not returned half, and the server goes on."""
+    body = {"model": "tiny", "input": [BAD_PROMPT], "encoding_format": encoding_format}
+    assert_error(httpx.post(poisoned + "/v1/embeddings", json=body, timeout=60), 500, "non-finite values")
+    both = {**body, "input": [GOOD_PROMPT, BAD_PROMPT]}
+    assert_error(httpx.post(poisoned + "/v1/embeddings", json=both, timeout=60), 500, "non-finite values")
+    res = httpx.post(poisoned + "/v1/embeddings", json={**body, "input": [GOOD_PROMPT]}, timeout=60)
+    assert res.status_code == 200 and len(res.json()["data"]) == 1

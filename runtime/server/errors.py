@@ -10,7 +10,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fusec.errors import FusecError
 from fusec.runtime.async_engine import EngineShutDown
-from fusec.runtime.engine import NonFiniteLogits
+from fusec.runtime.engine import NonFiniteValues
 from fusec.runtime.server.protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger("fusec.server")
@@ -46,7 +46,7 @@ def error_response(status: int, message: str, param: str | None = None) -> JSONR
 def stream_error_event(exc: Exception) -> str:
     """An SSE event for an error after a stream began (its status line is sent), as
     vLLM sends one: `data: {"error": ...}`."""
-    if isinstance(exc, NonFiniteLogits):
+    if isinstance(exc, NonFiniteValues):
         body = error_body(500, str(exc))
     elif isinstance(exc, EngineShutDown):
         body = error_body(503, str(exc))
@@ -77,8 +77,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _input_error(_: Request, exc: FusecError) -> JSONResponse:
         return error_response(400, str(exc))
 
-    @app.exception_handler(NonFiniteLogits)
-    async def _model_fault(_: Request, exc: NonFiniteLogits) -> JSONResponse:
+    @app.exception_handler(NonFiniteValues)
+    async def _model_fault(_: Request, exc: NonFiniteValues) -> JSONResponse:
         return error_response(500, str(exc))  # the model's fault, not the request's
 
     @app.exception_handler(EngineShutDown)
