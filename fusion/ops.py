@@ -49,6 +49,13 @@ def rms_norm(x: np.ndarray, w: np.ndarray, *, eps: float) -> np.ndarray:
     return (x * inv.astype(np.float32)) * w
 
 
+def head_rms_norm(x: np.ndarray, w: np.ndarray, *, eps: float, head_dim: int) -> np.ndarray:
+    """rms_norm of each head's head_dim slice of x[T, heads * head_dim], one w[head_dim]
+    for every head (Qwen3's q_norm / k_norm before RoPE)."""
+    t = x.shape[0]
+    return rms_norm(x.reshape(t, -1, head_dim), w, eps=eps).reshape(x.shape)
+
+
 def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """x[T, K] @ w[N, K]^T: weights are stored output-major, as in HF checkpoints."""
     return x @ w.T
@@ -135,6 +142,7 @@ OPS: dict[str, OpSpec] = _registry(
     OpSpec("embed", 2, embed, "rows of an embedding table: (ids[T], table[V, H]) -> [T, H]"),
     OpSpec("add", 2, add, "elementwise sum", elementwise=True),
     OpSpec("rms_norm", 2, rms_norm, "x / rms(x) * w over the last axis; attr eps"),
+    OpSpec("head_rms_norm", 2, head_rms_norm, "rms_norm per head: x[T, heads*hd], w[hd]; attrs eps, head_dim"),
     OpSpec("matmul", 2, matmul, "x[T, K] @ w[N, K]^T", split_output=True),
     OpSpec("bias_add", 2, bias_add, "x + b, b broadcast over rows", elementwise=True),
     OpSpec("slice", 1, slice_cols, "columns [start, stop)"),

@@ -103,7 +103,7 @@ def _paged_metadata(rng, s: dict, new: list[int], ctx: list[int], inputs: dict) 
     return num_blocks
 
 
-def _rope_kv(rng, size: int, dtype: DType) -> Example:
+def _rope_kv(rng, size: int, dtype: DType, qk_norm: bool = False) -> Example:
     s = SIZES[size]
     h, kv, hd, bs = s["h"], s["kv"], s["hd"], s["bs"]
     t = s["t"] + 2
@@ -123,6 +123,11 @@ def _rope_kv(rng, size: int, dtype: DType) -> Example:
     q = g.op("slice", [qkv], ("T", qs), dtype, name="q", start=0, stop=qs)
     k = g.op("slice", [qkv], ("T", kvs), dtype, name="k", start=qs, stop=qs + kvs)
     v = g.op("slice", [qkv], ("T", kvs), dtype, name="v", start=qs + kvs, stop=qs + 2 * kvs)
+    if qk_norm:
+        q = g.op("head_rms_norm", [q, g.weight("q_norm_w", (hd,), dtype)], ("T", qs), dtype, name="q_norm",
+                 eps=1e-6, head_dim=hd)
+        k = g.op("head_rms_norm", [k, g.weight("k_norm_w", (hd,), dtype)], ("T", kvs), dtype, name="k_norm",
+                 eps=1e-6, head_dim=hd)
     q = g.op("rope", [q, pos], ("T", qs), dtype, name="q_rope", n_heads=h, head_dim=hd, inv_freq=inv_freq)
     k = g.op("rope", [k, pos], ("T", kvs), dtype, name="k_rope", n_heads=kv, head_dim=hd, inv_freq=inv_freq)
     cache = g.state("cache", (2, "NB", bs, kv, hd), dtype)
@@ -193,6 +198,7 @@ EXAMPLES: dict[str, Callable[[np.random.Generator, int, DType], Example]] = {
     "gemv_bias": _gemv("none", bias=True),
     "gemv": _gemv("none", bias=False),
     "rope_kv_write": _rope_kv,
+    "qk_norm_rope_kv_write": lambda rng, size, dtype: _rope_kv(rng, size, dtype, qk_norm=True),
     "paged_attention": _attention,
     "embed": _embed,
     "add_rms_norm": _norm_gemv(add=True, bias=False, gather=False, gemm=True),

@@ -149,10 +149,16 @@ def gemv_patterns() -> list[Pattern]:
 # -- RoPE + KV write ------------------------------------------------------------------
 def rope_kv_constraint(m: Match) -> bool:
     sq, sk, sv, rq, rk = (m[r] for r in ("q", "k", "v", "q_rope", "k_rope"))
-    return (sq.inputs[0] == sk.inputs[0] == sv.inputs[0] and rq.inputs[1] == rk.inputs[1]
-            and rq.attrs["inv_freq"] == rk.attrs["inv_freq"] and rq.attrs["head_dim"] == rk.attrs["head_dim"]
-            and sk.attrs["stop"] - sk.attrs["start"] == sv.attrs["stop"] - sv.attrs["start"]
-            and len({rq.type.dtype, rk.type.dtype, sv.type.dtype, m["kv_write"].type.dtype}) == 1)
+    ok = (sq.inputs[0] == sk.inputs[0] == sv.inputs[0] and rq.inputs[1] == rk.inputs[1]
+          and rq.attrs["inv_freq"] == rk.attrs["inv_freq"] and rq.attrs["head_dim"] == rk.attrs["head_dim"]
+          and sk.attrs["stop"] - sk.attrs["start"] == sv.attrs["stop"] - sv.attrs["start"]
+          and len({rq.type.dtype, rk.type.dtype, sv.type.dtype, m["kv_write"].type.dtype}) == 1)
+    if m.get("q_norm") is None:
+        return ok
+    nq, nk = m["q_norm"], m["k_norm"]
+    return (ok and nq.attrs["eps"] == nk.attrs["eps"] and nq.attrs["head_dim"] == nk.attrs["head_dim"]
+            == rq.attrs["head_dim"] and nq.type.dtype == nk.type.dtype == rq.type.dtype
+            and _dtype(m, nq.inputs[1]) == _dtype(m, nk.inputs[1]))
 
 
 def lower_rope_kv(m: Match, ctx: LowerContext) -> Launch:
@@ -162,19 +168,27 @@ def lower_rope_kv(m: Match, ctx: LowerContext) -> Launch:
     if table not in ctx.constants:
         ctx.constants[table] = cos_sin_table(inv_freq, ctx.max_positions)
     qkv = sq.inputs[0]
+    nq, nk = m.get("q_norm"), m.get("k_norm")
+    norm = {} if nq is None else dict(qk_norm=True, norm_eps=nq.attrs["eps"], norm_weight=_dtype(m, nq.inputs[1]))
     kernel = RopeKVWrite(n_heads=rq.attrs["n_heads"], n_kv_heads=rk.attrs["n_heads"], head_dim=rq.attrs["head_dim"],
                          qkv_cols=m.graph.node(qkv).type.shape[1], q_offset=sq.attrs["start"],
-                         k_offset=sk.attrs["start"], v_offset=sv.attrs["start"], act=rq.type.dtype)
+                         k_offset=sk.attrs["start"], v_offset=sv.attrs["start"], act=rq.type.dtype, **norm)
     cache = kvw.inputs[2]
     args = {"qkv": V(qkv), "positions": V(rq.inputs[1]), "cos_sin": Arg("const", table),
             "slots": V(kvw.inputs[3]), "k_cache": Arg("k_cache", cache), "v_cache": Arg("v_cache", cache),
             "q_out": V(rq.name), "num_tokens": D(_rows(rq))}
+    if nq is not None:
+        args |= {"q_norm_w": V(nq.inputs[1]), "k_norm_w": V(nk.inputs[1])}
     return ctx.kernel_launch(m, kernel, args, (rq.name, kvw.name), {"num_tokens": _rows(rq)})
 
 
 ROPE_KV = (PNode("q", "slice"), PNode("k", "slice"), PNode("v", "slice"),
            PNode("q_rope", "rope", (("q", 0),)), PNode("k_rope", "rope", (("k", 0),)),
            PNode("kv_write", "kv_write", (("k_rope", 0), ("v", 1))))
+QK_NORM_ROPE_KV = (PNode("q", "slice"), PNode("k", "slice"), PNode("v", "slice"),
+                   PNode("q_norm", "head_rms_norm", (("q", 0),)), PNode("k_norm", "head_rms_norm", (("k", 0),)),
+                   PNode("q_rope", "rope", (("q_norm", 0),)), PNode("k_rope", "rope", (("k_norm", 0),)),
+                   PNode("kv_write", "kv_write", (("k_rope", 0), ("v", 1))))
 
 
 # -- single ops -----------------------------------------------------------------------
@@ -255,7 +269,10 @@ def default_registry() -> Registry:
     reg = Registry()
     for p in gemv_patterns():
         reg.register(p)
-    reg.register(Pattern("rope_kv_write", 70, ROPE_KV, lower_rope_kv, constraint=rope_kv_constraint, doc="RoPE on q and k + k, v written into the paged cache"))
+    reg.register(Pattern("rope_kv_write", 70, ROPE_KV, lower_rope_kv, constraint=rope_kv_constraint,
+                         doc="RoPE on q and k + k, v written into the paged cache"))
+    reg.register(Pattern("qk_norm_rope_kv_write", 72, QK_NORM_ROPE_KV, lower_rope_kv, constraint=rope_kv_constraint,
+                         doc="per-head RMSNorm of q and k (Qwen3) + RoPE + k, v written into the paged cache"))
     reg.register(Pattern("paged_attention", 65, (PNode("attention", "attention"),), lower_attention,
                          constraint=attention_constraint, doc="causal paged GQA attention (decode and prefill)"))
     reg.register(Pattern("embed", 10, (PNode("embed", "embed"),), lower_embed, doc="embedding rows"))

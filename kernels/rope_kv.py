@@ -3,6 +3,8 @@
 Reads q|k|v from the fused QKV output by column offset (the slices fold in here);
 cos/sin come from a float32 table [max_position, head_dim] (cos | sin halves) built
 once from the graph's inverse frequencies, the same numbers the reference computes.
+With `qk_norm` (Qwen3), each q and k head is RMS-normalised first (one reduction per
+head), rounded to the activation dtype as the reference's head_rms_norm output is.
 """
 from __future__ import annotations
 
@@ -25,15 +27,23 @@ class RopeKVWrite(Kernel):
     k_offset: int
     v_offset: int
     act: DType
+    qk_norm: bool = False
+    norm_eps: float = 0.0
+    norm_weight: DType = DType.F32  # the q_norm / k_norm weights' dtype
 
     def params(self) -> list[Param]:
-        return [Param(n, "ptr") for n in ("qkv", "positions", "cos_sin", "slots", "k_cache", "v_cache", "q_out")] \
-            + [Param("num_tokens", "i32")]
+        names = ("qkv", "positions", "cos_sin", "slots", "k_cache", "v_cache", "q_out")
+        if self.qk_norm:
+            names += ("q_norm_w", "k_norm_w")
+        return [Param(n, "ptr") for n in names] + [Param("num_tokens", "i32")]
 
     def grid(self, dims: Mapping[str, int]) -> tuple[int, int]:
         return dims["num_tokens"], 1
 
-    def _rotate(self, kb: KernelBuilder, heads: int, src_off: int, store) -> None:
+    def _rotate(self, kb: KernelBuilder, heads: int, src_off: int, store, norm_w: str) -> None:
+        if self.qk_norm:
+            self._norm_rotate(kb, heads, src_off, store, norm_w)
+            return
         b, hd, half = kb.b, self.head_dim, self.head_dim // 2
         t = kb.block_id(0)
         row = row_offset(kb, t, self.qkv_cols)
@@ -49,18 +59,46 @@ class RopeKVWrite(Kernel):
             store(col, b.fsub(b.fmul(x1, c), b.fmul(x2, s)))
             store(b.add(col, kb.i32(half)), b.fadd(b.fmul(x2, c), b.fmul(x1, s)))
 
+    def _norm_rotate(self, kb: KernelBuilder, heads: int, src_off: int, store, norm_w: str) -> None:
+        """Head by head: the head's inverse RMS (a block reduction), then its pairs
+        normalised, rounded, rotated."""
+        b, hd, half = kb.b, self.head_dim, self.head_dim // 2
+        t = kb.block_id(0)
+        row = row_offset(kb, t, self.qkv_cols)
+        pos = kb.load(kb["positions"], t, DType.I32)
+        cs_row = row_offset(kb, pos, hd)
+        with kb.loop(0, heads) as h:
+            base = b.add(b.mul(h, kb.i32(hd)), kb.i32(src_off))
+            sq = kb.var(kb.f32(0.0))
+            with kb.lane_loop(hd) as i:
+                x = kb.load(kb["qkv"], b.add(row, kb.wide(b.add(base, i))), self.act)
+                sq.set(kb.fadd(sq.get(), kb.fmul(x, x)))
+            inv = b.fdiv(kb.f32(1.0), kb.sqrt(b.fadd(b.fdiv(kb.reduce(sq.get()), kb.f32(hd)), kb.f32(self.norm_eps))))
+
+            def normed(j):
+                x = kb.load(kb["qkv"], b.add(row, kb.wide(b.add(base, j))), self.act)
+                return round_to(kb, b.fmul(b.fmul(x, inv), kb.load(kb[norm_w], j, self.norm_weight)), self.act)
+
+            with kb.lane_loop(half) as j:
+                x1, x2 = normed(j), normed(b.add(j, kb.i32(half)))
+                c = kb.load(kb["cos_sin"], b.add(cs_row, kb.wide(j)), DType.F32)
+                s = kb.load(kb["cos_sin"], b.add(cs_row, kb.wide(b.add(j, kb.i32(half)))), DType.F32)
+                col = b.add(b.mul(h, kb.i32(hd)), j)
+                store(col, b.fsub(b.fmul(x1, c), b.fmul(x2, s)))
+                store(b.add(col, kb.i32(half)), b.fadd(b.fmul(x2, c), b.fmul(x1, s)))
+
     def body(self, kb: KernelBuilder) -> None:
         b = kb.b
         t = kb.block_id(0)
         q_row = row_offset(kb, t, self.n_heads * self.head_dim)
         self._rotate(kb, self.n_heads, self.q_offset,
-                     lambda col, v: kb.store(kb["q_out"], b.add(q_row, kb.wide(col)), v, self.act))
+                     lambda col, v: kb.store(kb["q_out"], b.add(q_row, kb.wide(col)), v, self.act), "q_norm_w")
         slot = kb.load(kb["slots"], t, DType.I32)
         kv_width = self.n_kv_heads * self.head_dim
         with kb.when(b.icmp_signed(">=", slot, kb.i32(0))):
             dst = row_offset(kb, slot, kv_width)
             self._rotate(kb, self.n_kv_heads, self.k_offset,
-                         lambda col, v: kb.store(kb["k_cache"], b.add(dst, kb.wide(col)), v, self.act))
+                         lambda col, v: kb.store(kb["k_cache"], b.add(dst, kb.wide(col)), v, self.act), "k_norm_w")
             src = row_offset(kb, t, self.qkv_cols)
             with kb.lane_loop(kv_width) as i:
                 v = kb.load(kb["qkv"], b.add(src, kb.wide(b.add(i, kb.i32(self.v_offset)))), self.act)

@@ -12,8 +12,9 @@ HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
-GGUF_ARCHITECTURES = ("llama", "qwen2")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 # Upper bounds on a config's sizes, far past any released model of these families
 # (Llama-3.1-405B: 126 layers, hidden 16384, FFN 53248, 128 query heads; vocabularies up
 # to ~256k; contexts up to 10M), so that a corrupt or hostile config fails at once rather
@@ -27,7 +28,7 @@ SIZE_LIMITS = {
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # "llama" | "mistral" | "qwen2": one graph builder serves all three
+    architecture: str  # "llama" | "mistral" | "qwen2" | "qwen3": one graph builder serves them
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -42,6 +43,7 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     sliding_window: int | None = None
+    qk_norm: bool = False  # RMSNorm of each q and k head before RoPE (Qwen3)
     # rope_type plus its parameters, in HF's naming ("default", "linear", "llama3").
     rope_scaling: Mapping[str, Any] = field(default_factory=lambda: {"rope_type": "default"})
     bos_token_id: int | None = None
@@ -123,8 +125,8 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> ModelConfig:
         raise UnsupportedModelError(f"{source}: unsupported hidden_act {cfg['hidden_act']!r}")
     if cfg.get("mlp_bias"):
         raise UnsupportedModelError(f"{source}: mlp_bias is not supported")
-    if arch == "qwen2" and cfg.get("use_sliding_window"):
-        raise UnsupportedModelError(f"{source}: Qwen2 use_sliding_window is not supported")
+    if arch in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+        raise UnsupportedModelError(f"{source}: {arch} use_sliding_window is not supported")
     hidden = _int(_require(cfg, "hidden_size", source), "hidden_size", source)
     heads = _int(_require(cfg, "num_attention_heads", source), "num_attention_heads", source)
     # transformers >= 5 writes rope_parameters; older versions rope_theta + rope_scaling.
@@ -147,7 +149,8 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> ModelConfig:
         max_position_embeddings=_int(cfg.get("max_position_embeddings", 2048), "max_position_embeddings", source),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=arch == "qwen2" or bias,
-        o_bias=bias and arch == "llama",
+        o_bias=bias and arch in ("llama", "qwen3"),
+        qk_norm=arch == "qwen3",
         sliding_window=_int(window, "sliding_window", source) if window is not None else None,
         rope_scaling=rope,
         bos_token_id=cfg.get("bos_token_id"),
@@ -206,6 +209,7 @@ def _config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], source: s
         tie_word_embeddings="output.weight" not in tensor_names,
         qkv_bias="blk.0.attn_q.bias" in tensor_names,
         o_bias="blk.0.attn_output.bias" in tensor_names,
+        qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
         rope_scaling=rope,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=_eos_ids(meta.get("tokenizer.ggml.eos_token_id"), source),

@@ -1,7 +1,7 @@
-"""The Llama family (Llama, Mistral, Qwen2) as one graph builder.
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3) as one graph builder.
 
-The three differ only in configuration: qkv bias (Qwen2), sliding window (Mistral),
-rope scaling (Llama 3). Projections that read the same input are stored
+They differ only in configuration: qkv bias (Qwen2), sliding window (Mistral), rope
+scaling (Llama 3), an RMSNorm of each q and k head before RoPE (Qwen3). Projections that read the same input are stored
 concatenated (q|k|v and gate|up), as the fused kernels want them.
 """
 from __future__ import annotations
@@ -35,6 +35,8 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "qkv"] = (qkv, h)
         if cfg.qkv_bias:
             shapes[p + "qkv_bias"] = (qkv,)
+        if cfg.qk_norm:
+            shapes[p + "q_norm"] = shapes[p + "k_norm"] = (cfg.head_dim,)
         shapes[p + "o"] = (h, cfg.q_size)
         if cfg.o_bias:
             shapes[p + "o_bias"] = (h,)
@@ -82,6 +84,11 @@ def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size
                  start=cfg.q_size, stop=cfg.q_size + cfg.kv_size, layer=i)
         v = g.op("slice", [qkv], (T, cfg.kv_size), dtype, name=p + "v",
                  start=cfg.q_size + cfg.kv_size, stop=qkv_cols, layer=i)
+        if cfg.qk_norm:
+            q = g.op("head_rms_norm", [q, w[p + "q_norm"]], (T, cfg.q_size), dtype, name=p + "q_norm.out",
+                     eps=cfg.rms_norm_eps, head_dim=hd, layer=i)
+            k = g.op("head_rms_norm", [k, w[p + "k_norm"]], (T, cfg.kv_size), dtype, name=p + "k_norm.out",
+                     eps=cfg.rms_norm_eps, head_dim=hd, layer=i)
         q = g.op("rope", [q, positions], (T, cfg.q_size), dtype, name=p + "q_rope",
                  n_heads=cfg.num_heads, head_dim=hd, inv_freq=rope_freqs, layer=i)
         k = g.op("rope", [k, positions], (T, cfg.kv_size), dtype, name=p + "k_rope",

@@ -41,6 +41,12 @@ TINY_SPECS = [
         num_attention_heads=6, num_key_value_heads=3, max_position_embeddings=128,
         tie_word_embeddings=True, rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    # q/k head norms; head_dim 24 is not hidden / heads (14)
+    TinySpec("qwen3", "qwen3", dict(
+        vocab_size=263, hidden_size=56, intermediate_size=100, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=128,
+        tie_word_embeddings=True, rms_norm_eps=1e-6, attention_bias=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
 ]
 
 
@@ -52,6 +58,7 @@ def make_hf_model(spec: TinySpec, seed: int = 0):
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }[spec.arch]
     config = cls_config(**spec.kwargs, attn_implementation="eager")
     torch.manual_seed(seed)

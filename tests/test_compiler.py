@@ -44,7 +44,7 @@ def test_decode_plan_has_at_most_6_launches_per_layer(name, arch, tiny_checkpoin
     for layer, n_ops, patterns in layers:
         assert len(patterns) <= 6, (layer, patterns)
         assert n_ops >= 14
-        assert "rope_kv_write" in patterns and "paged_attention" in patterns
+        assert any(p.endswith("rope_kv_write") for p in patterns) and "paged_attention" in patterns
     # no op falls back to the reference, in either plan
     for plan in plans.values():
         assert not [launch for launch in plan.launches if launch.kind == "reference"]

@@ -1,0 +1,104 @@
+"""Each model family beyond Llama: a tiny random checkpoint written by transformers (odd
+sizes, GQA, the family's options on) gives transformers' greedy tokens, 20 of them on
+several prompts, from the reference interpreter and from the fused plans; where
+llama.cpp writes the family, a GGUF written with the `gguf` package gives the tokens
+the safetensors checkpoint gives."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_SPECS, make_hf_model
+from fusec.models.loader import load_model
+from fusec.runtime.engine import EngineConfig, LLMEngine
+from fusec.runtime.sequence import SamplingParams
+from helpers import run_requests
+
+FAMILIES = ["qwen3"]
+NEW_TOKENS = 20
+
+
+def prompts(vocab: int) -> list[list[int]]:
+    rng = np.random.default_rng(11)
+    return [rng.integers(0, vocab, n).tolist() for n in (3, 9, 17)]
+
+
+def hf_greedy(hf, prompt: list[int]) -> list[int]:
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                          do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def fusec_greedy(path: str, executor: str, prompt_list: list[list[int]]) -> list[list[int]]:
+    engine = LLMEngine(EngineConfig(executor=executor), model=load_model(path))
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in run_requests(engine, prompt_list, params)]
+
+
+@pytest.fixture(scope="module")
+def hf_models(tiny_checkpoints):
+    from transformers import AutoModelForCausalLM
+
+    return {name: AutoModelForCausalLM.from_pretrained(tiny_checkpoints[name], dtype=torch.float32,
+                                                       attn_implementation="eager").eval() for name in FAMILIES}
+
+
+@pytest.mark.parametrize("executor", ["reference", "fused"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_greedy_tokens_equal_transformers(tiny_checkpoints, hf_models, name, executor):
+    hf = hf_models[name]
+    ps = prompts(hf.config.vocab_size)
+    want = [hf_greedy(hf, p) for p in ps]
+    assert fusec_greedy(str(tiny_checkpoints[name]), executor, ps) == want
+
+
+# -- GGUF, as llama.cpp's converter writes each family ----------------------------------------------
+GGUF_LAYER_NAMES = [("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm"),
+                    ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+                    ("self_attn.o_proj", "attn_output"), ("self_attn.q_norm", "attn_q_norm"),
+                    ("self_attn.k_norm", "attn_k_norm"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+                    ("mlp.down_proj", "ffn_down")]
+
+
+def write_gguf(hf, arch: str, path) -> None:
+    """An HF checkpoint as llama.cpp's convert_hf_to_gguf writes this architecture (f32)."""
+    c = hf.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_vocab_size(c.vocab_size)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    for i in range(c.num_hidden_layers):
+        for hf_part, g_part in GGUF_LAYER_NAMES:
+            names[f"model.layers.{i}.{hf_part}.weight"] = f"blk.{i}.{g_part}.weight"
+    for hf_name, t in hf.state_dict().items():
+        if hf_name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        w.add_tensor(names[hf_name], t.detach().float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_gguf_gives_the_safetensors_tokens(tiny_checkpoints, hf_models, tmp_path, name):
+    spec = next(s for s in TINY_SPECS if s.name == name)
+    hf = make_hf_model(spec)
+    write_gguf(hf, spec.arch, tmp_path / "m.gguf")
+    model = load_model(str(tmp_path / "m.gguf"))
+    assert model.config.architecture == spec.arch
+    ps = prompts(hf.config.vocab_size)
+    assert fusec_greedy(str(tmp_path / "m.gguf"), "fused", ps) == fusec_greedy(str(tiny_checkpoints[name]), "fused", ps)
