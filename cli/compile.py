@@ -23,7 +23,7 @@ def model_kernels(model, target, max_positions: int, block_size: int) -> tuple[d
     from fusec.runtime.sampler import KernelSampler
 
     options = plan_options(target, max_positions, gpu_shapes=target.is_gpu)
-    plans = build_plans(model.graph(block_size), default_registry(), options)
+    plans = build_plans(model.graph(block_size, max_positions), default_registry(), options)
     kernels = [k for plan in plans.values() for k in plan.kernels()]
     kernels += KernelSampler.kernel_specs(model.config.vocab_size)
     if not target.is_gpu:  # the host's GEMMs decode block-quantized and 16-bit weights with a kernel too

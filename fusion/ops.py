@@ -70,16 +70,18 @@ def slice_cols(x: np.ndarray, *, start: int, stop: int) -> np.ndarray:
 
 
 def rope(x: np.ndarray, positions: np.ndarray, *, n_heads: int, head_dim: int,
-         inv_freq: tuple[float, ...]) -> np.ndarray:
-    """Rotary embedding in the rotate-half (NeoX / HF) layout, per head."""
+         inv_freq: tuple[float, ...], scale: float = 1.0) -> np.ndarray:
+    """Rotary embedding in the rotate-half (NeoX / HF) layout, per head, over the first
+    2 * len(inv_freq) dims of each head (partial rotary: the rest pass through); cos
+    and sin are multiplied by `scale` (LongRoPE's attention factor)."""
     t = x.shape[0]
     freqs = positions.astype(np.float32)[:, None] * np.asarray(inv_freq, dtype=np.float32)[None, :]
-    cos = np.cos(freqs)[:, None, :]
-    sin = np.sin(freqs)[:, None, :]
+    cos = (np.cos(freqs) * np.float32(scale))[:, None, :]
+    sin = (np.sin(freqs) * np.float32(scale))[:, None, :]
     xh = x.reshape(t, n_heads, head_dim)
-    half = head_dim // 2
-    x1, x2 = xh[..., :half], xh[..., half:]
-    out = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    half = len(inv_freq)
+    x1, x2, rest = xh[..., :half], xh[..., half:2 * half], xh[..., 2 * half:]
+    out = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
     return out.reshape(t, n_heads * head_dim)
 
 

@@ -119,7 +119,10 @@ def _rope_kv(rng, size: int, dtype: DType, qk_norm: bool = False) -> Example:
     slots[t // 2] = -1  # a padding token: nothing written
     inputs["slot_mapping"] = slots
     pos = g.input("positions", ("T",))
-    inv_freq = tuple(float(f) for f in 1.0 / (10000.0 ** (np.arange(0, hd, 2) / hd)))
+    # the widest example turns only part of each head (partial rotary) and scales cos/sin
+    rot = hd if size < 2 else hd // 2 + (hd // 2) % 2
+    inv_freq = tuple(float(f) for f in 1.0 / (10000.0 ** (np.arange(0, rot, 2) / rot)))
+    scale = 1.0 if size < 2 else 1.19
     q = g.op("slice", [qkv], ("T", qs), dtype, name="q", start=0, stop=qs)
     k = g.op("slice", [qkv], ("T", kvs), dtype, name="k", start=qs, stop=qs + kvs)
     v = g.op("slice", [qkv], ("T", kvs), dtype, name="v", start=qs + kvs, stop=qs + 2 * kvs)
@@ -128,8 +131,10 @@ def _rope_kv(rng, size: int, dtype: DType, qk_norm: bool = False) -> Example:
                  eps=1e-6, head_dim=hd)
         k = g.op("head_rms_norm", [k, g.weight("k_norm_w", (hd,), dtype)], ("T", kvs), dtype, name="k_norm",
                  eps=1e-6, head_dim=hd)
-    q = g.op("rope", [q, pos], ("T", qs), dtype, name="q_rope", n_heads=h, head_dim=hd, inv_freq=inv_freq)
-    k = g.op("rope", [k, pos], ("T", kvs), dtype, name="k_rope", n_heads=kv, head_dim=hd, inv_freq=inv_freq)
+    q = g.op("rope", [q, pos], ("T", qs), dtype, name="q_rope", n_heads=h, head_dim=hd, inv_freq=inv_freq,
+             scale=scale)
+    k = g.op("rope", [k, pos], ("T", kvs), dtype, name="k_rope", n_heads=kv, head_dim=hd, inv_freq=inv_freq,
+             scale=scale)
     cache = g.state("cache", (2, "NB", bs, kv, hd), dtype)
     cache = g.op("kv_write", [k, v, cache, g.input("slot_mapping", ("T",))], (2, "NB", bs, kv, hd), dtype,
                  name="kv_write")

@@ -151,6 +151,7 @@ def rope_kv_constraint(m: Match) -> bool:
     sq, sk, sv, rq, rk = (m[r] for r in ("q", "k", "v", "q_rope", "k_rope"))
     ok = (sq.inputs[0] == sk.inputs[0] == sv.inputs[0] and rq.inputs[1] == rk.inputs[1]
           and rq.attrs["inv_freq"] == rk.attrs["inv_freq"] and rq.attrs["head_dim"] == rk.attrs["head_dim"]
+          and rq.attrs.get("scale", 1.0) == rk.attrs.get("scale", 1.0)
           and sk.attrs["stop"] - sk.attrs["start"] == sv.attrs["stop"] - sv.attrs["start"]
           and len({rq.type.dtype, rk.type.dtype, sv.type.dtype, m["kv_write"].type.dtype}) == 1)
     if m.get("q_norm") is None:
@@ -163,16 +164,17 @@ def rope_kv_constraint(m: Match) -> bool:
 
 def lower_rope_kv(m: Match, ctx: LowerContext) -> Launch:
     sq, sk, sv, rq, rk, kvw = (m[r] for r in ("q", "k", "v", "q_rope", "k_rope", "kv_write"))
-    inv_freq = rq.attrs["inv_freq"]
-    table = f"cos_sin_{hashlib.sha256(repr((inv_freq, ctx.max_positions)).encode()).hexdigest()[:12]}"
+    inv_freq, scale = rq.attrs["inv_freq"], rq.attrs.get("scale", 1.0)
+    table = f"cos_sin_{hashlib.sha256(repr((inv_freq, scale, ctx.max_positions)).encode()).hexdigest()[:12]}"
     if table not in ctx.constants:
-        ctx.constants[table] = cos_sin_table(inv_freq, ctx.max_positions)
+        ctx.constants[table] = cos_sin_table(inv_freq, ctx.max_positions, scale)
     qkv = sq.inputs[0]
     nq, nk = m.get("q_norm"), m.get("k_norm")
     norm = {} if nq is None else dict(qk_norm=True, norm_eps=nq.attrs["eps"], norm_weight=_dtype(m, nq.inputs[1]))
     kernel = RopeKVWrite(n_heads=rq.attrs["n_heads"], n_kv_heads=rk.attrs["n_heads"], head_dim=rq.attrs["head_dim"],
                          qkv_cols=m.graph.node(qkv).type.shape[1], q_offset=sq.attrs["start"],
-                         k_offset=sk.attrs["start"], v_offset=sv.attrs["start"], act=rq.type.dtype, **norm)
+                         k_offset=sk.attrs["start"], v_offset=sv.attrs["start"], act=rq.type.dtype,
+                         rotary_dim=2 * len(inv_freq), **norm)
     cache = kvw.inputs[2]
     args = {"qkv": V(qkv), "positions": V(rq.inputs[1]), "cos_sin": Arg("const", table),
             "slots": V(kvw.inputs[3]), "k_cache": Arg("k_cache", cache), "v_cache": Arg("v_cache", cache),

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+from llvmlite import ir
+
 from fusec.fusion.codegen.builder import KernelBuilder, Param
 from fusec.fusion.dtypes import DType
 from fusec.kernels.base import Kernel, round_to, row_offset
@@ -30,6 +32,7 @@ class RopeKVWrite(Kernel):
     qk_norm: bool = False
     norm_eps: float = 0.0
     norm_weight: DType = DType.F32  # the q_norm / k_norm weights' dtype
+    rotary_dim: int = 0  # dims of each head that turn (partial rotary); 0: all
 
     def params(self) -> list[Param]:
         names = ("qkv", "positions", "cos_sin", "slots", "k_cache", "v_cache", "q_out")
@@ -40,52 +43,56 @@ class RopeKVWrite(Kernel):
     def grid(self, dims: Mapping[str, int]) -> tuple[int, int]:
         return dims["num_tokens"], 1
 
-    def _rotate(self, kb: KernelBuilder, heads: int, src_off: int, store, norm_w: str) -> None:
-        if self.qk_norm:
-            self._norm_rotate(kb, heads, src_off, store, norm_w)
-            return
-        b, hd, half = kb.b, self.head_dim, self.head_dim // 2
-        t = kb.block_id(0)
-        row = row_offset(kb, t, self.qkv_cols)
-        pos = kb.load(kb["positions"], t, DType.I32)
-        cs_row = row_offset(kb, pos, hd)
-        with kb.lane_loop(heads * half) as i:
-            h, j = b.sdiv(i, kb.i32(half)), b.srem(i, kb.i32(half))
-            col = b.add(b.mul(h, kb.i32(hd)), j)
-            x1 = kb.load(kb["qkv"], b.add(row, kb.wide(b.add(col, kb.i32(src_off)))), self.act)
-            x2 = kb.load(kb["qkv"], b.add(row, kb.wide(b.add(col, kb.i32(src_off + half)))), self.act)
-            c = kb.load(kb["cos_sin"], b.add(cs_row, kb.wide(j)), DType.F32)
-            s = kb.load(kb["cos_sin"], b.add(cs_row, kb.wide(b.add(j, kb.i32(half)))), DType.F32)
-            store(col, b.fsub(b.fmul(x1, c), b.fmul(x2, s)))
-            store(b.add(col, kb.i32(half)), b.fadd(b.fmul(x2, c), b.fmul(x1, s)))
+    @property
+    def rot_half(self) -> int:
+        """Rotated pairs per head: a partial rotary embedding turns the first rotary_dim dims."""
+        return (self.rotary_dim or self.head_dim) // 2
 
-    def _norm_rotate(self, kb: KernelBuilder, heads: int, src_off: int, store, norm_w: str) -> None:
-        """Head by head: the head's inverse RMS (a block reduction), then its pairs
-        normalised, rounded, rotated."""
-        b, hd, half = kb.b, self.head_dim, self.head_dim // 2
+    def _rotate(self, kb: KernelBuilder, heads: int, src_off: int, store, norm_w: str) -> None:
+        """Every head of q (or k) from the qkv row, [normalised,] rotated, stored."""
+        b, hd = kb.b, self.head_dim
         t = kb.block_id(0)
         row = row_offset(kb, t, self.qkv_cols)
         pos = kb.load(kb["positions"], t, DType.I32)
-        cs_row = row_offset(kb, pos, hd)
-        with kb.loop(0, heads) as h:
-            base = b.add(b.mul(h, kb.i32(hd)), kb.i32(src_off))
+        cs_row = row_offset(kb, pos, 2 * self.rot_half)
+
+        def raw(h, j):
+            return kb.load(kb["qkv"], b.add(row, kb.wide(b.add(b.mul(h, kb.i32(hd)), b.add(j, kb.i32(src_off))))),
+                           self.act)
+
+        if not self.qk_norm:  # all heads' pairs at once over the lanes
+            self._turn(kb, kb.i32(0), heads, raw, cs_row, store)
+            return
+        with kb.loop(0, heads) as h:  # head by head: its inverse RMS is a block reduction
             sq = kb.var(kb.f32(0.0))
             with kb.lane_loop(hd) as i:
-                x = kb.load(kb["qkv"], b.add(row, kb.wide(b.add(base, i))), self.act)
+                x = raw(h, i)
                 sq.set(kb.fadd(sq.get(), kb.fmul(x, x)))
             inv = b.fdiv(kb.f32(1.0), kb.sqrt(b.fadd(b.fdiv(kb.reduce(sq.get()), kb.f32(hd)), kb.f32(self.norm_eps))))
 
-            def normed(j):
-                x = kb.load(kb["qkv"], b.add(row, kb.wide(b.add(base, j))), self.act)
-                return round_to(kb, b.fmul(b.fmul(x, inv), kb.load(kb[norm_w], j, self.norm_weight)), self.act)
+            def normed(hh, j):  # rounded as the reference's head_rms_norm output is
+                return round_to(kb, b.fmul(b.fmul(raw(hh, j), inv), kb.load(kb[norm_w], j, self.norm_weight)),
+                                self.act)
 
-            with kb.lane_loop(half) as j:
-                x1, x2 = normed(j), normed(b.add(j, kb.i32(half)))
-                c = kb.load(kb["cos_sin"], b.add(cs_row, kb.wide(j)), DType.F32)
-                s = kb.load(kb["cos_sin"], b.add(cs_row, kb.wide(b.add(j, kb.i32(half)))), DType.F32)
-                col = b.add(b.mul(h, kb.i32(hd)), j)
-                store(col, b.fsub(b.fmul(x1, c), b.fmul(x2, s)))
-                store(b.add(col, kb.i32(half)), b.fadd(b.fmul(x2, c), b.fmul(x1, s)))
+            self._turn(kb, h, 1, normed, cs_row, store)
+
+    def _turn(self, kb: KernelBuilder, first: ir.Value, heads: int, value, cs_row: ir.Value, store) -> None:
+        """Heads first..first+heads: each rotated pair (j, j + rot_half) stored turned, the
+        dims past the rotary ones stored as they are."""
+        b, hd, rh = kb.b, self.head_dim, self.rot_half
+        with kb.lane_loop(heads * rh) as i:
+            h, j = b.add(first, b.sdiv(i, kb.i32(rh))), b.srem(i, kb.i32(rh))
+            x1, x2 = value(h, j), value(h, b.add(j, kb.i32(rh)))
+            c = kb.load(kb["cos_sin"], b.add(cs_row, kb.wide(j)), DType.F32)
+            s = kb.load(kb["cos_sin"], b.add(cs_row, kb.wide(b.add(j, kb.i32(rh)))), DType.F32)
+            col = b.add(b.mul(h, kb.i32(hd)), j)
+            store(col, b.fsub(b.fmul(x1, c), b.fmul(x2, s)))
+            store(b.add(col, kb.i32(rh)), b.fadd(b.fmul(x2, c), b.fmul(x1, s)))
+        passed = hd - 2 * rh
+        if passed:
+            with kb.lane_loop(heads * passed) as i:
+                h, j = b.add(first, b.sdiv(i, kb.i32(passed))), b.add(b.srem(i, kb.i32(passed)), kb.i32(2 * rh))
+                store(b.add(b.mul(h, kb.i32(hd)), j), value(h, j))
 
     def body(self, kb: KernelBuilder) -> None:
         b = kb.b
@@ -105,12 +112,14 @@ class RopeKVWrite(Kernel):
                 kb.store(kb["v_cache"], b.add(dst, kb.wide(i)), v, self.act)
 
 
-def cos_sin_table(inv_freq, max_positions: int):
-    """float32 [max_positions, head_dim]: cos(p * f) | sin(p * f), as ops.rope computes them."""
+def cos_sin_table(inv_freq, max_positions: int, scale: float = 1.0):
+    """float32 [max_positions, rotary_dim]: cos(p * f) | sin(p * f), times `scale`, as
+    ops.rope computes them."""
     import numpy as np
 
     freqs = np.arange(max_positions, dtype=np.float32)[:, None] * np.asarray(inv_freq, np.float32)[None, :]
-    return np.concatenate([np.cos(freqs), np.sin(freqs)], axis=1).astype(np.float32)
+    return np.concatenate([np.cos(freqs) * np.float32(scale), np.sin(freqs) * np.float32(scale)],
+                          axis=1).astype(np.float32)
 
 
 __all__ = ["RopeKVWrite", "cos_sin_table", "round_to"]

@@ -13,8 +13,9 @@ HF_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
 }
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3")
 # Upper bounds on a config's sizes, far past any released model of these families
 # (Llama-3.1-405B: 126 layers, hidden 16384, FFN 53248, 128 query heads; vocabularies up
 # to ~256k; contexts up to 10M), so that a corrupt or hostile config fails at once rather
@@ -28,7 +29,7 @@ SIZE_LIMITS = {
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # "llama" | "mistral" | "qwen2" | "qwen3": one graph builder serves them
+    architecture: str  # "llama" | "mistral" | "qwen2" | "qwen3" | "phi3": one graph builder serves them
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -44,6 +45,7 @@ class ModelConfig:
     o_bias: bool = False
     sliding_window: int | None = None
     qk_norm: bool = False  # RMSNorm of each q and k head before RoPE (Qwen3)
+    partial_rotary_factor: float = 1.0  # the fraction of each head's dims that RoPE turns
     # rope_type plus its parameters, in HF's naming ("default", "linear", "llama3").
     rope_scaling: Mapping[str, Any] = field(default_factory=lambda: {"rope_type": "default"})
     bos_token_id: int | None = None
@@ -65,6 +67,14 @@ class ModelConfig:
                 f"num_key_value_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ModelLoadError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim < 2 or self.rotary_dim % 2:
+            raise ModelLoadError(f"partial_rotary_factor={self.partial_rotary_factor} does not give an even number "
+                                 f"of rotary dims out of head_dim={self.head_dim}")
+
+    @property
+    def rotary_dim(self) -> int:
+        """The dims of each head RoPE turns (transformers' int(head_dim * factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def q_size(self) -> int:
@@ -132,9 +142,14 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> ModelConfig:
     # transformers >= 5 writes rope_parameters; older versions rope_theta + rope_scaling.
     rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     rope.setdefault("rope_type", rope.pop("type", "default"))
+    if rope["rope_type"] == "su":  # LongRoPE's first name in Phi-3 configs
+        rope["rope_type"] = "longrope"
     theta = rope.pop("rope_theta", None) or cfg.get("rope_theta", 10000.0)
+    partial = rope.pop("partial_rotary_factor", None) or cfg.get("partial_rotary_factor") or 1.0
+    if rope["rope_type"] == "longrope":
+        rope.setdefault("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
     bias = bool(cfg.get("attention_bias", False))
-    window = cfg.get("sliding_window") if arch == "mistral" else None
+    window = cfg.get("sliding_window") if arch in ("mistral", "phi3") else None
     return ModelConfig(
         architecture=arch,
         vocab_size=_int(_require(cfg, "vocab_size", source), "vocab_size", source),
@@ -151,6 +166,7 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> ModelConfig:
         qkv_bias=arch == "qwen2" or bias,
         o_bias=bias and arch in ("llama", "qwen3"),
         qk_norm=arch == "qwen3",
+        partial_rotary_factor=float(partial),
         sliding_window=_int(window, "sliding_window", source) if window is not None else None,
         rope_scaling=rope,
         bos_token_id=cfg.get("bos_token_id"),
@@ -192,6 +208,14 @@ def _config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], source: s
         raise UnsupportedModelError(f"{source}: unsupported rope scaling {scaling!r}")
     if "rope_freqs.weight" in tensor_names:  # llama.cpp's form of Llama-3 rope scaling
         rope = {"rope_type": "freq_factors"}
+    if "rope_factors_long.weight" in tensor_names:  # Phi-3's LongRoPE: the factors are tensors (the loader's)
+        rope = {"rope_type": "longrope",
+                "original_max_position_embeddings": size("rope.scaling.original_context_length"),
+                "attention_factor": meta.get(f"{arch}.rope.scaling.attn_factor")}
+    head_dim = _head_dim(meta.get(f"{arch}.attention.key_length"), hidden, heads, f"{arch}.attention.key_length",
+                         source)
+    rotary = meta.get(f"{arch}.rope.dimension_count")
+    window = meta.get(f"{arch}.attention.sliding_window")
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or ())
     return ModelConfig(
         architecture=arch,
@@ -201,8 +225,7 @@ def _config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], source: s
         num_layers=size("block_count"),
         num_heads=heads,
         num_kv_heads=size("attention.head_count_kv", heads),
-        head_dim=_head_dim(meta.get(f"{arch}.attention.key_length"), hidden, heads,
-                           f"{arch}.attention.key_length", source),
+        head_dim=head_dim,
         rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
         rope_theta=float(meta.get(f"{arch}.rope.freq_base") or 10000.0),
         max_position_embeddings=size("context_length"),
@@ -210,6 +233,8 @@ def _config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], source: s
         qkv_bias="blk.0.attn_q.bias" in tensor_names,
         o_bias="blk.0.attn_output.bias" in tensor_names,
         qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+        partial_rotary_factor=_int(rotary, f"{arch}.rope.dimension_count", source) / head_dim if rotary else 1.0,
+        sliding_window=_int(window, f"{arch}.attention.sliding_window", source) if window else None,
         rope_scaling=rope,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=_eos_ids(meta.get("tokenizer.ggml.eos_token_id"), source),

@@ -1,7 +1,8 @@
-"""The Llama family (Llama, Mistral, Qwen2, Qwen3) as one graph builder.
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3) as one graph builder.
 
-They differ only in configuration: qkv bias (Qwen2), sliding window (Mistral), rope
-scaling (Llama 3), an RMSNorm of each q and k head before RoPE (Qwen3). Projections that read the same input are stored
+They differ only in configuration: qkv bias (Qwen2), sliding window (Mistral, Phi-3),
+rope scaling (Llama 3, Phi-3's LongRoPE), partial rotary (Phi-3.5 / Phi-4-mini), an
+RMSNorm of each q and k head before RoPE (Qwen3). Projections that read the same input are stored
 concatenated (q|k|v and gate|up), as the fused kernels want them.
 """
 from __future__ import annotations
@@ -51,9 +52,11 @@ def kv_cache_shape(cfg: ModelConfig, block_size: int) -> tuple[int | str, ...]:
 
 
 def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size: int = 16,
-                formats: Mapping[str, str] | None = None, weight_dtype: DType | None = None) -> Graph:
+                formats: Mapping[str, str] | None = None, weight_dtype: DType | None = None,
+                rope_scale: float = 1.0) -> Graph:
     """The model as a graph with activations (and the KV cache) in `dtype`; weights in
-    `weight_dtype` (default: dtype), or in a block format where `formats` names one."""
+    `weight_dtype` (default: dtype), or in a block format where `formats` names one.
+    RoPE turns 2 * len(inv_freq) dims of each head, with cos and sin times `rope_scale`."""
     g = Graph(f"{cfg.architecture}-{cfg.num_layers}L")
     h, hd = cfg.hidden_size, cfg.head_dim
     ids = g.input("token_ids", (T,))
@@ -90,9 +93,9 @@ def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size
             k = g.op("head_rms_norm", [k, w[p + "k_norm"]], (T, cfg.kv_size), dtype, name=p + "k_norm.out",
                      eps=cfg.rms_norm_eps, head_dim=hd, layer=i)
         q = g.op("rope", [q, positions], (T, cfg.q_size), dtype, name=p + "q_rope",
-                 n_heads=cfg.num_heads, head_dim=hd, inv_freq=rope_freqs, layer=i)
+                 n_heads=cfg.num_heads, head_dim=hd, inv_freq=rope_freqs, scale=rope_scale, layer=i)
         k = g.op("rope", [k, positions], (T, cfg.kv_size), dtype, name=p + "k_rope",
-                 n_heads=cfg.num_kv_heads, head_dim=hd, inv_freq=rope_freqs, layer=i)
+                 n_heads=cfg.num_kv_heads, head_dim=hd, inv_freq=rope_freqs, scale=rope_scale, layer=i)
         cache = g.state(p + "kv_cache", kv_cache_shape(cfg, block_size), dtype)
         cache = g.op("kv_write", [k, v, cache, slots], kv_cache_shape(cfg, block_size), dtype,
                      name=p + "kv_write", layer=i)

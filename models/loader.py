@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from fusec.fusion.ir import Graph
 from fusec.models.config import ModelConfig, config_from_gguf, config_from_hf
 from fusec.models.gguf_file import GGUFFile
 from fusec.models.llama import build_graph, weight_shapes
-from fusec.models.rope import inv_freq
+from fusec.models.rope import attention_factor, inv_freq
 from fusec.models.safetensors_file import SafetensorsFile
 from fusec.models.tokenizer import Tokenizer
 from fusec.models.weights import (DummyWeights, gguf_names, hf_names, load_weights,
@@ -47,16 +48,21 @@ class Model:
     config: ModelConfig
     dtype: DType  # of activations and the KV cache
     weights: Mapping[str, np.ndarray]  # DummyWeights for --load-format dummy
-    inv_freq: np.ndarray
+    rope_freq_factors: np.ndarray | None  # llama.cpp's rope_freqs tensor (Llama 3 scaling in a GGUF)
     tokenizer: Tokenizer | None
     formats: dict[str, str] = field(default_factory=dict)  # weight -> block format it runs in
     weight_dtype: DType | None = None  # of the other weights; None: dtype
 
     def __post_init__(self) -> None:
         self.weight_dtype = self.weight_dtype or self.dtype
+        inv_freq(self.config, self.rope_freq_factors)  # an unusable rope scaling fails at load, not later
+        attention_factor(self.config)
 
-    def graph(self, block_size: int = 16) -> Graph:
-        return build_graph(self.config, self.dtype, self.inv_freq, block_size, self.formats, self.weight_dtype)
+    def graph(self, block_size: int = 16, max_model_len: int | None = None) -> Graph:
+        """The graph for contexts up to max_model_len (default: the model's limit), which
+        picks LongRoPE's factors."""
+        return build_graph(self.config, self.dtype, inv_freq(self.config, self.rope_freq_factors, max_model_len),
+                           block_size, self.formats, self.weight_dtype, attention_factor(self.config))
 
     def weight_types(self) -> str:
         """What the weights run as, e.g. "q4_1 x210, q8_0 x1, f32 x61"."""
@@ -173,7 +179,7 @@ def _load_hf_dir(path: Path, name: str, dtype: DType | None, device: str, load_f
         index = {n: f for f in opened for n in f.names()}
         source = _Merged(index)
         weights = load_weights(config, source, set(index), hf_names, weight_dtype, formats)
-    return Model(name, path, config, dtype, weights, inv_freq(config), tokenizer, formats, weight_dtype)
+    return Model(name, path, config, dtype, weights, None, tokenizer, formats, weight_dtype)
 
 
 def _load_gguf(path: Path, name: str, dtype: DType, weight_dtype: DType, load_format: str, seed: int,
@@ -183,6 +189,10 @@ def _load_gguf(path: Path, name: str, dtype: DType, weight_dtype: DType, load_fo
     config = config_from_gguf(f.metadata, names, str(path))
     tokenizer = Tokenizer.from_gguf_metadata(f.metadata, str(path)) if "tokenizer.ggml.tokens" in f.metadata else None
     factors = f.get_f32("rope_freqs.weight") if "rope_freqs.weight" in names else None
+    if config.rope_scaling["rope_type"] == "longrope":  # Phi-3: its factors are tensors
+        config = dataclasses.replace(config, rope_scaling={
+            **config.rope_scaling, "short_factor": f.get_f32("rope_factors_short.weight").tolist(),
+            "long_factor": f.get_f32("rope_factors_long.weight").tolist()})
     formats = weight_formats(config, f, gguf_names, native=native, quantize_to=None)
     if not with_weights:
         weights = {}
@@ -190,7 +200,7 @@ def _load_gguf(path: Path, name: str, dtype: DType, weight_dtype: DType, load_fo
         weights = DummyWeights(config, weight_dtype, seed, formats)
     else:
         weights = load_weights(config, f, names, gguf_names, weight_dtype, formats, fixup=unpermute_llama_gguf)
-    return Model(name, path, config, dtype, weights, inv_freq(config, factors), tokenizer, formats, weight_dtype)
+    return Model(name, path, config, dtype, weights, factors, tokenizer, formats, weight_dtype)
 
 
 class _Merged:

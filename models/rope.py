@@ -1,4 +1,5 @@
-"""Rotary-embedding inverse frequencies, with the scaling schemes of Llama checkpoints."""
+"""Rotary-embedding inverse frequencies, with the scaling schemes of Llama and Phi-3
+checkpoints, and the factor some of them scale cos and sin by."""
 from __future__ import annotations
 
 import math
@@ -9,9 +10,14 @@ from fusec.errors import UnsupportedModelError
 from fusec.models.config import ModelConfig
 
 
-def inv_freq(config: ModelConfig, freq_factors: np.ndarray | None = None) -> np.ndarray:
-    """float32 inverse frequencies, one per rotary pair (head_dim / 2 of them)."""
-    dim = config.head_dim
+def inv_freq(config: ModelConfig, freq_factors: np.ndarray | None = None,
+             max_model_len: int | None = None) -> np.ndarray:
+    """float32 inverse frequencies, one per rotary pair (rotary_dim / 2 of them: a partial
+    rotary embedding turns only the first rotary_dim of each head's dims).
+    `max_model_len` picks LongRoPE's factors: the long ones when the served context goes
+    past the original one (vLLM's and llama.cpp's choice, fixed for the whole run, so
+    cached keys and new queries always agree)."""
+    dim = config.rotary_dim
     exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
     base = (np.float32(1.0) / np.power(np.float32(config.rope_theta), exponents)).astype(np.float32)
     params = config.rope_scaling
@@ -26,11 +32,38 @@ def inv_freq(config: ModelConfig, freq_factors: np.ndarray | None = None) -> np.
         except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
             raise UnsupportedModelError(f"llama3 rope scaling needs factor, low_freq_factor, high_freq_factor and "
                                         f"original_max_position_embeddings ({type(e).__name__}: {e})") from None
+    if kind == "longrope":
+        long = (max_model_len or config.max_position_embeddings) > _original_len(config)
+        factors = np.asarray(params["long_factor" if long else "short_factor"], dtype=np.float32)
+        if factors.shape != base.shape:
+            raise UnsupportedModelError(f"longrope factors: {factors.size} given, the rotary dims need {base.size}")
+        return (base / factors).astype(np.float32)
     if kind == "freq_factors":
         if freq_factors is None or freq_factors.shape != base.shape:
             raise UnsupportedModelError("rope_freqs tensor missing or of the wrong size")
         return (base / freq_factors.astype(np.float32)).astype(np.float32)
-    raise UnsupportedModelError(f"unsupported rope_type {kind!r}; supported: default, linear, llama3")
+    raise UnsupportedModelError(f"unsupported rope_type {kind!r}; supported: default, linear, llama3, longrope")
+
+
+def attention_factor(config: ModelConfig) -> float:
+    """What cos and sin are multiplied by: LongRoPE's attention factor (given, or
+    sqrt(1 + ln(s) / ln(original length)) for s = max_position_embeddings / original
+    length, as transformers derives it); 1 for the other schemes."""
+    params = config.rope_scaling
+    if params.get("rope_type") != "longrope":
+        return 1.0
+    if params.get("attention_factor") is not None:
+        return float(params["attention_factor"])
+    original = _original_len(config)
+    scale = float(params.get("factor") or config.max_position_embeddings / original)
+    return math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1.0 else 1.0
+
+
+def _original_len(config: ModelConfig) -> int:
+    original = config.rope_scaling.get("original_max_position_embeddings")
+    if not isinstance(original, int) or isinstance(original, bool) or original < 2:
+        raise UnsupportedModelError(f"longrope needs original_max_position_embeddings, got {original!r}")
+    return original
 
 
 def _llama3(base: np.ndarray, p: dict) -> np.ndarray:

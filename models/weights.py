@@ -29,6 +29,10 @@ class TensorSource(Protocol):
     def shape(self, name: str) -> tuple[int, ...]: ...  # in elements, numpy order; read from the header
 
 
+# Phi-3 checkpoints store q|k|v and gate|up already fused, in fusec's order
+FUSED_IN_CHECKPOINT = {"phi3"}
+
+
 def hf_names(cfg: ModelConfig, name: str) -> list[str]:
     """HF checkpoint tensors that make up fusec weight `name` (concatenated in order)."""
     if not name.startswith("layers."):
@@ -36,6 +40,8 @@ def hf_names(cfg: ModelConfig, name: str) -> list[str]:
                  "lm_head": "lm_head.weight"}[name]]
     _, i, part = name.split(".", 2)
     p = f"model.layers.{i}."
+    if cfg.architecture in FUSED_IN_CHECKPOINT and part in ("qkv", "gate_up"):
+        return [p + ("self_attn.qkv_proj.weight" if part == "qkv" else "mlp.gate_up_proj.weight")]
     return {
         "input_norm": [p + "input_layernorm.weight"],
         "qkv": [p + f"self_attn.{x}_proj.weight" for x in "qkv"],
@@ -56,6 +62,8 @@ def gguf_names(cfg: ModelConfig, name: str) -> list[str]:
                  "lm_head": "output.weight"}[name]]
     _, i, part = name.split(".", 2)
     p = f"blk.{i}."
+    if cfg.architecture in FUSED_IN_CHECKPOINT and part in ("qkv", "gate_up"):
+        return [p + ("attn_qkv.weight" if part == "qkv" else "ffn_up.weight")]
     return {
         "input_norm": [p + "attn_norm.weight"],
         "qkv": [p + f"attn_{x}.weight" for x in "qkv"],
@@ -140,8 +148,10 @@ def load_weights(cfg: ModelConfig, source: TensorSource, available: set[str],
     return weights
 
 
-def _part_shapes(cfg: ModelConfig, name: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
-    """The shapes of the source tensors that weight `name` concatenates along rows."""
+def _part_shapes(cfg: ModelConfig, name: str, shape: tuple[int, ...], parts: int) -> list[tuple[int, ...]]:
+    """The shapes of the `parts` source tensors that weight `name` concatenates along rows."""
+    if parts == 1:
+        return [shape]
     rows = {"qkv": (cfg.q_size, cfg.kv_size, cfg.kv_size), "qkv_bias": (cfg.q_size, cfg.kv_size, cfg.kv_size),
             "gate_up": (cfg.intermediate_size,) * 2}.get(name.rsplit(".", 1)[-1])
     return [shape] if rows is None else [(r, *shape[1:]) for r in rows]
@@ -151,7 +161,8 @@ def _check_shapes(cfg: ModelConfig, source: TensorSource, available: set[str],
                   naming: Callable[[ModelConfig, str], list[str]], shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Every tensor the config implies is in the checkpoint with the shape it implies."""
     for name, shape in shapes.items():
-        for src, want in zip(naming(cfg, name), _part_shapes(cfg, name, shape), strict=True):
+        sources = naming(cfg, name)
+        for src, want in zip(sources, _part_shapes(cfg, name, shape, len(sources)), strict=True):
             if src not in available:
                 raise ModelLoadError(f"checkpoint lacks tensor {src!r} (needed for {name})")
             if source.shape(src) != want:

@@ -77,7 +77,7 @@ class ModelRunner:
         self.device = device
         self.vocab = model.config.vocab_size
         self.max_sample_rows = max(1, config.max_num_seqs)
-        graph = model.graph(config.block_size)
+        graph = model.graph(config.block_size, max_model_len)
         (self.logits_name,) = graph.outputs
         self.hidden_dtype = graph.node(HIDDEN_ROWS).type.dtype
         memory: MemoryUse | None = None

@@ -47,6 +47,16 @@ TINY_SPECS = [
         num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=128,
         tie_word_embeddings=True, rms_norm_eps=1e-6, attention_bias=False,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    # LongRoPE (short factors up to 64 positions, long past them; attention factor from
+    # 256 / 64), partial rotary (12 of 16 dims), sliding window
+    TinySpec("phi3", "phi3", dict(
+        vocab_size=271, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        original_max_position_embeddings=64, partial_rotary_factor=0.75, sliding_window=9,
+        tie_word_embeddings=False, rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                         "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.5],
+                         "long_factor": [1.5, 2.5, 4.0, 6.0, 9.0, 14.0]})),
 ]
 
 
@@ -59,6 +69,7 @@ def make_hf_model(spec: TinySpec, seed: int = 0):
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     }[spec.arch]
     config = cls_config(**spec.kwargs, attn_implementation="eager")
     torch.manual_seed(seed)

@@ -88,7 +88,7 @@ def test_pattern_on_gpu_equals_reference(pattern, size, dtype, gpu):
 
 
 @pytest.mark.parametrize("crossover", [64, 4], ids=["gemv", "gemm-prefill"])
-@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
 @pytest.mark.parametrize("dtype", ["f32", "f16"])
 def test_tiny_model_decode_on_gpu_equals_reference(name, dtype, crossover, gpu, tiny_checkpoints):
     """Prefill and 16 greedy decode steps of two sequences: every step in the fused-GEMV

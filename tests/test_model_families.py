@@ -16,8 +16,11 @@ from fusec.runtime.engine import EngineConfig, LLMEngine
 from fusec.runtime.sequence import SamplingParams
 from helpers import run_requests
 
-FAMILIES = ["qwen3"]
+FAMILIES = ["qwen3", "phi3"]
 NEW_TOKENS = 20
+# transformers picks LongRoPE's factors by each forward's length; fusec by the served
+# context (as vLLM and llama.cpp): up to the original 64 positions both use the short ones
+ENGINE_ARGS = {"phi3": {"max_model_len": 64}}
 
 
 def prompts(vocab: int) -> list[list[int]]:
@@ -32,8 +35,8 @@ def hf_greedy(hf, prompt: list[int]) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def fusec_greedy(path: str, executor: str, prompt_list: list[list[int]]) -> list[list[int]]:
-    engine = LLMEngine(EngineConfig(executor=executor), model=load_model(path))
+def fusec_greedy(path: str, executor: str, prompt_list: list[list[int]], **engine_args) -> list[list[int]]:
+    engine = LLMEngine(EngineConfig(executor=executor, **engine_args), model=load_model(path))
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
     return [o.outputs[0].token_ids for o in run_requests(engine, prompt_list, params)]
 
@@ -52,7 +55,22 @@ def test_greedy_tokens_equal_transformers(tiny_checkpoints, hf_models, name, exe
     hf = hf_models[name]
     ps = prompts(hf.config.vocab_size)
     want = [hf_greedy(hf, p) for p in ps]
-    assert fusec_greedy(str(tiny_checkpoints[name]), executor, ps) == want
+    assert fusec_greedy(str(tiny_checkpoints[name]), executor, ps, **ENGINE_ARGS.get(name, {})) == want
+
+
+def test_longrope_long_factors_past_the_original_context(tiny_checkpoints, hf_models):
+    """Served past its original 64 positions, Phi-3 turns every position with the long
+    factors: an 80-token prompt's logits equal transformers' one forward over it (which
+    picks the long factors for a forward longer than 64)."""
+    from helpers import SequenceChunk, poisoned_runner, rel_err
+
+    hf = hf_models["phi3"]
+    ids = np.random.default_rng(5).integers(0, hf.config.vocab_size, 80).tolist()
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0].numpy()
+    model = load_model(str(tiny_checkpoints["phi3"]))
+    got = poisoned_runner(model, 24, 8).execute([SequenceChunk(ids, 0, list(range(10)), all_logits=True)])
+    assert rel_err(got, want) < 1e-4
 
 
 # -- GGUF, as llama.cpp's converter writes each family ----------------------------------------------
@@ -65,23 +83,36 @@ GGUF_LAYER_NAMES = [("input_layernorm", "attn_norm"), ("post_attention_layernorm
 
 def write_gguf(hf, arch: str, path) -> None:
     """An HF checkpoint as llama.cpp's convert_hf_to_gguf writes this architecture (f32)."""
+    import math
+
     c = hf.config
     w = gguf.GGUFWriter(str(path), arch)
+    rope = c.rope_parameters
+    if arch == "phi3":  # fused q|k|v and gate|up, LongRoPE factors as tensors, partial rotary
+        head_dim = c.hidden_size // c.num_attention_heads
+        w.add_rope_dimension_count(int(head_dim * rope["partial_rotary_factor"]))
+        w.add_rope_scaling_orig_ctx_len(c.original_max_position_embeddings)
+        scale = c.max_position_embeddings / c.original_max_position_embeddings
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(c.original_max_position_embeddings)))
+        w.add_sliding_window(c.sliding_window)
+        w.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], np.float32))
+        w.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], np.float32))
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_rope_freq_base(rope["rope_theta"])
     w.add_vocab_size(c.vocab_size)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     for i in range(c.num_hidden_layers):
-        for hf_part, g_part in GGUF_LAYER_NAMES:
+        for hf_part, g_part in GGUF_LAYER_NAMES + [("self_attn.qkv_proj", "attn_qkv"), ("mlp.gate_up_proj", "ffn_up")]:
             names[f"model.layers.{i}.{hf_part}.weight"] = f"blk.{i}.{g_part}.weight"
     for hf_name, t in hf.state_dict().items():
         if hf_name == "lm_head.weight" and c.tie_word_embeddings:
@@ -101,4 +132,6 @@ def test_gguf_gives_the_safetensors_tokens(tiny_checkpoints, hf_models, tmp_path
     model = load_model(str(tmp_path / "m.gguf"))
     assert model.config.architecture == spec.arch
     ps = prompts(hf.config.vocab_size)
-    assert fusec_greedy(str(tmp_path / "m.gguf"), "fused", ps) == fusec_greedy(str(tiny_checkpoints[name]), "fused", ps)
+    args = ENGINE_ARGS.get(name, {})
+    assert fusec_greedy(str(tmp_path / "m.gguf"), "fused", ps, **args) == \
+        fusec_greedy(str(tiny_checkpoints[name]), "fused", ps, **args)
