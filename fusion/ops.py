@@ -36,8 +36,10 @@ def _registry(*specs: OpSpec) -> dict[str, OpSpec]:
     return {s.kind: s for s in specs}
 
 
-def embed(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
-    return table[ids]
+def embed(ids: np.ndarray, table: np.ndarray, *, scale: float = 1.0) -> np.ndarray:
+    """Rows of the table, times `scale` (Gemma's sqrt(hidden), rounded to the table's
+    dtype by the graph builder, as transformers rounds it)."""
+    return table[ids] * np.float32(scale)
 
 
 def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -136,12 +138,20 @@ def silu_mul(x: np.ndarray) -> np.ndarray:
     return gate / (1.0 + np.exp(-gate)) * up
 
 
+def gelu_tanh_mul(x: np.ndarray) -> np.ndarray:
+    """x = [gate | up] along the last axis -> gelu_tanh(gate) * up (GeGLU, Gemma's MLP)."""
+    half = x.shape[-1] // 2
+    gate, up = x[:, :half], x[:, half:]
+    inner = np.float32(0.7978845608028654) * (gate + np.float32(0.044715) * gate ** 3)
+    return np.float32(0.5) * gate * (np.float32(1.0) + np.tanh(inner)) * up
+
+
 def gather_rows(x: np.ndarray, indices: np.ndarray) -> np.ndarray:
     return x[indices]
 
 
 OPS: dict[str, OpSpec] = _registry(
-    OpSpec("embed", 2, embed, "rows of an embedding table: (ids[T], table[V, H]) -> [T, H]"),
+    OpSpec("embed", 2, embed, "rows of an embedding table: (ids[T], table[V, H]) -> [T, H]; attr scale"),
     OpSpec("add", 2, add, "elementwise sum", elementwise=True),
     OpSpec("rms_norm", 2, rms_norm, "x / rms(x) * w over the last axis; attr eps"),
     OpSpec("head_rms_norm", 2, head_rms_norm, "rms_norm per head: x[T, heads*hd], w[hd]; attrs eps, head_dim"),
@@ -153,5 +163,6 @@ OPS: dict[str, OpSpec] = _registry(
     OpSpec("attention", 5, attention,
            "(q, cache, block_tables, context_lens, query_start_loc) -> causal paged GQA attention"),
     OpSpec("silu_mul", 1, silu_mul, "[gate | up] -> silu(gate) * up"),
+    OpSpec("gelu_tanh_mul", 1, gelu_tanh_mul, "[gate | up] -> gelu_tanh(gate) * up"),
     OpSpec("gather_rows", 2, gather_rows, "x[indices]: the rows that need logits"),
 )

@@ -76,5 +76,20 @@ def silu(kb: KernelBuilder, g: ir.Value) -> ir.Value:
     return b.fdiv(g, b.fadd(kb.f32(1.0), kb.exp(b.fneg(g))))
 
 
+GELU_C = 0.7978845608028654  # sqrt(2 / pi)
+
+
+def gelu_tanh(kb: KernelBuilder, x: ir.Value) -> ir.Value:
+    """GELU's tanh approximation (PyTorch's approximate="tanh"), with tanh(y) as
+    1 - 2 / (exp(2y) + 1): exact at both ends (exp overflowing to inf gives 1)."""
+    b = kb.b
+    y = b.fmul(kb.f32(GELU_C), b.fadd(x, b.fmul(kb.f32(0.044715), b.fmul(x, b.fmul(x, x)))))
+    tanh = b.fsub(kb.f32(1.0), b.fdiv(kb.f32(2.0), b.fadd(kb.exp(b.fmul(kb.f32(2.0), y)), kb.f32(1.0))))
+    return b.fmul(b.fmul(kb.f32(0.5), x), b.fadd(kb.f32(1.0), tanh))
+
+
+GATES = {"silu_mul": silu, "gelu_tanh_mul": gelu_tanh}  # a gated MLP's op kind -> its activation
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)

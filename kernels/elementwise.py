@@ -7,7 +7,7 @@ from typing import Mapping
 
 from fusec.fusion.codegen.builder import KernelBuilder, Param
 from fusec.fusion.dtypes import DType
-from fusec.kernels.base import Kernel, round_to, row_offset, silu
+from fusec.kernels.base import GATES, Kernel, round_to, row_offset
 from fusec.kernels.quant import FORMATS, GROUP, HALF, group_values
 
 
@@ -51,6 +51,7 @@ class Embed(RowKernel):
     table: DType
     out: DType
     table_format: str | None = None
+    scale: float = 1.0  # Gemma's sqrt(hidden)
 
     def __post_init__(self) -> None:
         if self.table_format is not None:
@@ -68,8 +69,11 @@ class Embed(RowKernel):
             return
         src = row_offset(kb, row, self.cols)
         with kb.lane_loop(self.cols) as i:
-            v = kb.load(kb["table"], b.add(src, kb.wide(i)), self.table)
+            v = self._scaled(kb, kb.load(kb["table"], b.add(src, kb.wide(i)), self.table))
             kb.store(kb["y"], b.add(dst, kb.wide(i)), round_to(kb, v, self.out), self.out)
+
+    def _scaled(self, kb: KernelBuilder, v):
+        return v if self.scale == 1.0 else kb.b.fmul(v, kb.f32(self.scale))
 
     def _decode_row(self, kb: KernelBuilder, row, dst) -> None:
         b, fmt = kb.b, FORMATS[self.table_format]
@@ -79,7 +83,7 @@ class Embed(RowKernel):
             first = b.add(dst, b.mul(kb.wide(g), kb.i64(GROUP)))
             for h, half in enumerate(halves):
                 for j in range(HALF):
-                    v = b.extract_element(half, kb.i32(j))
+                    v = self._scaled(kb, b.extract_element(half, kb.i32(j)))
                     kb.store(kb["y"], b.add(first, kb.i64(h * HALF + j)), round_to(kb, v, self.out), self.out)
 
 
@@ -159,9 +163,13 @@ class BiasAdd(ChunkedRowKernel):
 
 @dataclass(frozen=True)
 class SiluMul(ChunkedRowKernel):
+    """A gated MLP's activation: y = act(gate) * up, act SiLU (`gate` "silu_mul") or
+    GELU-tanh ("gelu_tanh_mul", Gemma's GeGLU)."""
+
     family = "silu_mul"
     cols: int  # output width; the input row is [gate | up], twice as wide
     act: DType
+    gate: str = "silu_mul"
 
     def params(self) -> list[Param]:
         return self._params("gu", "y")
@@ -173,7 +181,7 @@ class SiluMul(ChunkedRowKernel):
         with self.chunk_loop(kb) as i:
             g = kb.load(kb["gu"], b.add(src, kb.wide(i)), self.act)
             u = kb.load(kb["gu"], b.add(src, kb.wide(b.add(i, kb.i32(self.cols)))), self.act)
-            kb.store(kb["y"], b.add(dst, kb.wide(i)), b.fmul(silu(kb, g), u), self.act)
+            kb.store(kb["y"], b.add(dst, kb.wide(i)), b.fmul(GATES[self.gate](kb, g), u), self.act)
 
 
 @dataclass(frozen=True)

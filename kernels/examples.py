@@ -74,8 +74,8 @@ def _gemv(prologue: str, bias: bool, gemm: bool = False):
         s = SIZES[size]
         t, k, n = (GEMM_ROWS[size] if gemm else s["t"]), s["k"], s["n"]
         g, inputs = Graph("example"), {}
-        if prologue == "silu_mul":
-            x = g.op("silu_mul", [_act(g, rng, "gu", t, 2 * k, dtype, inputs)], ("T", k), dtype, name="act")
+        if prologue in ("silu_mul", "gelu_tanh_mul"):
+            x = g.op(prologue, [_act(g, rng, "gu", t, 2 * k, dtype, inputs)], ("T", k), dtype, name="act")
         else:
             x = _act(g, rng, "x", t, k, dtype, inputs)
         y = g.op("matmul", [x, g.weight("w", (n, k), dtype)], ("T", n), dtype, name="proj")
@@ -164,8 +164,9 @@ def _embed(rng, size: int, dtype: DType) -> Example:
     g = Graph("example")
     vocab = 3 * s["n"] + 1
     ids = rng.integers(0, vocab, s["t"] + 1).astype(np.int32)
+    scale = [1.0, 1.0, 33.0][size]  # the widest scales its rows (Gemma's sqrt(hidden))
     out = g.op("embed", [g.input("token_ids", ("T",)), g.weight("table", (vocab, s["k"]), dtype)], ("T", s["k"]),
-               dtype, name="emb")
+               dtype, name="emb", scale=scale)
     g.set_outputs(out)
     return Example(g, {"token_ids": ids})
 
@@ -175,8 +176,8 @@ def _row_op(kind: str, gemm: bool = True):
         s = SIZES[size]
         t, k = GEMM_ROWS[size] if gemm else s["t"], s["k"]
         g, inputs = Graph("example"), {}
-        if kind == "silu_mul":
-            out = g.op("silu_mul", [_act(g, rng, "gu", t, 2 * k, dtype, inputs)], ("T", k), dtype, name="y")
+        if kind in ("silu_mul", "gelu_tanh_mul"):
+            out = g.op(kind, [_act(g, rng, "gu", t, 2 * k, dtype, inputs)], ("T", k), dtype, name="y")
         elif kind == "add":
             out = g.op("add", [_act(g, rng, "a", t, k, dtype, inputs), _act(g, rng, "b", t, k, dtype, inputs)],
                        ("T", k), dtype, name="y")
@@ -200,6 +201,7 @@ EXAMPLES: dict[str, Callable[[np.random.Generator, int, DType], Example]] = {
     "rms_norm_gather_gemv": _norm_gemv(add=False, bias=False, gather=True),
     "rms_norm_gemv": _norm_gemv(add=False, bias=False, gather=False),
     "silu_mul_gemv": _gemv("silu_mul", bias=False),
+    "gelu_tanh_mul_gemv": _gemv("gelu_tanh_mul", bias=False),
     "gemv_bias": _gemv("none", bias=True),
     "gemv": _gemv("none", bias=False),
     "rope_kv_write": _rope_kv,
@@ -211,6 +213,7 @@ EXAMPLES: dict[str, Callable[[np.random.Generator, int, DType], Example]] = {
     "gemm": _gemv("none", bias=False, gemm=True),
     "bias_add": _row_op("bias_add"),
     "silu_mul": _row_op("silu_mul"),
+    "gelu_tanh_mul": _row_op("gelu_tanh_mul"),
     "gather_rows": _row_op("gather_rows"),
     "add": _row_op("add"),
 }

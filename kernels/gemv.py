@@ -7,6 +7,7 @@ with x_r produced in-kernel from row r (or rows[r] with `gather`) by the prologu
     rms_norm      x = rms_norm(X[r]) * norm_w
     add_rms_norm  s = A[r] + B[r]; x = rms_norm(s) * norm_w   (s written out if asked)
     silu_mul      x = silu(GU[r, :K]) * GU[r, K:]
+    gelu_tanh_mul x = gelu_tanh(GU[r, :K]) * GU[r, K:]     (Gemma's GeGLU)
 Each block computes `rows_per_block` outputs and recomputes the prologue itself, so
 nothing reads a row that other blocks produce (the legality rule). Intermediates are
 rounded to the activation dtype where the unfused graph stores them.
@@ -35,10 +36,10 @@ from typing import Mapping
 
 from fusec.fusion.codegen.builder import KernelBuilder, Param
 from fusec.fusion.dtypes import DType
-from fusec.kernels.base import Kernel, cdiv, round_to, row_offset, silu
+from fusec.kernels.base import GATES, Kernel, cdiv, round_to, row_offset
 from fusec.kernels.quant import FORMATS, GROUP, HALF, group_term, group_values, hsum, pack, zero_vector
 
-PROLOGUES = ("none", "rms_norm", "add_rms_norm", "silu_mul")
+PROLOGUES = ("none", "rms_norm", "add_rms_norm", *GATES)
 HOST_CHUNK = 8  # most weight rows a host tile works on together
 HOST_ACCUMULATORS = 16  # 16-wide accumulators a host tile keeps (of 32 AVX-512 registers)
 # How far ahead of each weight row a host tile asks for cache lines. A tile reads up to 8
@@ -76,8 +77,8 @@ class Gemv(Kernel):
                 raise ValueError(f"vec {self.vec} does not divide a group of {GROUP}")
 
     def params(self) -> list[Param]:
-        p = {"none": ["x"], "rms_norm": ["x", "norm_w"], "add_rms_norm": ["a", "b", "norm_w"],
-             "silu_mul": ["gu"]}[self.prologue]
+        p = ["gu"] if self.prologue in GATES else \
+            {"none": ["x"], "rms_norm": ["x", "norm_w"], "add_rms_norm": ["a", "b", "norm_w"]}[self.prologue]
         if self.residual_out:
             p.append("residual")
         p.append("w")
@@ -127,7 +128,7 @@ class Gemv(Kernel):
         sum stored on the way where first_block, the row's first output block, holds)."""
         b, k_dim, vec = kb.b, self.k, self.vec
         src = kb.load(kb["rows"], out_row, DType.I32) if self.gather else out_row
-        width = 2 * k_dim if self.prologue == "silu_mul" else k_dim
+        width = 2 * k_dim if self.prologue in GATES else k_dim
         base = row_offset(kb, src, width)
 
         def at(i):
@@ -163,8 +164,8 @@ class Gemv(Kernel):
         def x_at(i) -> list:
             if self.prologue == "none":
                 return raw(i)
-            if self.prologue == "silu_mul":
-                return [round_to(kb, b.fmul(silu(kb, g), u), self.act)
+            if self.prologue in GATES:
+                return [round_to(kb, b.fmul(GATES[self.prologue](kb, g), u), self.act)
                         for g, u in zip(loads("gu", i, self.act), loads("gu", i, self.act, k_dim))]
             norm_w = (kb.load_vector(kb["norm_w"], i, self.weight, vec) if vec > 1
                       else [kb.load(kb["norm_w"], i, self.weight)])

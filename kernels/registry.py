@@ -51,11 +51,11 @@ def gemv_constraint(m: Match) -> bool:
     if len({_dtype(m, w) for w in weights}) != 1 or out.type.dtype != mm.type.dtype:
         return False
     acts = {_dtype(m, a) for a in m["add"].inputs} | {m["add"].type.dtype} if m.get("add") else set()
-    for role in ("norm", "silu", "gather"):
+    for role in ("norm", "gate", "gather"):
         node = m.get(role)
         if node is not None:
             acts |= {node.type.dtype, _dtype(m, node.inputs[0])}
-    if not any(m.get(r) for r in ("add", "norm", "silu", "gather")):
+    if not any(m.get(r) for r in ("add", "norm", "gate", "gather")):
         acts.add(_dtype(m, mm.inputs[0]))
     return len(acts) == 1
 
@@ -73,7 +73,7 @@ HOST_TOKENS_PER_BLOCK = 8
 
 def lower_gemv(m: Match, ctx: LowerContext) -> Launch:
     mm, out = _gemv_parts(m)
-    add, norm, gather, silu, bias = (m.get(r) for r in ("add", "norm", "gather", "silu", "bias"))
+    add, norm, gather, gate, bias = (m.get(r) for r in ("add", "norm", "gather", "gate", "bias"))
     args = {"w": V(mm.inputs[1]), "y": V(out.name), "num_rows": D(_rows(out))}
     outputs = [out.name]
     residual_out = add is not None and m.escapes("add")
@@ -86,9 +86,9 @@ def lower_gemv(m: Match, ctx: LowerContext) -> Launch:
     elif norm is not None:
         prologue, first = "rms_norm", norm
         args |= {"x": V(norm.inputs[0]), "norm_w": V(norm.inputs[1])}
-    elif silu is not None:
-        prologue, first = "silu_mul", silu
-        args["gu"] = V(silu.inputs[0])
+    elif gate is not None:  # a gated MLP's activation: the op kind names the prologue
+        prologue, first = gate.kind, gate
+        args["gu"] = V(gate.inputs[0])
     else:
         prologue, first = "none", mm
         args["x"] = V(mm.inputs[0])
@@ -137,8 +137,10 @@ def gemv_patterns() -> list[Pattern]:
         ("rms_norm_gather_gemv", 48, (NORM, GATHER, MM_AFTER_GATHER), set(), gemv_constraint,
          "final norm on the rows that need logits + LM head"),
         ("rms_norm_gemv", 45, (NORM, _mm("norm")), set(), gemv_constraint, "RMSNorm + GEMV (first layer's QKV)"),
-        ("silu_mul_gemv", 40, (PNode("silu", "silu_mul"), _mm("silu")), set(), gemv_constraint,
+        ("silu_mul_gemv", 40, (PNode("gate", "silu_mul"), _mm("gate")), set(), gemv_constraint,
          "SiLU(gate) * up + down-projection GEMV"),
+        ("gelu_tanh_mul_gemv", 40, (PNode("gate", "gelu_tanh_mul"), _mm("gate")), set(), gemv_constraint,
+         "GELU-tanh(gate) * up + down-projection GEMV (Gemma's GeGLU)"),
         ("gemv_bias", 30, (_mm(None), BIAS), set(), gemv_constraint, "GEMV + bias"),
         ("gemv", 20, (_mm(None),), set(), gemv_constraint, "plain GEMV (O-projection)"),
     ]
@@ -223,7 +225,7 @@ def lower_embed(m: Match, ctx: LowerContext) -> Launch:
     e = m["embed"]
     ids, table = e.inputs
     kernel = Embed(cols=e.type.shape[1], table=_dtype(m, table), out=e.type.dtype,
-                   table_format=m.graph.node(table).format)
+                   table_format=m.graph.node(table).format, scale=e.attrs.get("scale", 1.0))
     return ctx.kernel_launch(m, kernel, {"ids": V(ids), "table": V(table), "y": V(e.name), "num_rows": D(_rows(e))},
                              (e.name,), {"num_rows": _rows(e)})
 
@@ -286,6 +288,9 @@ def default_registry() -> Registry:
     reg.register(Pattern("bias_add", 5, (PNode("bias_add", "bias_add"),),
                          _row_op("bias_add", lambda m, n: BiasAdd(n.type.shape[1], n.type.dtype, _dtype(m, n.inputs[1])),
                                  ("x", "bias")), constraint=same_act_dtype, doc="bias add"))
+    reg.register(Pattern("gelu_tanh_mul", 5, (PNode("gelu_tanh_mul", "gelu_tanh_mul"),),
+                         _row_op("gelu_tanh_mul", lambda m, n: SiluMul(n.type.shape[1], n.type.dtype, "gelu_tanh_mul"),
+                                 ("gu",)), constraint=same_act_dtype, doc="GELU-tanh(gate) * up"))
     reg.register(Pattern("silu_mul", 5, (PNode("silu_mul", "silu_mul"),),
                          _row_op("silu_mul", lambda m, n: SiluMul(n.type.shape[1], n.type.dtype), ("gu",)),
                          constraint=same_act_dtype, doc="SiLU(gate) * up"))

@@ -14,8 +14,11 @@ HF_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Phi3ForCausalLM": "phi3",
+    "GemmaForCausalLM": "gemma",
 }
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma")
+# a gated MLP's activation (HF hidden_act) -> the graph's op kind
+GATED_ACTIVATIONS = {"silu": "silu_mul", "gelu_pytorch_tanh": "gelu_tanh_mul", "gelu_tanh": "gelu_tanh_mul"}
 # Upper bounds on a config's sizes, far past any released model of these families
 # (Llama-3.1-405B: 126 layers, hidden 16384, FFN 53248, 128 query heads; vocabularies up
 # to ~256k; contexts up to 10M), so that a corrupt or hostile config fails at once rather
@@ -29,7 +32,7 @@ SIZE_LIMITS = {
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # "llama" | "mistral" | "qwen2" | "qwen3" | "phi3": one graph builder serves them
+    architecture: str  # "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "gemma": one graph builder serves them
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -46,6 +49,8 @@ class ModelConfig:
     sliding_window: int | None = None
     qk_norm: bool = False  # RMSNorm of each q and k head before RoPE (Qwen3)
     partial_rotary_factor: float = 1.0  # the fraction of each head's dims that RoPE turns
+    mlp_gate: str = "silu_mul"  # the gated MLP's op kind: "silu_mul", or "gelu_tanh_mul" (Gemma's GeGLU)
+    scale_embeddings: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
     # rope_type plus its parameters, in HF's naming ("default", "linear", "llama3").
     rope_scaling: Mapping[str, Any] = field(default_factory=lambda: {"rope_type": "default"})
     bos_token_id: int | None = None
@@ -131,8 +136,14 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> ModelConfig:
         name = ", ".join(archs) or cfg.get("model_type", "unknown")
         raise UnsupportedModelError(
             f"{source}: unsupported architecture {name}; supported: {', '.join(HF_ARCHITECTURES)}")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise UnsupportedModelError(f"{source}: unsupported hidden_act {cfg['hidden_act']!r}")
+    # Gemma v1 configs name the activation hidden_activation (hidden_act "gelu" was a misnomer)
+    act = (cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")) if arch == "gemma" else \
+        cfg.get("hidden_act", "silu")
+    if act == "gelu" and arch == "gemma":
+        act = "gelu_pytorch_tanh"
+    if act not in GATED_ACTIVATIONS:
+        raise UnsupportedModelError(f"{source}: unsupported hidden_act {act!r}; supported: "
+                                    f"{', '.join(GATED_ACTIVATIONS)}")
     if cfg.get("mlp_bias"):
         raise UnsupportedModelError(f"{source}: mlp_bias is not supported")
     if arch in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
@@ -167,6 +178,8 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> ModelConfig:
         o_bias=bias and arch in ("llama", "qwen3"),
         qk_norm=arch == "qwen3",
         partial_rotary_factor=float(partial),
+        mlp_gate=GATED_ACTIVATIONS[act],
+        scale_embeddings=arch == "gemma",
         sliding_window=_int(window, "sliding_window", source) if window is not None else None,
         rope_scaling=rope,
         bos_token_id=cfg.get("bos_token_id"),
@@ -235,6 +248,8 @@ def _config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], source: s
         qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
         partial_rotary_factor=_int(rotary, f"{arch}.rope.dimension_count", source) / head_dim if rotary else 1.0,
         sliding_window=_int(window, f"{arch}.attention.sliding_window", source) if window else None,
+        mlp_gate="gelu_tanh_mul" if arch == "gemma" else "silu_mul",
+        scale_embeddings=arch == "gemma",
         rope_scaling=rope,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=_eos_ids(meta.get("tokenizer.ggml.eos_token_id"), source),

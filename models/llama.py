@@ -1,8 +1,9 @@
-"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3) as one graph builder.
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma) as one graph builder.
 
 They differ only in configuration: qkv bias (Qwen2), sliding window (Mistral, Phi-3),
 rope scaling (Llama 3, Phi-3's LongRoPE), partial rotary (Phi-3.5 / Phi-4-mini), an
-RMSNorm of each q and k head before RoPE (Qwen3). Projections that read the same input are stored
+RMSNorm of each q and k head before RoPE (Qwen3), GeGLU and embeddings scaled by
+sqrt(hidden) (Gemma, whose (1 + w) norm weights are stored with the 1 added). Projections that read the same input are stored
 concatenated (q|k|v and gate|up), as the fused kernels want them.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
-from fusec.fusion.dtypes import DType
+from fusec.fusion.dtypes import DType, from_storage, to_storage
 from fusec.fusion.ir import Graph
 from fusec.models.config import ModelConfig
 
@@ -71,7 +72,10 @@ def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size
          for name, shape in weight_shapes(cfg).items()}
     rope_freqs = tuple(float(f) for f in inv_freq)
 
-    x = g.op("embed", [ids, w["embed_tokens"]], (T, h), dtype, name="embed")
+    # Gemma scales by sqrt(hidden) rounded to the table's dtype, as transformers does
+    scale = float(from_storage(to_storage(np.float32([h ** 0.5]), weight_dtype or dtype), weight_dtype or dtype)[0]) \
+        if cfg.scale_embeddings else 1.0
+    x = g.op("embed", [ids, w["embed_tokens"]], (T, h), dtype, name="embed", scale=scale)
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         residual = x
@@ -111,7 +115,7 @@ def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size
                  eps=cfg.rms_norm_eps, layer=i)
         inter = cfg.intermediate_size
         gu = g.op("matmul", [x, w[p + "gate_up"]], (T, 2 * inter), dtype, name=p + "gate_up.out", layer=i)
-        act = g.op("silu_mul", [gu], (T, inter), dtype, name=p + "silu_mul", layer=i)
+        act = g.op(cfg.mlp_gate, [gu], (T, inter), dtype, name=p + cfg.mlp_gate, layer=i)
         down = g.op("matmul", [act, w[p + "down"]], (T, h), dtype, name=p + "down.out", layer=i)
         x = g.op("add", [residual, down], (T, h), dtype, name=p + "mlp_residual", layer=i)
 

@@ -26,7 +26,7 @@ from fusec.models.llama import build_graph, weight_shapes
 from fusec.models.rope import attention_factor, inv_freq
 from fusec.models.safetensors_file import SafetensorsFile
 from fusec.models.tokenizer import Tokenizer
-from fusec.models.weights import (DummyWeights, gguf_names, hf_names, load_weights,
+from fusec.models.weights import (DummyWeights, gemma_norm_offset, gguf_names, hf_names, load_weights,
                                   unpermute_llama_gguf, weight_formats)
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def _load_hf_dir(path: Path, name: str, dtype: DType | None, device: str, load_f
         opened = [SafetensorsFile(f) for f in files]
         index = {n: f for f in opened for n in f.names()}
         source = _Merged(index)
-        weights = load_weights(config, source, set(index), hf_names, weight_dtype, formats)
+        weights = load_weights(config, source, set(index), hf_names, weight_dtype, formats, fixup=gemma_norm_offset)
     return Model(name, path, config, dtype, weights, None, tokenizer, formats, weight_dtype)
 
 

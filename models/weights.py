@@ -92,6 +92,14 @@ def unpermute_llama_gguf(cfg: ModelConfig, source_name: str, w: np.ndarray) -> n
     return rows.swapaxes(1, 2).reshape(w.shape)
 
 
+def gemma_norm_offset(cfg: ModelConfig, source_name: str, w: np.ndarray) -> np.ndarray:
+    """Gemma's RMSNorm multiplies by (1 + w): fusec stores the sum (llama.cpp's converter
+    writes GGUF norms the same way), so the norm is the Llama one."""
+    if cfg.architecture == "gemma" and source_name.endswith("norm.weight"):
+        return (w.astype(np.float32) + np.float32(1.0)).astype(np.float32)
+    return w
+
+
 MIXED_PARTS = "q8_0"  # the format of a fused matrix whose parts are stored in different ones
 
 

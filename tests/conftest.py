@@ -57,6 +57,13 @@ TINY_SPECS = [
         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
                          "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.5],
                          "long_factor": [1.5, 2.5, 4.0, 6.0, 9.0, 14.0]})),
+    # GeGLU, (1 + w) norms, embeddings times sqrt(hidden), head_dim 20 != hidden / heads
+    TinySpec("gemma", "gemma", dict(
+        vocab_size=241, hidden_size=48, intermediate_size=104, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=20, max_position_embeddings=128,
+        tie_word_embeddings=True, rms_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 ]
 
 
@@ -70,6 +77,7 @@ def make_hf_model(spec: TinySpec, seed: int = 0):
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
     }[spec.arch]
     config = cls_config(**spec.kwargs, attn_implementation="eager")
     torch.manual_seed(seed)

@@ -16,7 +16,7 @@ from fusec.runtime.engine import EngineConfig, LLMEngine
 from fusec.runtime.sequence import SamplingParams
 from helpers import run_requests
 
-FAMILIES = ["qwen3", "phi3"]
+FAMILIES = ["qwen3", "phi3", "gemma"]
 NEW_TOKENS = 20
 # transformers picks LongRoPE's factors by each forward's length; fusec by the served
 # context (as vLLM and llama.cpp): up to the original 64 positions both use the short ones
@@ -117,7 +117,10 @@ def write_gguf(hf, arch: str, path) -> None:
     for hf_name, t in hf.state_dict().items():
         if hf_name == "lm_head.weight" and c.tie_word_embeddings:
             continue
-        w.add_tensor(names[hf_name], t.detach().float().numpy())
+        t = t.detach().float().numpy()
+        if arch == "gemma" and hf_name.endswith("norm.weight"):
+            t = t + 1  # llama.cpp's converter stores Gemma's (1 + w)
+        w.add_tensor(names[hf_name], t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
