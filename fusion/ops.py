@@ -100,8 +100,9 @@ def kv_write(k: np.ndarray, v: np.ndarray, cache: np.ndarray, slot_mapping: np.n
 
 def attention(q: np.ndarray, cache: np.ndarray, block_tables: np.ndarray, context_lens: np.ndarray,
               query_start_loc: np.ndarray, *, n_heads: int, n_kv_heads: int, head_dim: int,
-              scale: float, sliding_window: int | None = None) -> np.ndarray:
-    """Causal GQA attention of the new tokens over each sequence's paged context."""
+              scale: float, sliding_window: int | None = None, softcap: float | None = None) -> np.ndarray:
+    """Causal GQA attention of the new tokens over each sequence's paged context; with
+    `softcap`, scores become softcap * tanh(scores / softcap) before the mask (Gemma 2)."""
     t = q.shape[0]
     block_size = cache.shape[2]
     group = n_heads // n_kv_heads
@@ -118,6 +119,8 @@ def attention(q: np.ndarray, cache: np.ndarray, block_tables: np.ndarray, contex
         keys = np.repeat(keys, group, axis=1)
         values = np.repeat(values, group, axis=1)
         scores = np.einsum("qhd,khd->hqk", qh[a:b], keys) * np.float32(scale)
+        if softcap:
+            scores = np.float32(softcap) * np.tanh(scores / np.float32(softcap))
         q_pos = np.arange(ctx - n_new, ctx)[:, None]
         k_pos = np.arange(ctx)[None, :]
         mask = k_pos <= q_pos
@@ -136,6 +139,11 @@ def silu_mul(x: np.ndarray) -> np.ndarray:
     half = x.shape[-1] // 2
     gate, up = x[:, :half], x[:, half:]
     return gate / (1.0 + np.exp(-gate)) * up
+
+
+def softcap(x: np.ndarray, *, cap: float) -> np.ndarray:
+    """cap * tanh(x / cap): Gemma 2's final logits."""
+    return np.float32(cap) * np.tanh(x / np.float32(cap))
 
 
 def gelu_tanh_mul(x: np.ndarray) -> np.ndarray:
@@ -165,4 +173,5 @@ OPS: dict[str, OpSpec] = _registry(
     OpSpec("silu_mul", 1, silu_mul, "[gate | up] -> silu(gate) * up"),
     OpSpec("gelu_tanh_mul", 1, gelu_tanh_mul, "[gate | up] -> gelu_tanh(gate) * up"),
     OpSpec("gather_rows", 2, gather_rows, "x[indices]: the rows that need logits"),
+    OpSpec("softcap", 1, softcap, "cap * tanh(x / cap); attr cap", elementwise=True),
 )

@@ -25,7 +25,7 @@ from typing import Mapping
 
 from fusec.fusion.codegen.builder import KernelBuilder, Param
 from fusec.fusion.dtypes import DType
-from fusec.kernels.base import GPU_LANES, Kernel, round_to, row_offset
+from fusec.kernels.base import GPU_LANES, Kernel, round_to, row_offset, softcap
 
 HOST_KEYS = 16  # keys a host block scores before it updates its softmax state
 
@@ -42,6 +42,10 @@ class PagedAttention(Kernel):
     act: DType
     vec: int = 1  # elements per key load (head_dim must divide)
     heads_per_block: int = 0  # query heads a block serves (divides the group); 0: the group
+    softcap: float = 0.0  # scores become softcap * tanh(score / softcap); 0: none
+
+    def _score(self, kb: KernelBuilder, dot):
+        return softcap(kb, dot, self.softcap) if self.softcap else dot
 
     @property
     def group(self) -> int:
@@ -119,7 +123,7 @@ class PagedAttention(Kernel):
                     with kb.loop(0, hd) as d:
                         k = kb.load(kb["k_cache"], b.add(base, kb.wide(d)), self.act)
                         dot.set(kb.fadd(dot.get(), kb.fmul(kb.load(q_sh, b.add(d, kb.i32(g * hd)), DType.F32), k)))
-                    kb.store(p_sh, b.add(jj, kb.i32(g * tile)), dot.get(), DType.F32)
+                    kb.store(p_sh, b.add(jj, kb.i32(g * tile)), self._score(kb, dot.get()), DType.F32)
             for g in range(group):
                 top = kb.var(ms[g].get())
                 with kb.loop(0, count) as jj:
@@ -172,7 +176,7 @@ class PagedAttention(Kernel):
                             total = kb.fadd(total, kb.fmul(qd, k))
                         dot.set(total)
                 for score, dot in zip(scores, dots):
-                    score.set(dot.get())
+                    score.set(self._score(kb, dot.get()))
             alphas, ps = [], []
             for g in range(group):
                 m_new = kb.fmax(ms[g].get(), kb.reduce(scores[g].get(), "max"))

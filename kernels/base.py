@@ -79,13 +79,23 @@ def silu(kb: KernelBuilder, g: ir.Value) -> ir.Value:
 GELU_C = 0.7978845608028654  # sqrt(2 / pi)
 
 
+def tanh(kb: KernelBuilder, y: ir.Value) -> ir.Value:
+    """tanh(y) as 1 - 2 / (exp(2y) + 1): exact at both ends (exp overflowing to inf gives 1)."""
+    b = kb.b
+    return b.fsub(kb.f32(1.0), b.fdiv(kb.f32(2.0), b.fadd(kb.exp(b.fmul(kb.f32(2.0), y)), kb.f32(1.0))))
+
+
+def softcap(kb: KernelBuilder, x: ir.Value, cap: float) -> ir.Value:
+    """cap * tanh(x / cap) (Gemma 2's attention and final logits)."""
+    b = kb.b
+    return b.fmul(kb.f32(cap), tanh(kb, b.fdiv(x, kb.f32(cap))))
+
+
 def gelu_tanh(kb: KernelBuilder, x: ir.Value) -> ir.Value:
-    """GELU's tanh approximation (PyTorch's approximate="tanh"), with tanh(y) as
-    1 - 2 / (exp(2y) + 1): exact at both ends (exp overflowing to inf gives 1)."""
+    """GELU's tanh approximation (PyTorch's approximate="tanh")."""
     b = kb.b
     y = b.fmul(kb.f32(GELU_C), b.fadd(x, b.fmul(kb.f32(0.044715), b.fmul(x, b.fmul(x, x)))))
-    tanh = b.fsub(kb.f32(1.0), b.fdiv(kb.f32(2.0), b.fadd(kb.exp(b.fmul(kb.f32(2.0), y)), kb.f32(1.0))))
-    return b.fmul(b.fmul(kb.f32(0.5), x), b.fadd(kb.f32(1.0), tanh))
+    return b.fmul(b.fmul(kb.f32(0.5), x), b.fadd(kb.f32(1.0), tanh(kb, y)))
 
 
 GATES = {"silu_mul": silu, "gelu_tanh_mul": gelu_tanh}  # a gated MLP's op kind -> its activation

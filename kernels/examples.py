@@ -41,7 +41,7 @@ def _act(g: Graph, rng, name: str, rows: int, cols: int, dtype: DType, inputs: d
     return g.input(name, ("T", cols), dtype)
 
 
-def _norm_gemv(add: bool, bias: bool, gather: bool, gemm: bool = False):
+def _norm_gemv(add: bool, bias: bool, gather: bool, gemm: bool = False, post: bool = False):
     def build(rng, size: int, dtype: DType) -> Example:
         s = SIZES[size]
         t = GEMM_ROWS[size] if gemm else s["t"]
@@ -51,6 +51,8 @@ def _norm_gemv(add: bool, bias: bool, gather: bool, gemm: bool = False):
         outs = []
         if add:
             b = _act(g, rng, "b", t, k, dtype, inputs)
+            if post:  # the block output b is normed before the residual add (Gemma 2)
+                b = g.op("rms_norm", [b, g.weight("post_w", (k,), dtype)], ("T", k), dtype, name="post", eps=1e-5)
             x = g.op("add", [x, b], ("T", k), dtype, name="sum")
             if not gather:
                 outs.append(x)
@@ -145,6 +147,7 @@ def _rope_kv(rng, size: int, dtype: DType, qk_norm: bool = False) -> Example:
 def _attention(rng, size: int, dtype: DType) -> Example:
     s = SIZES[size]
     window = [0, 0, 9][size]  # the widest example also has a sliding window
+    cap = [0.0, 2.5, 0.0][size]  # the middle one soft-caps its scores (Gemma 2)
     h, kv, hd, bs = s["h"], s["kv"], s["hd"], s["bs"]
     # size 1 has contexts past one 128-key GPU tile; size 2 a sliding window
     new, ctx = [[1], [2, 1, 3], [4, 1, 1, 7]][size], [[5], [2, 300, 141], [4, 40, 17, 30]][size]
@@ -154,7 +157,7 @@ def _attention(rng, size: int, dtype: DType) -> Example:
     cache = g.state("cache", (2, "NB", bs, kv, hd), dtype)
     meta = [g.input("block_tables", ("S", "B")), g.input("context_lens", ("S",)), g.input("query_start_loc", ("S1",))]
     out = g.op("attention", [q, cache, *meta], ("T", h * hd), dtype, name="attn", n_heads=h, n_kv_heads=kv,
-               head_dim=hd, scale=hd ** -0.5, sliding_window=window or None)
+               head_dim=hd, scale=hd ** -0.5, sliding_window=window or None, softcap=cap or None)
     g.set_outputs(out)
     return Example(g, inputs, {"NB": num_blocks})
 
@@ -181,6 +184,8 @@ def _row_op(kind: str, gemm: bool = True):
         elif kind == "add":
             out = g.op("add", [_act(g, rng, "a", t, k, dtype, inputs), _act(g, rng, "b", t, k, dtype, inputs)],
                        ("T", k), dtype, name="y")
+        elif kind == "softcap":
+            out = g.op("softcap", [_act(g, rng, "x", t, k, dtype, inputs)], ("T", k), dtype, name="y", cap=1.5)
         elif kind == "bias_add":
             out = g.op("bias_add", [_act(g, rng, "x", t, k, dtype, inputs), g.weight("bias", (k,), dtype)],
                        ("T", k), dtype, name="y")
@@ -197,6 +202,8 @@ EXAMPLES: dict[str, Callable[[np.random.Generator, int, DType], Example]] = {
     "add_rms_norm_gemv_bias": _norm_gemv(add=True, bias=True, gather=False),
     "add_rms_norm_gather_gemv": _norm_gemv(add=True, bias=False, gather=True),
     "add_rms_norm_gemv": _norm_gemv(add=True, bias=False, gather=False),
+    "rms_norm_add_rms_norm_gemv": _norm_gemv(add=True, bias=False, gather=False, post=True),
+    "rms_norm_add_rms_norm_gather_gemv": _norm_gemv(add=True, bias=False, gather=True, post=True),
     "rms_norm_gemv_bias": _norm_gemv(add=False, bias=True, gather=False),
     "rms_norm_gather_gemv": _norm_gemv(add=False, bias=False, gather=True),
     "rms_norm_gemv": _norm_gemv(add=False, bias=False, gather=False),
@@ -214,6 +221,7 @@ EXAMPLES: dict[str, Callable[[np.random.Generator, int, DType], Example]] = {
     "bias_add": _row_op("bias_add"),
     "silu_mul": _row_op("silu_mul"),
     "gelu_tanh_mul": _row_op("gelu_tanh_mul"),
+    "softcap": _row_op("softcap"),
     "gather_rows": _row_op("gather_rows"),
     "add": _row_op("add"),
 }

@@ -6,6 +6,10 @@ with x_r produced in-kernel from row r (or rows[r] with `gather`) by the prologu
     none          x = X[r]
     rms_norm      x = rms_norm(X[r]) * norm_w
     add_rms_norm  s = A[r] + B[r]; x = rms_norm(s) * norm_w   (s written out if asked)
+    rms_norm_add_rms_norm
+                  s = A[r] + rms_norm(B[r]) * post_w; x = rms_norm(s) * norm_w
+                  (Gemma 2's sandwich norms: a block's output norm, the residual add and
+                  the next block's input norm, s written out if asked)
     silu_mul      x = silu(GU[r, :K]) * GU[r, K:]
     gelu_tanh_mul x = gelu_tanh(GU[r, :K]) * GU[r, K:]     (Gemma's GeGLU)
 Each block computes `rows_per_block` outputs and recomputes the prologue itself, so
@@ -34,12 +38,15 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
+from llvmlite import ir
+
 from fusec.fusion.codegen.builder import KernelBuilder, Param
 from fusec.fusion.dtypes import DType
 from fusec.kernels.base import GATES, Kernel, cdiv, round_to, row_offset
 from fusec.kernels.quant import FORMATS, GROUP, HALF, group_term, group_values, hsum, pack, zero_vector
 
-PROLOGUES = ("none", "rms_norm", "add_rms_norm", *GATES)
+PROLOGUES = ("none", "rms_norm", "add_rms_norm", "rms_norm_add_rms_norm", *GATES)
+NORMED = ("rms_norm", "add_rms_norm", "rms_norm_add_rms_norm")  # prologues ending in an RMSNorm
 HOST_CHUNK = 8  # most weight rows a host tile works on together
 HOST_ACCUMULATORS = 16  # 16-wide accumulators a host tile keeps (of 32 AVX-512 registers)
 # How far ahead of each weight row a host tile asks for cache lines. A tile reads up to 8
@@ -78,7 +85,8 @@ class Gemv(Kernel):
 
     def params(self) -> list[Param]:
         p = ["gu"] if self.prologue in GATES else \
-            {"none": ["x"], "rms_norm": ["x", "norm_w"], "add_rms_norm": ["a", "b", "norm_w"]}[self.prologue]
+            {"none": ["x"], "rms_norm": ["x", "norm_w"], "add_rms_norm": ["a", "b", "norm_w"],
+             "rms_norm_add_rms_norm": ["a", "b", "post_w", "norm_w"]}[self.prologue]
         if self.residual_out:
             p.append("residual")
         p.append("w")
@@ -139,22 +147,33 @@ class Gemv(Kernel):
             index = b.add(at(i), kb.i64(offset))
             return kb.load_vector(kb[name], index, dtype, vec) if vec > 1 else [kb.load(kb[name], index, dtype)]
 
+        def inverse_rms(values) -> ir.Value:
+            sq = kb.var(kb.f32(0.0))
+            with self._vec_loop(kb, k_dim) as i:
+                total = sq.get()
+                for v in values(i):
+                    total = kb.fadd(total, kb.fmul(v, v))
+                sq.set(total)
+            mean = b.fdiv(kb.reduce(sq.get()), kb.f32(k_dim))
+            return b.fdiv(kb.f32(1.0), kb.sqrt(b.fadd(mean, kb.f32(self.eps))))
+
+        def weights(name: str, i) -> list:
+            return kb.load_vector(kb[name], i, self.weight, vec) if vec > 1 else [kb.load(kb[name], i, self.weight)]
+
+        inv_post = inverse_rms(lambda i: loads("b", i, self.act)) if self.prologue == "rms_norm_add_rms_norm" \
+            else None
+
         def raw(i) -> list:
             if self.prologue == "add_rms_norm":
                 return [round_to(kb, kb.fadd(a, c), self.act)
                         for a, c in zip(loads("a", i, self.act), loads("b", i, self.act))]
+            if self.prologue == "rms_norm_add_rms_norm":
+                normed = [round_to(kb, b.fmul(b.fmul(v, inv_post), w), self.act)
+                          for v, w in zip(loads("b", i, self.act), weights("post_w", i))]
+                return [round_to(kb, kb.fadd(a, n), self.act) for a, n in zip(loads("a", i, self.act), normed)]
             return loads("x", i, self.act)
 
-        inv_rms = None
-        if self.prologue in ("rms_norm", "add_rms_norm"):
-            sq = kb.var(kb.f32(0.0))
-            with self._vec_loop(kb, k_dim) as i:
-                total = sq.get()
-                for v in raw(i):
-                    total = kb.fadd(total, kb.fmul(v, v))
-                sq.set(total)
-            mean = b.fdiv(kb.reduce(sq.get()), kb.f32(k_dim))
-            inv_rms = b.fdiv(kb.f32(1.0), kb.sqrt(b.fadd(mean, kb.f32(self.eps))))
+        inv_rms = inverse_rms(raw) if self.prologue in NORMED else None
         if self.residual_out:
             with kb.when(first_block):
                 with self._vec_loop(kb, k_dim) as i:
@@ -167,9 +186,7 @@ class Gemv(Kernel):
             if self.prologue in GATES:
                 return [round_to(kb, b.fmul(GATES[self.prologue](kb, g), u), self.act)
                         for g, u in zip(loads("gu", i, self.act), loads("gu", i, self.act, k_dim))]
-            norm_w = (kb.load_vector(kb["norm_w"], i, self.weight, vec) if vec > 1
-                      else [kb.load(kb["norm_w"], i, self.weight)])
-            return [round_to(kb, b.fmul(b.fmul(v, inv_rms), w), self.act) for v, w in zip(raw(i), norm_w)]
+            return [round_to(kb, b.fmul(b.fmul(v, inv_rms), w), self.act) for v, w in zip(raw(i), weights("norm_w", i))]
         return x_at
 
     # -- host: a tile of token rows, each weight read (and decoded) once for all of them --

@@ -14,7 +14,7 @@ from fusec.fusion.patterns import Match, Pattern, PNode, Registry
 from fusec.fusion.plan import Arg, Launch, LowerContext
 from fusec.kernels.attention import PagedAttention, heads_per_block
 from fusec.kernels.base import cdiv
-from fusec.kernels.elementwise import Add, AddRmsNorm, BiasAdd, Embed, GatherRows, SiluMul
+from fusec.kernels.elementwise import Add, AddRmsNorm, BiasAdd, Embed, GatherRows, SiluMul, Softcap
 from fusec.kernels.gemv import Gemv, vector_width
 from fusec.kernels.rope_kv import RopeKVWrite, cos_sin_table
 
@@ -47,11 +47,13 @@ def gemv_constraint(m: Match) -> bool:
     """The kernel has one weight dtype (matrix, norm weight, bias), one activation dtype
     (its inputs and the values its prologue makes) and one output dtype."""
     mm, out = _gemv_parts(m)
-    weights = [mm.inputs[1]] + [m[r].inputs[1] for r in ("norm", "bias") if m.get(r) is not None]
+    weights = [mm.inputs[1]] + [m[r].inputs[1] for r in ("norm", "bias", "post") if m.get(r) is not None]
+    if m.get("post") is not None and m["post"].attrs["eps"] != m["norm"].attrs["eps"]:
+        return False  # the kernel has one eps
     if len({_dtype(m, w) for w in weights}) != 1 or out.type.dtype != mm.type.dtype:
         return False
     acts = {_dtype(m, a) for a in m["add"].inputs} | {m["add"].type.dtype} if m.get("add") else set()
-    for role in ("norm", "gate", "gather"):
+    for role in ("norm", "gate", "gather", "post"):
         node = m.get(role)
         if node is not None:
             acts |= {node.type.dtype, _dtype(m, node.inputs[0])}
@@ -73,11 +75,18 @@ HOST_TOKENS_PER_BLOCK = 8
 
 def lower_gemv(m: Match, ctx: LowerContext) -> Launch:
     mm, out = _gemv_parts(m)
-    add, norm, gather, gate, bias = (m.get(r) for r in ("add", "norm", "gather", "gate", "bias"))
+    add, norm, gather, gate, bias, post = (m.get(r) for r in ("add", "norm", "gather", "gate", "bias", "post"))
     args = {"w": V(mm.inputs[1]), "y": V(out.name), "num_rows": D(_rows(out))}
     outputs = [out.name]
     residual_out = add is not None and m.escapes("add")
-    if add is not None:
+    if post is not None:  # sandwich norms: the add's operand 1 is the normed block output
+        prologue, first = "rms_norm_add_rms_norm", add
+        args |= {"a": V(add.inputs[0]), "b": V(post.inputs[0]), "post_w": V(post.inputs[1]),
+                 "norm_w": V(norm.inputs[1])}
+        if residual_out:
+            args["residual"] = V(add.name)
+            outputs.append(add.name)
+    elif add is not None:
         prologue, first = "add_rms_norm", add
         args |= {"a": V(add.inputs[0]), "b": V(add.inputs[1]), "norm_w": V(norm.inputs[1])}
         if residual_out:
@@ -112,6 +121,8 @@ def lower_gemv(m: Match, ctx: LowerContext) -> Launch:
 
 ADD = PNode("add", "add")
 NORM_AFTER_ADD = PNode("norm", "rms_norm", (("add", 0),))
+POST = PNode("post", "rms_norm")  # a block's output norm (Gemma 2), added to the residual
+ADD_POST = PNode("add", "add", (("post", 1),))
 NORM = PNode("norm", "rms_norm")
 
 
@@ -132,6 +143,11 @@ def gemv_patterns() -> list[Pattern]:
          "last residual add + final norm on the rows that need logits + LM head (the sum stays private)"),
         ("add_rms_norm_gemv", 55, (ADD, NORM_AFTER_ADD, _mm("norm")), {"add"}, gemv_constraint,
          "residual add + RMSNorm + GEMV (QKV, gate|up)"),
+        ("rms_norm_add_rms_norm_gemv", 62, (POST, ADD_POST, NORM_AFTER_ADD, _mm("norm")), {"add"}, gemv_constraint,
+         "output RMSNorm + residual add + RMSNorm + GEMV (Gemma 2's sandwich norms around QKV, gate|up)"),
+        ("rms_norm_add_rms_norm_gather_gemv", 61, (POST, ADD_POST, NORM_AFTER_ADD, GATHER, MM_AFTER_GATHER), set(),
+         gemv_constraint, "the last block's output norm + residual add + final norm on the rows that need logits "
+                          "+ LM head (Gemma 2)"),
         ("rms_norm_gemv_bias", 50, (NORM, _mm("norm"), BIAS), set(), gemv_constraint,
          "RMSNorm + GEMV + bias (first layer's QKV with bias)"),
         ("rms_norm_gather_gemv", 48, (NORM, GATHER, MM_AFTER_GATHER), set(), gemv_constraint,
@@ -209,7 +225,8 @@ def lower_attention(m: Match, ctx: LowerContext) -> Launch:
                             head_dim=head_dim, block_size=m.graph.node(cache).type.shape[2],
                             scale=a.attrs["scale"], sliding_window=a.attrs.get("sliding_window") or 0,
                             act=a.type.dtype, vec=vector_width(head_dim, a.type.dtype) if ctx.gpu_shapes else 1,
-                            heads_per_block=heads_per_block(n_heads // n_kv_heads) if grouped else 1)
+                            heads_per_block=heads_per_block(n_heads // n_kv_heads) if grouped else 1,
+                            softcap=a.attrs.get("softcap") or 0.0)
     args = {"q": V(q), "k_cache": Arg("k_cache", cache), "v_cache": Arg("v_cache", cache),
             "block_tables": V(tables), "context_lens": V(ctx_lens), "query_start_loc": V(qstart), "out": V(a.name),
             "num_seqs": D(m.graph.node(ctx_lens).type.shape[0]), "table_width": D(m.graph.node(tables).type.shape[1])}
@@ -297,6 +314,9 @@ def default_registry() -> Registry:
     reg.register(Pattern("gather_rows", 5, (PNode("gather_rows", "gather_rows"),),
                          _row_op("gather_rows", lambda m, n: GatherRows(n.type.shape[1], n.type.dtype), ("x", "rows")),
                          constraint=same_act_dtype, doc="row gather (rows that need logits)"))
+    reg.register(Pattern("softcap", 5, (PNode("softcap", "softcap"),),
+                         _row_op("softcap", lambda m, n: Softcap(n.type.shape[1], n.type.dtype, n.attrs["cap"]), ("x",)),
+                         constraint=same_act_dtype, doc="cap * tanh(x / cap) (Gemma 2's final logits)"))
     reg.register(Pattern("add", 4, (PNode("add", "add"),),
                          _row_op("add", lambda m, n: Add(n.type.shape[1], n.type.dtype), ("a", "b")),
                          constraint=same_act_dtype, doc="elementwise add"))

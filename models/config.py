@@ -15,8 +15,10 @@ HF_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Phi3ForCausalLM": "phi3",
     "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
 }
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2")
+GEMMAS = ("gemma", "gemma2")
 # a gated MLP's activation (HF hidden_act) -> the graph's op kind
 GATED_ACTIVATIONS = {"silu": "silu_mul", "gelu_pytorch_tanh": "gelu_tanh_mul", "gelu_tanh": "gelu_tanh_mul"}
 # Upper bounds on a config's sizes, far past any released model of these families
@@ -32,7 +34,7 @@ SIZE_LIMITS = {
 
 @dataclass(frozen=True)
 class ModelConfig:
-    architecture: str  # "llama" | "mistral" | "qwen2" | "qwen3" | "phi3" | "gemma": one graph builder serves them
+    architecture: str  # a value of HF_ARCHITECTURES: one graph builder serves them all
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -51,6 +53,14 @@ class ModelConfig:
     partial_rotary_factor: float = 1.0  # the fraction of each head's dims that RoPE turns
     mlp_gate: str = "silu_mul"  # the gated MLP's op kind: "silu_mul", or "gelu_tanh_mul" (Gemma's GeGLU)
     scale_embeddings: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
+    # Gemma 2: an RMSNorm on each block's output before its residual add ("sandwich" norms),
+    # attention scores and final logits soft-capped, attention scaled by
+    # query_pre_attn_scalar ** -0.5, the sliding window only on the layers it names
+    sandwich_norms: bool = False
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    query_pre_attn_scalar: float | None = None  # None: head_dim
+    sliding_layers: tuple[int, ...] | None = None  # layers with the sliding window; None: all
     # rope_type plus its parameters, in HF's naming ("default", "linear", "llama3").
     rope_scaling: Mapping[str, Any] = field(default_factory=lambda: {"rope_type": "default"})
     bos_token_id: int | None = None
@@ -137,9 +147,9 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> ModelConfig:
         raise UnsupportedModelError(
             f"{source}: unsupported architecture {name}; supported: {', '.join(HF_ARCHITECTURES)}")
     # Gemma v1 configs name the activation hidden_activation (hidden_act "gelu" was a misnomer)
-    act = (cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")) if arch == "gemma" else \
+    act = (cfg.get("hidden_activation") or cfg.get("hidden_act", "silu")) if arch in GEMMAS else \
         cfg.get("hidden_act", "silu")
-    if act == "gelu" and arch == "gemma":
+    if act == "gelu" and arch in GEMMAS:
         act = "gelu_pytorch_tanh"
     if act not in GATED_ACTIVATIONS:
         raise UnsupportedModelError(f"{source}: unsupported hidden_act {act!r}; supported: "
@@ -160,13 +170,19 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> ModelConfig:
     if rope["rope_type"] == "longrope":
         rope.setdefault("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
     bias = bool(cfg.get("attention_bias", False))
-    window = cfg.get("sliding_window") if arch in ("mistral", "phi3") else None
+    window = cfg.get("sliding_window") if arch in ("mistral", "phi3", "gemma2") else None
+    layers = _int(_require(cfg, "num_hidden_layers", source), "num_hidden_layers", source)
+    sliding_layers = None
+    if arch == "gemma2":  # transformers 5 lists layer_types; before, even layers slid
+        types = cfg.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                           for i in range(layers)]
+        sliding_layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
     return ModelConfig(
         architecture=arch,
         vocab_size=_int(_require(cfg, "vocab_size", source), "vocab_size", source),
         hidden_size=hidden,
         intermediate_size=_int(_require(cfg, "intermediate_size", source), "intermediate_size", source),
-        num_layers=_int(_require(cfg, "num_hidden_layers", source), "num_hidden_layers", source),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=_int(cfg.get("num_key_value_heads") or heads, "num_key_value_heads", source),
         head_dim=_head_dim(cfg.get("head_dim"), hidden, heads, "head_dim", source),
@@ -179,7 +195,12 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> ModelConfig:
         qk_norm=arch == "qwen3",
         partial_rotary_factor=float(partial),
         mlp_gate=GATED_ACTIVATIONS[act],
-        scale_embeddings=arch == "gemma",
+        scale_embeddings=arch in GEMMAS,
+        sandwich_norms=arch == "gemma2",
+        attn_softcap=cfg.get("attn_logit_softcapping") if arch == "gemma2" else None,
+        final_softcap=cfg.get("final_logit_softcapping") if arch == "gemma2" else None,
+        query_pre_attn_scalar=cfg.get("query_pre_attn_scalar") if arch == "gemma2" else None,
+        sliding_layers=sliding_layers,
         sliding_window=_int(window, "sliding_window", source) if window is not None else None,
         rope_scaling=rope,
         bos_token_id=cfg.get("bos_token_id"),
@@ -248,9 +269,21 @@ def _config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], source: s
         qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
         partial_rotary_factor=_int(rotary, f"{arch}.rope.dimension_count", source) / head_dim if rotary else 1.0,
         sliding_window=_int(window, f"{arch}.attention.sliding_window", source) if window else None,
-        mlp_gate="gelu_tanh_mul" if arch == "gemma" else "silu_mul",
-        scale_embeddings=arch == "gemma",
+        mlp_gate="gelu_tanh_mul" if arch in GEMMAS else "silu_mul",
+        scale_embeddings=arch in GEMMAS,
+        **(_gemma2_gguf(meta, arch, hidden, heads, head_dim, size("block_count")) if arch == "gemma2" else {}),
         rope_scaling=rope,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=_eos_ids(meta.get("tokenizer.ggml.eos_token_id"), source),
     )
+
+
+def _gemma2_gguf(meta: Mapping[str, Any], arch: str, hidden: int, heads: int, head_dim: int,
+                 layers: int) -> dict[str, Any]:
+    """Gemma 2's options as llama.cpp stores (or implies) them: every other layer slides
+    from the first; llama.cpp scales queries by head_dim ** -0.5 except in the 27B model
+    (46 layers), whose query_pre_attn_scalar is hidden / heads."""
+    return dict(sandwich_norms=True, attn_softcap=meta.get(f"{arch}.attn_logit_softcapping"),
+                final_softcap=meta.get(f"{arch}.final_logit_softcapping"),
+                query_pre_attn_scalar=float(hidden // heads if layers == 46 else head_dim),
+                sliding_layers=tuple(range(0, layers, 2)))

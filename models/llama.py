@@ -3,7 +3,9 @@
 They differ only in configuration: qkv bias (Qwen2), sliding window (Mistral, Phi-3),
 rope scaling (Llama 3, Phi-3's LongRoPE), partial rotary (Phi-3.5 / Phi-4-mini), an
 RMSNorm of each q and k head before RoPE (Qwen3), GeGLU and embeddings scaled by
-sqrt(hidden) (Gemma, whose (1 + w) norm weights are stored with the 1 added). Projections that read the same input are stored
+sqrt(hidden) (Gemma, whose (1 + w) norm weights are stored with the 1 added), and Gemma
+2's norms on each block's output, soft-capped attention scores and logits, and sliding
+window on alternate layers. Projections that read the same input are stored
 concatenated (q|k|v and gate|up), as the fused kernels want them.
 """
 from __future__ import annotations
@@ -42,7 +44,9 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "o"] = (h, cfg.q_size)
         if cfg.o_bias:
             shapes[p + "o_bias"] = (h,)
-        shapes[p + "post_norm"] = (h,)
+        shapes[p + "post_norm"] = (h,)  # the norm before the MLP
+        if cfg.sandwich_norms:
+            shapes[p + "attn_out_norm"] = shapes[p + "mlp_out_norm"] = (h,)
         shapes[p + "gate_up"] = (2 * cfg.intermediate_size, h)
         shapes[p + "down"] = (h, cfg.intermediate_size)
     return shapes
@@ -105,10 +109,15 @@ def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size
                      name=p + "kv_write", layer=i)
         attn = g.op("attention", [q, cache, tables, ctx_lens, qstart], (T, cfg.q_size), dtype,
                     name=p + "attention", n_heads=cfg.num_heads, n_kv_heads=cfg.num_kv_heads,
-                    head_dim=hd, scale=hd ** -0.5, sliding_window=cfg.sliding_window, layer=i)
+                    head_dim=hd, scale=(cfg.query_pre_attn_scalar or hd) ** -0.5, softcap=cfg.attn_softcap,
+                    sliding_window=cfg.sliding_window if cfg.sliding_layers is None or i in cfg.sliding_layers
+                    else None, layer=i)
         o = g.op("matmul", [attn, w[p + "o"]], (T, h), dtype, name=p + "o.out", layer=i)
         if cfg.o_bias:
             o = g.op("bias_add", [o, w[p + "o_bias"]], (T, h), dtype, name=p + "o_bias.out", layer=i)
+        if cfg.sandwich_norms:
+            o = g.op("rms_norm", [o, w[p + "attn_out_norm"]], (T, h), dtype, name=p + "attn_out_norm.out",
+                     eps=cfg.rms_norm_eps, layer=i)
         x = g.op("add", [residual, o], (T, h), dtype, name=p + "attn_residual", layer=i)
         residual = x
         x = g.op("rms_norm", [x, w[p + "post_norm"]], (T, h), dtype, name=p + "post_norm.out",
@@ -117,11 +126,17 @@ def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size
         gu = g.op("matmul", [x, w[p + "gate_up"]], (T, 2 * inter), dtype, name=p + "gate_up.out", layer=i)
         act = g.op(cfg.mlp_gate, [gu], (T, inter), dtype, name=p + cfg.mlp_gate, layer=i)
         down = g.op("matmul", [act, w[p + "down"]], (T, h), dtype, name=p + "down.out", layer=i)
+        if cfg.sandwich_norms:
+            down = g.op("rms_norm", [down, w[p + "mlp_out_norm"]], (T, h), dtype, name=p + "mlp_out_norm.out",
+                        eps=cfg.rms_norm_eps, layer=i)
         x = g.op("add", [residual, down], (T, h), dtype, name=p + "mlp_residual", layer=i)
 
     x = g.op("rms_norm", [x, w["norm"]], (T, h), dtype, name="final_norm", eps=cfg.rms_norm_eps)
     x = g.op("gather_rows", [x, logit_rows], ("L", h), dtype, name=HIDDEN_ROWS)
     head = w["embed_tokens"] if cfg.tie_word_embeddings else w["lm_head"]
     logits = g.op("matmul", [x, head], ("L", cfg.vocab_size), DType.F32, name="logits")
+    if cfg.final_softcap:
+        logits = g.op("softcap", [logits], ("L", cfg.vocab_size), DType.F32, name="capped_logits",
+                      cap=cfg.final_softcap)
     g.set_outputs(logits)
     return g

@@ -31,6 +31,12 @@ class TensorSource(Protocol):
 
 # Phi-3 checkpoints store q|k|v and gate|up already fused, in fusec's order
 FUSED_IN_CHECKPOINT = {"phi3"}
+# Gemma 2's norms: fusec's post_norm is the one before the MLP, which Gemma 2 calls
+# pre_feedforward_layernorm; its post_attention_layernorm norms the attention's output
+SANDWICH_HF = {"post_norm": "pre_feedforward_layernorm.weight", "attn_out_norm": "post_attention_layernorm.weight",
+               "mlp_out_norm": "post_feedforward_layernorm.weight"}
+SANDWICH_GGUF = {"post_norm": "ffn_norm.weight", "attn_out_norm": "post_attention_norm.weight",
+                 "mlp_out_norm": "post_ffw_norm.weight"}
 
 
 def hf_names(cfg: ModelConfig, name: str) -> list[str]:
@@ -42,6 +48,8 @@ def hf_names(cfg: ModelConfig, name: str) -> list[str]:
     p = f"model.layers.{i}."
     if cfg.architecture in FUSED_IN_CHECKPOINT and part in ("qkv", "gate_up"):
         return [p + ("self_attn.qkv_proj.weight" if part == "qkv" else "mlp.gate_up_proj.weight")]
+    if cfg.sandwich_norms and part in SANDWICH_HF:
+        return [p + SANDWICH_HF[part]]
     return {
         "input_norm": [p + "input_layernorm.weight"],
         "qkv": [p + f"self_attn.{x}_proj.weight" for x in "qkv"],
@@ -64,6 +72,8 @@ def gguf_names(cfg: ModelConfig, name: str) -> list[str]:
     p = f"blk.{i}."
     if cfg.architecture in FUSED_IN_CHECKPOINT and part in ("qkv", "gate_up"):
         return [p + ("attn_qkv.weight" if part == "qkv" else "ffn_up.weight")]
+    if cfg.sandwich_norms and part in SANDWICH_GGUF:
+        return [p + SANDWICH_GGUF[part]]
     return {
         "input_norm": [p + "attn_norm.weight"],
         "qkv": [p + f"attn_{x}.weight" for x in "qkv"],
@@ -95,7 +105,7 @@ def unpermute_llama_gguf(cfg: ModelConfig, source_name: str, w: np.ndarray) -> n
 def gemma_norm_offset(cfg: ModelConfig, source_name: str, w: np.ndarray) -> np.ndarray:
     """Gemma's RMSNorm multiplies by (1 + w): fusec stores the sum (llama.cpp's converter
     writes GGUF norms the same way), so the norm is the Llama one."""
-    if cfg.architecture == "gemma" and source_name.endswith("norm.weight"):
+    if cfg.architecture in ("gemma", "gemma2") and source_name.endswith("norm.weight"):
         return (w.astype(np.float32) + np.float32(1.0)).astype(np.float32)
     return w
 

@@ -64,6 +64,15 @@ TINY_SPECS = [
         tie_word_embeddings=True, rms_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # Gemma 2: sandwich norms, soft-capped scores (small cap: it bites) and logits,
+    # query_pre_attn_scalar != head_dim, a sliding window on layers 0 and 2
+    TinySpec("gemma2", "gemma2", dict(
+        vocab_size=251, hidden_size=56, intermediate_size=92, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=18, max_position_embeddings=128,
+        tie_word_embeddings=True, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+        query_pre_attn_scalar=24, attn_logit_softcapping=3.0, final_logit_softcapping=5.0,
+        sliding_window=6, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 ]
 
 
@@ -78,6 +87,7 @@ def make_hf_model(spec: TinySpec, seed: int = 0):
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
         "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
     }[spec.arch]
     config = cls_config(**spec.kwargs, attn_implementation="eager")
     torch.manual_seed(seed)

@@ -54,3 +54,11 @@ def test_doc_pattern_ptx_assembles(example, tmp_path):
     path = tmp_path / "add3.ptx"
     path.write_bytes(compile_kernel(kernel, parse_arch("sm_90"), KernelCache(tmp_path)).data)
     assert subprocess.run([tool, "-arch=sm_90", str(path), "-o", str(tmp_path / "a.cubin")]).returncode == 0
+
+
+def test_adding_a_model_check_runs():
+    """docs/adding-a-model.md's end-to-end check: a tiny Gemma 2 from transformers, served
+    by the fused plans, gives transformers' greedy tokens (its code asserts it)."""
+    doc = DOC.with_name("adding-a-model.md")
+    (code,) = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
+    exec(compile(code, str(doc), "exec"), {"__name__": "adding_a_model_doc"})
