@@ -58,6 +58,13 @@ def head_rms_norm(x: np.ndarray, w: np.ndarray, *, eps: float, head_dim: int) ->
     return rms_norm(x.reshape(t, -1, head_dim), w, eps=eps).reshape(x.shape)
 
 
+def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, *, eps: float) -> np.ndarray:
+    """(x - mean(x)) / sqrt(var(x) + eps) * w + b over the last axis (StableLM)."""
+    centred = x - np.mean(x, axis=-1, keepdims=True)
+    inv = 1.0 / np.sqrt(np.mean(np.square(centred), axis=-1, keepdims=True) + np.float32(eps))
+    return centred * inv.astype(np.float32) * w + b
+
+
 def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """x[T, K] @ w[N, K]^T: weights are stored output-major, as in HF checkpoints."""
     return x @ w.T
@@ -162,6 +169,7 @@ OPS: dict[str, OpSpec] = _registry(
     OpSpec("embed", 2, embed, "rows of an embedding table: (ids[T], table[V, H]) -> [T, H]; attr scale"),
     OpSpec("add", 2, add, "elementwise sum", elementwise=True),
     OpSpec("rms_norm", 2, rms_norm, "x / rms(x) * w over the last axis; attr eps"),
+    OpSpec("layer_norm", 3, layer_norm, "(x - mean) / std * w + b over the last axis; attr eps"),
     OpSpec("head_rms_norm", 2, head_rms_norm, "rms_norm per head: x[T, heads*hd], w[hd]; attrs eps, head_dim"),
     OpSpec("matmul", 2, matmul, "x[T, K] @ w[N, K]^T", split_output=True),
     OpSpec("bias_add", 2, bias_add, "x + b, b broadcast over rows", elementwise=True),

@@ -89,7 +89,8 @@ class Embed(RowKernel):
 
 @dataclass(frozen=True)
 class AddRmsNorm(RowKernel):
-    """[s = a + b, written out;] y = rms_norm(s or x) * w."""
+    """[s = a + b, written out;] y = rms_norm(s or x) * w, or with `layer`,
+    y = layer_norm(s or x) * w + bias."""
 
     family = "add_rms_norm"
     cols: int
@@ -97,9 +98,11 @@ class AddRmsNorm(RowKernel):
     weight: DType
     eps: float
     add: bool = True
+    layer: bool = False
 
     def params(self) -> list[Param]:
-        return self._params(*(("a", "b", "norm_w", "sum", "y") if self.add else ("x", "norm_w", "y")))
+        names = ("a", "b", "norm_w", "sum", "y") if self.add else ("x", "norm_w", "y")
+        return self._params(*names, *(("norm_b",) if self.layer else ()))
 
     def body(self, kb: KernelBuilder) -> None:
         b = kb.b
@@ -108,19 +111,28 @@ class AddRmsNorm(RowKernel):
         def at(i):
             return b.add(row, kb.wide(i))
 
-        sq = kb.var(kb.f32(0.0))
+        total = kb.var(kb.f32(0.0))  # of the values (LayerNorm), then of their squares
         with kb.lane_loop(self.cols) as i:
             if self.add:
                 v = round_to(kb, kb.fadd(kb.load(kb["a"], at(i), self.act), kb.load(kb["b"], at(i), self.act)), self.act)
                 kb.store(kb["sum"], at(i), v, self.act)
             else:
                 v = kb.load(kb["x"], at(i), self.act)
-            sq.set(kb.fadd(sq.get(), kb.fmul(v, v)))
-        inv = b.fdiv(kb.f32(1.0), kb.sqrt(b.fadd(b.fdiv(kb.reduce(sq.get()), kb.f32(self.cols)), kb.f32(self.eps))))
+            total.set(kb.fadd(total.get(), v if self.layer else kb.fmul(v, v)))
         # each lane re-reads only the sums it wrote itself: no barrier needed
         src = kb["sum"] if self.add else kb["x"]
+        centre = kb.f32(0.0)
+        if self.layer:
+            centre = b.fdiv(kb.reduce(total.get()), kb.f32(self.cols))
+            total = kb.var(kb.f32(0.0))
+            with kb.lane_loop(self.cols) as i:
+                v = b.fsub(kb.load(src, at(i), self.act), centre)
+                total.set(kb.fadd(total.get(), kb.fmul(v, v)))
+        inv = b.fdiv(kb.f32(1.0), kb.sqrt(b.fadd(b.fdiv(kb.reduce(total.get()), kb.f32(self.cols)), kb.f32(self.eps))))
         with kb.lane_loop(self.cols) as i:
-            v = b.fmul(b.fmul(kb.load(src, at(i), self.act), inv), kb.load(kb["norm_w"], i, self.weight))
+            v = b.fmul(b.fmul(b.fsub(kb.load(src, at(i), self.act), centre), inv), kb.load(kb["norm_w"], i, self.weight))
+            if self.layer:
+                v = b.fadd(v, kb.load(kb["norm_b"], i, self.weight))
             kb.store(kb["y"], at(i), round_to(kb, v, self.act), self.act)
 
 

@@ -12,7 +12,7 @@ from typing import Callable
 
 import numpy as np
 
-from fusec.fusion.dtypes import DType, to_storage
+from fusec.fusion.dtypes import DType, from_storage, to_storage
 from fusec.fusion.ir import Graph
 
 I32 = DType.I32
@@ -41,13 +41,15 @@ def _act(g: Graph, rng, name: str, rows: int, cols: int, dtype: DType, inputs: d
     return g.input(name, ("T", cols), dtype)
 
 
-def _norm_gemv(add: bool, bias: bool, gather: bool, gemm: bool = False, post: bool = False):
+def _norm_gemv(add: bool, bias: bool, gather: bool, gemm: bool = False, post: bool = False, layer: bool = False):
     def build(rng, size: int, dtype: DType) -> Example:
         s = SIZES[size]
         t = GEMM_ROWS[size] if gemm else s["t"]
         k, n = s["k"], s["n"]
         g, inputs = Graph("example"), {}
         x = _act(g, rng, "a", t, k, dtype, inputs)
+        if layer:  # rows with a mean to take away: a LayerNorm must centre them
+            inputs["a"] = to_storage(from_storage(inputs["a"], dtype) + np.float32(3.0), dtype)
         outs = []
         if add:
             b = _act(g, rng, "b", t, k, dtype, inputs)
@@ -56,7 +58,11 @@ def _norm_gemv(add: bool, bias: bool, gather: bool, gemm: bool = False, post: bo
             x = g.op("add", [x, b], ("T", k), dtype, name="sum")
             if not gather:
                 outs.append(x)
-        x = g.op("rms_norm", [x, g.weight("norm_w", (k,), dtype)], ("T", k), dtype, name="norm", eps=1e-5)
+        if layer:
+            x = g.op("layer_norm", [x, g.weight("norm_w", (k,), dtype), g.weight("norm_b", (k,), dtype)], ("T", k),
+                     dtype, name="norm", eps=1e-5)
+        else:
+            x = g.op("rms_norm", [x, g.weight("norm_w", (k,), dtype)], ("T", k), dtype, name="norm", eps=1e-5)
         rows = "T"
         if gather:
             inputs["rows"] = np.sort(rng.choice(t, size=max(1, t // 2), replace=False)).astype(np.int32)
@@ -225,3 +231,15 @@ EXAMPLES: dict[str, Callable[[np.random.Generator, int, DType], Example]] = {
     "gather_rows": _row_op("gather_rows"),
     "add": _row_op("add"),
 }
+
+# each plain-norm example again with a LayerNorm (the registry's layer_norm twins)
+EXAMPLES |= {name.replace("rms_norm", "layer_norm"): _norm_gemv(**{**kw, "layer": True})
+             for name, kw in {
+                 "add_rms_norm_gemv_bias": dict(add=True, bias=True, gather=False),
+                 "add_rms_norm_gather_gemv": dict(add=True, bias=False, gather=True),
+                 "add_rms_norm_gemv": dict(add=True, bias=False, gather=False),
+                 "rms_norm_gemv_bias": dict(add=False, bias=True, gather=False),
+                 "rms_norm_gather_gemv": dict(add=False, bias=False, gather=True),
+                 "rms_norm_gemv": dict(add=False, bias=False, gather=False),
+                 "add_rms_norm": dict(add=True, bias=False, gather=False, gemm=True),
+                 "rms_norm": dict(add=False, bias=False, gather=False, gemm=True)}.items()}

@@ -6,6 +6,8 @@ with x_r produced in-kernel from row r (or rows[r] with `gather`) by the prologu
     none          x = X[r]
     rms_norm      x = rms_norm(X[r]) * norm_w
     add_rms_norm  s = A[r] + B[r]; x = rms_norm(s) * norm_w   (s written out if asked)
+    layer_norm    x = layer_norm(X[r]) * norm_w + norm_b       (StableLM)
+    add_layer_norm  s = A[r] + B[r]; x = layer_norm(s) * norm_w + norm_b
     rms_norm_add_rms_norm
                   s = A[r] + rms_norm(B[r]) * post_w; x = rms_norm(s) * norm_w
                   (Gemma 2's sandwich norms: a block's output norm, the residual add and
@@ -45,8 +47,9 @@ from fusec.fusion.dtypes import DType
 from fusec.kernels.base import GATES, Kernel, cdiv, round_to, row_offset
 from fusec.kernels.quant import FORMATS, GROUP, HALF, group_term, group_values, hsum, pack, zero_vector
 
-PROLOGUES = ("none", "rms_norm", "add_rms_norm", "rms_norm_add_rms_norm", *GATES)
-NORMED = ("rms_norm", "add_rms_norm", "rms_norm_add_rms_norm")  # prologues ending in an RMSNorm
+LAYER_NORMED = ("layer_norm", "add_layer_norm")  # prologues ending in a LayerNorm (with bias)
+NORMED = ("rms_norm", "add_rms_norm", "rms_norm_add_rms_norm", *LAYER_NORMED)  # ... or in any norm
+PROLOGUES = ("none", *NORMED, *GATES)
 HOST_CHUNK = 8  # most weight rows a host tile works on together
 HOST_ACCUMULATORS = 16  # 16-wide accumulators a host tile keeps (of 32 AVX-512 registers)
 # How far ahead of each weight row a host tile asks for cache lines. A tile reads up to 8
@@ -86,7 +89,8 @@ class Gemv(Kernel):
     def params(self) -> list[Param]:
         p = ["gu"] if self.prologue in GATES else \
             {"none": ["x"], "rms_norm": ["x", "norm_w"], "add_rms_norm": ["a", "b", "norm_w"],
-             "rms_norm_add_rms_norm": ["a", "b", "post_w", "norm_w"]}[self.prologue]
+             "rms_norm_add_rms_norm": ["a", "b", "post_w", "norm_w"], "layer_norm": ["x", "norm_w", "norm_b"],
+             "add_layer_norm": ["a", "b", "norm_w", "norm_b"]}[self.prologue]
         if self.residual_out:
             p.append("residual")
         p.append("w")
@@ -147,14 +151,17 @@ class Gemv(Kernel):
             index = b.add(at(i), kb.i64(offset))
             return kb.load_vector(kb[name], index, dtype, vec) if vec > 1 else [kb.load(kb[name], index, dtype)]
 
-        def inverse_rms(values) -> ir.Value:
-            sq = kb.var(kb.f32(0.0))
+        def row_mean(values) -> ir.Value:
+            acc = kb.var(kb.f32(0.0))
             with self._vec_loop(kb, k_dim) as i:
-                total = sq.get()
+                total = acc.get()
                 for v in values(i):
-                    total = kb.fadd(total, kb.fmul(v, v))
-                sq.set(total)
-            mean = b.fdiv(kb.reduce(sq.get()), kb.f32(k_dim))
+                    total = kb.fadd(total, v)
+                acc.set(total)
+            return b.fdiv(kb.reduce(acc.get()), kb.f32(k_dim))
+
+        def inverse_rms(values) -> ir.Value:  # of values (minus the mean, for a LayerNorm)
+            mean = row_mean(lambda i: [kb.fmul(v, v) for v in values(i)])
             return b.fdiv(kb.f32(1.0), kb.sqrt(b.fadd(mean, kb.f32(self.eps))))
 
         def weights(name: str, i) -> list:
@@ -164,7 +171,7 @@ class Gemv(Kernel):
             else None
 
         def raw(i) -> list:
-            if self.prologue == "add_rms_norm":
+            if self.prologue in ("add_rms_norm", "add_layer_norm"):
                 return [round_to(kb, kb.fadd(a, c), self.act)
                         for a, c in zip(loads("a", i, self.act), loads("b", i, self.act))]
             if self.prologue == "rms_norm_add_rms_norm":
@@ -173,7 +180,12 @@ class Gemv(Kernel):
                 return [round_to(kb, kb.fadd(a, n), self.act) for a, n in zip(loads("a", i, self.act), normed)]
             return loads("x", i, self.act)
 
-        inv_rms = inverse_rms(raw) if self.prologue in NORMED else None
+        centre = row_mean(raw) if self.prologue in LAYER_NORMED else None
+
+        def centred(i) -> list:
+            return raw(i) if centre is None else [b.fsub(v, centre) for v in raw(i)]
+
+        inv_rms = inverse_rms(centred) if self.prologue in NORMED else None
         if self.residual_out:
             with kb.when(first_block):
                 with self._vec_loop(kb, k_dim) as i:
@@ -186,6 +198,9 @@ class Gemv(Kernel):
             if self.prologue in GATES:
                 return [round_to(kb, b.fmul(GATES[self.prologue](kb, g), u), self.act)
                         for g, u in zip(loads("gu", i, self.act), loads("gu", i, self.act, k_dim))]
+            if self.prologue in LAYER_NORMED:
+                return [round_to(kb, b.fadd(b.fmul(b.fmul(v, inv_rms), w), c), self.act)
+                        for v, w, c in zip(centred(i), weights("norm_w", i), weights("norm_b", i))]
             return [round_to(kb, b.fmul(b.fmul(v, inv_rms), w), self.act) for v, w in zip(raw(i), weights("norm_w", i))]
         return x_at
 

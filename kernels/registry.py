@@ -48,6 +48,8 @@ def gemv_constraint(m: Match) -> bool:
     (its inputs and the values its prologue makes) and one output dtype."""
     mm, out = _gemv_parts(m)
     weights = [mm.inputs[1]] + [m[r].inputs[1] for r in ("norm", "bias", "post") if m.get(r) is not None]
+    if m.get("norm") is not None and m["norm"].kind == "layer_norm":
+        weights.append(m["norm"].inputs[2])
     if m.get("post") is not None and m["post"].attrs["eps"] != m["norm"].attrs["eps"]:
         return False  # the kernel has one eps
     if len({_dtype(m, w) for w in weights}) != 1 or out.type.dtype != mm.type.dtype:
@@ -87,13 +89,13 @@ def lower_gemv(m: Match, ctx: LowerContext) -> Launch:
             args["residual"] = V(add.name)
             outputs.append(add.name)
     elif add is not None:
-        prologue, first = "add_rms_norm", add
+        prologue, first = f"add_{norm.kind}", add
         args |= {"a": V(add.inputs[0]), "b": V(add.inputs[1]), "norm_w": V(norm.inputs[1])}
         if residual_out:
             args["residual"] = V(add.name)
             outputs.append(add.name)
     elif norm is not None:
-        prologue, first = "rms_norm", norm
+        prologue, first = norm.kind, norm
         args |= {"x": V(norm.inputs[0]), "norm_w": V(norm.inputs[1])}
     elif gate is not None:  # a gated MLP's activation: the op kind names the prologue
         prologue, first = gate.kind, gate
@@ -101,6 +103,8 @@ def lower_gemv(m: Match, ctx: LowerContext) -> Launch:
     else:
         prologue, first = "none", mm
         args["x"] = V(mm.inputs[0])
+    if norm is not None and norm.kind == "layer_norm":
+        args["norm_b"] = V(norm.inputs[2])
     if gather is not None:
         args["rows"] = V(gather.inputs[1])
     if bias is not None:
@@ -160,8 +164,17 @@ def gemv_patterns() -> list[Pattern]:
         ("gemv_bias", 30, (_mm(None), BIAS), set(), gemv_constraint, "GEMV + bias"),
         ("gemv", 20, (_mm(None),), set(), gemv_constraint, "plain GEMV (O-projection)"),
     ]
+    # each plain-norm prologue again with a LayerNorm (StableLM): the same kernels, a bias more
+    specs += [(name.replace("rms_norm", "layer_norm"), prio, tuple(_as_layer_norm(n) for n in nodes), esc, c,
+               doc.replace("RMSNorm", "LayerNorm") + " (LayerNorm)")
+              for name, prio, nodes, esc, c, doc in specs
+              if any(n.role == "norm" for n in nodes) and not any(n.role == "post" for n in nodes)]
     return [Pattern(name, prio, nodes, lower_gemv, buckets=("gemv",), escapes=frozenset(esc), constraint=c, doc=doc)
             for name, prio, nodes, esc, c, doc in specs]
+
+
+def _as_layer_norm(node: PNode) -> PNode:
+    return PNode(node.role, "layer_norm", node.inputs) if node.role == "norm" else node
 
 
 # -- RoPE + KV write ------------------------------------------------------------------
@@ -249,9 +262,12 @@ def lower_embed(m: Match, ctx: LowerContext) -> Launch:
 
 def lower_add_rms_norm(m: Match, ctx: LowerContext) -> Launch:
     add, norm = m.get("add"), m["norm"]
+    layer = norm.kind == "layer_norm"
     kernel = AddRmsNorm(cols=norm.type.shape[1], act=norm.type.dtype, weight=_dtype(m, norm.inputs[1]),
-                        eps=norm.attrs["eps"], add=add is not None)
+                        eps=norm.attrs["eps"], add=add is not None, layer=layer)
     args = {"norm_w": V(norm.inputs[1]), "y": V(norm.name), "num_rows": D(_rows(norm))}
+    if layer:
+        args["norm_b"] = V(norm.inputs[2])
     if add is not None:
         args |= {"a": V(add.inputs[0]), "b": V(add.inputs[1]), "sum": V(add.name)}
     else:
@@ -301,6 +317,11 @@ def default_registry() -> Registry:
                          escapes=frozenset({"add"}), constraint=same_act_dtype,
                          doc="residual add + RMSNorm between library GEMMs"))
     reg.register(Pattern("rms_norm", 5, (NORM,), lower_add_rms_norm, constraint=same_act_dtype, doc="RMSNorm"))
+    reg.register(Pattern("add_layer_norm", 15, (ADD, _as_layer_norm(NORM_AFTER_ADD)), lower_add_rms_norm,
+                         buckets=("gemm",), escapes=frozenset({"add"}), constraint=same_act_dtype,
+                         doc="residual add + LayerNorm between library GEMMs"))
+    reg.register(Pattern("layer_norm", 5, (_as_layer_norm(NORM),), lower_add_rms_norm, constraint=same_act_dtype,
+                         doc="LayerNorm"))
     reg.register(Pattern("gemm", 5, (_mm(None),), lower_gemm, buckets=("gemm",), doc="library GEMM"))
     reg.register(Pattern("bias_add", 5, (PNode("bias_add", "bias_add"),),
                          _row_op("bias_add", lambda m, n: BiasAdd(n.type.shape[1], n.type.dtype, _dtype(m, n.inputs[1])),

@@ -16,8 +16,9 @@ HF_ARCHITECTURES = {
     "Phi3ForCausalLM": "phi3",
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
+    "StableLmForCausalLM": "stablelm",
 }
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "stablelm")
 GEMMAS = ("gemma", "gemma2")
 # a gated MLP's activation (HF hidden_act) -> the graph's op kind
 GATED_ACTIVATIONS = {"silu": "silu_mul", "gelu_pytorch_tanh": "gelu_tanh_mul", "gelu_tanh": "gelu_tanh_mul"}
@@ -42,7 +43,7 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rms_norm_eps: float
+    rms_norm_eps: float  # the norms' eps (a LayerNorm's too)
     rope_theta: float
     max_position_embeddings: int
     tie_word_embeddings: bool
@@ -61,6 +62,7 @@ class ModelConfig:
     final_softcap: float | None = None
     query_pre_attn_scalar: float | None = None  # None: head_dim
     sliding_layers: tuple[int, ...] | None = None  # layers with the sliding window; None: all
+    norm: str = "rms_norm"  # or "layer_norm": LayerNorm with a bias (StableLM)
     # rope_type plus its parameters, in HF's naming ("default", "linear", "llama3").
     rope_scaling: Mapping[str, Any] = field(default_factory=lambda: {"rope_type": "default"})
     bos_token_id: int | None = None
@@ -156,6 +158,10 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> ModelConfig:
                                     f"{', '.join(GATED_ACTIVATIONS)}")
     if cfg.get("mlp_bias"):
         raise UnsupportedModelError(f"{source}: mlp_bias is not supported")
+    if arch == "stablelm":
+        for flag in ("use_parallel_residual", "qk_layernorm"):
+            if cfg.get(flag):
+                raise UnsupportedModelError(f"{source}: StableLM with {flag} is not supported")
     if arch in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
         raise UnsupportedModelError(f"{source}: {arch} use_sliding_window is not supported")
     hidden = _int(_require(cfg, "hidden_size", source), "hidden_size", source)
@@ -170,6 +176,7 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> ModelConfig:
     if rope["rope_type"] == "longrope":
         rope.setdefault("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
     bias = bool(cfg.get("attention_bias", False))
+    eps = cfg.get("layer_norm_eps", 1e-5) if arch == "stablelm" else cfg.get("rms_norm_eps", 1e-6)
     window = cfg.get("sliding_window") if arch in ("mistral", "phi3", "gemma2") else None
     layers = _int(_require(cfg, "num_hidden_layers", source), "num_hidden_layers", source)
     sliding_layers = None
@@ -186,11 +193,11 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> ModelConfig:
         num_heads=heads,
         num_kv_heads=_int(cfg.get("num_key_value_heads") or heads, "num_key_value_heads", source),
         head_dim=_head_dim(cfg.get("head_dim"), hidden, heads, "head_dim", source),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=float(eps),
         rope_theta=float(theta),
         max_position_embeddings=_int(cfg.get("max_position_embeddings", 2048), "max_position_embeddings", source),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=arch == "qwen2" or bias,
+        qkv_bias=arch == "qwen2" or bias or bool(arch == "stablelm" and cfg.get("use_qkv_bias")),
         o_bias=bias and arch in ("llama", "qwen3"),
         qk_norm=arch == "qwen3",
         partial_rotary_factor=float(partial),
@@ -201,6 +208,7 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> ModelConfig:
         final_softcap=cfg.get("final_logit_softcapping") if arch == "gemma2" else None,
         query_pre_attn_scalar=cfg.get("query_pre_attn_scalar") if arch == "gemma2" else None,
         sliding_layers=sliding_layers,
+        norm="layer_norm" if arch == "stablelm" else "rms_norm",
         sliding_window=_int(window, "sliding_window", source) if window is not None else None,
         rope_scaling=rope,
         bos_token_id=cfg.get("bos_token_id"),
@@ -260,7 +268,8 @@ def _config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], source: s
         num_heads=heads,
         num_kv_heads=size("attention.head_count_kv", heads),
         head_dim=head_dim,
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        rms_norm_eps=float(key("attention.layer_norm_epsilon" if arch == "stablelm"
+                               else "attention.layer_norm_rms_epsilon")),
         rope_theta=float(meta.get(f"{arch}.rope.freq_base") or 10000.0),
         max_position_embeddings=size("context_length"),
         tie_word_embeddings="output.weight" not in tensor_names,
@@ -270,6 +279,7 @@ def _config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], source: s
         partial_rotary_factor=_int(rotary, f"{arch}.rope.dimension_count", source) / head_dim if rotary else 1.0,
         sliding_window=_int(window, f"{arch}.attention.sliding_window", source) if window else None,
         mlp_gate="gelu_tanh_mul" if arch in GEMMAS else "silu_mul",
+        norm="layer_norm" if arch == "stablelm" else "rms_norm",
         scale_embeddings=arch in GEMMAS,
         **(_gemma2_gguf(meta, arch, hidden, heads, head_dim, size("block_count")) if arch == "gemma2" else {}),
         rope_scaling=rope,

@@ -31,11 +31,16 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every weight the graph reads, by name, with its shape."""
     h, qkv = cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size
     shapes: dict[str, tuple[int, ...]] = {"embed_tokens": (cfg.vocab_size, h), "norm": (h,)}
+    layer_norm = cfg.norm == "layer_norm"  # a bias beside each norm weight
+    if layer_norm:
+        shapes["norm_bias"] = (h,)
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (cfg.vocab_size, h)
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         shapes[p + "input_norm"] = (h,)
+        if layer_norm:
+            shapes[p + "input_norm_bias"] = shapes[p + "post_norm_bias"] = (h,)
         shapes[p + "qkv"] = (qkv, h)
         if cfg.qkv_bias:
             shapes[p + "qkv_bias"] = (qkv,)
@@ -76,6 +81,11 @@ def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size
          for name, shape in weight_shapes(cfg).items()}
     rope_freqs = tuple(float(f) for f in inv_freq)
 
+    def norm(x: str, weight: str, name: str | None = None, **attrs) -> str:
+        """The family's norm (RMSNorm, or LayerNorm with its bias) of x by `weight`."""
+        operands = [x, w[weight]] + ([w[weight + "_bias"]] if cfg.norm == "layer_norm" else [])
+        return g.op(cfg.norm, operands, (T, h), dtype, name=name or weight + ".out", eps=cfg.rms_norm_eps, **attrs)
+
     # Gemma scales by sqrt(hidden) rounded to the table's dtype, as transformers does
     scale = float(from_storage(to_storage(np.float32([h ** 0.5]), weight_dtype or dtype), weight_dtype or dtype)[0]) \
         if cfg.scale_embeddings else 1.0
@@ -83,8 +93,7 @@ def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         residual = x
-        x = g.op("rms_norm", [x, w[p + "input_norm"]], (T, h), dtype, name=p + "input_norm.out",
-                 eps=cfg.rms_norm_eps, layer=i)
+        x = norm(x, p + "input_norm", layer=i)
         qkv_cols = cfg.q_size + 2 * cfg.kv_size
         qkv = g.op("matmul", [x, w[p + "qkv"]], (T, qkv_cols), dtype, name=p + "qkv.out", layer=i)
         if cfg.qkv_bias:
@@ -120,8 +129,7 @@ def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size
                      eps=cfg.rms_norm_eps, layer=i)
         x = g.op("add", [residual, o], (T, h), dtype, name=p + "attn_residual", layer=i)
         residual = x
-        x = g.op("rms_norm", [x, w[p + "post_norm"]], (T, h), dtype, name=p + "post_norm.out",
-                 eps=cfg.rms_norm_eps, layer=i)
+        x = norm(x, p + "post_norm", layer=i)
         inter = cfg.intermediate_size
         gu = g.op("matmul", [x, w[p + "gate_up"]], (T, 2 * inter), dtype, name=p + "gate_up.out", layer=i)
         act = g.op(cfg.mlp_gate, [gu], (T, inter), dtype, name=p + cfg.mlp_gate, layer=i)
@@ -131,7 +139,7 @@ def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size
                         eps=cfg.rms_norm_eps, layer=i)
         x = g.op("add", [residual, down], (T, h), dtype, name=p + "mlp_residual", layer=i)
 
-    x = g.op("rms_norm", [x, w["norm"]], (T, h), dtype, name="final_norm", eps=cfg.rms_norm_eps)
+    x = norm(x, "norm", name="final_norm")
     x = g.op("gather_rows", [x, logit_rows], ("L", h), dtype, name=HIDDEN_ROWS)
     head = w["embed_tokens"] if cfg.tie_word_embeddings else w["lm_head"]
     logits = g.op("matmul", [x, head], ("L", cfg.vocab_size), DType.F32, name="logits")

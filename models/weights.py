@@ -43,7 +43,7 @@ def hf_names(cfg: ModelConfig, name: str) -> list[str]:
     """HF checkpoint tensors that make up fusec weight `name` (concatenated in order)."""
     if not name.startswith("layers."):
         return [{"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight",
-                 "lm_head": "lm_head.weight"}[name]]
+                 "norm_bias": "model.norm.bias", "lm_head": "lm_head.weight"}[name]]
     _, i, part = name.split(".", 2)
     p = f"model.layers.{i}."
     if cfg.architecture in FUSED_IN_CHECKPOINT and part in ("qkv", "gate_up"):
@@ -52,6 +52,8 @@ def hf_names(cfg: ModelConfig, name: str) -> list[str]:
         return [p + SANDWICH_HF[part]]
     return {
         "input_norm": [p + "input_layernorm.weight"],
+        "input_norm_bias": [p + "input_layernorm.bias"],
+        "post_norm_bias": [p + "post_attention_layernorm.bias"],
         "qkv": [p + f"self_attn.{x}_proj.weight" for x in "qkv"],
         "qkv_bias": [p + f"self_attn.{x}_proj.bias" for x in "qkv"],
         "q_norm": [p + "self_attn.q_norm.weight"],
@@ -67,7 +69,7 @@ def hf_names(cfg: ModelConfig, name: str) -> list[str]:
 def gguf_names(cfg: ModelConfig, name: str) -> list[str]:
     if not name.startswith("layers."):
         return [{"embed_tokens": "token_embd.weight", "norm": "output_norm.weight",
-                 "lm_head": "output.weight"}[name]]
+                 "norm_bias": "output_norm.bias", "lm_head": "output.weight"}[name]]
     _, i, part = name.split(".", 2)
     p = f"blk.{i}."
     if cfg.architecture in FUSED_IN_CHECKPOINT and part in ("qkv", "gate_up"):
@@ -76,6 +78,8 @@ def gguf_names(cfg: ModelConfig, name: str) -> list[str]:
         return [p + SANDWICH_GGUF[part]]
     return {
         "input_norm": [p + "attn_norm.weight"],
+        "input_norm_bias": [p + "attn_norm.bias"],
+        "post_norm_bias": [p + "ffn_norm.bias"],
         "qkv": [p + f"attn_{x}.weight" for x in "qkv"],
         "qkv_bias": [p + f"attn_{x}.bias" for x in "qkv"],
         "q_norm": [p + "attn_q_norm.weight"],

@@ -73,6 +73,13 @@ TINY_SPECS = [
         query_pre_attn_scalar=24, attn_logit_softcapping=3.0, final_logit_softcapping=5.0,
         sliding_window=6, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # LayerNorms with biases, a quarter of each head turned by RoPE, qkv bias
+    TinySpec("stablelm", "stablelm", dict(
+        vocab_size=233, hidden_size=64, intermediate_size=120, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=False, layer_norm_eps=1e-5, use_qkv_bias=True, partial_rotary_factor=0.25,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})),
 ]
 
 
@@ -88,6 +95,7 @@ def make_hf_model(spec: TinySpec, seed: int = 0):
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
         "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
         "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+        "stablelm": (transformers.StableLmConfig, transformers.StableLmForCausalLM),
     }[spec.arch]
     config = cls_config(**spec.kwargs, attn_implementation="eager")
     torch.manual_seed(seed)

@@ -18,7 +18,7 @@ from fusec.runtime.engine import EngineConfig, LLMEngine
 from fusec.runtime.sequence import SamplingParams
 from helpers import run_requests
 
-FAMILIES = ["qwen3", "phi3", "gemma", "gemma2"]
+FAMILIES = ["qwen3", "phi3", "gemma", "gemma2", "stablelm"]
 NEW_TOKENS = 20
 # transformers picks LongRoPE's factors by each forward's length; fusec by the served
 # context (as vLLM and llama.cpp): up to the original 64 positions both use the short ones
@@ -112,18 +112,23 @@ def write_gguf(hf, arch: str, path) -> None:
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    if arch == "stablelm":  # LayerNorms: their eps under another key; RoPE on part of each head
+        w.add_layer_norm_eps(c.layer_norm_eps)
+        w.add_rope_dimension_count(int(c.hidden_size // c.num_attention_heads * rope["partial_rotary_factor"]))
+    else:
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(rope["rope_theta"])
     w.add_vocab_size(c.vocab_size)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
+             "model.norm.bias": "output_norm.bias", "lm_head.weight": "output.weight"}
     for i in range(c.num_hidden_layers):
         parts = GGUF_LAYER_NAMES + [("self_attn.qkv_proj", "attn_qkv"), ("mlp.gate_up_proj", "ffn_up")]
         if arch == "gemma2":
             parts += [("post_attention_layernorm", "post_attention_norm"), ("pre_feedforward_layernorm", "ffn_norm"),
                       ("post_feedforward_layernorm", "post_ffw_norm")]
         for hf_part, g_part in parts:
-            names[f"model.layers.{i}.{hf_part}.weight"] = f"blk.{i}.{g_part}.weight"
+            for kind in ("weight", "bias"):  # biases: StableLM's norms and q/k/v
+                names[f"model.layers.{i}.{hf_part}.{kind}"] = f"blk.{i}.{g_part}.{kind}"
     for hf_name, t in hf.state_dict().items():
         if hf_name == "lm_head.weight" and c.tie_word_embeddings:
             continue
