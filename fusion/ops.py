@@ -14,6 +14,7 @@ blocks in order, `context_lens[s]` counts its tokens including the new ones, and
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -153,6 +154,15 @@ def softcap(x: np.ndarray, *, cap: float) -> np.ndarray:
     return np.float32(cap) * np.tanh(x / np.float32(cap))
 
 
+_erf = np.frompyfunc(math.erf, 1, 1)
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    """x * Phi(x), the exact (erf) GELU: GPT-NeoX's non-gated MLP."""
+    return (0.5 * x.astype(np.float64) * (1.0 + _erf(x.astype(np.float64) / math.sqrt(2.0)).astype(np.float64))
+            ).astype(np.float32)
+
+
 def gelu_tanh_mul(x: np.ndarray) -> np.ndarray:
     """x = [gate | up] along the last axis -> gelu_tanh(gate) * up (GeGLU, Gemma's MLP)."""
     half = x.shape[-1] // 2
@@ -180,6 +190,7 @@ OPS: dict[str, OpSpec] = _registry(
            "(q, cache, block_tables, context_lens, query_start_loc) -> causal paged GQA attention"),
     OpSpec("silu_mul", 1, silu_mul, "[gate | up] -> silu(gate) * up"),
     OpSpec("gelu_tanh_mul", 1, gelu_tanh_mul, "[gate | up] -> gelu_tanh(gate) * up"),
+    OpSpec("gelu", 1, gelu, "x * Phi(x), the erf GELU", elementwise=True),
     OpSpec("gather_rows", 2, gather_rows, "x[indices]: the rows that need logits"),
     OpSpec("softcap", 1, softcap, "cap * tanh(x / cap); attr cap", elementwise=True),
 )

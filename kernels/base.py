@@ -98,6 +98,26 @@ def gelu_tanh(kb: KernelBuilder, x: ir.Value) -> ir.Value:
     return b.fmul(b.fmul(kb.f32(0.5), x), b.fadd(kb.f32(1.0), tanh(kb, y)))
 
 
+# erfc(z) = t * exp(-z^2 + P(t)), t = 1 / (1 + z / 2), z >= 0: relative error below 1.2e-7
+# (Numerical Recipes' erfcc, after Chebyshev fitting)
+ERFC_COEFFS = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886807, -1.13520398,
+               1.48851587, -0.82215223, 0.17087277)
+
+
+def gelu(kb: KernelBuilder, x: ir.Value) -> ir.Value:
+    """x * Phi(x) with Phi(x) = erfc(-x / sqrt(2)) / 2 (the exact GELU)."""
+    b = kb.b
+    z = b.fmul(x, kb.f32(-0.7071067811865476))
+    az = kb.fmax(z, b.fneg(z))
+    t = b.fdiv(kb.f32(1.0), b.fadd(kb.f32(1.0), b.fmul(kb.f32(0.5), az)))
+    poly = kb.f32(ERFC_COEFFS[-1])
+    for c in reversed(ERFC_COEFFS[:-1]):
+        poly = b.fadd(kb.f32(c), b.fmul(t, poly))
+    erfc_abs = b.fmul(t, kb.exp(b.fadd(b.fneg(b.fmul(az, az)), poly)))
+    erfc = b.select(b.fcmp_ordered(">=", z, kb.f32(0.0)), erfc_abs, b.fsub(kb.f32(2.0), erfc_abs))
+    return b.fmul(b.fmul(kb.f32(0.5), x), erfc)
+
+
 GATES = {"silu_mul": silu, "gelu_tanh_mul": gelu_tanh}  # a gated MLP's op kind -> its activation
 
 

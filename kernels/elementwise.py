@@ -7,7 +7,7 @@ from typing import Mapping
 
 from fusec.fusion.codegen.builder import KernelBuilder, Param
 from fusec.fusion.dtypes import DType
-from fusec.kernels.base import GATES, Kernel, round_to, row_offset, softcap
+from fusec.kernels.base import GATES, Kernel, gelu, round_to, row_offset, softcap
 from fusec.kernels.quant import FORMATS, GROUP, HALF, group_values
 
 
@@ -194,6 +194,25 @@ class SiluMul(ChunkedRowKernel):
             g = kb.load(kb["gu"], b.add(src, kb.wide(i)), self.act)
             u = kb.load(kb["gu"], b.add(src, kb.wide(b.add(i, kb.i32(self.cols)))), self.act)
             kb.store(kb["y"], b.add(dst, kb.wide(i)), b.fmul(GATES[self.gate](kb, g), u), self.act)
+
+
+@dataclass(frozen=True)
+class Gelu(ChunkedRowKernel):
+    """y = gelu(x), the erf GELU (GPT-NeoX's MLP)."""
+
+    family = "gelu"
+    cols: int
+    act: DType
+
+    def params(self) -> list[Param]:
+        return self._params("x", "y")
+
+    def body(self, kb: KernelBuilder) -> None:
+        b = kb.b
+        row = row_offset(kb, kb.block_id(0), self.cols)
+        with self.chunk_loop(kb) as i:
+            at = b.add(row, kb.wide(i))
+            kb.store(kb["y"], at, gelu(kb, kb.load(kb["x"], at, self.act)), self.act)
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,8 @@ def _gemv(prologue: str, bias: bool, gemm: bool = False):
         g, inputs = Graph("example"), {}
         if prologue in ("silu_mul", "gelu_tanh_mul"):
             x = g.op(prologue, [_act(g, rng, "gu", t, 2 * k, dtype, inputs)], ("T", k), dtype, name="act")
+        elif prologue == "gelu":
+            x = g.op("gelu", [_act(g, rng, "u", t, k, dtype, inputs)], ("T", k), dtype, name="act")
         else:
             x = _act(g, rng, "x", t, k, dtype, inputs)
         y = g.op("matmul", [x, g.weight("w", (n, k), dtype)], ("T", n), dtype, name="proj")
@@ -190,6 +192,8 @@ def _row_op(kind: str, gemm: bool = True):
         elif kind == "add":
             out = g.op("add", [_act(g, rng, "a", t, k, dtype, inputs), _act(g, rng, "b", t, k, dtype, inputs)],
                        ("T", k), dtype, name="y")
+        elif kind == "gelu":
+            out = g.op("gelu", [_act(g, rng, "x", t, k, dtype, inputs)], ("T", k), dtype, name="y")
         elif kind == "softcap":
             out = g.op("softcap", [_act(g, rng, "x", t, k, dtype, inputs)], ("T", k), dtype, name="y", cap=1.5)
         elif kind == "bias_add":
@@ -215,6 +219,8 @@ EXAMPLES: dict[str, Callable[[np.random.Generator, int, DType], Example]] = {
     "rms_norm_gemv": _norm_gemv(add=False, bias=False, gather=False),
     "silu_mul_gemv": _gemv("silu_mul", bias=False),
     "gelu_tanh_mul_gemv": _gemv("gelu_tanh_mul", bias=False),
+    "gelu_gemv": _gemv("gelu", bias=False),
+    "gelu_gemv_bias": _gemv("gelu", bias=True),
     "gemv_bias": _gemv("none", bias=True),
     "gemv": _gemv("none", bias=False),
     "rope_kv_write": _rope_kv,
@@ -228,6 +234,7 @@ EXAMPLES: dict[str, Callable[[np.random.Generator, int, DType], Example]] = {
     "silu_mul": _row_op("silu_mul"),
     "gelu_tanh_mul": _row_op("gelu_tanh_mul"),
     "softcap": _row_op("softcap"),
+    "gelu": _row_op("gelu"),
     "gather_rows": _row_op("gather_rows"),
     "add": _row_op("add"),
 }

@@ -14,6 +14,7 @@ with x_r produced in-kernel from row r (or rows[r] with `gather`) by the prologu
                   the next block's input norm, s written out if asked)
     silu_mul      x = silu(GU[r, :K]) * GU[r, K:]
     gelu_tanh_mul x = gelu_tanh(GU[r, :K]) * GU[r, K:]     (Gemma's GeGLU)
+    gelu          x = gelu(X[r])                            (GPT-NeoX's non-gated MLP)
 Each block computes `rows_per_block` outputs and recomputes the prologue itself, so
 nothing reads a row that other blocks produce (the legality rule). Intermediates are
 rounded to the activation dtype where the unfused graph stores them.
@@ -44,12 +45,12 @@ from llvmlite import ir
 
 from fusec.fusion.codegen.builder import KernelBuilder, Param
 from fusec.fusion.dtypes import DType
-from fusec.kernels.base import GATES, Kernel, cdiv, round_to, row_offset
+from fusec.kernels.base import GATES, Kernel, cdiv, gelu, round_to, row_offset
 from fusec.kernels.quant import FORMATS, GROUP, HALF, group_term, group_values, hsum, pack, zero_vector
 
 LAYER_NORMED = ("layer_norm", "add_layer_norm")  # prologues ending in a LayerNorm (with bias)
 NORMED = ("rms_norm", "add_rms_norm", "rms_norm_add_rms_norm", *LAYER_NORMED)  # ... or in any norm
-PROLOGUES = ("none", *NORMED, *GATES)
+PROLOGUES = ("none", *NORMED, *GATES, "gelu")
 HOST_CHUNK = 8  # most weight rows a host tile works on together
 HOST_ACCUMULATORS = 16  # 16-wide accumulators a host tile keeps (of 32 AVX-512 registers)
 # How far ahead of each weight row a host tile asks for cache lines. A tile reads up to 8
@@ -88,7 +89,7 @@ class Gemv(Kernel):
 
     def params(self) -> list[Param]:
         p = ["gu"] if self.prologue in GATES else \
-            {"none": ["x"], "rms_norm": ["x", "norm_w"], "add_rms_norm": ["a", "b", "norm_w"],
+            {"none": ["x"], "gelu": ["x"], "rms_norm": ["x", "norm_w"], "add_rms_norm": ["a", "b", "norm_w"],
              "rms_norm_add_rms_norm": ["a", "b", "post_w", "norm_w"], "layer_norm": ["x", "norm_w", "norm_b"],
              "add_layer_norm": ["a", "b", "norm_w", "norm_b"]}[self.prologue]
         if self.residual_out:
@@ -195,6 +196,8 @@ class Gemv(Kernel):
         def x_at(i) -> list:
             if self.prologue == "none":
                 return raw(i)
+            if self.prologue == "gelu":
+                return [round_to(kb, gelu(kb, v), self.act) for v in raw(i)]
             if self.prologue in GATES:
                 return [round_to(kb, b.fmul(GATES[self.prologue](kb, g), u), self.act)
                         for g, u in zip(loads("gu", i, self.act), loads("gu", i, self.act, k_dim))]

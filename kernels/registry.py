@@ -14,7 +14,7 @@ from fusec.fusion.patterns import Match, Pattern, PNode, Registry
 from fusec.fusion.plan import Arg, Launch, LowerContext
 from fusec.kernels.attention import PagedAttention, heads_per_block
 from fusec.kernels.base import cdiv
-from fusec.kernels.elementwise import Add, AddRmsNorm, BiasAdd, Embed, GatherRows, SiluMul, Softcap
+from fusec.kernels.elementwise import Add, AddRmsNorm, BiasAdd, Embed, GatherRows, Gelu, SiluMul, Softcap
 from fusec.kernels.gemv import Gemv, vector_width
 from fusec.kernels.rope_kv import RopeKVWrite, cos_sin_table
 
@@ -55,11 +55,11 @@ def gemv_constraint(m: Match) -> bool:
     if len({_dtype(m, w) for w in weights}) != 1 or out.type.dtype != mm.type.dtype:
         return False
     acts = {_dtype(m, a) for a in m["add"].inputs} | {m["add"].type.dtype} if m.get("add") else set()
-    for role in ("norm", "gate", "gather", "post"):
+    for role in ("norm", "act", "gather", "post"):
         node = m.get(role)
         if node is not None:
             acts |= {node.type.dtype, _dtype(m, node.inputs[0])}
-    if not any(m.get(r) for r in ("add", "norm", "gate", "gather")):
+    if not any(m.get(r) for r in ("add", "norm", "act", "gather")):
         acts.add(_dtype(m, mm.inputs[0]))
     return len(acts) == 1
 
@@ -77,7 +77,7 @@ HOST_TOKENS_PER_BLOCK = 8
 
 def lower_gemv(m: Match, ctx: LowerContext) -> Launch:
     mm, out = _gemv_parts(m)
-    add, norm, gather, gate, bias, post = (m.get(r) for r in ("add", "norm", "gather", "gate", "bias", "post"))
+    add, norm, gather, act, bias, post = (m.get(r) for r in ("add", "norm", "gather", "act", "bias", "post"))
     args = {"w": V(mm.inputs[1]), "y": V(out.name), "num_rows": D(_rows(out))}
     outputs = [out.name]
     residual_out = add is not None and m.escapes("add")
@@ -97,9 +97,9 @@ def lower_gemv(m: Match, ctx: LowerContext) -> Launch:
     elif norm is not None:
         prologue, first = norm.kind, norm
         args |= {"x": V(norm.inputs[0]), "norm_w": V(norm.inputs[1])}
-    elif gate is not None:  # a gated MLP's activation: the op kind names the prologue
-        prologue, first = gate.kind, gate
-        args["gu"] = V(gate.inputs[0])
+    elif act is not None:  # an MLP's activation: the op kind names the prologue
+        prologue, first = act.kind, act
+        args["x" if act.kind == "gelu" else "gu"] = V(act.inputs[0])
     else:
         prologue, first = "none", mm
         args["x"] = V(mm.inputs[0])
@@ -157,10 +157,13 @@ def gemv_patterns() -> list[Pattern]:
         ("rms_norm_gather_gemv", 48, (NORM, GATHER, MM_AFTER_GATHER), set(), gemv_constraint,
          "final norm on the rows that need logits + LM head"),
         ("rms_norm_gemv", 45, (NORM, _mm("norm")), set(), gemv_constraint, "RMSNorm + GEMV (first layer's QKV)"),
-        ("silu_mul_gemv", 40, (PNode("gate", "silu_mul"), _mm("gate")), set(), gemv_constraint,
+        ("silu_mul_gemv", 40, (PNode("act", "silu_mul"), _mm("act")), set(), gemv_constraint,
          "SiLU(gate) * up + down-projection GEMV"),
-        ("gelu_tanh_mul_gemv", 40, (PNode("gate", "gelu_tanh_mul"), _mm("gate")), set(), gemv_constraint,
+        ("gelu_tanh_mul_gemv", 40, (PNode("act", "gelu_tanh_mul"), _mm("act")), set(), gemv_constraint,
          "GELU-tanh(gate) * up + down-projection GEMV (Gemma's GeGLU)"),
+        ("gelu_gemv_bias", 42, (PNode("act", "gelu"), _mm("act"), BIAS), set(), gemv_constraint,
+         "GELU + down-projection GEMV + bias (GPT-NeoX)"),
+        ("gelu_gemv", 40, (PNode("act", "gelu"), _mm("act")), set(), gemv_constraint, "GELU + GEMV"),
         ("gemv_bias", 30, (_mm(None), BIAS), set(), gemv_constraint, "GEMV + bias"),
         ("gemv", 20, (_mm(None),), set(), gemv_constraint, "plain GEMV (O-projection)"),
     ]
@@ -335,6 +338,9 @@ def default_registry() -> Registry:
     reg.register(Pattern("gather_rows", 5, (PNode("gather_rows", "gather_rows"),),
                          _row_op("gather_rows", lambda m, n: GatherRows(n.type.shape[1], n.type.dtype), ("x", "rows")),
                          constraint=same_act_dtype, doc="row gather (rows that need logits)"))
+    reg.register(Pattern("gelu", 5, (PNode("gelu", "gelu"),),
+                         _row_op("gelu", lambda m, n: Gelu(n.type.shape[1], n.type.dtype), ("x",)),
+                         constraint=same_act_dtype, doc="GELU (erf)"))
     reg.register(Pattern("softcap", 5, (PNode("softcap", "softcap"),),
                          _row_op("softcap", lambda m, n: Softcap(n.type.shape[1], n.type.dtype, n.attrs["cap"]), ("x",)),
                          constraint=same_act_dtype, doc="cap * tanh(x / cap) (Gemma 2's final logits)"))

@@ -17,8 +17,11 @@ HF_ARCHITECTURES = {
     "GemmaForCausalLM": "gemma",
     "Gemma2ForCausalLM": "gemma2",
     "StableLmForCausalLM": "stablelm",
+    "GPTNeoXForCausalLM": "gpt_neox",
 }
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "stablelm")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "stablelm", "gptneox")
+GGUF_FAMILY = {"gptneox": "gpt_neox"}  # llama.cpp's architecture names that differ from fusec's
+LAYER_NORMED = ("stablelm", "gpt_neox")  # families whose norms are LayerNorms with biases
 GEMMAS = ("gemma", "gemma2")
 # a gated MLP's activation (HF hidden_act) -> the graph's op kind
 GATED_ACTIVATIONS = {"silu": "silu_mul", "gelu_pytorch_tanh": "gelu_tanh_mul", "gelu_tanh": "gelu_tanh_mul"}
@@ -62,7 +65,8 @@ class ModelConfig:
     final_softcap: float | None = None
     query_pre_attn_scalar: float | None = None  # None: head_dim
     sliding_layers: tuple[int, ...] | None = None  # layers with the sliding window; None: all
-    norm: str = "rms_norm"  # or "layer_norm": LayerNorm with a bias (StableLM)
+    norm: str = "rms_norm"  # or "layer_norm": LayerNorm with a bias (StableLM, GPT-NeoX)
+    parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX)
     # rope_type plus its parameters, in HF's naming ("default", "linear", "llama3").
     rope_scaling: Mapping[str, Any] = field(default_factory=lambda: {"rope_type": "default"})
     bos_token_id: int | None = None
@@ -153,6 +157,10 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> ModelConfig:
         cfg.get("hidden_act", "silu")
     if act == "gelu" and arch in GEMMAS:
         act = "gelu_pytorch_tanh"
+    if arch == "gpt_neox":  # a non-gated MLP: its activation is the builder's
+        if act != "gelu":
+            raise UnsupportedModelError(f"{source}: unsupported GPT-NeoX hidden_act {act!r}; supported: gelu")
+        act = "silu"
     if act not in GATED_ACTIVATIONS:
         raise UnsupportedModelError(f"{source}: unsupported hidden_act {act!r}; supported: "
                                     f"{', '.join(GATED_ACTIVATIONS)}")
@@ -171,12 +179,14 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> ModelConfig:
     rope.setdefault("rope_type", rope.pop("type", "default"))
     if rope["rope_type"] == "su":  # LongRoPE's first name in Phi-3 configs
         rope["rope_type"] = "longrope"
-    theta = rope.pop("rope_theta", None) or cfg.get("rope_theta", 10000.0)
-    partial = rope.pop("partial_rotary_factor", None) or cfg.get("partial_rotary_factor") or 1.0
+    # GPT-NeoX's configs before transformers 5: rotary_emb_base, rotary_pct
+    theta = rope.pop("rope_theta", None) or cfg.get("rope_theta") or cfg.get("rotary_emb_base") or 10000.0
+    partial = rope.pop("partial_rotary_factor", None) or cfg.get("partial_rotary_factor") or cfg.get("rotary_pct") \
+        or 1.0
     if rope["rope_type"] == "longrope":
         rope.setdefault("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
-    bias = bool(cfg.get("attention_bias", False))
-    eps = cfg.get("layer_norm_eps", 1e-5) if arch == "stablelm" else cfg.get("rms_norm_eps", 1e-6)
+    bias = bool(cfg.get("attention_bias", arch == "gpt_neox"))
+    eps = cfg.get("layer_norm_eps", 1e-5) if arch in LAYER_NORMED else cfg.get("rms_norm_eps", 1e-6)
     window = cfg.get("sliding_window") if arch in ("mistral", "phi3", "gemma2") else None
     layers = _int(_require(cfg, "num_hidden_layers", source), "num_hidden_layers", source)
     sliding_layers = None
@@ -198,7 +208,7 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> ModelConfig:
         max_position_embeddings=_int(cfg.get("max_position_embeddings", 2048), "max_position_embeddings", source),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=arch == "qwen2" or bias or bool(arch == "stablelm" and cfg.get("use_qkv_bias")),
-        o_bias=bias and arch in ("llama", "qwen3"),
+        o_bias=bias and arch in ("llama", "qwen3", "gpt_neox"),
         qk_norm=arch == "qwen3",
         partial_rotary_factor=float(partial),
         mlp_gate=GATED_ACTIVATIONS[act],
@@ -208,7 +218,8 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> ModelConfig:
         final_softcap=cfg.get("final_logit_softcapping") if arch == "gemma2" else None,
         query_pre_attn_scalar=cfg.get("query_pre_attn_scalar") if arch == "gemma2" else None,
         sliding_layers=sliding_layers,
-        norm="layer_norm" if arch == "stablelm" else "rms_norm",
+        norm="layer_norm" if arch in LAYER_NORMED else "rms_norm",
+        parallel_residual=bool(arch == "gpt_neox" and cfg.get("use_parallel_residual", True)),
         sliding_window=_int(window, "sliding_window", source) if window is not None else None,
         rope_scaling=rope,
         bos_token_id=cfg.get("bos_token_id"),
@@ -230,6 +241,7 @@ def _config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], source: s
     if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedModelError(
             f"{source}: unsupported GGUF architecture {arch!r}; supported: {', '.join(GGUF_ARCHITECTURES)}")
+    family = GGUF_FAMILY.get(arch, arch)
 
     def key(name: str, default: Any = None) -> Any:
         value = meta.get(f"{arch}.{name}", default)
@@ -260,7 +272,7 @@ def _config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], source: s
     window = meta.get(f"{arch}.attention.sliding_window")
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or ())
     return ModelConfig(
-        architecture=arch,
+        architecture=family,
         vocab_size=_int(vocab, f"{arch}.vocab_size", source),
         hidden_size=hidden,
         intermediate_size=size("feed_forward_length"),
@@ -268,18 +280,19 @@ def _config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], source: s
         num_heads=heads,
         num_kv_heads=size("attention.head_count_kv", heads),
         head_dim=head_dim,
-        rms_norm_eps=float(key("attention.layer_norm_epsilon" if arch == "stablelm"
+        rms_norm_eps=float(key("attention.layer_norm_epsilon" if family in LAYER_NORMED
                                else "attention.layer_norm_rms_epsilon")),
         rope_theta=float(meta.get(f"{arch}.rope.freq_base") or 10000.0),
         max_position_embeddings=size("context_length"),
         tie_word_embeddings="output.weight" not in tensor_names,
-        qkv_bias="blk.0.attn_q.bias" in tensor_names,
+        qkv_bias="blk.0.attn_q.bias" in tensor_names or "blk.0.attn_qkv.bias" in tensor_names,
         o_bias="blk.0.attn_output.bias" in tensor_names,
         qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
         partial_rotary_factor=_int(rotary, f"{arch}.rope.dimension_count", source) / head_dim if rotary else 1.0,
         sliding_window=_int(window, f"{arch}.attention.sliding_window", source) if window else None,
         mlp_gate="gelu_tanh_mul" if arch in GEMMAS else "silu_mul",
-        norm="layer_norm" if arch == "stablelm" else "rms_norm",
+        norm="layer_norm" if family in LAYER_NORMED else "rms_norm",
+        parallel_residual=bool(family == "gpt_neox" and meta.get(f"{arch}.use_parallel_residual", True)),
         scale_embeddings=arch in GEMMAS,
         **(_gemma2_gguf(meta, arch, hidden, heads, head_dim, size("block_count")) if arch == "gemma2" else {}),
         rope_scaling=rope,

@@ -61,6 +61,49 @@ def kv_cache_shape(cfg: ModelConfig, block_size: int) -> tuple[int | str, ...]:
     return (2, "NB", block_size, cfg.num_kv_heads, cfg.head_dim)
 
 
+def graph_inputs(g: Graph) -> dict[str, str]:
+    """The step's inputs (INPUTS), added to g: token ids, positions and the paged-cache metadata."""
+    shapes = {"token_ids": (T,), "positions": (T,), "slot_mapping": (T,), "block_tables": ("S", "B"),
+              "context_lens": ("S",), "query_start_loc": ("S1",), "logits_indices": ("L",)}
+    return {name: g.input(name, shapes[name]) for name in INPUTS}
+
+
+def attention_block(g: Graph, cfg: ModelConfig, dtype: DType, w: Mapping[str, str], inputs: Mapping[str, str],
+                    x: str, i: int, block_size: int, inv_freq: np.ndarray, rope_scale: float) -> str:
+    """Layer i's attention of the normed input x up to the O projection: the q|k|v GEMV
+    [+ bias], [per-head q/k norms,] RoPE, the paged-cache write and paged attention."""
+    p, hd = f"layers.{i}.", cfg.head_dim
+    rope_freqs = tuple(float(f) for f in inv_freq)
+    qkv_cols = cfg.q_size + 2 * cfg.kv_size
+    qkv = g.op("matmul", [x, w[p + "qkv"]], (T, qkv_cols), dtype, name=p + "qkv.out", layer=i)
+    if cfg.qkv_bias:
+        qkv = g.op("bias_add", [qkv, w[p + "qkv_bias"]], (T, qkv_cols), dtype, name=p + "qkv_bias.out", layer=i)
+    q = g.op("slice", [qkv], (T, cfg.q_size), dtype, name=p + "q", start=0, stop=cfg.q_size, layer=i)
+    k = g.op("slice", [qkv], (T, cfg.kv_size), dtype, name=p + "k",
+             start=cfg.q_size, stop=cfg.q_size + cfg.kv_size, layer=i)
+    v = g.op("slice", [qkv], (T, cfg.kv_size), dtype, name=p + "v",
+             start=cfg.q_size + cfg.kv_size, stop=qkv_cols, layer=i)
+    if cfg.qk_norm:
+        q = g.op("head_rms_norm", [q, w[p + "q_norm"]], (T, cfg.q_size), dtype, name=p + "q_norm.out",
+                 eps=cfg.rms_norm_eps, head_dim=hd, layer=i)
+        k = g.op("head_rms_norm", [k, w[p + "k_norm"]], (T, cfg.kv_size), dtype, name=p + "k_norm.out",
+                 eps=cfg.rms_norm_eps, head_dim=hd, layer=i)
+    positions = inputs["positions"]
+    q = g.op("rope", [q, positions], (T, cfg.q_size), dtype, name=p + "q_rope",
+             n_heads=cfg.num_heads, head_dim=hd, inv_freq=rope_freqs, scale=rope_scale, layer=i)
+    k = g.op("rope", [k, positions], (T, cfg.kv_size), dtype, name=p + "k_rope",
+             n_heads=cfg.num_kv_heads, head_dim=hd, inv_freq=rope_freqs, scale=rope_scale, layer=i)
+    cache = g.state(p + "kv_cache", kv_cache_shape(cfg, block_size), dtype)
+    cache = g.op("kv_write", [k, v, cache, inputs["slot_mapping"]], kv_cache_shape(cfg, block_size), dtype,
+                 name=p + "kv_write", layer=i)
+    meta = [inputs[n] for n in ("block_tables", "context_lens", "query_start_loc")]
+    return g.op("attention", [q, cache, *meta], (T, cfg.q_size), dtype,
+                name=p + "attention", n_heads=cfg.num_heads, n_kv_heads=cfg.num_kv_heads,
+                head_dim=hd, scale=(cfg.query_pre_attn_scalar or hd) ** -0.5, softcap=cfg.attn_softcap,
+                sliding_window=cfg.sliding_window if cfg.sliding_layers is None or i in cfg.sliding_layers
+                else None, layer=i)
+
+
 def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size: int = 16,
                 formats: Mapping[str, str] | None = None, weight_dtype: DType | None = None,
                 rope_scale: float = 1.0) -> Graph:
@@ -68,18 +111,11 @@ def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size
     `weight_dtype` (default: dtype), or in a block format where `formats` names one.
     RoPE turns 2 * len(inv_freq) dims of each head, with cos and sin times `rope_scale`."""
     g = Graph(f"{cfg.architecture}-{cfg.num_layers}L")
-    h, hd = cfg.hidden_size, cfg.head_dim
-    ids = g.input("token_ids", (T,))
-    positions = g.input("positions", (T,))
-    slots = g.input("slot_mapping", (T,))
-    tables = g.input("block_tables", ("S", "B"))
-    ctx_lens = g.input("context_lens", ("S",))
-    qstart = g.input("query_start_loc", ("S1",))
-    logit_rows = g.input("logits_indices", ("L",))
+    h = cfg.hidden_size
+    inputs = graph_inputs(g)
     formats = formats or {}
     w = {name: g.weight(name, shape, weight_dtype or dtype, formats.get(name))
          for name, shape in weight_shapes(cfg).items()}
-    rope_freqs = tuple(float(f) for f in inv_freq)
 
     def norm(x: str, weight: str, name: str | None = None, **attrs) -> str:
         """The family's norm (RMSNorm, or LayerNorm with its bias) of x by `weight`."""
@@ -89,38 +125,12 @@ def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size
     # Gemma scales by sqrt(hidden) rounded to the table's dtype, as transformers does
     scale = float(from_storage(to_storage(np.float32([h ** 0.5]), weight_dtype or dtype), weight_dtype or dtype)[0]) \
         if cfg.scale_embeddings else 1.0
-    x = g.op("embed", [ids, w["embed_tokens"]], (T, h), dtype, name="embed", scale=scale)
+    x = g.op("embed", [inputs["token_ids"], w["embed_tokens"]], (T, h), dtype, name="embed", scale=scale)
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         residual = x
-        x = norm(x, p + "input_norm", layer=i)
-        qkv_cols = cfg.q_size + 2 * cfg.kv_size
-        qkv = g.op("matmul", [x, w[p + "qkv"]], (T, qkv_cols), dtype, name=p + "qkv.out", layer=i)
-        if cfg.qkv_bias:
-            qkv = g.op("bias_add", [qkv, w[p + "qkv_bias"]], (T, qkv_cols), dtype,
-                       name=p + "qkv_bias.out", layer=i)
-        q = g.op("slice", [qkv], (T, cfg.q_size), dtype, name=p + "q", start=0, stop=cfg.q_size, layer=i)
-        k = g.op("slice", [qkv], (T, cfg.kv_size), dtype, name=p + "k",
-                 start=cfg.q_size, stop=cfg.q_size + cfg.kv_size, layer=i)
-        v = g.op("slice", [qkv], (T, cfg.kv_size), dtype, name=p + "v",
-                 start=cfg.q_size + cfg.kv_size, stop=qkv_cols, layer=i)
-        if cfg.qk_norm:
-            q = g.op("head_rms_norm", [q, w[p + "q_norm"]], (T, cfg.q_size), dtype, name=p + "q_norm.out",
-                     eps=cfg.rms_norm_eps, head_dim=hd, layer=i)
-            k = g.op("head_rms_norm", [k, w[p + "k_norm"]], (T, cfg.kv_size), dtype, name=p + "k_norm.out",
-                     eps=cfg.rms_norm_eps, head_dim=hd, layer=i)
-        q = g.op("rope", [q, positions], (T, cfg.q_size), dtype, name=p + "q_rope",
-                 n_heads=cfg.num_heads, head_dim=hd, inv_freq=rope_freqs, scale=rope_scale, layer=i)
-        k = g.op("rope", [k, positions], (T, cfg.kv_size), dtype, name=p + "k_rope",
-                 n_heads=cfg.num_kv_heads, head_dim=hd, inv_freq=rope_freqs, scale=rope_scale, layer=i)
-        cache = g.state(p + "kv_cache", kv_cache_shape(cfg, block_size), dtype)
-        cache = g.op("kv_write", [k, v, cache, slots], kv_cache_shape(cfg, block_size), dtype,
-                     name=p + "kv_write", layer=i)
-        attn = g.op("attention", [q, cache, tables, ctx_lens, qstart], (T, cfg.q_size), dtype,
-                    name=p + "attention", n_heads=cfg.num_heads, n_kv_heads=cfg.num_kv_heads,
-                    head_dim=hd, scale=(cfg.query_pre_attn_scalar or hd) ** -0.5, softcap=cfg.attn_softcap,
-                    sliding_window=cfg.sliding_window if cfg.sliding_layers is None or i in cfg.sliding_layers
-                    else None, layer=i)
+        attn = attention_block(g, cfg, dtype, w, inputs, norm(x, p + "input_norm", layer=i), i, block_size,
+                               inv_freq, rope_scale)
         o = g.op("matmul", [attn, w[p + "o"]], (T, h), dtype, name=p + "o.out", layer=i)
         if cfg.o_bias:
             o = g.op("bias_add", [o, w[p + "o_bias"]], (T, h), dtype, name=p + "o_bias.out", layer=i)
@@ -140,7 +150,7 @@ def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size
         x = g.op("add", [residual, down], (T, h), dtype, name=p + "mlp_residual", layer=i)
 
     x = norm(x, "norm", name="final_norm")
-    x = g.op("gather_rows", [x, logit_rows], ("L", h), dtype, name=HIDDEN_ROWS)
+    x = g.op("gather_rows", [x, inputs["logits_indices"]], ("L", h), dtype, name=HIDDEN_ROWS)
     head = w["embed_tokens"] if cfg.tie_word_embeddings else w["lm_head"]
     logits = g.op("matmul", [x, head], ("L", cfg.vocab_size), DType.F32, name="logits")
     if cfg.final_softcap:

@@ -22,11 +22,11 @@ from fusec.fusion.dtypes import DType
 from fusec.fusion.ir import Graph
 from fusec.models.config import ModelConfig, config_from_gguf, config_from_hf
 from fusec.models.gguf_file import GGUFFile
-from fusec.models.llama import build_graph, weight_shapes
+from fusec.models.families import builder, weight_shapes
 from fusec.models.rope import attention_factor, inv_freq
 from fusec.models.safetensors_file import SafetensorsFile
 from fusec.models.tokenizer import Tokenizer
-from fusec.models.weights import (DummyWeights, gemma_norm_offset, gguf_names, hf_names, load_weights,
+from fusec.models.weights import (DummyWeights, gguf_names, hf_fixup, hf_names, load_weights,
                                   unpermute_llama_gguf, weight_formats)
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,9 @@ class Model:
     def graph(self, block_size: int = 16, max_model_len: int | None = None) -> Graph:
         """The graph for contexts up to max_model_len (default: the model's limit), which
         picks LongRoPE's factors."""
-        return build_graph(self.config, self.dtype, inv_freq(self.config, self.rope_freq_factors, max_model_len),
-                           block_size, self.formats, self.weight_dtype, attention_factor(self.config))
+        return builder(self.config).build_graph(
+            self.config, self.dtype, inv_freq(self.config, self.rope_freq_factors, max_model_len), block_size,
+            self.formats, self.weight_dtype, attention_factor(self.config))
 
     def weight_types(self) -> str:
         """What the weights run as, e.g. "q4_1 x210, q8_0 x1, f32 x61"."""
@@ -178,7 +179,7 @@ def _load_hf_dir(path: Path, name: str, dtype: DType | None, device: str, load_f
         opened = [SafetensorsFile(f) for f in files]
         index = {n: f for f in opened for n in f.names()}
         source = _Merged(index)
-        weights = load_weights(config, source, set(index), hf_names, weight_dtype, formats, fixup=gemma_norm_offset)
+        weights = load_weights(config, source, set(index), hf_names, weight_dtype, formats, fixup=hf_fixup)
     return Model(name, path, config, dtype, weights, None, tokenizer, formats, weight_dtype)
 
 

@@ -17,7 +17,7 @@ from fusec.fusion.dtypes import DType, to_storage
 from fusec.kernels.quant import FORMATS, BlockFormat, quantize, storage_shape
 from fusec.kernels.random import fill_random_reference, weight_fill
 from fusec.models.config import ModelConfig
-from fusec.models.llama import weight_shapes
+from fusec.models.families import weight_shapes
 
 
 class TensorSource(Protocol):
@@ -39,8 +39,35 @@ SANDWICH_GGUF = {"post_norm": "ffn_norm.weight", "attn_out_norm": "post_attentio
                  "mlp_out_norm": "post_ffw_norm.weight"}
 
 
+# GPT-NeoX: fusec name (the layer's part) -> (HF name, GGUF name) without the layer prefix
+GPT_NEOX_PARTS = {
+    "input_norm": ("input_layernorm.weight", "attn_norm.weight"),
+    "input_norm_bias": ("input_layernorm.bias", "attn_norm.bias"),
+    "post_norm": ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    "post_norm_bias": ("post_attention_layernorm.bias", "ffn_norm.bias"),
+    "qkv": ("attention.query_key_value.weight", "attn_qkv.weight"),
+    "qkv_bias": ("attention.query_key_value.bias", "attn_qkv.bias"),
+    "o": ("attention.dense.weight", "attn_output.weight"), "o_bias": ("attention.dense.bias", "attn_output.bias"),
+    "up": ("mlp.dense_h_to_4h.weight", "ffn_up.weight"), "up_bias": ("mlp.dense_h_to_4h.bias", "ffn_up.bias"),
+    "down": ("mlp.dense_4h_to_h.weight", "ffn_down.weight"), "down_bias": ("mlp.dense_4h_to_h.bias", "ffn_down.bias"),
+}
+GPT_NEOX_TOP = {"embed_tokens": ("gpt_neox.embed_in.weight", "token_embd.weight"),
+                "norm": ("gpt_neox.final_layer_norm.weight", "output_norm.weight"),
+                "norm_bias": ("gpt_neox.final_layer_norm.bias", "output_norm.bias"),
+                "lm_head": ("embed_out.weight", "output.weight")}
+
+
+def _gpt_neox_name(name: str, gguf: bool) -> list[str]:
+    if not name.startswith("layers."):
+        return [GPT_NEOX_TOP[name][gguf]]
+    _, i, part = name.split(".", 2)
+    return [(f"blk.{i}." if gguf else f"gpt_neox.layers.{i}.") + GPT_NEOX_PARTS[part][gguf]]
+
+
 def hf_names(cfg: ModelConfig, name: str) -> list[str]:
     """HF checkpoint tensors that make up fusec weight `name` (concatenated in order)."""
+    if cfg.architecture == "gpt_neox":
+        return _gpt_neox_name(name, gguf=False)
     if not name.startswith("layers."):
         return [{"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight",
                  "norm_bias": "model.norm.bias", "lm_head": "lm_head.weight"}[name]]
@@ -67,6 +94,8 @@ def hf_names(cfg: ModelConfig, name: str) -> list[str]:
 
 
 def gguf_names(cfg: ModelConfig, name: str) -> list[str]:
+    if cfg.architecture == "gpt_neox":
+        return _gpt_neox_name(name, gguf=True)
     if not name.startswith("layers."):
         return [{"embed_tokens": "token_embd.weight", "norm": "output_norm.weight",
                  "norm_bias": "output_norm.bias", "lm_head": "output.weight"}[name]]
@@ -112,6 +141,21 @@ def gemma_norm_offset(cfg: ModelConfig, source_name: str, w: np.ndarray) -> np.n
     if cfg.architecture in ("gemma", "gemma2") and source_name.endswith("norm.weight"):
         return (w.astype(np.float32) + np.float32(1.0)).astype(np.float32)
     return w
+
+
+def hf_fixup(cfg: ModelConfig, source_name: str, w: np.ndarray) -> np.ndarray:
+    """What HF tensors need before they are fusec's: Gemma's norm offset, GPT-NeoX's
+    per-head q/k/v rows regrouped."""
+    return gpt_neox_qkv(cfg, source_name, gemma_norm_offset(cfg, source_name, w))
+
+
+def gpt_neox_qkv(cfg: ModelConfig, source_name: str, w: np.ndarray) -> np.ndarray:
+    """GPT-NeoX's query_key_value rows (and bias) go head by head, q k v within each:
+    regroup them as q | k | v (llama.cpp's converter does the same for GGUF)."""
+    if cfg.architecture != "gpt_neox" or ".query_key_value." not in source_name:
+        return w
+    rows = w.reshape(cfg.num_heads, 3, cfg.head_dim, *w.shape[1:])
+    return np.ascontiguousarray(rows.swapaxes(0, 1)).reshape(w.shape)
 
 
 MIXED_PARTS = "q8_0"  # the format of a fused matrix whose parts are stored in different ones

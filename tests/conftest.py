@@ -80,6 +80,12 @@ TINY_SPECS = [
         tie_word_embeddings=False, layer_norm_eps=1e-5, use_qkv_bias=True, partial_rotary_factor=0.25,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})),
+    # parallel residual, non-gated GELU MLP with biases, per-head interleaved q|k|v, partial rotary
+    TinySpec("gpt_neox", "gpt_neox", dict(
+        vocab_size=257, hidden_size=72, intermediate_size=136, num_hidden_layers=2,
+        num_attention_heads=6, max_position_embeddings=128, layer_norm_eps=1e-5, use_parallel_residual=True,
+        attention_bias=True, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
 ]
 
 
@@ -96,6 +102,7 @@ def make_hf_model(spec: TinySpec, seed: int = 0):
         "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
         "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
         "stablelm": (transformers.StableLmConfig, transformers.StableLmForCausalLM),
+        "gpt_neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM),
     }[spec.arch]
     config = cls_config(**spec.kwargs, attn_implementation="eager")
     torch.manual_seed(seed)

@@ -36,13 +36,14 @@ def model_path(name, tiny_checkpoints, smollm2_path) -> str:
 @pytest.mark.parametrize("arch", ["sm_90", "host"])
 @pytest.mark.parametrize("name", MODELS)
 def test_decode_plan_has_at_most_6_launches_per_layer(name, arch, tiny_checkpoints, smollm2_path):
+    """6 for the Llama family; GPT-NeoX's parallel residual adds its two branches first: 7."""
     m = load_model(model_path(name, tiny_checkpoints, smollm2_path), with_weights=False)
     plans = build_plans(m.graph(16), default_registry(), PlanOptions(parse_arch(arch), 512))
     summary = layer_summary(plans["gemv"])
     layers = [(layer, n_ops, pats) for layer, n_ops, pats in summary if layer is not None]
     assert len(layers) == m.config.num_layers
     for layer, n_ops, patterns in layers:
-        assert len(patterns) <= 6, (layer, patterns)
+        assert len(patterns) <= (7 if m.config.parallel_residual else 6), (layer, patterns)
         assert n_ops >= 14
         assert any(p.endswith("rope_kv_write") for p in patterns) and "paged_attention" in patterns
     # no op falls back to the reference, in either plan

@@ -30,7 +30,8 @@ def hf_last_hidden(path, prompts: list[list[int]]) -> list[np.ndarray]:
 
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
-        return [hf.model(torch.tensor([ids])).last_hidden_state[0, -1].numpy() for ids in prompts]
+        base = hf.base_model  # .model, or GPT-NeoX's .gpt_neox
+        return [base(torch.tensor([ids])).last_hidden_state[0, -1].numpy() for ids in prompts]
 
 
 def unit(v: np.ndarray) -> np.ndarray:

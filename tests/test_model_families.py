@@ -18,7 +18,7 @@ from fusec.runtime.engine import EngineConfig, LLMEngine
 from fusec.runtime.sequence import SamplingParams
 from helpers import run_requests
 
-FAMILIES = ["qwen3", "phi3", "gemma", "gemma2", "stablelm"]
+FAMILIES = ["qwen3", "phi3", "gemma", "gemma2", "stablelm", "gpt_neox"]
 NEW_TOKENS = 20
 # transformers picks LongRoPE's factors by each forward's length; fusec by the served
 # context (as vLLM and llama.cpp): up to the original 64 positions both use the short ones
@@ -83,12 +83,18 @@ GGUF_LAYER_NAMES = [("input_layernorm", "attn_norm"), ("post_attention_layernorm
                     ("mlp.down_proj", "ffn_down")]
 
 
+NEOX_LAYER_NAMES = [("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm"),
+                    ("attention.query_key_value", "attn_qkv"), ("attention.dense", "attn_output"),
+                    ("mlp.dense_h_to_4h", "ffn_up"), ("mlp.dense_4h_to_h", "ffn_down")]
+
+
 def write_gguf(hf, arch: str, path) -> None:
     """An HF checkpoint as llama.cpp's convert_hf_to_gguf writes this architecture (f32)."""
     import math
 
     c = hf.config
-    w = gguf.GGUFWriter(str(path), arch)
+    gguf_arch = {"gpt_neox": "gptneox"}.get(arch, arch)
+    w = gguf.GGUFWriter(str(path), gguf_arch)
     rope = c.rope_parameters
     if arch == "gemma2":  # llama.cpp stores the caps and the window; every other layer slides
         w.add_float32("gemma2.attn_logit_softcapping", c.attn_logit_softcapping)
@@ -108,19 +114,23 @@ def write_gguf(hf, arch: str, path) -> None:
     w.add_embedding_length(c.hidden_size)
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_head_count_kv(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    if arch == "stablelm":  # LayerNorms: their eps under another key; RoPE on part of each head
+    if arch in ("stablelm", "gpt_neox"):  # LayerNorms: their eps under another key; RoPE on part of each head
         w.add_layer_norm_eps(c.layer_norm_eps)
+        if arch == "gpt_neox":
+            w.add_parallel_residual(c.use_parallel_residual)
         w.add_rope_dimension_count(int(c.hidden_size // c.num_attention_heads * rope["partial_rotary_factor"]))
     else:
         w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(rope["rope_theta"])
     w.add_vocab_size(c.vocab_size)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "model.norm.bias": "output_norm.bias", "lm_head.weight": "output.weight"}
+             "model.norm.bias": "output_norm.bias", "lm_head.weight": "output.weight",
+             "gpt_neox.embed_in.weight": "token_embd.weight", "gpt_neox.final_layer_norm.weight": "output_norm.weight",
+             "gpt_neox.final_layer_norm.bias": "output_norm.bias", "embed_out.weight": "output.weight"}
     for i in range(c.num_hidden_layers):
         parts = GGUF_LAYER_NAMES + [("self_attn.qkv_proj", "attn_qkv"), ("mlp.gate_up_proj", "ffn_up")]
         if arch == "gemma2":
@@ -129,12 +139,17 @@ def write_gguf(hf, arch: str, path) -> None:
         for hf_part, g_part in parts:
             for kind in ("weight", "bias"):  # biases: StableLM's norms and q/k/v
                 names[f"model.layers.{i}.{hf_part}.{kind}"] = f"blk.{i}.{g_part}.{kind}"
+        for hf_part, g_part in NEOX_LAYER_NAMES:
+            for kind in ("weight", "bias"):
+                names[f"gpt_neox.layers.{i}.{hf_part}.{kind}"] = f"blk.{i}.{g_part}.{kind}"
     for hf_name, t in hf.state_dict().items():
         if hf_name == "lm_head.weight" and c.tie_word_embeddings:
             continue
         t = t.detach().float().numpy()
         if arch in ("gemma", "gemma2") and hf_name.endswith("norm.weight"):
             t = t + 1  # llama.cpp's converter stores Gemma's (1 + w)
+        if ".query_key_value." in hf_name:  # llama.cpp's converter regroups NeoX's per-head q k v as q|k|v
+            t = t.reshape(c.num_attention_heads, 3, head_dim, *t.shape[1:]).swapaxes(0, 1).reshape(t.shape)
         w.add_tensor(names[hf_name], t)
     w.write_header_to_file()
     w.write_kv_data_to_file()

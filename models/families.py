@@ -1,0 +1,19 @@
+"""Which graph builder serves each architecture: GPT-NeoX has its own layer shape; every
+other family is the Llama layer with options (models/llama.py)."""
+from __future__ import annotations
+
+from types import ModuleType
+
+from fusec.models import gpt_neox, llama
+from fusec.models.config import ModelConfig
+
+BUILDERS: dict[str, ModuleType] = {"gpt_neox": gpt_neox}
+
+
+def builder(cfg: ModelConfig) -> ModuleType:
+    """The module with `weight_shapes(cfg)` and `build_graph(cfg, ...)` for this config."""
+    return BUILDERS.get(cfg.architecture, llama)
+
+
+def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    return builder(cfg).weight_shapes(cfg)
