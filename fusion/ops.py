@@ -80,16 +80,22 @@ def slice_cols(x: np.ndarray, *, start: int, stop: int) -> np.ndarray:
 
 
 def rope(x: np.ndarray, positions: np.ndarray, *, n_heads: int, head_dim: int,
-         inv_freq: tuple[float, ...], scale: float = 1.0) -> np.ndarray:
+         inv_freq: tuple[float, ...], scale: float = 1.0, interleaved: bool = False) -> np.ndarray:
     """Rotary embedding in the rotate-half (NeoX / HF) layout, per head, over the first
     2 * len(inv_freq) dims of each head (partial rotary: the rest pass through); cos
-    and sin are multiplied by `scale` (LongRoPE's attention factor)."""
+    and sin are multiplied by `scale` (LongRoPE's attention factor). `interleaved`:
+    GPT-J's layout (Cohere), pair j is dims (2j, 2j + 1) instead of (j, j + half)."""
     t = x.shape[0]
     freqs = positions.astype(np.float32)[:, None] * np.asarray(inv_freq, dtype=np.float32)[None, :]
     cos = (np.cos(freqs) * np.float32(scale))[:, None, :]
     sin = (np.sin(freqs) * np.float32(scale))[:, None, :]
     xh = x.reshape(t, n_heads, head_dim)
     half = len(inv_freq)
+    if interleaved:
+        out = xh.copy()
+        x1, x2 = xh[..., 0:2 * half:2], xh[..., 1:2 * half:2]
+        out[..., 0:2 * half:2], out[..., 1:2 * half:2] = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+        return out.reshape(t, n_heads * head_dim)
     x1, x2, rest = xh[..., :half], xh[..., half:2 * half], xh[..., 2 * half:]
     out = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
     return out.reshape(t, n_heads * head_dim)
@@ -149,6 +155,11 @@ def silu_mul(x: np.ndarray) -> np.ndarray:
     return gate / (1.0 + np.exp(-gate)) * up
 
 
+def scale(x: np.ndarray, *, factor: float) -> np.ndarray:
+    """x * factor: Cohere's logit_scale."""
+    return x * np.float32(factor)
+
+
 def softcap(x: np.ndarray, *, cap: float) -> np.ndarray:
     """cap * tanh(x / cap): Gemma 2's final logits."""
     return np.float32(cap) * np.tanh(x / np.float32(cap))
@@ -193,4 +204,5 @@ OPS: dict[str, OpSpec] = _registry(
     OpSpec("gelu", 1, gelu, "x * Phi(x), the erf GELU", elementwise=True),
     OpSpec("gather_rows", 2, gather_rows, "x[indices]: the rows that need logits"),
     OpSpec("softcap", 1, softcap, "cap * tanh(x / cap); attr cap", elementwise=True),
+    OpSpec("scale", 1, scale, "x * factor; attr factor", elementwise=True),
 )

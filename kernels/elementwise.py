@@ -216,6 +216,26 @@ class Gelu(ChunkedRowKernel):
 
 
 @dataclass(frozen=True)
+class Scale(ChunkedRowKernel):
+    """y = x * factor (Cohere's logit_scale)."""
+
+    family = "scale"
+    cols: int
+    act: DType
+    factor: float
+
+    def params(self) -> list[Param]:
+        return self._params("x", "y")
+
+    def body(self, kb: KernelBuilder) -> None:
+        b = kb.b
+        row = row_offset(kb, kb.block_id(0), self.cols)
+        with self.chunk_loop(kb) as i:
+            at = b.add(row, kb.wide(i))
+            kb.store(kb["y"], at, b.fmul(kb.load(kb["x"], at, self.act), kb.f32(self.factor)), self.act)
+
+
+@dataclass(frozen=True)
 class Softcap(ChunkedRowKernel):
     """y = cap * tanh(x / cap) (Gemma 2's final logits)."""
 

@@ -129,7 +129,9 @@ def _rope_kv(rng, size: int, dtype: DType, qk_norm: bool = False) -> Example:
     slots[t // 2] = -1  # a padding token: nothing written
     inputs["slot_mapping"] = slots
     pos = g.input("positions", ("T",))
-    # the widest example turns only part of each head (partial rotary) and scales cos/sin
+    # the widest example turns only part of each head (partial rotary) and scales cos/sin; the middle one
+    # pairs dims GPT-J's way (interleaved)
+    interleaved = size == 1
     rot = hd if size < 2 else hd // 2 + (hd // 2) % 2
     inv_freq = tuple(float(f) for f in 1.0 / (10000.0 ** (np.arange(0, rot, 2) / rot)))
     scale = 1.0 if size < 2 else 1.19
@@ -142,9 +144,9 @@ def _rope_kv(rng, size: int, dtype: DType, qk_norm: bool = False) -> Example:
         k = g.op("head_rms_norm", [k, g.weight("k_norm_w", (hd,), dtype)], ("T", kvs), dtype, name="k_norm",
                  eps=1e-6, head_dim=hd)
     q = g.op("rope", [q, pos], ("T", qs), dtype, name="q_rope", n_heads=h, head_dim=hd, inv_freq=inv_freq,
-             scale=scale)
+             scale=scale, interleaved=interleaved)
     k = g.op("rope", [k, pos], ("T", kvs), dtype, name="k_rope", n_heads=kv, head_dim=hd, inv_freq=inv_freq,
-             scale=scale)
+             scale=scale, interleaved=interleaved)
     cache = g.state("cache", (2, "NB", bs, kv, hd), dtype)
     cache = g.op("kv_write", [k, v, cache, g.input("slot_mapping", ("T",))], (2, "NB", bs, kv, hd), dtype,
                  name="kv_write")
@@ -194,6 +196,8 @@ def _row_op(kind: str, gemm: bool = True):
                        ("T", k), dtype, name="y")
         elif kind == "gelu":
             out = g.op("gelu", [_act(g, rng, "x", t, k, dtype, inputs)], ("T", k), dtype, name="y")
+        elif kind == "scale":
+            out = g.op("scale", [_act(g, rng, "x", t, k, dtype, inputs)], ("T", k), dtype, name="y", factor=0.0625)
         elif kind == "softcap":
             out = g.op("softcap", [_act(g, rng, "x", t, k, dtype, inputs)], ("T", k), dtype, name="y", cap=1.5)
         elif kind == "bias_add":
@@ -234,6 +238,7 @@ EXAMPLES: dict[str, Callable[[np.random.Generator, int, DType], Example]] = {
     "silu_mul": _row_op("silu_mul"),
     "gelu_tanh_mul": _row_op("gelu_tanh_mul"),
     "softcap": _row_op("softcap"),
+    "scale": _row_op("scale"),
     "gelu": _row_op("gelu"),
     "gather_rows": _row_op("gather_rows"),
     "add": _row_op("add"),

@@ -14,7 +14,7 @@ from fusec.fusion.patterns import Match, Pattern, PNode, Registry
 from fusec.fusion.plan import Arg, Launch, LowerContext
 from fusec.kernels.attention import PagedAttention, heads_per_block
 from fusec.kernels.base import cdiv
-from fusec.kernels.elementwise import Add, AddRmsNorm, BiasAdd, Embed, GatherRows, Gelu, SiluMul, Softcap
+from fusec.kernels.elementwise import Add, AddRmsNorm, BiasAdd, Embed, GatherRows, Gelu, Scale, SiluMul, Softcap
 from fusec.kernels.gemv import Gemv, vector_width
 from fusec.kernels.rope_kv import RopeKVWrite, cos_sin_table
 
@@ -186,6 +186,7 @@ def rope_kv_constraint(m: Match) -> bool:
     ok = (sq.inputs[0] == sk.inputs[0] == sv.inputs[0] and rq.inputs[1] == rk.inputs[1]
           and rq.attrs["inv_freq"] == rk.attrs["inv_freq"] and rq.attrs["head_dim"] == rk.attrs["head_dim"]
           and rq.attrs.get("scale", 1.0) == rk.attrs.get("scale", 1.0)
+          and rq.attrs.get("interleaved", False) == rk.attrs.get("interleaved", False)
           and sk.attrs["stop"] - sk.attrs["start"] == sv.attrs["stop"] - sv.attrs["start"]
           and len({rq.type.dtype, rk.type.dtype, sv.type.dtype, m["kv_write"].type.dtype}) == 1)
     if m.get("q_norm") is None:
@@ -208,7 +209,7 @@ def lower_rope_kv(m: Match, ctx: LowerContext) -> Launch:
     kernel = RopeKVWrite(n_heads=rq.attrs["n_heads"], n_kv_heads=rk.attrs["n_heads"], head_dim=rq.attrs["head_dim"],
                          qkv_cols=m.graph.node(qkv).type.shape[1], q_offset=sq.attrs["start"],
                          k_offset=sk.attrs["start"], v_offset=sv.attrs["start"], act=rq.type.dtype,
-                         rotary_dim=2 * len(inv_freq), **norm)
+                         rotary_dim=2 * len(inv_freq), interleaved=rq.attrs.get("interleaved", False), **norm)
     cache = kvw.inputs[2]
     args = {"qkv": V(qkv), "positions": V(rq.inputs[1]), "cos_sin": Arg("const", table),
             "slots": V(kvw.inputs[3]), "k_cache": Arg("k_cache", cache), "v_cache": Arg("v_cache", cache),
@@ -341,6 +342,9 @@ def default_registry() -> Registry:
     reg.register(Pattern("gelu", 5, (PNode("gelu", "gelu"),),
                          _row_op("gelu", lambda m, n: Gelu(n.type.shape[1], n.type.dtype), ("x",)),
                          constraint=same_act_dtype, doc="GELU (erf)"))
+    reg.register(Pattern("scale", 5, (PNode("scale", "scale"),),
+                         _row_op("scale", lambda m, n: Scale(n.type.shape[1], n.type.dtype, n.attrs["factor"]), ("x",)),
+                         constraint=same_act_dtype, doc="x * factor (Cohere's logit_scale)"))
     reg.register(Pattern("softcap", 5, (PNode("softcap", "softcap"),),
                          _row_op("softcap", lambda m, n: Softcap(n.type.shape[1], n.type.dtype, n.attrs["cap"]), ("x",)),
                          constraint=same_act_dtype, doc="cap * tanh(x / cap) (Gemma 2's final logits)"))

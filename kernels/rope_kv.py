@@ -33,6 +33,7 @@ class RopeKVWrite(Kernel):
     norm_eps: float = 0.0
     norm_weight: DType = DType.F32  # the q_norm / k_norm weights' dtype
     rotary_dim: int = 0  # dims of each head that turn (partial rotary); 0: all
+    interleaved: bool = False  # GPT-J's pairs (2j, 2j + 1) (Cohere) instead of (j, j + rot_half)
 
     def params(self) -> list[Param]:
         names = ("qkv", "positions", "cos_sin", "slots", "k_cache", "v_cache", "q_out")
@@ -82,12 +83,15 @@ class RopeKVWrite(Kernel):
         b, hd, rh = kb.b, self.head_dim, self.rot_half
         with kb.lane_loop(heads * rh) as i:
             h, j = b.add(first, b.sdiv(i, kb.i32(rh))), b.srem(i, kb.i32(rh))
-            x1, x2 = value(h, j), value(h, b.add(j, kb.i32(rh)))
+            # the pair's two dims: (j, j + rot_half), or interleaved (2j, 2j + 1)
+            d1 = b.mul(j, kb.i32(2)) if self.interleaved else j
+            d2 = b.add(d1, kb.i32(1 if self.interleaved else rh))
+            x1, x2 = value(h, d1), value(h, d2)
             c = kb.load(kb["cos_sin"], b.add(cs_row, kb.wide(j)), DType.F32)
             s = kb.load(kb["cos_sin"], b.add(cs_row, kb.wide(b.add(j, kb.i32(rh)))), DType.F32)
-            col = b.add(b.mul(h, kb.i32(hd)), j)
-            store(col, b.fsub(b.fmul(x1, c), b.fmul(x2, s)))
-            store(b.add(col, kb.i32(rh)), b.fadd(b.fmul(x2, c), b.fmul(x1, s)))
+            head = b.mul(h, kb.i32(hd))
+            store(b.add(head, d1), b.fsub(b.fmul(x1, c), b.fmul(x2, s)))
+            store(b.add(head, d2), b.fadd(b.fmul(x2, c), b.fmul(x1, s)))
         passed = hd - 2 * rh
         if passed:
             with kb.lane_loop(heads * passed) as i:

@@ -18,10 +18,11 @@ HF_ARCHITECTURES = {
     "Gemma2ForCausalLM": "gemma2",
     "StableLmForCausalLM": "stablelm",
     "GPTNeoXForCausalLM": "gpt_neox",
+    "CohereForCausalLM": "cohere",
 }
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "stablelm", "gptneox")
-GGUF_FAMILY = {"gptneox": "gpt_neox"}  # llama.cpp's architecture names that differ from fusec's
-LAYER_NORMED = ("stablelm", "gpt_neox")  # families whose norms are LayerNorms with biases
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "stablelm", "gptneox", "command-r")
+GGUF_FAMILY = {"gptneox": "gpt_neox", "command-r": "cohere"}  # llama.cpp's names that differ from fusec's
+LAYER_NORMED = ("stablelm", "gpt_neox", "cohere")  # families whose norms are LayerNorms (Cohere's without bias)
 GEMMAS = ("gemma", "gemma2")
 # a gated MLP's activation (HF hidden_act) -> the graph's op kind
 GATED_ACTIVATIONS = {"silu": "silu_mul", "gelu_pytorch_tanh": "gelu_tanh_mul", "gelu_tanh": "gelu_tanh_mul"}
@@ -66,7 +67,10 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # None: head_dim
     sliding_layers: tuple[int, ...] | None = None  # layers with the sliding window; None: all
     norm: str = "rms_norm"  # or "layer_norm": LayerNorm with a bias (StableLM, GPT-NeoX)
-    parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX)
+    parallel_residual: bool = False  # x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX; Cohere: one norm for both)
+    norm_bias: bool = True  # a LayerNorm's bias (Cohere's have none: zeros)
+    logit_scale: float | None = None  # logits times this (Cohere)
+    interleaved_rope: bool = False  # GPT-J's rotary pairs (2j, 2j + 1) (Cohere)
     # rope_type plus its parameters, in HF's naming ("default", "linear", "llama3").
     rope_scaling: Mapping[str, Any] = field(default_factory=lambda: {"rope_type": "default"})
     bos_token_id: int | None = None
@@ -166,6 +170,8 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> ModelConfig:
                                     f"{', '.join(GATED_ACTIVATIONS)}")
     if cfg.get("mlp_bias"):
         raise UnsupportedModelError(f"{source}: mlp_bias is not supported")
+    if arch == "cohere" and cfg.get("use_qk_norm"):
+        raise UnsupportedModelError(f"{source}: Cohere with use_qk_norm (per-head LayerNorms) is not supported")
     if arch == "stablelm":
         for flag in ("use_parallel_residual", "qk_layernorm"):
             if cfg.get(flag):
@@ -219,7 +225,10 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> ModelConfig:
         query_pre_attn_scalar=cfg.get("query_pre_attn_scalar") if arch == "gemma2" else None,
         sliding_layers=sliding_layers,
         norm="layer_norm" if arch in LAYER_NORMED else "rms_norm",
-        parallel_residual=bool(arch == "gpt_neox" and cfg.get("use_parallel_residual", True)),
+        parallel_residual=arch == "cohere" or bool(arch == "gpt_neox" and cfg.get("use_parallel_residual", True)),
+        norm_bias=arch != "cohere",
+        logit_scale=cfg.get("logit_scale") if arch == "cohere" else None,
+        interleaved_rope=arch == "cohere",
         sliding_window=_int(window, "sliding_window", source) if window is not None else None,
         rope_scaling=rope,
         bos_token_id=cfg.get("bos_token_id"),
@@ -292,7 +301,11 @@ def _config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], source: s
         sliding_window=_int(window, f"{arch}.attention.sliding_window", source) if window else None,
         mlp_gate="gelu_tanh_mul" if arch in GEMMAS else "silu_mul",
         norm="layer_norm" if family in LAYER_NORMED else "rms_norm",
-        parallel_residual=bool(family == "gpt_neox" and meta.get(f"{arch}.use_parallel_residual", True)),
+        parallel_residual=family == "cohere" or bool(family == "gpt_neox"
+                                                     and meta.get(f"{arch}.use_parallel_residual", True)),
+        norm_bias=family != "cohere",
+        logit_scale=meta.get(f"{arch}.logit_scale") if family == "cohere" else None,
+        interleaved_rope=family == "cohere",
         scale_embeddings=arch in GEMMAS,
         **(_gemma2_gguf(meta, arch, hidden, heads, head_dim, size("block_count")) if arch == "gemma2" else {}),
         rope_scaling=rope,

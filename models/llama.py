@@ -31,7 +31,7 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every weight the graph reads, by name, with its shape."""
     h, qkv = cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size
     shapes: dict[str, tuple[int, ...]] = {"embed_tokens": (cfg.vocab_size, h), "norm": (h,)}
-    layer_norm = cfg.norm == "layer_norm"  # a bias beside each norm weight
+    layer_norm = cfg.norm == "layer_norm"  # a bias beside each norm weight (zeros where the family has none)
     if layer_norm:
         shapes["norm_bias"] = (h,)
     if not cfg.tie_word_embeddings:
@@ -40,7 +40,7 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         p = f"layers.{i}."
         shapes[p + "input_norm"] = (h,)
         if layer_norm:
-            shapes[p + "input_norm_bias"] = shapes[p + "post_norm_bias"] = (h,)
+            shapes[p + "input_norm_bias"] = (h,)
         shapes[p + "qkv"] = (qkv, h)
         if cfg.qkv_bias:
             shapes[p + "qkv_bias"] = (qkv,)
@@ -49,7 +49,10 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[p + "o"] = (h, cfg.q_size)
         if cfg.o_bias:
             shapes[p + "o_bias"] = (h,)
-        shapes[p + "post_norm"] = (h,)  # the norm before the MLP
+        if not cfg.parallel_residual:  # the norm before the MLP (Cohere's MLP reads the input norm's)
+            shapes[p + "post_norm"] = (h,)
+            if layer_norm:
+                shapes[p + "post_norm_bias"] = (h,)
         if cfg.sandwich_norms:
             shapes[p + "attn_out_norm"] = shapes[p + "mlp_out_norm"] = (h,)
         shapes[p + "gate_up"] = (2 * cfg.intermediate_size, h)
@@ -89,10 +92,10 @@ def attention_block(g: Graph, cfg: ModelConfig, dtype: DType, w: Mapping[str, st
         k = g.op("head_rms_norm", [k, w[p + "k_norm"]], (T, cfg.kv_size), dtype, name=p + "k_norm.out",
                  eps=cfg.rms_norm_eps, head_dim=hd, layer=i)
     positions = inputs["positions"]
-    q = g.op("rope", [q, positions], (T, cfg.q_size), dtype, name=p + "q_rope",
-             n_heads=cfg.num_heads, head_dim=hd, inv_freq=rope_freqs, scale=rope_scale, layer=i)
-    k = g.op("rope", [k, positions], (T, cfg.kv_size), dtype, name=p + "k_rope",
-             n_heads=cfg.num_kv_heads, head_dim=hd, inv_freq=rope_freqs, scale=rope_scale, layer=i)
+    q = g.op("rope", [q, positions], (T, cfg.q_size), dtype, name=p + "q_rope", n_heads=cfg.num_heads, head_dim=hd,
+             inv_freq=rope_freqs, scale=rope_scale, interleaved=cfg.interleaved_rope, layer=i)
+    k = g.op("rope", [k, positions], (T, cfg.kv_size), dtype, name=p + "k_rope", n_heads=cfg.num_kv_heads,
+             head_dim=hd, inv_freq=rope_freqs, scale=rope_scale, interleaved=cfg.interleaved_rope, layer=i)
     cache = g.state(p + "kv_cache", kv_cache_shape(cfg, block_size), dtype)
     cache = g.op("kv_write", [k, v, cache, inputs["slot_mapping"]], kv_cache_shape(cfg, block_size), dtype,
                  name=p + "kv_write", layer=i)
@@ -138,8 +141,13 @@ def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size
             o = g.op("rms_norm", [o, w[p + "attn_out_norm"]], (T, h), dtype, name=p + "attn_out_norm.out",
                      eps=cfg.rms_norm_eps, layer=i)
         x = g.op("add", [residual, o], (T, h), dtype, name=p + "attn_residual", layer=i)
-        residual = x
-        x = norm(x, p + "post_norm", layer=i)
+        if cfg.parallel_residual:
+            # the MLP reads the layer's input normed by the same weights: a second norm op rather than a
+            # shared value, so each GEMV keeps it in its prologue (one launch each)
+            x, residual = norm(residual, p + "input_norm", name=p + "mlp_norm.out", layer=i), x
+        else:
+            residual = x
+            x = norm(x, p + "post_norm", layer=i)
         inter = cfg.intermediate_size
         gu = g.op("matmul", [x, w[p + "gate_up"]], (T, 2 * inter), dtype, name=p + "gate_up.out", layer=i)
         act = g.op(cfg.mlp_gate, [gu], (T, inter), dtype, name=p + cfg.mlp_gate, layer=i)
@@ -153,6 +161,9 @@ def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size
     x = g.op("gather_rows", [x, inputs["logits_indices"]], ("L", h), dtype, name=HIDDEN_ROWS)
     head = w["embed_tokens"] if cfg.tie_word_embeddings else w["lm_head"]
     logits = g.op("matmul", [x, head], ("L", cfg.vocab_size), DType.F32, name="logits")
+    if cfg.logit_scale is not None:
+        logits = g.op("scale", [logits], ("L", cfg.vocab_size), DType.F32, name="scaled_logits",
+                      factor=cfg.logit_scale)
     if cfg.final_softcap:
         logits = g.op("softcap", [logits], ("L", cfg.vocab_size), DType.F32, name="capped_logits",
                       cap=cfg.final_softcap)

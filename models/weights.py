@@ -70,7 +70,8 @@ def hf_names(cfg: ModelConfig, name: str) -> list[str]:
         return _gpt_neox_name(name, gguf=False)
     if not name.startswith("layers."):
         return [{"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight",
-                 "norm_bias": "model.norm.bias", "lm_head": "lm_head.weight"}[name]]
+                 "norm_bias": "model.norm.bias", "lm_head": "lm_head.weight"}[name]] if cfg.norm_bias or \
+            name != "norm_bias" else []
     _, i, part = name.split(".", 2)
     p = f"model.layers.{i}."
     if cfg.architecture in FUSED_IN_CHECKPOINT and part in ("qkv", "gate_up"):
@@ -79,8 +80,8 @@ def hf_names(cfg: ModelConfig, name: str) -> list[str]:
         return [p + SANDWICH_HF[part]]
     return {
         "input_norm": [p + "input_layernorm.weight"],
-        "input_norm_bias": [p + "input_layernorm.bias"],
-        "post_norm_bias": [p + "post_attention_layernorm.bias"],
+        "input_norm_bias": [p + "input_layernorm.bias"] if cfg.norm_bias else [],
+        "post_norm_bias": [p + "post_attention_layernorm.bias"] if cfg.norm_bias else [],
         "qkv": [p + f"self_attn.{x}_proj.weight" for x in "qkv"],
         "qkv_bias": [p + f"self_attn.{x}_proj.bias" for x in "qkv"],
         "q_norm": [p + "self_attn.q_norm.weight"],
@@ -98,7 +99,8 @@ def gguf_names(cfg: ModelConfig, name: str) -> list[str]:
         return _gpt_neox_name(name, gguf=True)
     if not name.startswith("layers."):
         return [{"embed_tokens": "token_embd.weight", "norm": "output_norm.weight",
-                 "norm_bias": "output_norm.bias", "lm_head": "output.weight"}[name]]
+                 "norm_bias": "output_norm.bias", "lm_head": "output.weight"}[name]] if cfg.norm_bias or \
+            name != "norm_bias" else []
     _, i, part = name.split(".", 2)
     p = f"blk.{i}."
     if cfg.architecture in FUSED_IN_CHECKPOINT and part in ("qkv", "gate_up"):
@@ -107,8 +109,8 @@ def gguf_names(cfg: ModelConfig, name: str) -> list[str]:
         return [p + SANDWICH_GGUF[part]]
     return {
         "input_norm": [p + "attn_norm.weight"],
-        "input_norm_bias": [p + "attn_norm.bias"],
-        "post_norm_bias": [p + "ffn_norm.bias"],
+        "input_norm_bias": [p + "attn_norm.bias"] if cfg.norm_bias else [],
+        "post_norm_bias": [p + "ffn_norm.bias"] if cfg.norm_bias else [],
         "qkv": [p + f"attn_{x}.weight" for x in "qkv"],
         "qkv_bias": [p + f"attn_{x}.bias" for x in "qkv"],
         "q_norm": [p + "attn_q_norm.weight"],
@@ -197,6 +199,9 @@ def load_weights(cfg: ModelConfig, source: TensorSource, available: set[str],
     weights: dict[str, np.ndarray] = {}
     for name in tqdm(shapes, desc=desc, unit="tensor", disable=None, leave=False):
         sources = naming(cfg, name)
+        if not sources:  # not in the checkpoint: zeros by the family's definition (Cohere's norm biases)
+            weights[name] = to_storage(np.zeros(shapes[name], np.float32), dtype)
+            continue
         fmt = FORMATS[formats[name]] if name in formats else None
         stored = fmt is not None and all(source.block_format(src) == fmt.name for src in sources)
         parts = []
@@ -216,8 +221,8 @@ def load_weights(cfg: ModelConfig, source: TensorSource, available: set[str],
 
 def _part_shapes(cfg: ModelConfig, name: str, shape: tuple[int, ...], parts: int) -> list[tuple[int, ...]]:
     """The shapes of the `parts` source tensors that weight `name` concatenates along rows."""
-    if parts == 1:
-        return [shape]
+    if parts <= 1:  # no source: a weight the family defines as zeros (Cohere's norm biases)
+        return [shape][:parts]
     rows = {"qkv": (cfg.q_size, cfg.kv_size, cfg.kv_size), "qkv_bias": (cfg.q_size, cfg.kv_size, cfg.kv_size),
             "gate_up": (cfg.intermediate_size,) * 2}.get(name.rsplit(".", 1)[-1])
     return [shape] if rows is None else [(r, *shape[1:]) for r in rows]

@@ -86,6 +86,12 @@ TINY_SPECS = [
         num_attention_heads=6, max_position_embeddings=128, layer_norm_eps=1e-5, use_parallel_residual=True,
         attention_bias=True, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    # one bias-free LayerNorm feeding attention and MLP in parallel, GPT-J (interleaved) rotary, logit scale
+    TinySpec("cohere", "cohere", dict(
+        vocab_size=229, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, layer_norm_eps=1e-5,
+        logit_scale=0.5, tie_word_embeddings=True, use_qk_norm=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 ]
 
 
@@ -103,6 +109,7 @@ def make_hf_model(spec: TinySpec, seed: int = 0):
         "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
         "stablelm": (transformers.StableLmConfig, transformers.StableLmForCausalLM),
         "gpt_neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM),
+        "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM),
     }[spec.arch]
     config = cls_config(**spec.kwargs, attn_implementation="eager")
     torch.manual_seed(seed)

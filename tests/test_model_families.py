@@ -18,7 +18,7 @@ from fusec.runtime.engine import EngineConfig, LLMEngine
 from fusec.runtime.sequence import SamplingParams
 from helpers import run_requests
 
-FAMILIES = ["qwen3", "phi3", "gemma", "gemma2", "stablelm", "gpt_neox"]
+FAMILIES = ["qwen3", "phi3", "gemma", "gemma2", "stablelm", "gpt_neox", "cohere"]
 NEW_TOKENS = 20
 # transformers picks LongRoPE's factors by each forward's length; fusec by the served
 # context (as vLLM and llama.cpp): up to the original 64 positions both use the short ones
@@ -93,7 +93,7 @@ def write_gguf(hf, arch: str, path) -> None:
     import math
 
     c = hf.config
-    gguf_arch = {"gpt_neox": "gptneox"}.get(arch, arch)
+    gguf_arch = {"gpt_neox": "gptneox", "cohere": "command-r"}.get(arch, arch)
     w = gguf.GGUFWriter(str(path), gguf_arch)
     rope = c.rope_parameters
     if arch == "gemma2":  # llama.cpp stores the caps and the window; every other layer slides
@@ -118,11 +118,14 @@ def write_gguf(hf, arch: str, path) -> None:
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    if arch in ("stablelm", "gpt_neox"):  # LayerNorms: their eps under another key; RoPE on part of each head
+    if arch in ("stablelm", "gpt_neox", "cohere"):  # LayerNorms: their eps under another key
         w.add_layer_norm_eps(c.layer_norm_eps)
         if arch == "gpt_neox":
             w.add_parallel_residual(c.use_parallel_residual)
-        w.add_rope_dimension_count(int(c.hidden_size // c.num_attention_heads * rope["partial_rotary_factor"]))
+        if arch == "cohere":
+            w.add_logit_scale(c.logit_scale)
+        else:  # RoPE on part of each head
+            w.add_rope_dimension_count(int(c.hidden_size // c.num_attention_heads * rope["partial_rotary_factor"]))
     else:
         w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(rope["rope_theta"])
