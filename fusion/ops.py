@@ -66,6 +66,16 @@ def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, *, eps: float) -> np
     return centred * inv.astype(np.float32) * w + b
 
 
+def head_layer_norm(x: np.ndarray, w: np.ndarray, *, eps: float, head_dim: int) -> np.ndarray:
+    """A bias-free LayerNorm of each head's slice of x[T, heads * head_dim], each head with
+    its own weights w[heads, head_dim] (Cohere's q_norm / k_norm)."""
+    t = x.shape[0]
+    heads = x.reshape(t, -1, head_dim)
+    centred = heads - np.mean(heads, axis=-1, keepdims=True)
+    inv = 1.0 / np.sqrt(np.mean(np.square(centred), axis=-1, keepdims=True) + np.float32(eps))
+    return (centred * inv.astype(np.float32) * w).reshape(x.shape)
+
+
 def matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     """x[T, K] @ w[N, K]^T: weights are stored output-major, as in HF checkpoints."""
     return x @ w.T
@@ -190,6 +200,8 @@ OPS: dict[str, OpSpec] = _registry(
     OpSpec("embed", 2, embed, "rows of an embedding table: (ids[T], table[V, H]) -> [T, H]; attr scale"),
     OpSpec("add", 2, add, "elementwise sum", elementwise=True),
     OpSpec("rms_norm", 2, rms_norm, "x / rms(x) * w over the last axis; attr eps"),
+    OpSpec("head_layer_norm", 2, head_layer_norm,
+           "bias-free LayerNorm per head, per-head weights: x[T, heads*hd], w[heads, hd]; attrs eps, head_dim"),
     OpSpec("layer_norm", 3, layer_norm, "(x - mean) / std * w + b over the last axis; attr eps"),
     OpSpec("head_rms_norm", 2, head_rms_norm, "rms_norm per head: x[T, heads*hd], w[hd]; attrs eps, head_dim"),
     OpSpec("matmul", 2, matmul, "x[T, K] @ w[N, K]^T", split_output=True),

@@ -113,7 +113,7 @@ def _paged_metadata(rng, s: dict, new: list[int], ctx: list[int], inputs: dict) 
     return num_blocks
 
 
-def _rope_kv(rng, size: int, dtype: DType, qk_norm: bool = False) -> Example:
+def _rope_kv(rng, size: int, dtype: DType, qk_norm: str = "") -> Example:
     s = SIZES[size]
     h, kv, hd, bs = s["h"], s["kv"], s["hd"], s["bs"]
     t = s["t"] + 2
@@ -138,11 +138,12 @@ def _rope_kv(rng, size: int, dtype: DType, qk_norm: bool = False) -> Example:
     q = g.op("slice", [qkv], ("T", qs), dtype, name="q", start=0, stop=qs)
     k = g.op("slice", [qkv], ("T", kvs), dtype, name="k", start=qs, stop=qs + kvs)
     v = g.op("slice", [qkv], ("T", kvs), dtype, name="v", start=qs + kvs, stop=qs + 2 * kvs)
-    if qk_norm:
-        q = g.op("head_rms_norm", [q, g.weight("q_norm_w", (hd,), dtype)], ("T", qs), dtype, name="q_norm",
-                 eps=1e-6, head_dim=hd)
-        k = g.op("head_rms_norm", [k, g.weight("k_norm_w", (hd,), dtype)], ("T", kvs), dtype, name="k_norm",
-                 eps=1e-6, head_dim=hd)
+    if qk_norm:  # "head_rms_norm" (one weight row for all heads) or "head_layer_norm" (a row per head)
+        per_head = qk_norm == "head_layer_norm"
+        q = g.op(qk_norm, [q, g.weight("q_norm_w", (h, hd) if per_head else (hd,), dtype)], ("T", qs), dtype,
+                 name="q_norm", eps=1e-6, head_dim=hd)
+        k = g.op(qk_norm, [k, g.weight("k_norm_w", (kv, hd) if per_head else (hd,), dtype)], ("T", kvs), dtype,
+                 name="k_norm", eps=1e-6, head_dim=hd)
     q = g.op("rope", [q, pos], ("T", qs), dtype, name="q_rope", n_heads=h, head_dim=hd, inv_freq=inv_freq,
              scale=scale, interleaved=interleaved)
     k = g.op("rope", [k, pos], ("T", kvs), dtype, name="k_rope", n_heads=kv, head_dim=hd, inv_freq=inv_freq,
@@ -228,7 +229,8 @@ EXAMPLES: dict[str, Callable[[np.random.Generator, int, DType], Example]] = {
     "gemv_bias": _gemv("none", bias=True),
     "gemv": _gemv("none", bias=False),
     "rope_kv_write": _rope_kv,
-    "qk_norm_rope_kv_write": lambda rng, size, dtype: _rope_kv(rng, size, dtype, qk_norm=True),
+    "qk_norm_rope_kv_write": lambda rng, size, dtype: _rope_kv(rng, size, dtype, qk_norm="head_rms_norm"),
+    "qk_layer_norm_rope_kv_write": lambda rng, size, dtype: _rope_kv(rng, size, dtype, qk_norm="head_layer_norm"),
     "paged_attention": _attention,
     "embed": _embed,
     "add_rms_norm": _norm_gemv(add=True, bias=False, gather=False, gemm=True),

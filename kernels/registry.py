@@ -205,7 +205,8 @@ def lower_rope_kv(m: Match, ctx: LowerContext) -> Launch:
         ctx.constants[table] = cos_sin_table(inv_freq, ctx.max_positions, scale)
     qkv = sq.inputs[0]
     nq, nk = m.get("q_norm"), m.get("k_norm")
-    norm = {} if nq is None else dict(qk_norm=True, norm_eps=nq.attrs["eps"], norm_weight=_dtype(m, nq.inputs[1]))
+    norm = {} if nq is None else dict(qk_norm=True, norm_eps=nq.attrs["eps"], norm_weight=_dtype(m, nq.inputs[1]),
+                                      qk_layer=nq.kind == "head_layer_norm")
     kernel = RopeKVWrite(n_heads=rq.attrs["n_heads"], n_kv_heads=rk.attrs["n_heads"], head_dim=rq.attrs["head_dim"],
                          qkv_cols=m.graph.node(qkv).type.shape[1], q_offset=sq.attrs["start"],
                          k_offset=sk.attrs["start"], v_offset=sv.attrs["start"], act=rq.type.dtype,
@@ -222,10 +223,11 @@ def lower_rope_kv(m: Match, ctx: LowerContext) -> Launch:
 ROPE_KV = (PNode("q", "slice"), PNode("k", "slice"), PNode("v", "slice"),
            PNode("q_rope", "rope", (("q", 0),)), PNode("k_rope", "rope", (("k", 0),)),
            PNode("kv_write", "kv_write", (("k_rope", 0), ("v", 1))))
-QK_NORM_ROPE_KV = (PNode("q", "slice"), PNode("k", "slice"), PNode("v", "slice"),
-                   PNode("q_norm", "head_rms_norm", (("q", 0),)), PNode("k_norm", "head_rms_norm", (("k", 0),)),
-                   PNode("q_rope", "rope", (("q_norm", 0),)), PNode("k_rope", "rope", (("k_norm", 0),)),
-                   PNode("kv_write", "kv_write", (("k_rope", 0), ("v", 1))))
+def _qk_norm_rope_kv(kind: str) -> tuple[PNode, ...]:
+    return (PNode("q", "slice"), PNode("k", "slice"), PNode("v", "slice"),
+            PNode("q_norm", kind, (("q", 0),)), PNode("k_norm", kind, (("k", 0),)),
+            PNode("q_rope", "rope", (("q_norm", 0),)), PNode("k_rope", "rope", (("k_norm", 0),)),
+            PNode("kv_write", "kv_write", (("k_rope", 0), ("v", 1))))
 
 
 # -- single ops -----------------------------------------------------------------------
@@ -312,8 +314,12 @@ def default_registry() -> Registry:
         reg.register(p)
     reg.register(Pattern("rope_kv_write", 70, ROPE_KV, lower_rope_kv, constraint=rope_kv_constraint,
                          doc="RoPE on q and k + k, v written into the paged cache"))
-    reg.register(Pattern("qk_norm_rope_kv_write", 72, QK_NORM_ROPE_KV, lower_rope_kv, constraint=rope_kv_constraint,
+    reg.register(Pattern("qk_norm_rope_kv_write", 72, _qk_norm_rope_kv("head_rms_norm"), lower_rope_kv,
+                         constraint=rope_kv_constraint,
                          doc="per-head RMSNorm of q and k (Qwen3) + RoPE + k, v written into the paged cache"))
+    reg.register(Pattern("qk_layer_norm_rope_kv_write", 72, _qk_norm_rope_kv("head_layer_norm"), lower_rope_kv,
+                         constraint=rope_kv_constraint,
+                         doc="per-head LayerNorm of q and k (Cohere) + RoPE + k, v written into the paged cache"))
     reg.register(Pattern("paged_attention", 65, (PNode("attention", "attention"),), lower_attention,
                          constraint=attention_constraint, doc="causal paged GQA attention (decode and prefill)"))
     reg.register(Pattern("embed", 10, (PNode("embed", "embed"),), lower_embed, doc="embedding rows"))

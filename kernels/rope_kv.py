@@ -32,6 +32,7 @@ class RopeKVWrite(Kernel):
     qk_norm: bool = False
     norm_eps: float = 0.0
     norm_weight: DType = DType.F32  # the q_norm / k_norm weights' dtype
+    qk_layer: bool = False  # the head norms are bias-free LayerNorms with per-head weights (Cohere)
     rotary_dim: int = 0  # dims of each head that turn (partial rotary); 0: all
     interleaved: bool = False  # GPT-J's pairs (2j, 2j + 1) (Cohere) instead of (j, j + rot_half)
 
@@ -64,16 +65,23 @@ class RopeKVWrite(Kernel):
         if not self.qk_norm:  # all heads' pairs at once over the lanes
             self._turn(kb, kb.i32(0), heads, raw, cs_row, store)
             return
-        with kb.loop(0, heads) as h:  # head by head: its inverse RMS is a block reduction
+        with kb.loop(0, heads) as h:  # head by head: its mean and inverse RMS are block reductions
+            centre = kb.f32(0.0)
+            if self.qk_layer:
+                total = kb.var(kb.f32(0.0))
+                with kb.lane_loop(hd) as i:
+                    total.set(kb.fadd(total.get(), raw(h, i)))
+                centre = b.fdiv(kb.reduce(total.get()), kb.f32(hd))
             sq = kb.var(kb.f32(0.0))
             with kb.lane_loop(hd) as i:
-                x = raw(h, i)
+                x = b.fsub(raw(h, i), centre)
                 sq.set(kb.fadd(sq.get(), kb.fmul(x, x)))
             inv = b.fdiv(kb.f32(1.0), kb.sqrt(b.fadd(b.fdiv(kb.reduce(sq.get()), kb.f32(hd)), kb.f32(self.norm_eps))))
 
-            def normed(hh, j):  # rounded as the reference's head_rms_norm output is
-                return round_to(kb, b.fmul(b.fmul(raw(hh, j), inv), kb.load(kb[norm_w], j, self.norm_weight)),
-                                self.act)
+            def normed(hh, j):  # rounded as the reference's head norm output is
+                at = b.add(b.mul(hh, kb.i32(hd)), j) if self.qk_layer else j  # per-head weights, or shared
+                return round_to(kb, b.fmul(b.fmul(b.fsub(raw(hh, j), centre), inv),
+                                           kb.load(kb[norm_w], at, self.norm_weight)), self.act)
 
             self._turn(kb, h, 1, normed, cs_row, store)
 

@@ -55,6 +55,7 @@ class ModelConfig:
     o_bias: bool = False
     sliding_window: int | None = None
     qk_norm: bool = False  # RMSNorm of each q and k head before RoPE (Qwen3)
+    qk_layer_norm: bool = False  # a bias-free LayerNorm of each q and k head, weights per head (Cohere)
     partial_rotary_factor: float = 1.0  # the fraction of each head's dims that RoPE turns
     mlp_gate: str = "silu_mul"  # the gated MLP's op kind: "silu_mul", or "gelu_tanh_mul" (Gemma's GeGLU)
     scale_embeddings: bool = False  # embeddings times sqrt(hidden_size) (Gemma)
@@ -170,12 +171,8 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> ModelConfig:
                                     f"{', '.join(GATED_ACTIVATIONS)}")
     if cfg.get("mlp_bias"):
         raise UnsupportedModelError(f"{source}: mlp_bias is not supported")
-    if arch == "cohere" and cfg.get("use_qk_norm"):
-        raise UnsupportedModelError(f"{source}: Cohere with use_qk_norm (per-head LayerNorms) is not supported")
-    if arch == "stablelm":
-        for flag in ("use_parallel_residual", "qk_layernorm"):
-            if cfg.get(flag):
-                raise UnsupportedModelError(f"{source}: StableLM with {flag} is not supported")
+    if arch == "stablelm" and cfg.get("qk_layernorm"):
+        raise UnsupportedModelError(f"{source}: StableLM with qk_layernorm (per-head LayerNorms) is not supported")
     if arch in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
         raise UnsupportedModelError(f"{source}: {arch} use_sliding_window is not supported")
     hidden = _int(_require(cfg, "hidden_size", source), "hidden_size", source)
@@ -225,10 +222,12 @@ def _config_from_hf(cfg: Mapping[str, Any], source: str) -> ModelConfig:
         query_pre_attn_scalar=cfg.get("query_pre_attn_scalar") if arch == "gemma2" else None,
         sliding_layers=sliding_layers,
         norm="layer_norm" if arch in LAYER_NORMED else "rms_norm",
-        parallel_residual=arch == "cohere" or bool(arch == "gpt_neox" and cfg.get("use_parallel_residual", True)),
+        parallel_residual=arch == "cohere" or bool(arch in ("gpt_neox", "stablelm")
+                                                   and cfg.get("use_parallel_residual", arch == "gpt_neox")),
         norm_bias=arch != "cohere",
         logit_scale=cfg.get("logit_scale") if arch == "cohere" else None,
         interleaved_rope=arch == "cohere",
+        qk_layer_norm=bool(arch == "cohere" and cfg.get("use_qk_norm")),
         sliding_window=_int(window, "sliding_window", source) if window is not None else None,
         rope_scaling=rope,
         bos_token_id=cfg.get("bos_token_id"),
@@ -296,13 +295,15 @@ def _config_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], source: s
         tie_word_embeddings="output.weight" not in tensor_names,
         qkv_bias="blk.0.attn_q.bias" in tensor_names or "blk.0.attn_qkv.bias" in tensor_names,
         o_bias="blk.0.attn_output.bias" in tensor_names,
-        qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+        qk_norm=family != "cohere" and "blk.0.attn_q_norm.weight" in tensor_names,
+        qk_layer_norm=family == "cohere" and "blk.0.attn_q_norm.weight" in tensor_names,
         partial_rotary_factor=_int(rotary, f"{arch}.rope.dimension_count", source) / head_dim if rotary else 1.0,
         sliding_window=_int(window, f"{arch}.attention.sliding_window", source) if window else None,
         mlp_gate="gelu_tanh_mul" if arch in GEMMAS else "silu_mul",
         norm="layer_norm" if family in LAYER_NORMED else "rms_norm",
-        parallel_residual=family == "cohere" or bool(family == "gpt_neox"
-                                                     and meta.get(f"{arch}.use_parallel_residual", True)),
+        # llama.cpp: GPT-NeoX says so in a key; a StableLM without ffn_norm tensors is parallel
+        parallel_residual=family == "cohere" or (family == "stablelm" and "blk.0.ffn_norm.weight" not in tensor_names)
+        or bool(family == "gpt_neox" and meta.get(f"{arch}.use_parallel_residual", True)),
         norm_bias=family != "cohere",
         logit_scale=meta.get(f"{arch}.logit_scale") if family == "cohere" else None,
         interleaved_rope=family == "cohere",

@@ -46,6 +46,8 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[p + "qkv_bias"] = (qkv,)
         if cfg.qk_norm:
             shapes[p + "q_norm"] = shapes[p + "k_norm"] = (cfg.head_dim,)
+        if cfg.qk_layer_norm:  # a weight row per head
+            shapes[p + "q_norm"], shapes[p + "k_norm"] = (cfg.num_heads, cfg.head_dim), (cfg.num_kv_heads, cfg.head_dim)
         shapes[p + "o"] = (h, cfg.q_size)
         if cfg.o_bias:
             shapes[p + "o_bias"] = (h,)
@@ -86,10 +88,11 @@ def attention_block(g: Graph, cfg: ModelConfig, dtype: DType, w: Mapping[str, st
              start=cfg.q_size, stop=cfg.q_size + cfg.kv_size, layer=i)
     v = g.op("slice", [qkv], (T, cfg.kv_size), dtype, name=p + "v",
              start=cfg.q_size + cfg.kv_size, stop=qkv_cols, layer=i)
-    if cfg.qk_norm:
-        q = g.op("head_rms_norm", [q, w[p + "q_norm"]], (T, cfg.q_size), dtype, name=p + "q_norm.out",
+    if cfg.qk_norm or cfg.qk_layer_norm:
+        kind = "head_layer_norm" if cfg.qk_layer_norm else "head_rms_norm"
+        q = g.op(kind, [q, w[p + "q_norm"]], (T, cfg.q_size), dtype, name=p + "q_norm.out",
                  eps=cfg.rms_norm_eps, head_dim=hd, layer=i)
-        k = g.op("head_rms_norm", [k, w[p + "k_norm"]], (T, cfg.kv_size), dtype, name=p + "k_norm.out",
+        k = g.op(kind, [k, w[p + "k_norm"]], (T, cfg.kv_size), dtype, name=p + "k_norm.out",
                  eps=cfg.rms_norm_eps, head_dim=hd, layer=i)
     positions = inputs["positions"]
     q = g.op("rope", [q, positions], (T, cfg.q_size), dtype, name=p + "q_rope", n_heads=cfg.num_heads, head_dim=hd,

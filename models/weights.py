@@ -174,7 +174,7 @@ def weight_formats(cfg: ModelConfig, source: TensorSource | None,
     8 bits per weight, finer than any of the parts."""
     formats: dict[str, str] = {}
     for name, shape in weight_shapes(cfg).items():
-        if len(shape) != 2:
+        if len(shape) != 2 or name.endswith("norm"):  # matrices only: not Cohere's per-head norm weights
             continue
         if quantize_to is not None:
             if shape[1] % FORMATS[quantize_to].block == 0:

@@ -80,17 +80,26 @@ TINY_SPECS = [
         tie_word_embeddings=False, layer_norm_eps=1e-5, use_qkv_bias=True, partial_rotary_factor=0.25,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})),
+    # StableLM's parallel-residual variant: one LayerNorm feeds attention and MLP
+    TinySpec("stablelm_par", "stablelm", dict(
+        vocab_size=233, hidden_size=64, intermediate_size=120, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=False, layer_norm_eps=1e-5, use_qkv_bias=False, use_parallel_residual=True,
+        partial_rotary_factor=0.25,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})),
     # parallel residual, non-gated GELU MLP with biases, per-head interleaved q|k|v, partial rotary
     TinySpec("gpt_neox", "gpt_neox", dict(
         vocab_size=257, hidden_size=72, intermediate_size=136, num_hidden_layers=2,
         num_attention_heads=6, max_position_embeddings=128, layer_norm_eps=1e-5, use_parallel_residual=True,
         attention_bias=True, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
-    # one bias-free LayerNorm feeding attention and MLP in parallel, GPT-J (interleaved) rotary, logit scale
+    # one bias-free LayerNorm feeding attention and MLP in parallel, GPT-J (interleaved) rotary, logit scale,
+    # per-head q/k LayerNorms
     TinySpec("cohere", "cohere", dict(
         vocab_size=229, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, layer_norm_eps=1e-5,
-        logit_scale=0.5, tie_word_embeddings=True, use_qk_norm=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        logit_scale=0.5, tie_word_embeddings=True, use_qk_norm=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
 ]
 

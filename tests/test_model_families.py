@@ -18,7 +18,7 @@ from fusec.runtime.engine import EngineConfig, LLMEngine
 from fusec.runtime.sequence import SamplingParams
 from helpers import run_requests
 
-FAMILIES = ["qwen3", "phi3", "gemma", "gemma2", "stablelm", "gpt_neox", "cohere"]
+FAMILIES = ["qwen3", "phi3", "gemma", "gemma2", "stablelm", "stablelm_par", "gpt_neox", "cohere"]
 NEW_TOKENS = 20
 # transformers picks LongRoPE's factors by each forward's length; fusec by the served
 # context (as vLLM and llama.cpp): up to the original 64 positions both use the short ones
