@@ -1,11 +1,14 @@
-"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma) as one graph builder.
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma 2, StableLM, Cohere)
+as one graph builder.
 
 They differ only in configuration: qkv bias (Qwen2), sliding window (Mistral, Phi-3),
 rope scaling (Llama 3, Phi-3's LongRoPE), partial rotary (Phi-3.5 / Phi-4-mini), an
 RMSNorm of each q and k head before RoPE (Qwen3), GeGLU and embeddings scaled by
 sqrt(hidden) (Gemma, whose (1 + w) norm weights are stored with the 1 added), and Gemma
 2's norms on each block's output, soft-capped attention scores and logits, and sliding
-window on alternate layers. Projections that read the same input are stored
+window on alternate layers; LayerNorms (StableLM, Cohere's without bias), a parallel
+residual from one norm (Cohere, StableLM's variant), GPT-J rotary pairs and a logit
+scale (Cohere). Projections that read the same input are stored
 concatenated (q|k|v and gate|up), as the fused kernels want them.
 """
 from __future__ import annotations
