@@ -130,7 +130,8 @@ class AddRmsNorm(RowKernel):
                 total.set(kb.fadd(total.get(), kb.fmul(v, v)))
         inv = b.fdiv(kb.f32(1.0), kb.sqrt(b.fadd(b.fdiv(kb.reduce(total.get()), kb.f32(self.cols)), kb.f32(self.eps))))
         with kb.lane_loop(self.cols) as i:
-            v = b.fmul(b.fmul(b.fsub(kb.load(src, at(i), self.act), centre), inv), kb.load(kb["norm_w"], i, self.weight))
+            centred = b.fsub(kb.load(src, at(i), self.act), centre)
+            v = b.fmul(b.fmul(centred, inv), kb.load(kb["norm_w"], i, self.weight))
             if self.layer:
                 v = b.fadd(v, kb.load(kb["norm_b"], i, self.weight))
             kb.store(kb["y"], at(i), round_to(kb, v, self.act), self.act)
@@ -196,13 +197,23 @@ class SiluMul(ChunkedRowKernel):
             kb.store(kb["y"], b.add(dst, kb.wide(i)), b.fmul(GATES[self.gate](kb, g), u), self.act)
 
 
-@dataclass(frozen=True)
-class Gelu(ChunkedRowKernel):
-    """y = gelu(x), the erf GELU (GPT-NeoX's MLP)."""
+# one-input elementwise ops: op kind -> y(x, the op's one attribute)
+UNARY = {
+    "gelu": lambda kb, x, arg: gelu(kb, x),  # the erf GELU (GPT-NeoX's MLP)
+    "scale": lambda kb, x, arg: kb.b.fmul(x, kb.f32(arg)),  # Cohere's logit_scale
+    "softcap": lambda kb, x, arg: softcap(kb, x, arg),  # Gemma 2's final logits
+}
 
-    family = "gelu"
+
+@dataclass(frozen=True)
+class Unary(ChunkedRowKernel):
+    """y = op(x) for a one-input elementwise op of UNARY, with its attribute `arg`."""
+
+    family = "unary"
     cols: int
     act: DType
+    op: str
+    arg: float = 0.0
 
     def params(self) -> list[Param]:
         return self._params("x", "y")
@@ -212,47 +223,7 @@ class Gelu(ChunkedRowKernel):
         row = row_offset(kb, kb.block_id(0), self.cols)
         with self.chunk_loop(kb) as i:
             at = b.add(row, kb.wide(i))
-            kb.store(kb["y"], at, gelu(kb, kb.load(kb["x"], at, self.act)), self.act)
-
-
-@dataclass(frozen=True)
-class Scale(ChunkedRowKernel):
-    """y = x * factor (Cohere's logit_scale)."""
-
-    family = "scale"
-    cols: int
-    act: DType
-    factor: float
-
-    def params(self) -> list[Param]:
-        return self._params("x", "y")
-
-    def body(self, kb: KernelBuilder) -> None:
-        b = kb.b
-        row = row_offset(kb, kb.block_id(0), self.cols)
-        with self.chunk_loop(kb) as i:
-            at = b.add(row, kb.wide(i))
-            kb.store(kb["y"], at, b.fmul(kb.load(kb["x"], at, self.act), kb.f32(self.factor)), self.act)
-
-
-@dataclass(frozen=True)
-class Softcap(ChunkedRowKernel):
-    """y = cap * tanh(x / cap) (Gemma 2's final logits)."""
-
-    family = "softcap"
-    cols: int
-    act: DType
-    cap: float
-
-    def params(self) -> list[Param]:
-        return self._params("x", "y")
-
-    def body(self, kb: KernelBuilder) -> None:
-        b = kb.b
-        row = row_offset(kb, kb.block_id(0), self.cols)
-        with self.chunk_loop(kb) as i:
-            at = b.add(row, kb.wide(i))
-            kb.store(kb["y"], at, softcap(kb, kb.load(kb["x"], at, self.act), self.cap), self.act)
+            kb.store(kb["y"], at, UNARY[self.op](kb, kb.load(kb["x"], at, self.act), self.arg), self.act)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from fusec.fusion.patterns import Match, Pattern, PNode, Registry
 from fusec.fusion.plan import Arg, Launch, LowerContext
 from fusec.kernels.attention import PagedAttention, heads_per_block
 from fusec.kernels.base import cdiv
-from fusec.kernels.elementwise import Add, AddRmsNorm, BiasAdd, Embed, GatherRows, Gelu, Scale, SiluMul, Softcap
+from fusec.kernels.elementwise import Add, AddRmsNorm, BiasAdd, Embed, GatherRows, SiluMul, Unary
 from fusec.kernels.gemv import Gemv, vector_width
 from fusec.kernels.rope_kv import RopeKVWrite, cos_sin_table
 
@@ -345,15 +345,12 @@ def default_registry() -> Registry:
     reg.register(Pattern("gather_rows", 5, (PNode("gather_rows", "gather_rows"),),
                          _row_op("gather_rows", lambda m, n: GatherRows(n.type.shape[1], n.type.dtype), ("x", "rows")),
                          constraint=same_act_dtype, doc="row gather (rows that need logits)"))
-    reg.register(Pattern("gelu", 5, (PNode("gelu", "gelu"),),
-                         _row_op("gelu", lambda m, n: Gelu(n.type.shape[1], n.type.dtype), ("x",)),
-                         constraint=same_act_dtype, doc="GELU (erf)"))
-    reg.register(Pattern("scale", 5, (PNode("scale", "scale"),),
-                         _row_op("scale", lambda m, n: Scale(n.type.shape[1], n.type.dtype, n.attrs["factor"]), ("x",)),
-                         constraint=same_act_dtype, doc="x * factor (Cohere's logit_scale)"))
-    reg.register(Pattern("softcap", 5, (PNode("softcap", "softcap"),),
-                         _row_op("softcap", lambda m, n: Softcap(n.type.shape[1], n.type.dtype, n.attrs["cap"]), ("x",)),
-                         constraint=same_act_dtype, doc="cap * tanh(x / cap) (Gemma 2's final logits)"))
+    for kind, attr, doc in (("gelu", None, "GELU (erf)"), ("scale", "factor", "x * factor (Cohere's logit_scale)"),
+                            ("softcap", "cap", "cap * tanh(x / cap) (Gemma 2's final logits)")):
+        unary = lambda m, n, kind=kind, attr=attr: Unary(n.type.shape[1], n.type.dtype, kind,
+                                                         n.attrs[attr] if attr else 0.0)
+        reg.register(Pattern(kind, 5, (PNode(kind, kind),), _row_op(kind, unary, ("x",)), constraint=same_act_dtype,
+                             doc=doc))
     reg.register(Pattern("add", 4, (PNode("add", "add"),),
                          _row_op("add", lambda m, n: Add(n.type.shape[1], n.type.dtype), ("a", "b")),
                          constraint=same_act_dtype, doc="elementwise add"))

@@ -15,7 +15,7 @@ import numpy as np
 from fusec.fusion.dtypes import DType
 from fusec.fusion.ir import Graph
 from fusec.models.config import ModelConfig
-from fusec.models.llama import HIDDEN_ROWS, T, attention_block, graph_inputs
+from fusec.models.llama import HIDDEN_ROWS, T, attention_block, new_graph
 
 
 def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -39,12 +39,8 @@ def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size
                 rope_scale: float = 1.0) -> Graph:
     """As llama.build_graph: activations and the KV cache in `dtype`, weights in
     `weight_dtype` or the block format `formats` names."""
-    g = Graph(f"{cfg.architecture}-{cfg.num_layers}L")
+    g, inputs, w = new_graph(cfg, weight_shapes(cfg), dtype, formats, weight_dtype)
     h = cfg.hidden_size
-    inputs = graph_inputs(g)
-    formats = formats or {}
-    w = {name: g.weight(name, shape, weight_dtype or dtype, formats.get(name))
-         for name, shape in weight_shapes(cfg).items()}
 
     def norm(x: str, weight: str, name: str | None = None, **attrs) -> str:
         return g.op("layer_norm", [x, w[weight], w[weight + "_bias"]], (T, h), dtype, name=name or weight + ".out",

@@ -76,6 +76,17 @@ def graph_inputs(g: Graph) -> dict[str, str]:
     return {name: g.input(name, shapes[name]) for name in INPUTS}
 
 
+def new_graph(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]], dtype: DType, formats: Mapping[str, str] | None,
+              weight_dtype: DType | None) -> tuple[Graph, dict[str, str], dict[str, str]]:
+    """A model's graph with its step inputs and weights (in `weight_dtype`, default the
+    activation dtype, or the block format `formats` names): (graph, inputs, weights)."""
+    g = Graph(f"{cfg.architecture}-{cfg.num_layers}L")
+    inputs = graph_inputs(g)
+    formats = formats or {}
+    weights = {name: g.weight(name, shape, weight_dtype or dtype, formats.get(name)) for name, shape in shapes.items()}
+    return g, inputs, weights
+
+
 def attention_block(g: Graph, cfg: ModelConfig, dtype: DType, w: Mapping[str, str], inputs: Mapping[str, str],
                     x: str, i: int, block_size: int, inv_freq: np.ndarray, rope_scale: float) -> str:
     """Layer i's attention of the normed input x up to the O projection: the q|k|v GEMV
@@ -119,12 +130,8 @@ def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size
     """The model as a graph with activations (and the KV cache) in `dtype`; weights in
     `weight_dtype` (default: dtype), or in a block format where `formats` names one.
     RoPE turns 2 * len(inv_freq) dims of each head, with cos and sin times `rope_scale`."""
-    g = Graph(f"{cfg.architecture}-{cfg.num_layers}L")
+    g, inputs, w = new_graph(cfg, weight_shapes(cfg), dtype, formats, weight_dtype)
     h = cfg.hidden_size
-    inputs = graph_inputs(g)
-    formats = formats or {}
-    w = {name: g.weight(name, shape, weight_dtype or dtype, formats.get(name))
-         for name, shape in weight_shapes(cfg).items()}
 
     def norm(x: str, weight: str, name: str | None = None, **attrs) -> str:
         """The family's norm (RMSNorm, or LayerNorm with its bias) of x by `weight`."""
