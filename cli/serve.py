@@ -144,8 +144,8 @@ def serve_cmd(model_tag: str | None, host: str | None, port: int, served_names: 
               disable_uvicorn_access_log: bool, disable_fastapi_docs: bool, disable_log_stats: bool,
               enable_auto_tool_choice: bool, tool_call_parser: str | None, allowed_origins: list[str],
               allowed_methods: list[str], allowed_headers: list[str], allow_credentials: bool, root_path: str,
-              max_request_bytes: int, shutdown_timeout: float, ssl_keyfile: str | None, ssl_certfile: str | None, ssl_ca_certs: str | None,
-              ssl_cert_reqs: int, uvicorn_log_level: str, log_level: str, **options) -> None:
+              max_request_bytes: int, shutdown_timeout: float, ssl_keyfile: str | None, ssl_certfile: str | None,
+              ssl_ca_certs: str | None, ssl_cert_reqs: int, uvicorn_log_level: str, log_level: str, **options) -> None:
     """Serve a model over the OpenAI API (`fusec serve [MODEL]`, like `vllm serve`)."""
     if enable_auto_tool_choice and tool_call_parser is None:
         raise click.UsageError("--enable-auto-tool-choice needs --tool-call-parser")
