@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fusec.models.config import HF_ARCHITECTURES
+
 FUSEC = str(Path(sys.executable).with_name("fusec"))
 
 
@@ -65,7 +67,9 @@ def _bad_inputs(tmp: Path, tiny: Path, smollm2: Path) -> dict[str, tuple[list[st
     gen = ["generate", "--prompt", "hi", "--model"]
     return {
         "missing path": (gen + [str(tmp / "nope")], "does not exist"),
-        "unsupported architecture": (gen + [str(gpt2)], "unsupported architecture GPT2LMHeadModel"),
+        # the refusal lists every supported architecture
+        "unsupported architecture": (gen + [str(gpt2)], "unsupported architecture GPT2LMHeadModel; supported: "
+                                     + ", ".join(HF_ARCHITECTURES)),
         "broken config.json": (gen + [str(broken_json)], "config.json"),
         "truncated safetensors": (gen + [str(truncated_st)], "corrupt or truncated safetensors"),
         "garbage safetensors": (gen + [str(garbage_st)], "corrupt or truncated safetensors"),
