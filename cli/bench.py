@@ -45,6 +45,7 @@ def bench_cmd(levels: list[int], num_prompts: int | None, input_len: int, output
     """Throughput and latency of the engine at each concurrency level (--max-num-seqs
     defaults to the largest N, --max-model-len to input + output + 16; --seed seeds the
     dummy weights and the random prompts)."""
+    from fusec.fusion.traffic import describe
     from fusec.runtime.benchmark import benchmark, plot
 
     if plot_path is not None:
@@ -65,6 +66,8 @@ def bench_cmd(levels: list[int], num_prompts: int | None, input_len: int, output
     report = benchmark(config, levels, input_len, output_len, num_prompts, ignore_eos, seed, bar, structured)
     click.echo(f"{report.model} ({report.dtype} activations, weights {report.weights}, {report.executor}); startup {report.startup_s:.2f}s; "
                f"input {input_len}, output {output_len} tokens")
+    if report.weights_total_bytes:
+        click.echo(f"a decode step of one sequence reads {describe(report.weights_read_bytes, report.weights_total_bytes)}")
     click.echo(f"{'N':>6} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p95':>9} {'ITL p50':>8} {'ITL p95':>8} {'RSS MB':>7}"
                + ("   (+js: every request under a JSON schema)" if structured else ""))
     for r in report.results:

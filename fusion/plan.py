@@ -21,7 +21,7 @@ from fusec.fusion.patterns import BUCKETS, Match, Registry
 log = logging.getLogger(__name__)
 
 # An op whose output IS one of its inputs, updated in place (the KV cache).
-IN_PLACE = {"kv_write": 2}
+IN_PLACE = {"kv_write": 2, "latent_write": 2}
 
 
 @dataclass(frozen=True)

@@ -177,15 +177,21 @@ class BiasAdd(ChunkedRowKernel):
 @dataclass(frozen=True)
 class SiluMul(ChunkedRowKernel):
     """A gated MLP's activation: y = act(gate) * up, act SiLU (`gate` "silu_mul") or
-    GELU-tanh ("gelu_tanh_mul", Gemma's GeGLU)."""
+    GELU-tanh ("gelu_tanh_mul", Gemma's GeGLU). With `groups` (a MoE block's slots),
+    a row [groups * 2 cols] is `groups` rows [gate | up] of their own: the grid takes
+    num_rows * groups rows."""
 
     family = "silu_mul"
-    cols: int  # output width; the input row is [gate | up], twice as wide
+    cols: int  # output width (of a group); the input row is [gate | up], twice as wide
     act: DType
     gate: str = "silu_mul"
+    groups: int = 1
 
     def params(self) -> list[Param]:
         return self._params("gu", "y")
+
+    def grid(self, dims: Mapping[str, int]) -> tuple[int, int]:
+        return dims["num_rows"] * self.groups, -(-self.cols // self.CHUNK)
 
     def body(self, kb: KernelBuilder) -> None:
         b = kb.b

@@ -257,3 +257,8 @@ EXAMPLES |= {name.replace("rms_norm", "layer_norm"): _norm_gemv(**{**kw, "layer"
                  "rms_norm_gemv": dict(add=False, bias=False, gather=False),
                  "add_rms_norm": dict(add=True, bias=False, gather=False, gemm=True),
                  "rms_norm": dict(add=False, bias=False, gather=False, gemm=True)}.items()}
+
+from fusec.kernels.mla_examples import EXAMPLES as MLA_EXAMPLES  # noqa: E402 (they build on the helpers above)
+from fusec.kernels.moe_examples import EXAMPLES as MOE_EXAMPLES  # noqa: E402
+
+EXAMPLES |= MOE_EXAMPLES | MLA_EXAMPLES

@@ -64,6 +64,12 @@ def gemv_constraint(m: Match) -> bool:
     return len(acts) == 1
 
 
+def ungrouped_gemv_constraint(m: Match) -> bool:
+    """A gated prologue reads one [gate | up] per row: a grouped activation (a MoE
+    block's slots) is the MoE GEMVs' (kernels/moe.py)."""
+    return m["act"].attrs.get("groups", 1) == 1 and gemv_constraint(m)
+
+
 # A host thread keeps a tile's prologue rows across the blocks it runs, so a block's size
 # only sets how evenly threads share a GEMV: 16 rows (SmolLM2 q4_1, 2 cores, N = 1 / 8 / 32:
 # 191 / 563 / 620 tok/s; 32 rows 176 / 522 / 569; 64 rows 192 / 528 / 564; 8 rows
@@ -157,9 +163,9 @@ def gemv_patterns() -> list[Pattern]:
         ("rms_norm_gather_gemv", 48, (NORM, GATHER, MM_AFTER_GATHER), set(), gemv_constraint,
          "final norm on the rows that need logits + LM head"),
         ("rms_norm_gemv", 45, (NORM, _mm("norm")), set(), gemv_constraint, "RMSNorm + GEMV (first layer's QKV)"),
-        ("silu_mul_gemv", 40, (PNode("act", "silu_mul"), _mm("act")), set(), gemv_constraint,
+        ("silu_mul_gemv", 40, (PNode("act", "silu_mul"), _mm("act")), set(), ungrouped_gemv_constraint,
          "SiLU(gate) * up + down-projection GEMV"),
-        ("gelu_tanh_mul_gemv", 40, (PNode("act", "gelu_tanh_mul"), _mm("act")), set(), gemv_constraint,
+        ("gelu_tanh_mul_gemv", 40, (PNode("act", "gelu_tanh_mul"), _mm("act")), set(), ungrouped_gemv_constraint,
          "GELU-tanh(gate) * up + down-projection GEMV (Gemma's GeGLU)"),
         ("gelu_gemv_bias", 42, (PNode("act", "gelu"), _mm("act"), BIAS), set(), gemv_constraint,
          "GELU + down-projection GEMV + bias (GPT-NeoX)"),
@@ -302,6 +308,11 @@ def _row_op(role: str, kernel_of, arg_names: tuple[str, ...]):
     return lower
 
 
+def _gated_row(node: Node) -> SiluMul:
+    groups = node.attrs.get("groups", 1)
+    return SiluMul(node.type.shape[1] // groups, node.type.dtype, node.kind, groups)
+
+
 def lower_gemm(m: Match, ctx: LowerContext) -> Launch:
     mm = m["matmul"]
     return Launch(name=mm.name, pattern=m.pattern.name, nodes=(), kind="gemm",
@@ -337,11 +348,11 @@ def default_registry() -> Registry:
                          _row_op("bias_add", lambda m, n: BiasAdd(n.type.shape[1], n.type.dtype, _dtype(m, n.inputs[1])),
                                  ("x", "bias")), constraint=same_act_dtype, doc="bias add"))
     reg.register(Pattern("gelu_tanh_mul", 5, (PNode("gelu_tanh_mul", "gelu_tanh_mul"),),
-                         _row_op("gelu_tanh_mul", lambda m, n: SiluMul(n.type.shape[1], n.type.dtype, "gelu_tanh_mul"),
-                                 ("gu",)), constraint=same_act_dtype, doc="GELU-tanh(gate) * up"))
+                         _row_op("gelu_tanh_mul", lambda m, n: _gated_row(n), ("gu",)), constraint=same_act_dtype,
+                         doc="GELU-tanh(gate) * up (per group)"))
     reg.register(Pattern("silu_mul", 5, (PNode("silu_mul", "silu_mul"),),
-                         _row_op("silu_mul", lambda m, n: SiluMul(n.type.shape[1], n.type.dtype), ("gu",)),
-                         constraint=same_act_dtype, doc="SiLU(gate) * up"))
+                         _row_op("silu_mul", lambda m, n: _gated_row(n), ("gu",)),
+                         constraint=same_act_dtype, doc="SiLU(gate) * up (per group)"))
     reg.register(Pattern("gather_rows", 5, (PNode("gather_rows", "gather_rows"),),
                          _row_op("gather_rows", lambda m, n: GatherRows(n.type.shape[1], n.type.dtype), ("x", "rows")),
                          constraint=same_act_dtype, doc="row gather (rows that need logits)"))
@@ -354,4 +365,8 @@ def default_registry() -> Registry:
     reg.register(Pattern("add", 4, (PNode("add", "add"),),
                          _row_op("add", lambda m, n: Add(n.type.shape[1], n.type.dtype), ("a", "b")),
                          constraint=same_act_dtype, doc="elementwise add"))
+    from fusec.kernels.mla import mla_patterns  # they lower with this module's helpers
+    from fusec.kernels.moe import moe_patterns
+    for p in moe_patterns() + mla_patterns():
+        reg.register(p)
     return reg

@@ -1,5 +1,5 @@
-"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma 2, StableLM, Cohere)
-as one graph builder.
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma 2, StableLM, Cohere,
+and the mixture-of-experts Mixtral, Qwen2-MoE and Qwen3-MoE) as one graph builder.
 
 They differ only in configuration: qkv bias (Qwen2), sliding window (Mistral, Phi-3),
 rope scaling (Llama 3, Phi-3's LongRoPE), partial rotary (Phi-3.5 / Phi-4-mini), an
@@ -8,8 +8,9 @@ sqrt(hidden) (Gemma, whose (1 + w) norm weights are stored with the 1 added), an
 2's norms on each block's output, soft-capped attention scores and logits, and sliding
 window on alternate layers; LayerNorms (StableLM, Cohere's without bias), a parallel
 residual from one norm (Cohere, StableLM's variant), GPT-J rotary pairs and a logit
-scale (Cohere). Projections that read the same input are stored
-concatenated (q|k|v and gate|up), as the fused kernels want them.
+scale (Cohere); sparse MLPs (models/moe.py) on the layers the config names. Projections
+that read the same input are stored concatenated (q|k|v and gate|up), as the fused
+kernels want them.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from fusec.fusion.dtypes import DType, from_storage, to_storage
 from fusec.fusion.ir import Graph
+from fusec.models import moe
 from fusec.models.config import ModelConfig
 
 T = "T"
@@ -60,8 +62,11 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                 shapes[p + "post_norm_bias"] = (h,)
         if cfg.sandwich_norms:
             shapes[p + "attn_out_norm"] = shapes[p + "mlp_out_norm"] = (h,)
-        shapes[p + "gate_up"] = (2 * cfg.intermediate_size, h)
-        shapes[p + "down"] = (h, cfg.intermediate_size)
+        if moe.is_sparse(cfg, i):
+            shapes |= moe.weight_shapes(cfg, p)
+        else:
+            shapes[p + "gate_up"] = (2 * cfg.intermediate_size, h)
+            shapes[p + "down"] = (h, cfg.intermediate_size)
     return shapes
 
 
@@ -124,6 +129,14 @@ def attention_block(g: Graph, cfg: ModelConfig, dtype: DType, w: Mapping[str, st
                 else None, layer=i)
 
 
+def dense_mlp(g: Graph, cfg: ModelConfig, dtype: DType, w: Mapping[str, str], x: str, i: int) -> str:
+    """Layer i's gated MLP of the normed input x: gate|up GEMV, activation, down GEMV."""
+    p, inter = f"layers.{i}.", cfg.intermediate_size
+    gu = g.op("matmul", [x, w[p + "gate_up"]], (T, 2 * inter), dtype, name=p + "gate_up.out", layer=i)
+    act = g.op(cfg.mlp_gate, [gu], (T, inter), dtype, name=p + cfg.mlp_gate, layer=i)
+    return g.op("matmul", [act, w[p + "down"]], (T, cfg.hidden_size), dtype, name=p + "down.out", layer=i)
+
+
 def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size: int = 16,
                 formats: Mapping[str, str] | None = None, weight_dtype: DType | None = None,
                 rope_scale: float = 1.0) -> Graph:
@@ -161,10 +174,7 @@ def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size
         else:
             residual = x
             x = norm(x, p + "post_norm", layer=i)
-        inter = cfg.intermediate_size
-        gu = g.op("matmul", [x, w[p + "gate_up"]], (T, 2 * inter), dtype, name=p + "gate_up.out", layer=i)
-        act = g.op(cfg.mlp_gate, [gu], (T, inter), dtype, name=p + cfg.mlp_gate, layer=i)
-        down = g.op("matmul", [act, w[p + "down"]], (T, h), dtype, name=p + "down.out", layer=i)
+        down = moe.sparse_mlp(g, cfg, dtype, w, x, i) if moe.is_sparse(cfg, i) else dense_mlp(g, cfg, dtype, w, x, i)
         if cfg.sandwich_norms:
             down = g.op("rms_norm", [down, w[p + "mlp_out_norm"]], (T, h), dtype, name=p + "mlp_out_norm.out",
                         eps=cfg.rms_norm_eps, layer=i)

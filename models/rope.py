@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from fusec.errors import UnsupportedModelError
-from fusec.models.config import ModelConfig
+from fusec.models.config import ModelConfig, yarn_mscale
 
 
 def inv_freq(config: ModelConfig, freq_factors: np.ndarray | None = None,
@@ -38,11 +38,18 @@ def inv_freq(config: ModelConfig, freq_factors: np.ndarray | None = None,
         if factors.shape != base.shape:
             raise UnsupportedModelError(f"longrope factors: {factors.size} given, the rotary dims need {base.size}")
         return (base / factors).astype(np.float32)
+    if kind == "yarn":
+        try:
+            return _yarn(base, config)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+            raise UnsupportedModelError(f"yarn rope scaling needs factor and original_max_position_embeddings "
+                                        f"({type(e).__name__}: {e})") from None
     if kind == "freq_factors":
         if freq_factors is None or freq_factors.shape != base.shape:
             raise UnsupportedModelError("rope_freqs tensor missing or of the wrong size")
         return (base / freq_factors.astype(np.float32)).astype(np.float32)
-    raise UnsupportedModelError(f"unsupported rope_type {kind!r}; supported: default, linear, llama3, longrope")
+    raise UnsupportedModelError(f"unsupported rope_type {kind!r}; supported: default, linear, llama3, longrope, "
+                                f"yarn")
 
 
 def attention_factor(config: ModelConfig) -> float:
@@ -50,6 +57,13 @@ def attention_factor(config: ModelConfig) -> float:
     sqrt(1 + ln(s) / ln(original length)) for s = max_position_embeddings / original
     length, as transformers derives it); 1 for the other schemes."""
     params = config.rope_scaling
+    if params.get("rope_type") == "yarn":
+        if params.get("attention_factor") is not None:
+            return float(params["attention_factor"])
+        factor, mscale, all_dims = float(params["factor"]), params.get("mscale"), params.get("mscale_all_dim")
+        if mscale and all_dims:
+            return yarn_mscale(factor, float(mscale)) / yarn_mscale(factor, float(all_dims))
+        return yarn_mscale(factor)
     if params.get("rope_type") != "longrope":
         return 1.0
     if params.get("attention_factor") is not None:
@@ -64,6 +78,28 @@ def _original_len(config: ModelConfig) -> int:
     if not isinstance(original, int) or isinstance(original, bool) or original < 2:
         raise UnsupportedModelError(f"longrope needs original_max_position_embeddings, got {original!r}")
     return original
+
+
+def _yarn(base: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """YaRN: interpolated frequencies (base / factor) for the slow dims, the original
+    ones for the fast dims, a linear ramp between (transformers' _compute_yarn_parameters)."""
+    p = config.rope_scaling
+    factor, original = float(p["factor"]), float(p["original_max_position_embeddings"])
+    dim, theta = config.rotary_dim, config.rope_theta
+    fast, slow = float(p.get("beta_fast") or 32), float(p.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(fast), correction_dim(slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    return (base / np.float32(factor) * (1 - extrapolation) + base * extrapolation).astype(np.float32)
 
 
 def _llama3(base: np.ndarray, p: dict) -> np.ndarray:

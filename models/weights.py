@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable, Iterator, Mapping, Protocol
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, Protocol, Union
 
 import numpy as np
 from tqdm import tqdm
@@ -27,6 +28,61 @@ class TensorSource(Protocol):
     def get_f32(self, name: str) -> np.ndarray: ...
     def block_format(self, name: str) -> str | None: ...  # None: not stored in a kernel block format
     def shape(self, name: str) -> tuple[int, ...]: ...  # in elements, numpy order; read from the header
+
+
+def as_matrix(shape: tuple[int, ...]) -> tuple[int, int]:
+    """A tensor's shape as the matrix its rows make: leading dims flattened (a GGUF
+    expert stack [E, N, K] is [E * N, K], a vector [K] one row)."""
+    return math.prod(shape[:-1]), shape[-1]
+
+
+@dataclass(frozen=True)
+class Part:
+    """Rows [rows), or columns [cols), of checkpoint tensor `name` seen as a matrix
+    (as_matrix), transposed after the cut if asked: a piece of a tensor that goes into a
+    fusec weight (an expert of a GGUF expert stack, a shared expert cut into expert-sized
+    parts, MLA's per-head halves of kv_b_proj). `whole`: the tensor's exact shape, where
+    the naming knows it (checked before anything is read)."""
+
+    name: str
+    rows: tuple[int, int] | None = None
+    cols: tuple[int, int] | None = None
+    transpose: bool = False
+    whole: tuple[int, ...] | None = None
+
+    def cut(self, t: np.ndarray, fmt: BlockFormat | None = None) -> np.ndarray:
+        """The piece of t: elements, or with `fmt` its stored blocks [rows, bytes per row]
+        (a column cut then falls on block boundaries: keeps_blocks)."""
+        t = t.reshape(-1, t.shape[-1])
+        if self.rows is not None:
+            t = t[self.rows[0]:self.rows[1]]
+        if self.cols is not None:
+            c0, c1 = self.cols if fmt is None else (fmt.row_bytes(c) for c in self.cols)
+            t = t[:, c0:c1]
+        return np.ascontiguousarray(t.T if self.transpose else t)
+
+    def keeps_blocks(self, fmt: BlockFormat) -> bool:
+        """Whether the piece of a tensor stored in `fmt` is whole blocks of it."""
+        return not self.transpose and (self.cols is None or all(c % fmt.block == 0 for c in self.cols))
+
+    def shape(self, whole: tuple[int, ...]) -> tuple[int, ...]:
+        n, k = as_matrix(whole)
+        rows = self.rows[1] - self.rows[0] if self.rows else n
+        cols = self.cols[1] - self.cols[0] if self.cols else k
+        return (cols, rows) if self.transpose else (rows, cols)
+
+    def fits(self, whole: tuple[int, ...]) -> bool:
+        if self.whole is not None and tuple(whole) != self.whole:
+            return False
+        return len(whole) >= 1 and all(span is None or 0 <= span[0] < span[1] <= size
+                                       for span, size in zip((self.rows, self.cols), as_matrix(whole)))
+
+
+Source = Union[str, Part]  # a whole checkpoint tensor, or a piece of one
+
+
+def source_name(src: Source) -> str:
+    return src.name if isinstance(src, Part) else src
 
 
 # Phi-3 checkpoints store q|k|v and gate|up already fused, in fusec's order
@@ -64,8 +120,64 @@ def _gpt_neox_name(name: str, gguf: bool) -> list[str]:
     return [(f"blk.{i}." if gguf else f"gpt_neox.layers.{i}.") + GPT_NEOX_PARTS[part][gguf]]
 
 
-def hf_names(cfg: ModelConfig, name: str) -> list[str]:
-    """HF checkpoint tensors that make up fusec weight `name` (concatenated in order)."""
+# the sparse MLP's names: family -> (block, router, expert's gate / up / down, shared expert, its gate)
+MOE_HF = {"mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2"), None, None),
+          "qwen2_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"), "shared_expert", "shared_expert_gate"),
+          "qwen3_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"), None, None),
+          "deepseek_v2": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj"), "shared_experts", None)}
+
+
+def _moe_hf_names(cfg: ModelConfig, p: str, part: str) -> list[Source]:
+    """A sparse MLP's stacked weights from per-expert tensors: each shared expert cut into
+    expert-sized parts (gate and up rows, down columns)."""
+    moe = cfg.moe
+    assert moe is not None
+    block, router, (gate, up, down), shared, shared_gate = MOE_HF[cfg.architecture]
+    base, inter = f"{p}{block}.", moe.intermediate_size
+    if part == "router":
+        return [f"{base}{router}.weight"] + ([f"{base}{shared_gate}.weight"] if moe.shared_gate else [])
+    spans = [(c * inter, (c + 1) * inter) for c in range(moe.shared)]
+    if part == "experts_gate_up":
+        return [f"{base}experts.{e}.{proj}.weight" for e in range(moe.experts) for proj in (gate, up)] + \
+            [Part(f"{base}{shared}.{proj}.weight", rows=span) for span in spans for proj in (gate, up)]
+    return [f"{base}experts.{e}.{down}.weight" for e in range(moe.experts)] + \
+        [Part(f"{base}{shared}.{down}.weight", cols=span) for span in spans]
+
+
+def _mla_hf_names(cfg: ModelConfig, p: str, part: str) -> list[Source]:
+    """DeepSeek-V2's attention weights: queries regrouped as every head's no-rope part, then
+    every head's rope part (each a contiguous slice for the kernels); kv_b_proj's per-head
+    key half transposed for absorbing into queries (w_uk), its value half as is (w_uv)."""
+    mla = cfg.mla
+    assert mla is not None
+    a, heads = p + "self_attn.", cfg.num_heads
+    nope, rot, v = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
+
+    def regrouped(proj: str) -> list[Source]:
+        q = nope + rot
+        return [Part(f"{a}{proj}.weight", rows=(h * q, h * q + nope)) for h in range(heads)] + \
+            [Part(f"{a}{proj}.weight", rows=(h * q + nope, (h + 1) * q)) for h in range(heads)]
+
+    kv_b = f"{a}kv_b_proj.weight"
+    return {
+        "qkv": lambda: regrouped("q_proj") + [a + "kv_a_proj_with_mqa.weight"],
+        "q_a_kv_a": lambda: [a + "q_a_proj.weight", a + "kv_a_proj_with_mqa.weight"],
+        "q_a_norm": lambda: [a + "q_a_layernorm.weight"],
+        "q_b": lambda: regrouped("q_b_proj"),
+        "kv_a_norm": lambda: [a + "kv_a_layernorm.weight"],
+        "w_uk": lambda: [Part(kv_b, rows=(h * (nope + v), h * (nope + v) + nope), transpose=True)
+                         for h in range(heads)],
+        "w_uv": lambda: [Part(kv_b, rows=(h * (nope + v) + nope, (h + 1) * (nope + v))) for h in range(heads)],
+    }[part]()
+
+
+MOE_PARTS = ("router", "experts_gate_up", "experts_down")
+MLA_PARTS = ("qkv", "q_a_kv_a", "q_a_norm", "q_b", "kv_a_norm", "w_uk", "w_uv")
+
+
+def hf_names(cfg: ModelConfig, name: str) -> list[Source]:
+    """HF checkpoint tensors (or parts of them) that make up fusec weight `name`
+    (concatenated along rows, in order)."""
     if cfg.architecture == "gpt_neox":
         return _gpt_neox_name(name, gguf=False)
     if not name.startswith("layers."):
@@ -74,6 +186,10 @@ def hf_names(cfg: ModelConfig, name: str) -> list[str]:
             name != "norm_bias" else []
     _, i, part = name.split(".", 2)
     p = f"model.layers.{i}."
+    if part in MOE_PARTS:
+        return _moe_hf_names(cfg, p, part)
+    if cfg.mla is not None and part in MLA_PARTS:
+        return _mla_hf_names(cfg, p, part)
     if cfg.architecture in FUSED_IN_CHECKPOINT and part in ("qkv", "gate_up"):
         return [p + ("self_attn.qkv_proj.weight" if part == "qkv" else "mlp.gate_up_proj.weight")]
     if cfg.sandwich_norms and part in SANDWICH_HF:
@@ -94,7 +210,27 @@ def hf_names(cfg: ModelConfig, name: str) -> list[str]:
     }[part]
 
 
-def gguf_names(cfg: ModelConfig, name: str) -> list[str]:
+def _moe_gguf_names(cfg: ModelConfig, p: str, part: str) -> list[Source]:
+    """A sparse MLP's stacked weights from llama.cpp's expert stacks (ffn_{gate,up,down}_exps,
+    [E, N, K]; gate and up rows interleaved expert by expert, down as stored) and its
+    shared expert (ffn_*_shexp, cut into expert-sized parts as from HF)."""
+    moe = cfg.moe
+    assert moe is not None
+    e, h, inter = moe.experts, cfg.hidden_size, moe.intermediate_size
+    if part == "router":  # Qwen2-MoE's shared-expert gate is a vector [H]: one more row
+        return [p + "ffn_gate_inp.weight"] + [Part(p + "ffn_gate_inp_shexp.weight", whole=(h,))] * moe.shared_gate
+    spans = [(c * inter, (c + 1) * inter) for c in range(moe.shared)]
+    whole_shared = moe.shared * inter
+    if part == "experts_gate_up":
+        return [Part(f"{p}ffn_{proj}_exps.weight", rows=(x * inter, (x + 1) * inter), whole=(e, inter, h))
+                for x in range(e) for proj in ("gate", "up")] + \
+            [Part(f"{p}ffn_{proj}_shexp.weight", rows=span, whole=(whole_shared, h))
+             for span in spans for proj in ("gate", "up")]
+    return [Part(p + "ffn_down_exps.weight", whole=(e, h, inter))] + \
+        [Part(p + "ffn_down_shexp.weight", cols=span, whole=(h, whole_shared)) for span in spans]
+
+
+def gguf_names(cfg: ModelConfig, name: str) -> list[Source]:
     if cfg.architecture == "gpt_neox":
         return _gpt_neox_name(name, gguf=True)
     if not name.startswith("layers."):
@@ -103,6 +239,8 @@ def gguf_names(cfg: ModelConfig, name: str) -> list[str]:
             name != "norm_bias" else []
     _, i, part = name.split(".", 2)
     p = f"blk.{i}."
+    if part in MOE_PARTS:
+        return _moe_gguf_names(cfg, p, part)
     if cfg.architecture in FUSED_IN_CHECKPOINT and part in ("qkv", "gate_up"):
         return [p + ("attn_qkv.weight" if part == "qkv" else "ffn_up.weight")]
     if cfg.sandwich_norms and part in SANDWICH_GGUF:
@@ -125,7 +263,7 @@ def gguf_names(cfg: ModelConfig, name: str) -> list[str]:
 
 def unpermute_llama_gguf(cfg: ModelConfig, source_name: str, w: np.ndarray) -> np.ndarray:
     """Undo llama.cpp's row permutation of attn_q / attn_k (its interleaved RoPE layout)."""
-    if cfg.architecture != "llama":
+    if cfg.architecture not in ("llama", "mixtral"):  # llama.cpp writes Mixtral as a llama
         return w
     if ".attn_q." in source_name:
         heads = cfg.num_heads
@@ -163,33 +301,54 @@ def gpt_neox_qkv(cfg: ModelConfig, source_name: str, w: np.ndarray) -> np.ndarra
 MIXED_PARTS = "q8_0"  # the format of a fused matrix whose parts are stored in different ones
 
 
-def weight_formats(cfg: ModelConfig, source: TensorSource | None,
-                   naming: Callable[[ModelConfig, str], list[str]], native: bool, quantize_to: str | None
+Naming = Callable[[ModelConfig, str], list[Source]]
+# matrices whose kernels read plain elements: Cohere's per-head norm weights, a router
+# (its logits pick experts: kept exact), MLA's small per-head absorption matrices
+DENSE_ONLY = ("norm", "router", "w_uk", "w_uv")
+
+
+def weight_formats(cfg: ModelConfig, source: TensorSource | None, naming: Naming, native: bool, quantize_to: str | None
                    ) -> dict[str, str]:
     """The block format each matrix runs in (weights not listed run in the model dtype):
     `quantize_to` for every matrix whose rows hold whole blocks (online quantization),
     else, when `native`, the source's own format where all its parts share one, and
     q8_0 where a fused matrix joins parts in different block formats (a Q4_K_M file's
-    q and k in q4_k beside v in q6_k): one format per kernel, re-quantized at load with
-    8 bits per weight, finer than any of the parts."""
+    q and k in q4_k beside v in q6_k) or a piece that splits its tensor's blocks: one
+    format per kernel, re-quantized at load with 8 bits per weight, finer than any of
+    the parts."""
     formats: dict[str, str] = {}
     for name, shape in weight_shapes(cfg).items():
-        if len(shape) != 2 or name.endswith("norm"):  # matrices only: not Cohere's per-head norm weights
+        if len(shape) != 2 or name.endswith(DENSE_ONLY):
             continue
         if quantize_to is not None:
             if shape[1] % FORMATS[quantize_to].block == 0:
                 formats[name] = quantize_to
             continue
         if native and source is not None:
-            kinds = {source.block_format(src) for src in naming(cfg, name)}
+            kinds = {_stored_format(source, src) for src in naming(cfg, name)}
             if None in kinds:
                 continue
-            formats[name] = kinds.pop() if len(kinds) == 1 else MIXED_PARTS
+            if len(kinds) == 1 and UNALIGNED not in kinds:
+                formats[name] = kinds.pop()
+            elif shape[1] % FORMATS[MIXED_PARTS].block == 0:
+                formats[name] = MIXED_PARTS
     return formats
 
 
-def load_weights(cfg: ModelConfig, source: TensorSource, available: set[str],
-                 naming: Callable[[ModelConfig, str], list[str]], dtype: DType, formats: Mapping[str, str],
+UNALIGNED = "unaligned"  # a column cut of a block-format tensor that splits blocks
+
+
+def _stored_format(source: TensorSource, src: Source) -> str | None:
+    """The block format src's elements are stored in (None: plain elements), UNALIGNED
+    where src is a piece that does not keep the tensor's blocks whole."""
+    kind = source.block_format(source_name(src))
+    if kind is None or not isinstance(src, Part) or src.keeps_blocks(FORMATS[kind]):
+        return kind
+    return UNALIGNED
+
+
+def load_weights(cfg: ModelConfig, source: TensorSource, available: set[str], naming: Naming, dtype: DType,
+                 formats: Mapping[str, str],
                  fixup: Callable[[ModelConfig, str, np.ndarray], np.ndarray] | None = None,
                  desc: str = "loading weights") -> dict[str, np.ndarray]:
     """Each weight in its run form: a block format's bytes (as stored, or quantized now)
@@ -203,12 +362,15 @@ def load_weights(cfg: ModelConfig, source: TensorSource, available: set[str],
             weights[name] = to_storage(np.zeros(shapes[name], np.float32), dtype)
             continue
         fmt = FORMATS[formats[name]] if name in formats else None
-        stored = fmt is not None and all(source.block_format(src) == fmt.name for src in sources)
-        parts = []
+        stored = fmt is not None and all(_stored_format(source, src) == fmt.name for src in sources)
+        parts, read = [], {}  # read: each tensor once, however many parts it gives
         for src in sources:
-            t = source.get_blocks(src) if stored else source.get_f32(src)  # type: ignore[attr-defined]
-            _check_finite(src, t, fmt if stored else None)
-            parts.append(fixup(cfg, src, t) if fixup else t)
+            base = source_name(src)
+            if base not in read:
+                t = source.get_blocks(base) if stored else source.get_f32(base)  # type: ignore[attr-defined]
+                _check_finite(base, t, fmt if stored else None)
+                read[base] = fixup(cfg, base, t) if fixup else t
+            parts.append(src.cut(read[base], fmt if stored else None) if isinstance(src, Part) else read[base])
         w = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         if stored:
             weights[name] = w
@@ -219,26 +381,43 @@ def load_weights(cfg: ModelConfig, source: TensorSource, available: set[str],
     return weights
 
 
-def _part_shapes(cfg: ModelConfig, name: str, shape: tuple[int, ...], parts: int) -> list[tuple[int, ...]]:
-    """The shapes of the `parts` source tensors that weight `name` concatenates along rows."""
+def _part_shapes(cfg: ModelConfig, name: str, shape: tuple[int, ...], parts: int) -> list[tuple[int, ...] | None]:
+    """The shapes of the `parts` source tensors (or pieces) that weight `name`
+    concatenates along rows, where the config says each (None: only their sum is known)."""
     if parts <= 1:  # no source: a weight the family defines as zeros (Cohere's norm biases)
         return [shape][:parts]
+    part = name.rsplit(".", 1)[-1]
+    if part in ("experts_gate_up", "experts_down"):  # expert-sized pieces
+        return [(shape[0] // parts, *shape[1:])] * parts
     rows = {"qkv": (cfg.q_size, cfg.kv_size, cfg.kv_size), "qkv_bias": (cfg.q_size, cfg.kv_size, cfg.kv_size),
-            "gate_up": (cfg.intermediate_size,) * 2}.get(name.rsplit(".", 1)[-1])
-    return [shape] if rows is None else [(r, *shape[1:]) for r in rows]
+            "gate_up": (cfg.intermediate_size,) * 2, "router": (shape[0] - 1, 1)}.get(part)
+    if cfg.mla is not None and part in MLA_PARTS:
+        rows = None  # MLA's pieces: their sum is checked
+    return [None] * parts if rows is None else [(r, *shape[1:]) for r in rows]
 
 
-def _check_shapes(cfg: ModelConfig, source: TensorSource, available: set[str],
-                  naming: Callable[[ModelConfig, str], list[str]], shapes: Mapping[str, tuple[int, ...]]) -> None:
+def _check_shapes(cfg: ModelConfig, source: TensorSource, available: set[str], naming: Naming,
+                  shapes: Mapping[str, tuple[int, ...]]) -> None:
     """Every tensor the config implies is in the checkpoint with the shape it implies."""
     for name, shape in shapes.items():
         sources = naming(cfg, name)
+        got = []
         for src, want in zip(sources, _part_shapes(cfg, name, shape, len(sources)), strict=True):
-            if src not in available:
-                raise ModelLoadError(f"checkpoint lacks tensor {src!r} (needed for {name})")
-            if source.shape(src) != want:
-                raise ModelLoadError(f"tensor {src!r} has shape {list(source.shape(src))}, "
-                                     f"the config implies {list(want)}")
+            base = source_name(src)
+            if base not in available:
+                raise ModelLoadError(f"checkpoint lacks tensor {base!r} (needed for {name})")
+            whole = source.shape(base)
+            if isinstance(src, Part) and not src.fits(whole):
+                implied = "the config implies " + str(list(src.whole)) if src.whole else "too small for the config's"
+                raise ModelLoadError(f"tensor {base!r} has shape {list(whole)}, {implied} ({name})")
+            if isinstance(src, Part) and src.whole is not None:
+                want = None  # checked whole: its pieces are the config's
+            got.append(src.shape(whole) if isinstance(src, Part) else whole)
+            if want is not None and got[-1] != want:
+                raise ModelLoadError(f"tensor {base!r} has shape {list(whole)}, the config implies {list(want)}")
+        if got and (any(g[1:] != shape[1:] for g in got) or sum(g[0] for g in got) != shape[0]):
+            raise ModelLoadError(f"the tensors of {name} ({', '.join(map(source_name, sources))}) have shapes "
+                                 f"{[list(g) for g in got]}, the config implies {list(shape)} in all")
 
 
 def _check_finite(src: str, t: np.ndarray, fmt: BlockFormat | None) -> None:
@@ -254,10 +433,15 @@ def _check_finite(src: str, t: np.ndarray, fmt: BlockFormat | None) -> None:
         raise ModelLoadError(f"tensor {src!r} holds NaN or infinite values")
 
 
+def weight_nbytes(cfg: ModelConfig, dtype: DType, formats: Mapping[str, str]) -> dict[str, int]:
+    """Each weight's bytes in its run form: a block format's bytes, else `dtype`'s."""
+    return {name: math.prod(storage_shape(shape, FORMATS[formats[name]])) if name in formats
+            else math.prod(shape) * dtype.itemsize for name, shape in weight_shapes(cfg).items()}
+
+
 def weights_nbytes(cfg: ModelConfig, dtype: DType, formats: Mapping[str, str]) -> int:
-    """Bytes of the weights in their run form: block formats' bytes, else `dtype`'s."""
-    return sum(math.prod(storage_shape(shape, FORMATS[formats[name]])) if name in formats
-               else math.prod(shape) * dtype.itemsize for name, shape in weight_shapes(cfg).items())
+    """Bytes of all the weights in their run form."""
+    return sum(weight_nbytes(cfg, dtype, formats).values())
 
 
 def _physical_memory() -> int:

@@ -13,6 +13,8 @@ import numpy as np
 
 from fusec import __version__
 from fusec.errors import FusecError
+from fusec.fusion.traffic import WeightTraffic, weight_traffic
+from fusec.models.weights import weight_nbytes
 from fusec.runtime.engine import EngineConfig, LLMEngine
 from fusec.runtime.sequence import SamplingParams
 from fusec.runtime.structured_output import StructuredOutputsParams
@@ -54,6 +56,9 @@ class BenchReport:
     executor: str
     startup_s: float
     weights: str = ""  # what the weights run as (Model.weight_types)
+    # bytes of weights one decode step of one sequence reads (routed experts: only its own), and in all
+    weights_read_bytes: int = 0
+    weights_total_bytes: int = 0
     machine: dict = field(default_factory=dict)
     command: str = ""
     results: list[LevelResult] = field(default_factory=list)
@@ -130,6 +135,16 @@ def run_level(engine: LLMEngine, n: int, num_prompts: int, input_len: int, outpu
                        structured)
 
 
+def decode_traffic(engine: LLMEngine) -> WeightTraffic | None:
+    """Weights a decode step of one sequence reads through the fused plans (None on the
+    reference executor, which has no plans)."""
+    plans = getattr(engine.runner.executor, "plans", None)
+    if plans is None:
+        return None
+    m = engine.model
+    return weight_traffic(plans["gemv"], weight_nbytes(m.config, m.weight_dtype or m.dtype, m.formats), tokens=1)
+
+
 def benchmark(config: EngineConfig, levels: list[int], input_len: int, output_len: int, num_prompts: int | None,
               ignore_eos: bool = True, seed: int = 0, progress_factory=None, structured: bool = False
               ) -> BenchReport:
@@ -139,8 +154,12 @@ def benchmark(config: EngineConfig, levels: list[int], input_len: int, output_le
     # one short request so plan binding and first-touch costs stay out of the first level
     run_level(engine, 1, 1, min(input_len, 8), 2, True, seed + 10_000)
     startup = time.perf_counter() - t0
+    traffic = decode_traffic(engine)
     report = BenchReport(engine.model.name, engine.model.dtype.value, config.executor, startup,
-                         engine.model.weight_types(), machine_info(), " ".join(["fusec"] + sys.argv[1:]))
+                         weights=engine.model.weight_types(),
+                         weights_read_bytes=traffic.read if traffic else 0,
+                         weights_total_bytes=traffic.total if traffic else 0,
+                         machine=machine_info(), command=" ".join(["fusec"] + sys.argv[1:]))
     if structured:  # compile the schema (and llguidance's tokenizer) outside the timed levels
         if engine.grammars is None:
             engine.close()

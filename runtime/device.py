@@ -62,6 +62,18 @@ class GemmShape:
         return {"a": (K, N, K), "b": (K, T, K), "d": (N, T, N)}
 
 
+@dataclass(frozen=True)
+class ExpertGemmShape:
+    """Routed experts as GEMMs (moe_matmul): `gemm` is one expert's [N, K] matrix over the
+    step's T tokens, w stacks `experts` of them; `slots` per token (x shared by them or
+    one K-part each); `combine`: the route-weighted sum over slots, else every slot's output."""
+
+    gemm: GemmShape
+    experts: int
+    slots: int
+    combine: bool
+
+
 class GemmLibrary(Protocol):
     """y = x @ w.T for one shape on device buffers, prepared once, called per step."""
 

@@ -27,11 +27,11 @@ from fusec.fusion.ops import OPS
 from fusec.fusion.patterns import Registry
 from fusec.fusion.plan import Launch, Plan, PlanOptions, build_plan
 from fusec.kernels.quant import checked_format
-from fusec.runtime.device import Device, GemmShape
+from fusec.runtime.device import Device, ExpertGemmShape, GemmShape
 from fusec.runtime.memory import BATCH_DIMS, ArenaLayout, arena_layout
 
 log = logging.getLogger(__name__)
-KV_HALVES = 2  # a layer's cache is [2 (keys, values), NB, ...]
+# A layer's cache is [halves, NB, ...]: 2 (keys, values), or 1 for MLA's latent cache
 
 
 def check_positions(inputs: Mapping[str, np.ndarray], max_positions: int) -> None:
@@ -92,7 +92,7 @@ class PlanExecutor:
             for name, value in plan.constants.items():
                 arr = self.constants[name] = device.buffer(value.shape, value.dtype)
                 device.upload(arr, value)
-        has_gemm = any(launch.kind == "gemm" for plan in self.plans.values() for launch in plan.launches)
+        has_gemm = any(launch.kind in ("gemm", "moe_gemm") for plan in self.plans.values() for launch in plan.launches)
         self.gemm = device.gemm_library() if has_gemm else None
         self._inputs = list(graph.nodes("input"))
         self._weight_dims: dict[str, int] = {}
@@ -166,8 +166,8 @@ class PlanExecutor:
     def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
         """Copy KV blocks src -> dst in every layer (copy-on-write of shared blocks)."""
         for arr in self.kv.values():
-            per_block = arr.nbytes // (KV_HALVES * arr.shape[1])
-            half = arr.nbytes // KV_HALVES
+            half = arr.nbytes // arr.shape[0]
+            per_block = half // arr.shape[1]
             block_shape = arr.shape[2:]
             for src, dst in pairs:
                 for base in range(0, arr.nbytes, half):
@@ -327,13 +327,24 @@ class PlanExecutor:
                 else:
                     arr = values[plan.resolve(a.name)]
                     if a.kind == "v_cache":
-                        arr = self.device.view(arr, arr.shape[1:], arr.dtype, arr.nbytes // KV_HALVES)
+                        arr = self.device.view(arr, arr.shape[1:], arr.dtype, arr.nbytes // arr.shape[0])
                     args.append(arr)
             kernel = launch.kernel
             grid = kernel.grid({k: dims[v] for k, v in launch.grid_dims.items()})
             if grid[0] * grid[1] == 0:
                 return lambda: None
             return self.device.prepare_launch(kernel, args, grid)
+        if launch.kind == "moe_gemm":
+            (out,) = launch.outputs
+            node = self.graph.node(out)
+            x_name, route_name, w_name = node.inputs
+            w_node = self.graph.node(w_name)
+            experts = node.attrs["experts"]
+            one = GemmShape(0, w_node.type.shape[0] // experts, w_node.type.shape[1],
+                            self.graph.node(x_name).type.dtype, node.type.dtype, w_node.format, w_node.type.dtype)
+            shape = ExpertGemmShape(one, experts, node.attrs["slots"], node.attrs.get("combine", False))
+            return self.gemm.prepare_experts(shape, values[plan.resolve(x_name)], values[plan.resolve(route_name)],
+                                             values[w_name], values[plan.resolve(out)])
         if launch.kind == "gemm":
             x_name, w_name = (a.name for a in launch.args)
             (out,) = launch.outputs

@@ -101,6 +101,47 @@ TINY_SPECS = [
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, layer_norm_eps=1e-5,
         logit_scale=0.5, tie_word_embeddings=True, use_qk_norm=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # mixtures of experts: more experts than top-k (>= 2), odd expert sizes, dense and sparse layers
+    TinySpec("mixtral", "mixtral", dict(
+        vocab_size=251, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, num_local_experts=5,
+        num_experts_per_tok=2, tie_word_embeddings=False, rms_norm_eps=1e-5, sliding_window=None,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    # a gated shared expert twice the routed ones' size; layer 1 dense; qkv bias
+    TinySpec("qwen2_moe", "qwen2_moe", dict(
+        vocab_size=263, hidden_size=56, intermediate_size=88, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, num_experts=6,
+        num_experts_per_tok=2, moe_intermediate_size=26, shared_expert_intermediate_size=52,
+        norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[1], tie_word_embeddings=True,
+        rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    # q/k head norms, top-3 of 7 renormalized, layer 0 dense
+    TinySpec("qwen3_moe", "qwen3_moe", dict(
+        vocab_size=257, hidden_size=64, intermediate_size=72, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=20, max_position_embeddings=128, num_experts=7,
+        num_experts_per_tok=3, moe_intermediate_size=30, norm_topk_prob=True, decoder_sparse_step=1,
+        mlp_only_layers=[0], tie_word_embeddings=False, rms_norm_eps=1e-6, attention_bias=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+    # DeepSeek-V2-Lite's shape: MLA without a query latent, YaRN rope, 2 shared experts, the first layer dense
+    TinySpec("deepseek_v2_lite", "deepseek_v2", dict(
+        vocab_size=241, hidden_size=64, intermediate_size=76, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, q_lora_rank=None,
+        kv_lora_rank=24, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10, n_routed_experts=6,
+        num_experts_per_tok=2, n_shared_experts=2, moe_intermediate_size=18, first_k_dense_replace=1,
+        topk_method="greedy", routed_scaling_factor=1.0, norm_topk_prob=False, tie_word_embeddings=False,
+        rms_norm_eps=1e-6, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                            "original_max_position_embeddings": 32, "mscale": 0.707,
+                                            "mscale_all_dim": 0.707, "beta_fast": 32, "beta_slow": 1})),
+    # DeepSeek-V2's shape: a query latent, group-limited top-3 (2 of 3 groups), scaled routing weights,
+    # YaRN with an attention factor != 1
+    TinySpec("deepseek_v2", "deepseek_v2", dict(
+        vocab_size=239, hidden_size=54, intermediate_size=68, num_hidden_layers=2,
+        num_attention_heads=3, num_key_value_heads=3, max_position_embeddings=128, q_lora_rank=20,
+        kv_lora_rank=22, qk_nope_head_dim=10, qk_rope_head_dim=6, v_head_dim=14, n_routed_experts=6,
+        num_experts_per_tok=3, n_shared_experts=1, moe_intermediate_size=16, first_k_dense_replace=0,
+        topk_method="group_limited_greedy", n_group=3, topk_group=2, routed_scaling_factor=2.5,
+        norm_topk_prob=False, tie_word_embeddings=True, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0,
+                         "original_max_position_embeddings": 64, "mscale": 1.0, "mscale_all_dim": 0.8})),
 ]
 
 
@@ -119,8 +160,12 @@ def make_hf_model(spec: TinySpec, seed: int = 0):
         "stablelm": (transformers.StableLmConfig, transformers.StableLmForCausalLM),
         "gpt_neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM),
         "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM),
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+        "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+        "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+        "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM),
     }[spec.arch]
-    config = cls_config(**spec.kwargs, attn_implementation="eager")
+    config = cls_config(**spec.kwargs, attn_implementation="eager", experts_implementation="eager")
     torch.manual_seed(seed)
     model = cls_model(config).eval()
     # HF's init (std 0.02) gives near-uniform logits; larger weights make the test sharp.

@@ -3,6 +3,7 @@ the command, its report and its files)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,9 @@ def test_bench_reports_levels_and_writes_json_and_plot(tiny_checkpoints, tmp_pat
         assert p["step_ms"] * 6 <= r["wall_s"] * 1000 * 1.05  # at least 6 steps in the level
         assert 0 < p["host_share"] < 1 and 0 < p["host_ms"] < p["step_ms"]
     assert report["startup_s"] > 0 and report["machine"]["cores"] >= 1
+    # a dense model's decode step reads every weight but the embedding rows it does not look up
+    assert 0.5 * report["weights_total_bytes"] < report["weights_read_bytes"] < report["weights_total_bytes"]
+    assert re.search(r"a decode step of one sequence reads [\d.]+ KiB of [\d.]+ KiB of weights \(\d+%\)", res.stdout)
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "tok/s" in res.stdout and "TTFT" in res.stdout and "host %" in res.stdout and "host ms" in res.stdout
 

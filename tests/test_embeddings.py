@@ -28,7 +28,8 @@ def hf_last_hidden(path, prompts: list[list[int]]) -> list[np.ndarray]:
     last_hidden_state, which it returns after the final RMSNorm (what feeds lm_head)."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
+                                              experts_implementation="eager").eval()
     with torch.no_grad():
         base = hf.base_model  # .model, or GPT-NeoX's .gpt_neox
         return [base(torch.tensor([ids])).last_hidden_state[0, -1].numpy() for ids in prompts]

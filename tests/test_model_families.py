@@ -1,6 +1,7 @@
 """Each model family beyond Llama: a tiny random checkpoint written by transformers (odd
-sizes, GQA, the family's options on) gives transformers' greedy tokens, 20 of them on
-several prompts, from the reference interpreter and from the fused plans; where
+sizes, GQA, the family's options on; mixtures of experts with more experts than top-k,
+top-k >= 2) gives transformers' greedy tokens, 20 of them on several prompts, from the
+reference interpreter and from the fused plans; where
 llama.cpp writes the family, a GGUF written with the `gguf` package gives the tokens
 the safetensors checkpoint gives."""
 from __future__ import annotations
@@ -19,6 +20,8 @@ from fusec.runtime.sequence import SamplingParams
 from helpers import run_requests
 
 FAMILIES = ["qwen3", "phi3", "gemma", "gemma2", "stablelm", "stablelm_par", "gpt_neox", "cohere"]
+# mixtures of experts (tests/test_moe_models.py has their other checks)
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2_lite", "deepseek_v2"]
 NEW_TOKENS = 20
 # transformers picks LongRoPE's factors by each forward's length; fusec by the served
 # context (as vLLM and llama.cpp): up to the original 64 positions both use the short ones
@@ -48,11 +51,13 @@ def hf_models(tiny_checkpoints):
     from transformers import AutoModelForCausalLM
 
     return {name: AutoModelForCausalLM.from_pretrained(tiny_checkpoints[name], dtype=torch.float32,
-                                                       attn_implementation="eager").eval() for name in FAMILIES}
+                                                       attn_implementation="eager",
+                                                       experts_implementation="eager").eval()
+            for name in FAMILIES + MOE_FAMILIES}
 
 
 @pytest.mark.parametrize("executor", ["reference", "fused"])
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", FAMILIES + MOE_FAMILIES)
 def test_greedy_tokens_equal_transformers(tiny_checkpoints, hf_models, name, executor):
     hf = hf_models[name]
     ps = prompts(hf.config.vocab_size)
@@ -83,6 +88,15 @@ GGUF_LAYER_NAMES = [("input_layernorm", "attn_norm"), ("post_attention_layernorm
                     ("mlp.down_proj", "ffn_down")]
 
 
+# transformers' in-memory MoE parameters (experts fused as stacks) -> llama.cpp's tensors
+MOE_GGUF = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_GGUF_NAMES = [("gate.weight", "ffn_gate_inp.weight"), ("experts.down_proj", "ffn_down_exps.weight"),
+                  ("shared_expert.gate_proj.weight", "ffn_gate_shexp.weight"),
+                  ("shared_expert.up_proj.weight", "ffn_up_shexp.weight"),
+                  ("shared_expert.down_proj.weight", "ffn_down_shexp.weight"),
+                  ("shared_expert_gate.weight", "ffn_gate_inp_shexp.weight")]
+
+
 NEOX_LAYER_NAMES = [("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm"),
                     ("attention.query_key_value", "attn_qkv"), ("attention.dense", "attn_output"),
                     ("mlp.dense_h_to_4h", "ffn_up"), ("mlp.dense_4h_to_h", "ffn_down")]
@@ -93,9 +107,17 @@ def write_gguf(hf, arch: str, path) -> None:
     import math
 
     c = hf.config
-    gguf_arch = {"gpt_neox": "gptneox", "cohere": "command-r"}.get(arch, arch)
+    gguf_arch = {"gpt_neox": "gptneox", "cohere": "command-r", "mixtral": "llama", "qwen2_moe": "qwen2moe",
+                 "qwen3_moe": "qwen3moe"}.get(arch, arch)
     w = gguf.GGUFWriter(str(path), gguf_arch)
     rope = c.rope_parameters
+    if arch in MOE_GGUF:
+        w.add_expert_count(getattr(c, "num_local_experts", None) or c.num_experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
+    if arch in ("qwen2_moe", "qwen3_moe"):
+        w.add_expert_feed_forward_length(c.moe_intermediate_size)
+    if arch == "qwen2_moe":
+        w.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
     if arch == "gemma2":  # llama.cpp stores the caps and the window; every other layer slides
         w.add_float32("gemma2.attn_logit_softcapping", c.attn_logit_softcapping)
         w.add_float32("gemma2.final_logit_softcapping", c.final_logit_softcapping)
@@ -112,7 +134,7 @@ def write_gguf(hf, arch: str, path) -> None:
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
+    w.add_feed_forward_length(c.intermediate_size)  # Mixtral's: its experts'
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -145,10 +167,23 @@ def write_gguf(hf, arch: str, path) -> None:
         for hf_part, g_part in NEOX_LAYER_NAMES:
             for kind in ("weight", "bias"):
                 names[f"gpt_neox.layers.{i}.{hf_part}.{kind}"] = f"blk.{i}.{g_part}.{kind}"
+        for hf_part, g_part in MOE_GGUF_NAMES:
+            names[f"model.layers.{i}.mlp.{hf_part}"] = f"blk.{i}.{g_part}"
     for hf_name, t in hf.state_dict().items():
         if hf_name == "lm_head.weight" and c.tie_word_embeddings:
             continue
         t = t.detach().float().numpy()
+        if hf_name.endswith("mlp.experts.gate_up_proj"):  # transformers' [E, gate | up, H]: llama.cpp's two stacks
+            half = t.shape[1] // 2
+            layer = hf_name.split(".")[2]
+            w.add_tensor(f"blk.{layer}.ffn_gate_exps.weight", np.ascontiguousarray(t[:, :half]))
+            w.add_tensor(f"blk.{layer}.ffn_up_exps.weight", np.ascontiguousarray(t[:, half:]))
+            continue
+        if hf_name.endswith("shared_expert_gate.weight"):  # a vector in llama.cpp's files
+            t = t.reshape(-1)
+        if arch == "mixtral" and (".q_proj." in hf_name or ".k_proj." in hf_name):  # as for any llama
+            heads = c.num_attention_heads if ".q_proj." in hf_name else c.num_key_value_heads
+            t = t.reshape(heads, 2, t.shape[0] // heads // 2, t.shape[1]).swapaxes(1, 2).reshape(t.shape)
         if arch in ("gemma", "gemma2") and hf_name.endswith("norm.weight"):
             t = t + 1  # llama.cpp's converter stores Gemma's (1 + w)
         if ".query_key_value." in hf_name:  # llama.cpp's converter regroups NeoX's per-head q k v as q|k|v
@@ -160,7 +195,7 @@ def write_gguf(hf, arch: str, path) -> None:
     w.close()
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", FAMILIES + list(MOE_GGUF))
 def test_gguf_gives_the_safetensors_tokens(tmp_path, name):
     spec = next(s for s in TINY_SPECS if s.name == name)
     if name == "gemma2":  # llama.cpp scales queries by head_dim ** -0.5 (but in the 27B model)

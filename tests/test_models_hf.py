@@ -17,7 +17,8 @@ TOL = 1e-4
 def hf_logits(path, ids: list[int]) -> np.ndarray:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
+                                                 experts_implementation="eager")
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].numpy()
 
@@ -28,7 +29,8 @@ def test_prefill_and_decode_match_transformers(tiny_checkpoints, name):
 
     path = tiny_checkpoints[name]
     model = load_model(str(path))
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
+                                              experts_implementation="eager").eval()
     rng = np.random.default_rng(7)
     vocab = model.config.vocab_size
     # Two sequences in one batch, scattered blocks, so batching and paging are both exercised.

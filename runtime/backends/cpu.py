@@ -17,7 +17,7 @@ from fusec.fusion.dtypes import DType, from_storage, round_to, to_storage
 from fusec.fusion.ir import Node
 from fusec.fusion.plan import PlanOptions
 from fusec.kernels.elementwise import Embed
-from fusec.runtime.device import GemmShape, fill_random, plan_options
+from fusec.runtime.device import ExpertGemmShape, GemmShape, fill_random, plan_options
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +247,79 @@ class HostGemm:
                 np.copyto(xf, from_storage(x, x_dtype))
             self.launcher.parallel(tasks)
         return gemm
+
+    def prepare_experts(self, shape: ExpertGemmShape, x: np.ndarray, route: np.ndarray, w: np.ndarray,
+                        y: np.ndarray) -> Callable[[], None]:
+        """moe_matmul over a batch: the (token, slot) pairs grouped by the expert the router
+        gave them, each expert's rows gathered into one GEMM (its matrix read and decoded
+        once, not once per token), experts shared out over the threads. Only experts some
+        token picked are touched."""
+        g = shape.gemm
+        n, k, experts, slots = g.out_features, g.in_features, shape.experts, shape.slots
+        decoded = g.weight_format is not None or g.w_dtype is not DType.F32
+        decode = self.load(self.decoder(k, g.weight_format, g.w_dtype)).fn if decoded else None
+        if decoded and len(self._row_ids) < experts * n:
+            self._row_ids = np.arange(experts * n, dtype=np.int32)
+        ids_all = self._row_ids
+        threads = self.launcher.threads
+        for p in range(threads):  # sized now, not inside a step
+            self._buffer(p, "expert", (n, k) if decoded else (0, 0))
+            if shape.combine:
+                self._buffer(p, "combined", (x.shape[0], n))
+        per_slot = x.shape[1] == slots * k
+
+        def matrix(p: int, e: int) -> np.ndarray:
+            if not decoded:
+                return w[e * n:(e + 1) * n]
+            tile = self._scratch[(p, "expert")][:n * k].reshape(n, k)
+            decode(ids_all.ctypes.data + 4 * e * n, w.ctypes.data, tile.ctypes.data, n, n, 0, n)
+            return tile
+
+        def experts_gemm() -> None:
+            tokens = x.shape[0]
+            # corrupt ids read an expert in range, as the kernels': below 0 the first, past the end (or NaN) the last
+            ids = np.nan_to_num(np.asarray(route[:, :slots], np.float64), nan=experts - 1)
+            chosen = np.clip(ids, 0, experts - 1).astype(np.int64).ravel()
+            weights = np.asarray(route[:, slots:2 * slots], np.float32).ravel()
+            xf = from_storage(x, g.dtype).reshape(tokens * slots if per_slot else tokens, k)
+            order = np.argsort(chosen, kind="stable")
+            used, starts = np.unique(chosen[order], return_index=True)
+            groups = np.split(order, starts[1:])  # the (token * slots + slot) pairs of each used expert
+            share: list[list[tuple[int, np.ndarray]]] = [[] for _ in range(threads)]
+            load = [0] * threads
+            for e, pairs in sorted(zip(used.tolist(), groups), key=lambda eg: -len(eg[1])):
+                p = load.index(min(load))  # the least-loaded thread takes the next largest expert
+                share[p].append((e, pairs))
+                load[p] += len(pairs) + 8  # a matrix read costs like a few rows
+            out = None if shape.combine else np.empty((tokens * slots, n), np.float32)
+
+            def part(p: int) -> Callable[[], None]:
+                def run() -> None:
+                    acc = self._scratch[(p, "combined")][:tokens * n].reshape(tokens, n) if shape.combine else None
+                    if acc is not None:
+                        acc.fill(0.0)
+                    for e, pairs in share[p]:
+                        ys = (xf[pairs] if per_slot else xf[pairs // slots]) @ matrix(p, e).T
+                        if acc is None:
+                            out[pairs] = ys
+                            continue
+                        rows, ys = pairs // slots, ys * weights[pairs, None]
+                        if len(np.unique(rows)) == len(rows):  # the router picks an expert once a token
+                            acc[rows] += ys
+                        else:  # a corrupt route picked it twice: both count
+                            np.add.at(acc, rows, ys)
+                return run
+
+            active = [p for p in range(threads) if share[p]]
+            self.launcher.parallel([part(p) for p in active])
+            if shape.combine:
+                result = np.zeros((tokens, n), np.float32)
+                for p in active:
+                    result += self._scratch[(p, "combined")][:tokens * n].reshape(tokens, n)
+            else:
+                result = out.reshape(tokens, slots * n)
+            y[...] = result if g.y_dtype is DType.F32 else to_storage(round_to(result, g.y_dtype), g.y_dtype)
+        return experts_gemm
 
     def close(self) -> None:
         self._scratch.clear()
