@@ -62,10 +62,13 @@ def main() -> None:
         graph = host_graph.HostGraph(calls, launcher)
         for _ in range(3):
             graph.replay()
-        start = time.perf_counter()
-        for _ in range(args.repeats):
-            graph.replay()
-        print(f"{1e3 * (time.perf_counter() - start) / args.repeats:9.3f} ms  replayed on {threads} thread(s)")
+        best = float("inf")  # the best of 5 batches: a shared machine's neighbours come and go
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(max(1, args.repeats // 5)):
+                graph.replay()
+            best = min(best, (time.perf_counter() - start) / max(1, args.repeats // 5))
+        print(f"{1e3 * best:9.3f} ms  replayed on {threads} thread(s) (best of 5 batches)")
         launcher.close()
 
 

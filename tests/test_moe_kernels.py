@@ -47,15 +47,15 @@ def format_k(fmt: str, size: int) -> int:
     return FORMATS[fmt].block * [1, 3, 2][size]
 
 
-def run_fused(ex: Example, weights: dict[str, np.ndarray], cache, gpu_shapes: bool | None = None
-              ) -> tuple[list[str], dict[str, np.ndarray]]:
+def run_fused(ex: Example, weights: dict[str, np.ndarray], cache, gpu_shapes: bool | None = None,
+              crossover: int = 8) -> tuple[list[str], dict[str, np.ndarray]]:
     """The host plan's launches' patterns and its outputs (poisoned first) as float32."""
     from fusec.runtime.backends.cpu import HostDevice
     from fusec.runtime.executor import PlanExecutor
 
     device = HostDevice(cache)
-    executor = PlanExecutor(device, ex.graph, weights, REGISTRY, PlanOptions(HOST, 256, gpu_shapes=gpu_shapes),
-                            poison=True)
+    executor = PlanExecutor(device, ex.graph, weights, REGISTRY,
+                            PlanOptions(HOST, 256, crossover, gpu_shapes=gpu_shapes), poison=True)
     plan = executor.plan_for(ex.tokens)
     got = {name: from_storage(device.to_host(buf), ex.graph.node(plan.resolve(name)).type.dtype)
            for name, buf in executor.run(ex.inputs).items()}
@@ -142,6 +142,42 @@ def test_corrupt_route_ids_are_clamped_into_the_experts(pattern, gpu_shapes, cac
     want = Interpreter(ex.graph, weights).run(ex.inputs, {})["moe"]
     ex.inputs["route"] = np.concatenate([corrupt, route[:, slots:]], axis=1)
     _, got = run_fused(ex, weights, cache, gpu_shapes)
+    assert relative_error(got["moe"], want) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", [None, "q8_0"], ids=["f32", "q8_0"])
+@pytest.mark.parametrize("act,combine", [(None, False), ("silu_mul", True)], ids=["gate_up", "down"])
+def test_host_expert_tiles_group_a_large_batch(act, combine, fmt, cache):
+    """600 tokens in the gemv bucket: token tiles (the last one short), each expert's
+    pairs in tiles of 8 and a ragged rest, uneven expert loads (one expert picked by
+    most tokens, one by none), a token picking one expert twice (both count)."""
+    from fusec.kernels.moe import HOST_PAIRS
+
+    rng = seeded("large batch", act, fmt)
+    t, k, n, experts, slots = 600, 64, 23, 5, 3
+    g, inputs = Graph("example"), {}
+    per_slot = act is not None
+    if act is None:
+        x = _act(g, rng, "x", t, k, DType.F32, inputs)
+    else:
+        x = g.op(act, [_act(g, rng, "gu", t, 2 * slots * k, DType.F32, inputs)], ("T", slots * k), DType.F32,
+                 name="act", groups=slots)
+    ids = np.where(rng.random((t, slots)) < 0.6, 0, rng.integers(1, experts - 1, (t, slots)))  # 4: never
+    ids[7] = [2, 2, 1]
+    inputs["route"] = np.concatenate([ids, 0.2 + rng.random((t, slots))], axis=1).astype(np.float32)
+    route = g.input("route", ("T", 2 * slots), DType.F32)
+    w = g.weight("w", (experts * n, k), DType.F32, format=fmt)
+    g.set_outputs(g.op("moe_matmul", [x, route, w], ("T", n if combine else slots * n), DType.F32, name="moe",
+                       experts=experts, slots=slots, combine=combine))
+    ex = Example(g, inputs)
+    plan = build_plan(g, REGISTRY, PlanOptions(HOST, 256, t), "gemv")
+    (kernel,) = [launch.kernel for launch in plan.launches if launch.pattern.endswith("moe_gemv")]
+    assert kernel.host_tiles and 1 < kernel.tokens_per_block < t and t % kernel.tokens_per_block
+    assert (ids[:kernel.tokens_per_block] == 0).sum() > 2 * HOST_PAIRS  # expert 0 fills pair tiles in a tile
+    weights = random_weights(ex, rng)
+    want = Interpreter(g, weights).run(inputs, {})["moe"]
+    patterns, got = run_fused(ex, weights, cache, crossover=t)
+    assert patterns[-1] == ("moe_gemv" if act is None else "silu_mul_moe_gemv")
     assert relative_error(got["moe"], want) < 1e-5
 
 
