@@ -18,7 +18,6 @@ and .md. Usage:
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -27,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cpu_standard import RESULTS, fusec_commit, hf_generate, llama_cpp
+from cpu_standard import RESULTS, fusec_commit, measure, peer_table, workload_parser
 from fusec.models.loader import default_model_path
-from fusec.runtime.benchmark import benchmark, machine_info
+from fusec.runtime.benchmark import machine_info
 from fusec.runtime.engine import EngineConfig
 
 # Qwen3-30B-A3B at a CPU's size: its experts' width (768; transformers' GGUF reader takes
@@ -135,28 +134,14 @@ def greedy_agreement(path: Path, prompts: list[list[int]], tokens: int) -> tuple
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--levels", default="1,8,32")
-    ap.add_argument("--input-len", type=int, default=32)
-    ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--no-peers", action="store_true", help="fusec only: skip HF transformers and llama.cpp")
-    ap.add_argument("--label", default="", help="suffix of the result files")
-    ap.add_argument("--llama-cpp-build", type=Path, default=None, help="a llama.cpp build dir (else built and cached)")
-    args = ap.parse_args()
+    args = workload_parser().parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     path = model_path()
-    print("fusec ...", flush=True)
     config = EngineConfig(model=str(path), max_num_seqs=max(levels),
                           max_model_len=args.input_len + args.output_len + 16)
-    report = benchmark(config, levels, args.input_len, args.output_len, None)
-    for r in report.results:
-        print(f"  fusec N={r.n}: {r.output_tok_s:.1f} tok/s", flush=True)
-    hf, lcpp, agree = {}, {}, None
+    report, hf, lcpp = measure(path, config, args, levels)
+    agree = None
     if not args.no_peers:
-        print("HF transformers ...", flush=True)
-        hf = hf_generate(path, levels, args.input_len, args.output_len)
-        print("llama.cpp ...", flush=True)
-        lcpp = llama_cpp(path, levels, args.input_len, args.output_len, args.llama_cpp_build)
         rng = np.random.default_rng(1)
         agree = greedy_agreement(path, [rng.integers(0, 49152, 16).tolist() for _ in range(4)], 32)
         print(f"  greedy tokens, fusec = HF: {agree[0]} of {agree[1]}", flush=True)
@@ -181,15 +166,7 @@ def main() -> None:
              f"sequence reads {report.weights_read_bytes / gib:.3f} of {report.weights_total_bytes / gib:.3f} GiB "
              f"of weights. Prompts of {args.input_len} random token ids, {args.output_len} output tokens, greedy, "
              f"EOS ignored. fusec startup {report.startup_s:.1f} s.", "",
-             "| N | fusec tok/s | HF transformers tok/s | fusec / HF | llama.cpp tok/s | fusec / llama.cpp "
-             "| fusec TTFT p50 | fusec ITL p50 / p95 |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in report.results:
-        h, lc = hf.get(r.n), lcpp.get(r.n)
-        lines.append(f"| {r.n} | {r.output_tok_s:.1f} | {f'{h:.1f}' if h else '-'} | "
-                     f"{f'{r.output_tok_s / h:.2f}x' if h else '-'} | "
-                     f"{f'{lc:.1f}' if lc else '-'} | {f'{r.output_tok_s / lc:.2f}x' if lc else '-'} | "
-                     f"{r.ttft_p50_ms:.0f} ms | {r.itl_p50_ms:.1f} / {r.itl_p95_ms:.1f} ms |")
+             *peer_table(report, hf, lcpp)]
     if agree:
         lines += ["", f"Greedy tokens (4 prompts x 32 tokens, each compared up to its first difference): fusec "
                       f"equals HF transformers at {agree[0]} of {agree[1]} positions (HF runs the Q8_0 weights "

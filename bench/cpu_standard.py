@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from fusec.models.loader import default_model_path
-from fusec.runtime.benchmark import benchmark, machine_info
+from fusec.runtime.benchmark import BenchReport, benchmark, machine_info
 from fusec.runtime.engine import EngineConfig
 
 RESULTS = Path(__file__).parent / "results"
@@ -140,29 +140,57 @@ def fusec_commit() -> str:
     return res.stdout.strip() or "unknown"
 
 
-def main() -> None:
+def workload_parser() -> argparse.ArgumentParser:
+    """The options the CPU workloads share."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--levels", default="1,8,32")
     ap.add_argument("--input-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--no-peers", action="store_true", help="fusec only: skip HF transformers and llama.cpp")
     ap.add_argument("--label", default="", help="suffix of the result files, e.g. the version measured")
-    ap.add_argument("--quantization", default="auto", help="fusec's --quantization (none: the float32 path)")
     ap.add_argument("--llama-cpp-build", type=Path, default=None, help="a llama.cpp build dir (else built and cached)")
-    args = ap.parse_args()
-    levels = [int(x) for x in args.levels.split(",")]
+    return ap
+
+
+def measure(path: Path, config: EngineConfig, args: argparse.Namespace, levels: list[int]
+            ) -> tuple[BenchReport, dict[int, float], dict[int, float]]:
+    """fusec's report on `config`, then (unless --no-peers) HF transformers' and
+    llama.cpp's output tok/s on the GGUF at `path`, by level."""
     print("fusec ...", flush=True)
-    config = EngineConfig(max_num_seqs=max(levels), max_model_len=args.input_len + args.output_len + 16,
-                          quantization=args.quantization)
     report = benchmark(config, levels, args.input_len, args.output_len, None)
     for r in report.results:
         print(f"  fusec N={r.n}: {r.output_tok_s:.1f} tok/s", flush=True)
     hf, lcpp = {}, {}
     if not args.no_peers:
         print("HF transformers ...", flush=True)
-        hf = hf_generate(default_model_path(), levels, args.input_len, args.output_len)
+        hf = hf_generate(path, levels, args.input_len, args.output_len)
         print("llama.cpp ...", flush=True)
-        lcpp = llama_cpp(default_model_path(), levels, args.input_len, args.output_len, args.llama_cpp_build)
+        lcpp = llama_cpp(path, levels, args.input_len, args.output_len, args.llama_cpp_build)
+    return report, hf, lcpp
+
+
+def peer_table(report: BenchReport, hf: dict[int, float], lcpp: dict[int, float]) -> list[str]:
+    """The results file's table: fusec beside its peers, level by level."""
+    lines = ["| N | fusec tok/s | HF transformers tok/s | fusec / HF | llama.cpp tok/s | fusec / llama.cpp "
+             "| fusec TTFT p50 | fusec ITL p50 / p95 |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report.results:
+        h, lc = hf.get(r.n), lcpp.get(r.n)
+        lines.append(f"| {r.n} | {r.output_tok_s:.1f} | {f'{h:.1f}' if h else '-'} | "
+                     f"{f'{r.output_tok_s / h:.2f}x' if h else '-'} | "
+                     f"{f'{lc:.1f}' if lc else '-'} | {f'{r.output_tok_s / lc:.2f}x' if lc else '-'} | "
+                     f"{r.ttft_p50_ms:.0f} ms | {r.itl_p50_ms:.1f} / {r.itl_p95_ms:.1f} ms |")
+    return lines
+
+
+def main() -> None:
+    ap = workload_parser()
+    ap.add_argument("--quantization", default="auto", help="fusec's --quantization (none: the float32 path)")
+    args = ap.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    config = EngineConfig(max_num_seqs=max(levels), max_model_len=args.input_len + args.output_len + 16,
+                          quantization=args.quantization)
+    report, hf, lcpp = measure(default_model_path(), config, args, levels)
 
     stamp = datetime.date.today().isoformat() + (f"-{args.label}" if args.label else "")
     command = " ".join([".venv/bin/python", *sys.argv])
@@ -175,19 +203,9 @@ def main() -> None:
     lines = [f"# CPU standard workload, {stamp}", "",
              f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores. Command: `{command}` "
              f"(fusec at {data['fusec_commit']})", "",
-             f"Model {report.model} ({report.dtype} activations, weights {report.weights}, fused plans), prompts of {args.input_len} random token ids, "
-             f"{args.output_len} output tokens, greedy, EOS ignored. fusec startup {report.startup_s:.1f} s "
-             "(model load + kernels from the cache).", "",
-             "| N | fusec tok/s | HF transformers tok/s | fusec / HF | llama.cpp tok/s | fusec / llama.cpp "
-             "| fusec TTFT p50 | fusec ITL p50 / p95 |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in report.results:
-        h = hf.get(r.n)
-        lc = lcpp.get(r.n)
-        lines.append(f"| {r.n} | {r.output_tok_s:.1f} | {f'{h:.1f}' if h else '-'} | "
-                     f"{f'{r.output_tok_s / h:.2f}x' if h else '-'} | "
-                     f"{f'{lc:.1f}' if lc else '-'} | {f'{r.output_tok_s / lc:.2f}x' if lc else '-'} | "
-                     f"{r.ttft_p50_ms:.0f} ms | {r.itl_p50_ms:.1f} / {r.itl_p95_ms:.1f} ms |")
+             f"Model {report.model} ({report.dtype} activations, weights {report.weights}, fused plans), prompts of "
+             f"{args.input_len} random token ids, {args.output_len} output tokens, greedy, EOS ignored. fusec startup "
+             f"{report.startup_s:.1f} s (model load + kernels from the cache).", "", *peer_table(report, hf, lcpp)]
     n1 = next(r for r in report.results if r.n == min(levels))
     top = max(report.results, key=lambda r: r.n)
     lines += ["", f"Scaling: N={top.n} gives {top.output_tok_s / n1.output_tok_s:.1f}x the N={n1.n} throughput.",
