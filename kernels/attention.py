@@ -177,15 +177,7 @@ class PagedAttention(Kernel):
                         dot.set(total)
                 for score, dot in zip(scores, dots):
                     score.set(self._score(kb, dot.get()))
-            alphas, ps = [], []
-            for g in range(group):
-                m_new = kb.fmax(ms[g].get(), kb.reduce(scores[g].get(), "max"))
-                p = b.select(valid, kb.exp(b.fsub(scores[g].get(), m_new)), kb.f32(0.0))
-                alpha = kb.exp(b.fsub(ms[g].get(), m_new))
-                sums[g].set(b.fadd(b.fmul(sums[g].get(), alpha), kb.reduce(p)))
-                ms[g].set(m_new)
-                alphas.append(alpha)
-                ps.append(p)
+            ps, alphas = online_softmax(kb, ms, sums, scores, valid)
             kb.barrier()
             for g, p in enumerate(ps):
                 kb.store(p_sh, b.add(lane, kb.i32(g * tile)), p, DType.F32)
@@ -204,6 +196,20 @@ class PagedAttention(Kernel):
 
 
 MAX_HEADS_PER_BLOCK = 8  # bounds shared memory (3 * heads * head_dim floats) and registers
+
+
+def online_softmax(kb: KernelBuilder, ms: list, sums: list, scores: list, valid) -> tuple[list, list]:
+    """One tile of keys in the streaming softmax, for each query head: its running max
+    and sum move to the tile's new max. Returns each head's probability for this lane's
+    key (0 where not `valid`) and the factor that rescales its accumulated values."""
+    b, ps, alphas = kb.b, [], []
+    for m, total, score in zip(ms, sums, scores):
+        m_new = kb.fmax(m.get(), kb.reduce(score.get(), "max"))
+        ps.append(b.select(valid, kb.exp(b.fsub(score.get(), m_new)), kb.f32(0.0)))
+        alphas.append(kb.exp(b.fsub(m.get(), m_new)))
+        total.set(b.fadd(b.fmul(total.get(), alphas[-1]), kb.reduce(ps[-1])))
+        m.set(m_new)
+    return ps, alphas
 
 
 def heads_per_block(group: int) -> int:

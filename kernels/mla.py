@@ -44,7 +44,7 @@ from fusec.fusion.dtypes import DType
 from fusec.fusion.ir import Node
 from fusec.fusion.patterns import Match, Pattern, PNode
 from fusec.fusion.plan import Arg, Launch, LowerContext
-from fusec.kernels.attention import HOST_KEYS, MAX_HEADS_PER_BLOCK
+from fusec.kernels.attention import HOST_KEYS, MAX_HEADS_PER_BLOCK, online_softmax
 from fusec.kernels.base import GPU_LANES, Kernel, cdiv, round_to, row_offset
 from fusec.kernels.elementwise import RowKernel
 from fusec.kernels.gemv import tile_heights, vector_width
@@ -440,15 +440,7 @@ class MlaPagedAttention(Kernel):
                         dot.set(total)
                 for score, dot in zip(scores, dots):
                     score.set(dot.get())
-            ps, alphas = [], []
-            for g in range(group):
-                m_new = kb.fmax(ms[g].get(), kb.reduce(scores[g].get(), "max"))
-                p = b.select(valid, kb.exp(b.fsub(scores[g].get(), m_new)), kb.f32(0.0))
-                alpha = kb.exp(b.fsub(ms[g].get(), m_new))
-                sums[g].set(b.fadd(b.fmul(sums[g].get(), alpha), kb.reduce(p)))
-                ms[g].set(m_new)
-                ps.append(p)
-                alphas.append(alpha)
+            ps, alphas = online_softmax(kb, ms, sums, scores, valid)
             kb.barrier()  # the previous tile's probabilities are read
             for g, p in enumerate(ps):
                 kb.store(p_sh, b.add(lane, kb.i32(g * lanes)), p, F32)
