@@ -57,9 +57,9 @@ HOST_PAIRS = 8  # most (token, slot) pairs of one expert a host tile dots togeth
 HOST_EXPERT_ROWS = 64
 # A host tile's tokens: each tile reads every expert its tokens picked once, so a prefill
 # reads an expert once per tile of up to 256 tokens; fewer where their prologue rows would
-# pass 4 MiB of launch-scoped floats a thread
+# pass 1 MiB of launch-scoped floats (which live on the calling thread's stack)
 HOST_TILE_TOKENS = 256
-HOST_TILE_FLOATS = 1 << 20
+HOST_TILE_FLOATS = 1 << 18
 
 
 @dataclass(frozen=True, kw_only=True)
