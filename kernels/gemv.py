@@ -125,13 +125,7 @@ class Gemv(Kernel):
         last = kb.i32(self.n - 1)
         # rows past the end read the last row (kept in bounds) and are not stored
         rows = [kb.imin(b.add(n0, kb.i32(j)), last) for j in range(self.rows_per_block)]
-        if self.weight_format is not None:
-            totals = self._block_dots(kb, rows, x_at)
-        else:
-            accs = [kb.var(kb.f32(0.0)) for _ in rows]
-            self._dense_dot(kb, [row_offset(kb, r, self.k) for r in rows], accs, x_at)
-            totals = [acc.get() for acc in accs]
-        totals = [kb.reduce(t) for t in totals]
+        totals = self._row_dots(kb, rows, x_at)
         with kb.when(b.icmp_unsigned("==", kb.lane(), kb.i32(0))):
             self._store(kb, out_row, [b.add(n0, kb.i32(j)) for j in range(len(rows))], totals)
 
@@ -309,6 +303,16 @@ class Gemv(Kernel):
                         acc.set(b.insert_element(acc.get(), kb.fadd(b.extract_element(acc.get(), kb.i32(0)),
                                                                     kb.fmul(w, x)), kb.i32(0)))
         return [[acc.get() for acc in row] for row in accs]
+
+    def _row_dots(self, kb: KernelBuilder, rows: list, x_at) -> list:
+        """GPU body: W[rows] . x, each reduced over the block's lanes."""
+        if self.weight_format is not None:
+            totals = self._block_dots(kb, rows, x_at)
+        else:
+            accs = [kb.var(kb.f32(0.0)) for _ in rows]
+            self._dense_dot(kb, [row_offset(kb, r, self.k) for r in rows], accs, x_at)
+            totals = [acc.get() for acc in accs]
+        return [kb.reduce(total) for total in totals]
 
     def _block_dots(self, kb: KernelBuilder, rows: list, x_at) -> list:
         """Each row's dot with x over its quantized groups of 32, as this lane's partial

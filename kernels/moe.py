@@ -334,14 +334,7 @@ class MoeGemv(Gemv):
         b = kb.b
         x_at = self._prologue(kb, self._source_row(kb, t, slot), FALSE)
         first = b.mul(expert, kb.i32(self.n))
-        rows = [b.add(first, kb.imin(n, kb.i32(self.n - 1))) for n in ns]
-        if self.weight_format is not None:
-            totals = self._block_dots(kb, rows, x_at)
-        else:
-            accs = [kb.var(kb.f32(0.0)) for _ in rows]
-            self._dense_dot(kb, [row_offset(kb, r, self.k) for r in rows], accs, x_at)
-            totals = [acc.get() for acc in accs]
-        return [kb.reduce(total) for total in totals]
+        return self._row_dots(kb, [b.add(first, kb.imin(n, kb.i32(self.n - 1))) for n in ns], x_at)
 
     def _store_rows(self, kb: KernelBuilder, t: ir.Value, slot: ir.Value | None, ns: list, totals: list) -> None:
         """Outputs ns (those below n) of token t, of `slot` or (None) combined."""
