@@ -53,7 +53,6 @@ def compile_cmd(arch: str, explain: bool, emit_dir: Path | None, **options) -> N
     from fusec.fusion.compiler import compile_kernel
     from fusec.fusion.explain import report
     from fusec.fusion.traffic import weight_traffic
-    from fusec.models.weights import weight_nbytes
     from fusec.models.loader import load_model
 
     config = EngineConfig.from_options(options)
@@ -71,7 +70,7 @@ def compile_cmd(arch: str, explain: bool, emit_dir: Path | None, **options) -> N
     for plan in plans.values():
         for line in report(plan, explain):
             click.echo(line)
-    traffic = weight_traffic(plans["gemv"], weight_nbytes(m.config, m.weight_dtype or m.dtype, m.formats), tokens=1)
+    traffic = weight_traffic(plans["gemv"], m.weight_bytes(), tokens=1)
     click.echo(f"a decode step of one sequence reads {traffic.describe()}")
     cache = KernelCache()
     if emit_dir is not None:

@@ -210,15 +210,7 @@ class Gemv(Kernel):
     # -- host: a tile of token rows, each weight read (and decoded) once for all of them --
     def _host_body(self, kb: KernelBuilder) -> None:
         b, tpb = kb.b, self.tokens_per_block
-        # Blocks run tile-major (linear id = tile * output blocks + output block), so a
-        # thread's contiguous range of blocks walks one tile's outputs before the next
-        # and computes each tile's prologue rows once, kept in launch-scoped memory.
-        tiles = b.sdiv(b.add(kb["num_rows"], kb.i32(tpb - 1)), kb.i32(tpb))
-        linear = b.add(b.mul(kb.block_id(1), tiles), kb.block_id(0))
-        out_blocks = kb.i32(cdiv(self.n, self.rows_per_block))
-        tile, out_block = b.udiv(linear, out_blocks), b.urem(linear, out_blocks)
-        t0 = b.mul(tile, kb.i32(tpb))
-        count = kb.imin(kb.i32(tpb), b.sub(kb["num_rows"], t0))  # the last tile may be short
+        tile, out_block, t0, count = self._host_block(kb)
         xbuf = kb.launch_local(DType.F32, tpb * self.k)  # the tile's prologue rows
         held = kb.launch_local(DType.I32, init=kb.i32(-1))  # the tile xbuf holds
         with kb.when(b.icmp_signed("!=", kb.load(held, kb.i32(0), DType.I32), tile)):
@@ -241,6 +233,19 @@ class Gemv(Kernel):
                 self._host_tile(kb, t0, tokens, [b.icmp_signed("<", kb.i32(t), count) for t in range(height)],
                                 xbuf, n0)
             low = height
+
+    def _host_block(self, kb: KernelBuilder) -> tuple:
+        """(tile, output block, the tile's first token row, its rows) of this host block.
+        Blocks run tile-major (linear id = tile * output blocks + output block), so a
+        thread's contiguous range of blocks walks one tile's outputs before the next and
+        prepares each tile (its prologue rows) once, kept in launch-scoped memory."""
+        b, tpb = kb.b, self.tokens_per_block
+        tiles = b.sdiv(b.add(kb["num_rows"], kb.i32(tpb - 1)), kb.i32(tpb))
+        linear = b.add(b.mul(kb.block_id(1), tiles), kb.block_id(0))
+        out_blocks = kb.i32(cdiv(self.n, self.rows_per_block))
+        tile, out_block = b.udiv(linear, out_blocks), b.urem(linear, out_blocks)
+        t0 = b.mul(tile, kb.i32(tpb))
+        return tile, out_block, t0, kb.imin(kb.i32(tpb), b.sub(kb["num_rows"], t0))  # the last tile may be short
 
     def _host_tile(self, kb: KernelBuilder, t0, tokens: list, stored: list, xbuf, n0) -> None:
         """The block's outputs for tile rows `tokens` (the last repeated to fill the height)."""

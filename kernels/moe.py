@@ -349,14 +349,7 @@ class MoeGemv(Gemv):
 
     def _tiled_body(self, kb: KernelBuilder) -> None:
         b, tpb, slots = kb.b, self.tokens_per_block, self.slots
-        # blocks run tile-major (linear id = tile * output blocks + output block), so a
-        # thread's contiguous range of blocks groups and computes each tile once
-        tiles = b.sdiv(b.add(kb["num_rows"], kb.i32(tpb - 1)), kb.i32(tpb))
-        linear = b.add(b.mul(kb.block_id(1), tiles), kb.block_id(0))
-        out_blocks = kb.i32(self.out_blocks)
-        tile, out_block = b.udiv(linear, out_blocks), b.urem(linear, out_blocks)
-        t0 = b.mul(tile, kb.i32(tpb))
-        count = kb.imin(kb.i32(tpb), b.sub(kb["num_rows"], t0))  # the last tile may be short
+        tile, out_block, t0, count = self._host_block(kb)  # a tile's pairs are grouped once a thread
         parts = slots if self.per_slot else 1
         xbuf = kb.launch_local(F32, tpb * parts * self.k)  # prologue rows: a token's, or a pair's
         starts = kb.launch_local(DType.I32, self.experts + 1)  # expert e's pairs: order[starts[e]:starts[e + 1]]

@@ -27,7 +27,7 @@ from fusec.models.rope import attention_factor, inv_freq
 from fusec.models.safetensors_file import SafetensorsFile
 from fusec.models.tokenizer import Tokenizer
 from fusec.models.weights import (DummyWeights, gguf_names, hf_fixup, hf_names, load_weights,
-                                  unpermute_llama_gguf, weight_formats)
+                                  unpermute_llama_gguf, weight_formats, weight_nbytes)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,10 @@ class Model:
         """What the weights run as, e.g. "q4_1 x210, q8_0 x1, f32 x61"."""
         kinds = Counter(self.formats.get(name, self.weight_dtype.value) for name in weight_shapes(self.config))
         return ", ".join(f"{kind} x{count}" for kind, count in kinds.most_common())
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Each weight's bytes in its run form (a block format's, else weight_dtype's)."""
+        return weight_nbytes(self.config, self.weight_dtype, self.formats)
 
 
 def default_model_path() -> Path:

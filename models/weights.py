@@ -218,7 +218,8 @@ def _moe_gguf_names(cfg: ModelConfig, p: str, part: str) -> list[Source]:
     assert moe is not None
     e, h, inter = moe.experts, cfg.hidden_size, moe.intermediate_size
     if part == "router":  # Qwen2-MoE's shared-expert gate is a vector [H]: one more row
-        return [p + "ffn_gate_inp.weight"] + [Part(p + "ffn_gate_inp_shexp.weight", whole=(h,))] * moe.shared_gate
+        return [p + "ffn_gate_inp.weight"] + ([Part(p + "ffn_gate_inp_shexp.weight", whole=(h,))]
+                                               if moe.shared_gate else [])
     spans = [(c * inter, (c + 1) * inter) for c in range(moe.shared)]
     whole_shared = moe.shared * inter
     if part == "experts_gate_up":

@@ -14,7 +14,6 @@ import numpy as np
 from fusec import __version__
 from fusec.errors import FusecError
 from fusec.fusion.traffic import WeightTraffic, weight_traffic
-from fusec.models.weights import weight_nbytes
 from fusec.runtime.engine import EngineConfig, LLMEngine
 from fusec.runtime.sequence import SamplingParams
 from fusec.runtime.structured_output import StructuredOutputsParams
@@ -141,8 +140,7 @@ def decode_traffic(engine: LLMEngine) -> WeightTraffic | None:
     plans = getattr(engine.runner.executor, "plans", None)
     if plans is None:
         return None
-    m = engine.model
-    return weight_traffic(plans["gemv"], weight_nbytes(m.config, m.weight_dtype or m.dtype, m.formats), tokens=1)
+    return weight_traffic(plans["gemv"], engine.model.weight_bytes(), tokens=1)
 
 
 def benchmark(config: EngineConfig, levels: list[int], input_len: int, output_len: int, num_prompts: int | None,

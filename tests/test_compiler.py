@@ -181,15 +181,13 @@ def test_compile_explain_shows_a_moe_layer_and_the_weights_a_decode_step_reads(t
     """Mixtral's sparse MLP as launches (router fused with the residual add and norm, the
     experts' gate|up, their down with SiLU·mul and the routing sum), and the share of the
     weights one sequence's decode step reads: top-2 of 5 experts, one embedding row."""
-    from fusec.models.weights import weight_nbytes
-
     out, _, _ = run_compile(tmp_path / "cache", "--model", str(tiny_checkpoints["mixtral"]), "--explain")
     assert re.search(r"launch layers\.0\.route \[add_rms_norm_moe_route\] covers layers\.0\.attn_residual, "
                      r"layers\.0\.post_norm\.out, layers\.0\.route", out)
     assert "[moe_gemv] covers layers.0.experts_gate_up.out" in out
     assert re.search(r"\[silu_mul_moe_gemv\] covers layers\.0\.experts_act, layers\.0\.experts_down\.out", out)
     m = load_model(str(tiny_checkpoints["mixtral"]), with_weights=False)
-    sizes = weight_nbytes(m.config, m.weight_dtype or m.dtype, m.formats)
+    sizes = m.weight_bytes()
     experts = sum(v for k, v in sizes.items() if ".experts_" in k)
     table = sizes["embed_tokens"]
     read = sum(sizes.values()) - experts * 3 / 5 - table + table / m.config.vocab_size

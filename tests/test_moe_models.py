@@ -18,7 +18,6 @@ from fusec.kernels.quant import FORMATS
 from fusec.kernels.registry import default_registry
 from fusec.kernels.testing import random_blocks
 from fusec.models.loader import load_model
-from fusec.models.weights import weight_nbytes
 from fusec.runtime.backends.cpu import HostDevice
 from fusec.runtime.executor import PlanExecutor
 from fusec.runtime.model_runner import SequenceChunk, build_inputs
@@ -59,7 +58,7 @@ def test_decode_reads_only_routed_experts(tiny_checkpoints, name):
     out = {k: device.to_host(v) for k, v in ex.run(step).items()}
     chosen = {r: out[r] for r in routes}
 
-    sizes = weight_nbytes(model.config, model.weight_dtype, model.formats)
+    sizes = model.weight_bytes()
     traffic = weight_traffic(ex.plans["gemv"], sizes, 3, chosen)
     poisoned = dict(model.weights)
     unread = 0
