@@ -2,7 +2,7 @@
 decode graph for N sequences, each timed alone on one thread (cache-warm), then the
 whole graph replayed on one thread and on all of them (weights streamed from memory).
 Usage:
-  .venv/bin/python bench/kernel_profile.py [--n 1] [--context 100] [--model PATH]
+  .venv/bin/python bench/kernel_profile.py [--n 1] [--context 100] [--model PATH] [--no-int8-activations]
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=32, help="prompt tokens per sequence (the KV read)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--int8-activations", action=argparse.BooleanOptionalAction, default=None,
+                    help="as fusec's flag [default: on CPUs with AVX-512 VNNI]")
     args = ap.parse_args()
 
     captured: list[list[host_graph.HostCall]] = []
@@ -35,7 +37,7 @@ def main() -> None:
 
     host_graph.HostGraph.__init__ = record  # the engine captures a graph per batch bucket
     try:
-        llm = LLM(args.model, max_num_seqs=args.n, device="cpu")
+        llm = LLM(args.model, max_num_seqs=args.n, device="cpu", int8_activations=args.int8_activations)
         calls = captured[-1]  # the largest decode bucket: N sequences (prefills are captured too)
         prompt = list(range(1, args.context + 1))
         llm.generate(prompt_token_ids=[prompt] * args.n,

@@ -22,7 +22,7 @@ SERVE_ENGINE_FIELDS = ("model", "tokenizer", "chat_template", "generation_config
                        "enable_chunked_prefill", "block_size", "kv_cache_dtype", "kv_cache_gb", "num_kv_blocks",
                        "swap_space", "gpu_memory_utilization", "enable_prefix_caching", "enforce_eager",
                        "max_logprobs", "tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
-                       "trust_remote_code", "crossover")
+                       "trust_remote_code", "crossover", "int8_activations")
 LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
 # options that take one or more values, as argparse's nargs="+" in vLLM
 MULTI_VALUE_OPTIONS = ("--served-model-name", "--api-key")

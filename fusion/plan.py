@@ -61,6 +61,7 @@ class LowerContext:
     bucket: str
     max_positions: int
     gpu_shapes: bool = False  # GPU-shaped kernels: 16-byte loads, grouped attention heads
+    int8_activations: bool = False  # host GEMVs over q8_0 / q4_0 / q4_1 weights may quantize their input
     constants: dict[str, np.ndarray] = field(default_factory=dict)
 
     def kernel_launch(self, match: Match, kernel: Any, args: Mapping[str, Arg], outputs: tuple[str, ...],
@@ -111,6 +112,15 @@ class PlanOptions:
     # 20% with vector loads, batches of 8 about 8% with grouped heads): scalar loops
     # suit LLVM's host vectoriser better.
     gpu_shapes: bool | None = None
+    # Host GEMVs over q8_0 / q4_0 / q4_1 weights quantize a decode token's input row to int8
+    # and dot it with the weights' bytes (kernels/gemv.py `int8_dots`): None = where the CPU
+    # has AVX-512 VNNI. False keeps every activation in float (the reference's arithmetic).
+    int8_activations: bool | None = None
+
+
+def has_int8_dots(target: Target) -> bool:
+    """Whether int8 activations can run here: a CPU with AVX-512 VNNI (vpdpbusd on 256-bit vectors)."""
+    return target.has_feature("avx512vnni") and target.has_feature("avx512vl")
 
 
 def dead_code_elimination(graph: Graph) -> set[str]:
@@ -162,7 +172,10 @@ def build_plan(graph: Graph, registry: Registry, options: PlanOptions, bucket: s
     if bucket not in BUCKETS:
         raise ValueError(f"unknown bucket {bucket!r}")
     gpu_shapes = options.target.is_gpu if options.gpu_shapes is None else options.gpu_shapes
-    ctx = LowerContext(graph, options.target, bucket, options.max_positions, gpu_shapes)
+    int8 = has_int8_dots(options.target) if options.int8_activations is None else options.int8_activations
+    if int8 and not has_int8_dots(options.target):
+        raise ValueError(f"int8 activations need a CPU with AVX-512 VNNI, not {options.target.arch}")
+    ctx = LowerContext(graph, options.target, bucket, options.max_positions, gpu_shapes, int8)
     groups = fuse(graph, registry, ctx)
     owner: dict[str, int] = {}
     position = {n: i for i, n in enumerate(graph.nx.nodes)}

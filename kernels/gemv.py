@@ -34,6 +34,14 @@ writes a tile's prologue rows once into launch-scoped memory (`launch_local`) an
 reuses them for every block of that tile it runs; blocks can then be small (16 rows)
 for an even split over threads. Each row's weights are prefetched a few KiB ahead: the
 hardware prefetcher follows a tile's 8 interleaved row streams poorly.
+
+Host `int8_dots` (q8_0 / q4_0 / q4_1 weights, CPUs with AVX-512 VNNI): the tile's
+prologue rows are also quantized to int8 per group of 32 (llama.cpp's q8_0 activations),
+and one-token tiles (decode at N=1) take each group's dot as one VNNI instruction over
+the weights' bytes instead of decoding them to floats: at one token the decode is the
+work (bench/results/cpu-int8-dots-2026-12-04.md). Taller tiles keep float activations:
+there the decode is shared by the tile's tokens and the float FMAs are cheaper per token
+than a VNNI dot with its per-group scale.
 """
 from __future__ import annotations
 
@@ -46,7 +54,9 @@ from llvmlite import ir
 from fusec.fusion.codegen.builder import KernelBuilder, Param
 from fusec.fusion.dtypes import DType
 from fusec.kernels.base import GATES, Kernel, cdiv, gelu, round_to, row_offset
-from fusec.kernels.quant import FORMATS, GROUP, HALF, group_term, group_values, hsum, pack, zero_vector
+from fusec.kernels.quant import (F32X8, FINE, FORMATS, GROUP, HALF, I8, I8X32, INT8_DOT_FORMATS, ActivationGroup,
+                                 byte_dot, group_bytes,
+                                 group_term, group_values, hsum, pack, quantize_activations, splat, zero_vector)
 
 LAYER_NORMED = ("layer_norm", "add_layer_norm")  # prologues ending in a LayerNorm (with bias)
 NORMED = ("rms_norm", "add_rms_norm", "rms_norm_add_rms_norm", *LAYER_NORMED)  # ... or in any norm
@@ -86,8 +96,11 @@ class Gemv(Kernel):
     vec: int = 1  # elements per lane per step: 16-byte loads when K allows (`vector_width`)
     weight_format: str | None = None  # a block format of kernels/quant.py; None: dense `weight`
     tokens_per_block: int = 1  # host: token rows a block takes together (GPU: 1)
+    int8_dots: bool = False  # host: one-token tiles dot int8 activations with the weights' bytes (VNNI)
 
     def __post_init__(self) -> None:
+        if self.int8_dots and self.weight_format not in INT8_DOT_FORMATS:
+            raise ValueError(f"int8 dots read {', '.join(INT8_DOT_FORMATS)} weights, not {self.weight_format}")
         if self.weight_format is not None:
             FORMATS[self.weight_format].row_bytes(self.k)  # whole blocks per row, or ValueError
             if GROUP % self.vec:
@@ -212,6 +225,9 @@ class Gemv(Kernel):
         b, tpb = kb.b, self.tokens_per_block
         tile, out_block, t0, count = self._host_block(kb)
         xbuf = kb.launch_local(DType.F32, tpb * self.k)  # the tile's prologue rows
+        # ... quantized: two int8 rows each (4 bytes to a word) and each group's (dx, sx)
+        qbuf = kb.launch_local(DType.I32, tpb * self.k // 2) if self.int8_dots else None
+        sbuf = kb.launch_local(DType.F32, tpb * self.k // GROUP * 2) if self.int8_dots else None
         held = kb.launch_local(DType.I32, init=kb.i32(-1))  # the tile xbuf holds
         with kb.when(b.icmp_signed("!=", kb.load(held, kb.i32(0), DType.I32), tile)):
             first = b.icmp_unsigned("==", out_block, kb.i32(0))  # the first of its tile: every thread reaches it here
@@ -221,6 +237,8 @@ class Gemv(Kernel):
                 with self._vec_loop(kb, self.k) as i:
                     for j, v in enumerate(x_at(i)):
                         kb.store(xbuf, b.add(at, b.add(i, kb.i32(j))), v, DType.F32)
+                if self.int8_dots:
+                    self._quantize_row(kb, xbuf, qbuf, sbuf, t)
             kb.store(held, kb.i32(0), tile, DType.I32)
         n0 = b.mul(out_block, kb.i32(self.rows_per_block))
         low = 0
@@ -230,9 +248,64 @@ class Gemv(Kernel):
                 # rows past the tile's end repeat its last row and are not stored
                 last = b.sub(count, kb.i32(1))
                 tokens = [kb.imin(kb.i32(t), last) for t in range(height)]
-                self._host_tile(kb, t0, tokens, [b.icmp_signed("<", kb.i32(t), count) for t in range(height)],
-                                xbuf, n0)
+                if height == 1 and self.int8_dots:
+                    self._host_int8_tile(kb, t0, qbuf, sbuf, n0)
+                else:
+                    self._host_tile(kb, t0, tokens, [b.icmp_signed("<", kb.i32(t), count) for t in range(height)],
+                                    xbuf, n0)
             low = height
+
+    def _quantize_row(self, kb: KernelBuilder, xbuf, qbuf, sbuf, t) -> None:
+        """Prologue row t of the tile (in xbuf) quantized per group: qx and qr into qbuf
+        (2 K bytes a row), (dx, sx) into sbuf."""
+        b, groups = kb.b, self.k // GROUP
+        with kb.loop(0, groups) as g:
+            at = b.add(b.mul(t, kb.i32(self.k)), b.mul(g, kb.i32(GROUP)))
+            x = quantize_activations(kb, *(kb.load_packed(xbuf, b.add(at, kb.i32(h)), DType.F32, HALF)
+                                           for h in (0, HALF)))
+            q_at = b.add(b.mul(t, kb.i32(2 * self.k)), b.mul(g, kb.i32(2 * GROUP)))
+            for h, q in enumerate((x.qx, x.qr)):
+                b.store(q, b.gep(qbuf, [kb.wide(b.add(q_at, kb.i32(h * GROUP)))], inbounds=True, source_etype=I8),
+                        align=1)
+            s_at = b.mul(b.add(b.mul(t, kb.i32(groups)), g), kb.i32(2))
+            kb.store(sbuf, s_at, x.dx, DType.F32)
+            kb.store(sbuf, b.add(s_at, kb.i32(1)), x.sx, DType.F32)
+
+    def _host_int8_tile(self, kb: KernelBuilder, t0, qbuf, sbuf, n0) -> None:
+        """A one-token tile's outputs from its int8 row (row 0 of qbuf / sbuf)."""
+        b = kb.b
+        chunk = host_rows_per_chunk(1, self.rows_per_block)
+        last = kb.i32(self.n - 1)
+        with kb.loop(0, kb.imin(kb.i32(self.rows_per_block), b.sub(kb.i32(self.n), n0)), chunk) as c:
+            ns = [b.add(b.add(n0, c), kb.i32(r)) for r in range(chunk)]
+            self._store(kb, t0, ns, self._int8_dots(kb, qbuf, sbuf, [kb.imin(n, last) for n in ns]))
+
+    def _int8_dots(self, kb: KernelBuilder, qbuf, sbuf, rows: list) -> list:
+        """W[rows] . x for the quantized row x: per group d dx / FINE (FINE u . qx + u . qr)
+        + c sx, the byte dots summed in 8-wide float accumulators, the c sx terms in scalars."""
+        b, fmt = kb.b, FORMATS[self.weight_format]
+        row_bytes = fmt.row_bytes(self.k)
+        w_rows = [row_offset(kb, r, row_bytes) for r in rows]
+        distance = self._prefetch_distance(row_bytes, len(rows))
+        accs = [kb.var(ir.Constant(F32X8, [0.0] * 8)) for _ in rows]
+        offsets = [kb.var(kb.f32(0.0)) for _ in rows]
+        with kb.loop(0, self.k // GROUP) as g:
+            qx, qr = (b.load(b.gep(qbuf, [kb.wide(b.add(b.mul(g, kb.i32(2 * GROUP)), kb.i32(h)))], inbounds=True,
+                                   source_etype=I8), typ=I8X32, align=1) for h in (0, GROUP))
+            dx, sx = (kb.load(sbuf, b.add(b.mul(g, kb.i32(2)), kb.i32(j)), DType.F32) for j in (0, 1))
+            x = ActivationGroup(qx, qr, kb.fmul(dx, kb.f32(1.0 / FINE)), sx)
+            ahead = b.add(b.mul(kb.wide(g), kb.i64(fmt.nbytes)), kb.i64(distance))
+            for acc, offset, w_row in zip(accs, offsets, w_rows):
+                kb.prefetch(kb["w"], b.add(w_row, ahead))
+                group = group_bytes(kb, fmt, kb["w"], w_row, g)
+                acc.set(kb.fadd(acc.get(), kb.fmul(byte_dot(kb, group.u, x), splat(kb, kb.fmul(group.d, x.dx), F32X8))))
+                offset.set(kb.fadd(offset.get(), kb.fmul(group.c, sx)))
+        return [kb.fadd(hsum(kb, acc.get()), offset.get()) for acc, offset in zip(accs, offsets)]
+
+    @staticmethod
+    def _prefetch_distance(row_bytes: int, rows: int) -> int:
+        """Bytes ahead of a block-format row's current group to prefetch (HOST_PREFETCH_BYTES)."""
+        return HOST_PREFETCH_BYTES if row_bytes >= HOST_PREFETCH_BYTES else 2 * rows * row_bytes
 
     def _host_block(self, kb: KernelBuilder) -> tuple:
         """(tile, output block, the tile's first token row, its rows) of this host block.
@@ -279,7 +352,7 @@ class Gemv(Kernel):
             fmt = FORMATS[self.weight_format]
             row_bytes = fmt.row_bytes(k_dim)
             w_rows = [row_offset(kb, r, row_bytes) for r in rows]
-            distance = HOST_PREFETCH_BYTES if row_bytes >= HOST_PREFETCH_BYTES else 2 * len(rows) * row_bytes
+            distance = self._prefetch_distance(row_bytes, len(rows))
             with kb.loop(0, k_dim // GROUP) as g:
                 i0 = b.mul(g, kb.i32(GROUP))
                 x_lo, x_hi = xs(i0), xs(b.add(i0, kb.i32(HALF)))

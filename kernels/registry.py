@@ -16,6 +16,7 @@ from fusec.kernels.attention import PagedAttention, heads_per_block
 from fusec.kernels.base import cdiv
 from fusec.kernels.elementwise import Add, AddRmsNorm, BiasAdd, Embed, GatherRows, SiluMul, Unary
 from fusec.kernels.gemv import Gemv, vector_width
+from fusec.kernels.quant import INT8_DOT_FORMATS
 from fusec.kernels.rope_kv import RopeKVWrite, cos_sin_table
 
 
@@ -125,7 +126,10 @@ def lower_gemv(m: Match, ctx: LowerContext) -> Launch:
                   residual_out=residual_out, eps=norm.attrs["eps"] if norm is not None else 0.0,
                   rows_per_block=rows, weight_format=m.graph.node(mm.inputs[1]).format,
                   tokens_per_block=1 if ctx.target.is_gpu else HOST_TOKENS_PER_BLOCK,
-                  vec=vector_width(k, act, weight) if ctx.gpu_shapes else 1)
+                  vec=vector_width(k, act, weight) if ctx.gpu_shapes else 1,
+                  # not the LM head (the gathered GEMV): it streams from memory at the same speed either way
+                  int8_dots=ctx.int8_activations and gather is None
+                  and m.graph.node(mm.inputs[1]).format in INT8_DOT_FORMATS)
     return ctx.kernel_launch(m, kernel, args, tuple(outputs), {"num_rows": _rows(out)})
 
 

@@ -134,6 +134,10 @@ class EngineConfig:
     crossover: int | None = field(default=None, metadata=_flag(
         "Largest batch (tokens) run through the fused-GEMV plan [default: `fusec autotune`'s choice for this "
         "device and model, else the device's default].", click.IntRange(min=1)))
+    int8_activations: bool | None = field(default=None, metadata=_flag(
+        "CPU: GEMVs over Q8_0 / Q4_0 / Q4_1 weights quantize a decode token's activations to int8 per 32 "
+        "(llama.cpp's arithmetic) and take VNNI dot products [default: on CPUs with AVX-512 VNNI]; off: float "
+        "activations everywhere.", flag="--int8-activations/--no-int8-activations"))
 
     def __post_init__(self) -> None:
         for flag, size in (("tensor", self.tensor_parallel_size), ("pipeline", self.pipeline_parallel_size),

@@ -1,6 +1,7 @@
 """Turns a batch of sequences into graph inputs (paged-attention metadata) and runs it."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -8,7 +9,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from fusec.errors import InputError
 from fusec.fusion.dtypes import from_storage
+from fusec.fusion.plan import has_int8_dots
 from fusec.models.llama import HIDDEN_ROWS
 from fusec.models.loader import Model
 from fusec.runtime.config import EngineConfig
@@ -93,8 +96,13 @@ class ModelRunner:
             tuning = self._tuning(device, model)
             crossover = config.crossover or (tuning.crossover if tuning else None)
             max_tokens = max(config.resolved_max_num_batched_tokens(max_model_len), config.max_num_seqs)
-            self.executor = PlanExecutor(device, graph, model.weights, default_registry(),
-                                         device.plan_options(max_model_len, crossover),
+            options = device.plan_options(max_model_len, crossover)
+            if config.int8_activations is not None:
+                if config.int8_activations and not has_int8_dots(options.target):
+                    raise InputError("--int8-activations needs a CPU with AVX-512 VNNI (it is the CPU's GEMV "
+                                     "arithmetic; GPUs keep float activations)")
+                options = dataclasses.replace(options, int8_activations=config.int8_activations)
+            self.executor = PlanExecutor(device, graph, model.weights, default_registry(), options,
                                          max_dims=max_dims(max_tokens, self.max_sample_rows, max_model_len,
                                                            config.block_size, PROMPT_LOGPROB_ROWS),
                                          extra_outputs=(HIDDEN_ROWS,))

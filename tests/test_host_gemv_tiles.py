@@ -11,7 +11,7 @@ import pytest
 from fusec.fusion import ops
 from fusec.fusion.dtypes import DType, from_storage, to_storage
 from fusec.kernels.gemv import Gemv, host_rows_per_chunk
-from fusec.kernels.quant import FORMATS, dequantize
+from fusec.kernels.quant import FORMATS, GROUP, dequantize, quantize_activations_reference
 from fusec.kernels.testing import random_blocks
 from fusec.runtime.backends.cpu import HostDevice
 from test_patterns import cache  # noqa: F401 (the module's kernel cache fixture)
@@ -73,3 +73,39 @@ def test_every_tile_height(kind, device):
 def test_rows_per_chunk_keep_the_accumulators_in_registers():
     assert [host_rows_per_chunk(t, 64) for t in (1, 2, 3, 4, 5, 8, 9, 16)] == [8, 8, 4, 4, 2, 2, 1, 1]
     assert host_rows_per_chunk(1, 12) == 4  # divides the block's rows
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1"])
+def test_int8_dots_on_one_token_tiles(kind, device):
+    """int8_dots: a one-token tile (decode at N=1) dots the weights' bytes with int8
+    activations (each group of 32 of the prologue row quantized, as
+    quantize_activations_reference: qx and the rounding error qr); taller tiles keep float
+    activations."""
+    rng = np.random.default_rng(40 + len(kind))
+    fmt = FORMATS[kind]
+    k = K - 8
+    w = random_blocks(rng, N, k, fmt, std=1 / np.sqrt(k))
+    w_values = dequantize(w, fmt)
+    spec = Gemv(k=k, n=N, act=DType.F32, weight=DType.F32, out=DType.F32, prologue="add_rms_norm", bias=True,
+                residual_out=True, eps=EPS, rows_per_block=16, weight_format=kind, tokens_per_block=TILE,
+                int8_dots=True)
+    norm_w = (1 + 0.3 * rng.standard_normal(k)).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float32)
+    for rows in (1, 2, TILE + 1):  # the last: a full tile, then a one-token tile
+        a, b = (rng.standard_normal((rows, k)).astype(np.float32) for _ in range(2))
+        a[0, :GROUP] = -b[0, :GROUP]  # a group of zeros (dx = 0)
+        y = np.full((rows, N), np.nan, np.float32)
+        residual = np.full((rows, k), np.nan, np.float32)
+        by_name = {"a": a, "b": b, "norm_w": norm_w, "residual": residual, "w": w, "bias": bias, "y": y}
+        device.launch_kernel(spec, [by_name[p.name] for p in spec.params()[:-1]] + [np.int32(rows)],
+                             spec.grid({"num_rows": rows}))
+        s = a + b
+        x = ops.rms_norm(s, norm_w, eps=EPS)
+        one = rows % TILE == 1  # the rows of a one-token tile: the last
+        xq = np.concatenate([x[:rows - 1], quantize_activations_reference(x[rows - 1:])]) if one else x
+        want = ops.matmul(xq, w_values) + bias
+        np.testing.assert_array_equal(residual, s)
+        err = np.abs(y.astype(np.float64) - want).max() / np.abs(want).max()
+        assert np.isfinite(y).all() and err < 2e-6, f"{kind}, {rows} rows: relative error {err:.3g}"
+        if one:  # the float-activation result is outside that tolerance: the int8 path ran
+            assert np.abs(y - (ops.matmul(x, w_values) + bias)).max() / np.abs(want).max() > 2e-6

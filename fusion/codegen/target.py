@@ -47,6 +47,10 @@ class Target:
         init_llvm()
         return _machine.__wrapped__(self.triple, self.cpu, self.features, self.is_gpu)
 
+    def has_feature(self, name: str) -> bool:
+        """Host: whether the CPU has an LLVM feature (e.g. "avx512vnni")."""
+        return not self.is_gpu and f"+{name}" in self.features.split(",")
+
     def fingerprint(self) -> str:
         """Everything about the target that changes generated code (part of cache keys)."""
         return f"{self.triple}|{self.cpu}|{self.features}"
