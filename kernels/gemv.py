@@ -36,12 +36,13 @@ for an even split over threads. Each row's weights are prefetched a few KiB ahea
 hardware prefetcher follows a tile's 8 interleaved row streams poorly.
 
 Host `int8_dots` (q8_0 / q4_0 / q4_1 weights, CPUs with AVX-512 VNNI): the tile's
-prologue rows are also quantized to int8 per group of 32 (llama.cpp's q8_0 activations),
-and one-token tiles (decode at N=1) take each group's dot as one VNNI instruction over
-the weights' bytes instead of decoding them to floats: at one token the decode is the
-work (bench/results/cpu-int8-dots-2026-12-04.md). Taller tiles keep float activations:
-there the decode is shared by the tile's tokens and the float FMAs are cheaper per token
-than a VNNI dot with its per-group scale.
+prologue rows are also quantized per group of 32 into two int8 vectors (llama.cpp's q8_0
+activations and their rounding error: kernels/quant.py), and one-token tiles (decode at
+N=1) take each group's dot as two VNNI instructions over the weights' bytes instead of
+decoding them to floats: at one token the decode is the work
+(bench/results/cpu-int8-dots-2026-12-04.md). Taller tiles keep float activations: there
+the decode is shared by the tile's tokens and the float FMAs are cheaper per token than
+VNNI dots with their per-group scale.
 """
 from __future__ import annotations
 
@@ -55,8 +56,8 @@ from fusec.fusion.codegen.builder import KernelBuilder, Param
 from fusec.fusion.dtypes import DType
 from fusec.kernels.base import GATES, Kernel, cdiv, gelu, round_to, row_offset
 from fusec.kernels.quant import (F32X8, FINE, FORMATS, GROUP, HALF, I8, I8X32, INT8_DOT_FORMATS, ActivationGroup,
-                                 byte_dot, group_bytes,
-                                 group_term, group_values, hsum, pack, quantize_activations, splat, zero_vector)
+                                 byte_dot, group_bytes, group_term, group_values, hsum, pack, quantize_activations,
+                                 splat, zero_vector)
 
 LAYER_NORMED = ("layer_norm", "add_layer_norm")  # prologues ending in a LayerNorm (with bias)
 NORMED = ("rms_norm", "add_rms_norm", "rms_norm_add_rms_norm", *LAYER_NORMED)  # ... or in any norm
