@@ -130,8 +130,8 @@ class Gemv(Kernel):
         if not kb.target.is_gpu:
             self._host_body(kb)
             return
-        if self.tokens_per_block != 1:
-            raise ValueError("GPU GEMVs take one token row a block")
+        if self.tokens_per_block != 1 or self.int8_dots:
+            raise ValueError("GPU GEMVs take one token row a block, in float")
         b = kb.b
         out_row = kb.block_id(0)
         n0 = b.mul(kb.block_id(1), kb.i32(self.rows_per_block))

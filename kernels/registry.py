@@ -127,9 +127,7 @@ def lower_gemv(m: Match, ctx: LowerContext) -> Launch:
                   rows_per_block=rows, weight_format=m.graph.node(mm.inputs[1]).format,
                   tokens_per_block=1 if ctx.target.is_gpu else HOST_TOKENS_PER_BLOCK,
                   vec=vector_width(k, act, weight) if ctx.gpu_shapes else 1,
-                  # not the LM head (the gathered GEMV): it streams from memory at the same speed either way
-                  int8_dots=ctx.int8_activations and gather is None
-                  and m.graph.node(mm.inputs[1]).format in INT8_DOT_FORMATS)
+                  int8_dots=ctx.int8_activations and m.graph.node(mm.inputs[1]).format in INT8_DOT_FORMATS)
     return ctx.kernel_launch(m, kernel, args, tuple(outputs), {"num_rows": _rows(out)})
 
 
