@@ -203,7 +203,7 @@ def main() -> None:
     lines = [f"# CPU standard workload, {stamp}", "",
              f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores. Command: `{command}` "
              f"(fusec at {data['fusec_commit']})", "",
-             f"Model {report.model} ({report.dtype} activations, weights {report.weights}, fused plans), prompts of "
+             f"Model {report.model} ({report.dtype} activations{report.activations_note}, weights {report.weights}, fused plans), prompts of "
              f"{args.input_len} random token ids, {args.output_len} output tokens, greedy, EOS ignored. fusec startup "
              f"{report.startup_s:.1f} s (model load + kernels from the cache).", "", *peer_table(report, hf, lcpp)]
     n1 = next(r for r in report.results if r.n == min(levels))

@@ -64,7 +64,7 @@ def bench_cmd(levels: list[int], num_prompts: int | None, input_len: int, output
         return tqdm(total=total, desc=f"N={n}", unit="tok", leave=False, disable=None)
 
     report = benchmark(config, levels, input_len, output_len, num_prompts, ignore_eos, seed, bar, structured)
-    click.echo(f"{report.model} ({report.dtype} activations, weights {report.weights}, {report.executor}); startup {report.startup_s:.2f}s; "
+    click.echo(f"{report.model} ({report.dtype} activations{report.activations_note}, weights {report.weights}, {report.executor}); startup {report.startup_s:.2f}s; "
                f"input {input_len}, output {output_len} tokens")
     if report.weights_total_bytes:
         click.echo(f"a decode step of one sequence reads {describe(report.weights_read_bytes, report.weights_total_bytes)}")

@@ -184,7 +184,7 @@ def serve_cmd(model_tag: str | None, host: str | None, port: int, served_names: 
             app.state.engine, drain_s=shutdown_timeout)
         scheme = "https" if ssl_certfile else "http"
         click.echo(f"fusec serving {names[0]} ({engine.model.config.architecture}, {engine.model.dtype.value} "
-                   f"activations, weights {engine.model.weight_types()}, "
+                   f"activations{engine.runner.activations_note}, weights {engine.model.weight_types()}, "
                    f"{engine.device} backend, fused plans, {engine.blocks.num_blocks} KV blocks, max_model_len "
                    f"{engine.max_model_len}{_graphs_note(engine)}{_kernels_note(engine)}) on "
                    f"{scheme}://{host}:{port}{root_path}/v1", err=True)

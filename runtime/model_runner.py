@@ -128,6 +128,13 @@ class ModelRunner:
             self.capture_s = time.perf_counter() - start
             log.info("decode graphs for batches %s captured in %.2fs", self.graph_buckets, self.capture_s)
 
+    @property
+    def activations_note(self) -> str:
+        """What the startup line says after the activation dtype."""
+        plans = getattr(self.executor, "plans", {})
+        int8 = any(getattr(k, "int8_dots", False) for plan in plans.values() for k in plan.kernels())
+        return " (int8 in decode GEMVs)" if int8 else ""
+
     @staticmethod
     def _tuning(device: Device, model: Model):
         """`fusec autotune`'s choices for this device and model shape, if it ran."""

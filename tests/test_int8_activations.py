@@ -12,7 +12,7 @@ import pytest
 from fusec.fusion.codegen.target import HOST
 from fusec.fusion.plan import has_int8_dots
 
-pytestmark = pytest.mark.skipif(not has_int8_dots(HOST), reason="the CPU has no AVX-512 VNNI")
+needs_vnni = pytest.mark.skipif(not has_int8_dots(HOST), reason="the CPU has no AVX-512 VNNI")
 
 AGREEMENT = 0.98  # the issue's tolerance: share of positions whose top-1 tokens agree
 TEXT = (
@@ -33,6 +33,7 @@ TEXT = (
 )
 
 
+@needs_vnni
 def test_teacher_forced_top1_agrees_with_the_reference():
     from fusec.models.loader import load_model
     from fusec.runtime.backends.cpu import HostDevice
@@ -50,9 +51,24 @@ def test_teacher_forced_top1_agrees_with_the_reference():
     runner = ModelRunner(model, config, device, max_model_len=16 * config.num_kv_blocks)
     kernels = runner.executor.plans["gemv"].kernels()
     assert any(getattr(k, "int8_dots", False) for k in kernels)  # the path under test is on
+    assert runner.activations_note == " (int8 in decode GEMVs)" and reference.activations_note == ""
     # token by token: each step a one-token tile, the int8 path
     got = np.array([int(runner.execute([SequenceChunk([tok], i, table)])[0].argmax()) for i, tok in enumerate(ids)])
     runner.close()
     device.close()
     agreement = float((got == want).mean())
     assert agreement >= AGREEMENT, f"top-1 agreement {agreement:.3f} over {len(ids)} positions"
+
+
+def test_int8_activations_where_the_cpu_lacks_vnni_is_refused(monkeypatch, tiny_checkpoints):
+    """--int8-activations on a CPU without VNNI (or on a GPU): a clear InputError, not a plan
+    that cannot run."""
+    import fusec.runtime.model_runner as model_runner
+    from fusec.errors import InputError
+    from fusec.models.loader import load_model
+    from fusec.runtime.engine import EngineConfig, LLMEngine
+
+    monkeypatch.setattr(model_runner, "has_int8_dots", lambda target: False)
+    model = load_model(str(tiny_checkpoints["llama"]), quantization="q8_0")
+    with pytest.raises(InputError, match="AVX-512 VNNI"):
+        LLMEngine(EngineConfig(int8_activations=True, num_kv_blocks=8), model=model)
