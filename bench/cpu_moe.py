@@ -170,7 +170,8 @@ def main() -> None:
     if agree:
         lines += ["", f"Greedy tokens (4 prompts x 32 tokens, each compared up to its first difference): fusec "
                       f"equals HF transformers at {agree[0]} of {agree[1]} positions (HF runs the Q8_0 weights "
-                      f"dequantized to float32; fusec dots the blocks with float32 activations)."]
+                      f"dequantized to float32; fusec dots the blocks with float32 activations"
+                      f"{report.activations_note})."]
     (RESULTS / f"cpu-moe-{stamp}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -226,9 +226,7 @@ class Gemv(Kernel):
         b, tpb = kb.b, self.tokens_per_block
         tile, out_block, t0, count = self._host_block(kb)
         xbuf = kb.launch_local(DType.F32, tpb * self.k)  # the tile's prologue rows
-        # ... quantized: two int8 rows each (4 bytes to a word) and each group's (dx, sx)
-        qbuf = kb.launch_local(DType.I32, tpb * self.k // 2) if self.int8_dots else None
-        sbuf = kb.launch_local(DType.F32, tpb * self.k // GROUP * 2) if self.int8_dots else None
+        qbuf, sbuf = self._int8_buffers(kb, tpb)
         held = kb.launch_local(DType.I32, init=kb.i32(-1))  # the tile xbuf holds
         with kb.when(b.icmp_signed("!=", kb.load(held, kb.i32(0), DType.I32), tile)):
             first = b.icmp_unsigned("==", out_block, kb.i32(0))  # the first of its tile: every thread reaches it here
@@ -256,6 +254,13 @@ class Gemv(Kernel):
                                     xbuf, n0)
             low = height
 
+    def _int8_buffers(self, kb: KernelBuilder, rows: int) -> tuple:
+        """With int8_dots, launch-scoped room for `rows` prologue rows quantized: their two
+        int8 vectors a group (4 bytes to a word) and each group's (dx, sx); else (None, None)."""
+        if not self.int8_dots:
+            return None, None
+        return kb.launch_local(DType.I32, rows * self.k // 2), kb.launch_local(DType.F32, rows * self.k // GROUP * 2)
+
     def _quantize_row(self, kb: KernelBuilder, xbuf, qbuf, sbuf, t) -> None:
         """Prologue row t of the tile (in xbuf) quantized per group: qx and qr into qbuf
         (2 K bytes a row), (dx, sx) into sbuf."""
@@ -279,21 +284,25 @@ class Gemv(Kernel):
         last = kb.i32(self.n - 1)
         with kb.loop(0, kb.imin(kb.i32(self.rows_per_block), b.sub(kb.i32(self.n), n0)), chunk) as c:
             ns = [b.add(b.add(n0, c), kb.i32(r)) for r in range(chunk)]
-            self._store(kb, t0, ns, self._int8_dots(kb, qbuf, sbuf, [kb.imin(n, last) for n in ns]))
+            self._store(kb, t0, ns, self._int8_dots(kb, qbuf, sbuf, kb.i32(0), [kb.imin(n, last) for n in ns]))
 
-    def _int8_dots(self, kb: KernelBuilder, qbuf, sbuf, rows: list) -> list:
-        """W[rows] . x for the quantized row x: per group d dx / FINE (FINE u . qx + u . qr)
-        + c sx, the byte dots summed in 8-wide float accumulators, the c sx terms in scalars."""
+    def _int8_dots(self, kb: KernelBuilder, qbuf, sbuf, x_row, rows: list) -> list:
+        """W[rows] . x for the quantized prologue row x_row: per group d dx / FINE (FINE u . qx
+        + u . qr) + c sx, the byte dots summed in 8-wide float accumulators, the c sx terms in
+        scalars."""
         b, fmt = kb.b, FORMATS[self.weight_format]
+        groups = self.k // GROUP
         row_bytes = fmt.row_bytes(self.k)
         w_rows = [row_offset(kb, r, row_bytes) for r in rows]
         distance = self._prefetch_distance(row_bytes, len(rows))
         accs = [kb.var(ir.Constant(F32X8, [0.0] * 8)) for _ in rows]
         offsets = [kb.var(kb.f32(0.0)) for _ in rows]
-        with kb.loop(0, self.k // GROUP) as g:
-            qx, qr = (b.load(b.gep(qbuf, [kb.wide(b.add(b.mul(g, kb.i32(2 * GROUP)), kb.i32(h)))], inbounds=True,
-                                   source_etype=I8), typ=I8X32, align=1) for h in (0, GROUP))
-            dx, sx = (kb.load(sbuf, b.add(b.mul(g, kb.i32(2)), kb.i32(j)), DType.F32) for j in (0, 1))
+        q_row, s_row = b.mul(x_row, kb.i32(2 * self.k)), b.mul(x_row, kb.i32(2 * groups))
+        with kb.loop(0, groups) as g:
+            q_at, s_at = b.add(q_row, b.mul(g, kb.i32(2 * GROUP))), b.add(s_row, b.mul(g, kb.i32(2)))
+            qx, qr = (b.load(b.gep(qbuf, [kb.wide(b.add(q_at, kb.i32(h)))], inbounds=True, source_etype=I8),
+                             typ=I8X32, align=1) for h in (0, GROUP))
+            dx, sx = (kb.load(sbuf, b.add(s_at, kb.i32(j)), DType.F32) for j in (0, 1))
             x = ActivationGroup(qx, qr, kb.fmul(dx, kb.f32(1.0 / FINE)), sx)
             ahead = b.add(b.mul(kb.wide(g), kb.i64(fmt.nbytes)), kb.i64(distance))
             for acc, offset, w_row in zip(accs, offsets, w_rows):

@@ -39,7 +39,7 @@ from fusec.fusion.patterns import Match, Pattern, PNode
 from fusec.fusion.plan import Launch, LowerContext
 from fusec.kernels.base import GATES, cdiv, round_to, row_offset
 from fusec.kernels.gemv import Gemv, host_rows_per_chunk, tile_heights, vector_width
-from fusec.kernels.quant import FORMATS, hsum
+from fusec.kernels.quant import FORMATS, INT8_DOT_FORMATS, hsum
 from fusec.kernels.registry import ADD, D, NORM_AFTER_ADD, V, _dtype, _rows
 
 F32 = DType.F32
@@ -271,7 +271,7 @@ class MoeGemv(Gemv):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.prologue not in ("none", *GATES) or self.bias or self.gather or self.residual_out \
-                or (self.tokens_per_block != 1 and not self.host_tiles):
+                or (self.tokens_per_block != 1 and not self.host_tiles) or (self.int8_dots and not self.host_tiles):
             raise ValueError(f"a MoE GEMV's prologue is none or one of {tuple(GATES)}; one token a block on a GPU")
 
     @property
@@ -352,11 +352,12 @@ class MoeGemv(Gemv):
         tile, out_block, t0, count = self._host_block(kb)  # a tile's pairs are grouped once a thread
         parts = slots if self.per_slot else 1
         xbuf = kb.launch_local(F32, tpb * parts * self.k)  # prologue rows: a token's, or a pair's
+        qbuf, sbuf = self._int8_buffers(kb, tpb * parts)  # ... quantized (int8_dots)
         starts = kb.launch_local(DType.I32, self.experts + 1)  # expert e's pairs: order[starts[e]:starts[e + 1]]
         order = kb.launch_local(DType.I32, tpb * slots)  # pairs (local token * slots + slot) by expert
         held = kb.launch_local(DType.I32, init=kb.i32(-1))  # the tile they describe
         with kb.when(b.icmp_signed("!=", kb.load(held, kb.i32(0), DType.I32), tile)):
-            self._prepare_tile(kb, t0, count, parts, xbuf, starts, order)
+            self._prepare_tile(kb, t0, count, parts, xbuf, starts, order, qbuf, sbuf)
             kb.store(held, kb.i32(0), tile, DType.I32)
         n0 = b.mul(out_block, kb.i32(self.rows_per_block))
         rows_here = kb.imin(kb.i32(self.rows_per_block), b.sub(kb.i32(self.n), n0))
@@ -367,8 +368,8 @@ class MoeGemv(Gemv):
         with kb.loop(0, self.experts) as e:
             end = kb.load(starts, b.add(e, kb.i32(1)), DType.I32)
             with kb.loop(kb.load(starts, e, DType.I32), end, HOST_PAIRS) as p0:
-                self._expert_pairs(kb, t0, e, p0, kb.imin(kb.i32(HOST_PAIRS), b.sub(end, p0)), order, xbuf, n0,
-                                   rows_here, sums)
+                self._expert_pairs(kb, t0, e, p0, kb.imin(kb.i32(HOST_PAIRS), b.sub(end, p0)), order,
+                                   (xbuf, qbuf, sbuf), n0, rows_here, sums)
         if sums is not None:
             with kb.loop(0, count) as t:
                 with kb.loop(0, rows_here) as r:
@@ -376,9 +377,10 @@ class MoeGemv(Gemv):
                     kb.store(kb["y"], b.add(row_offset(kb, b.add(t0, t), self.n), kb.wide(b.add(n0, r))),
                              round_to(kb, total, self.out), self.out)
 
-    def _prepare_tile(self, kb: KernelBuilder, t0, count, parts: int, xbuf, starts, order) -> None:
-        """The tile's prologue rows into xbuf, and its (token, slot) pairs sorted by expert
-        into order, with starts[e] where expert e's begin (a counting sort: routes are ids)."""
+    def _prepare_tile(self, kb: KernelBuilder, t0, count, parts: int, xbuf, starts, order, qbuf, sbuf) -> None:
+        """The tile's prologue rows into xbuf (and quantized into qbuf / sbuf with int8_dots),
+        and its (token, slot) pairs sorted by expert into order, with starts[e] where expert
+        e's begin (a counting sort: routes are ids)."""
         b, slots, i32 = kb.b, self.slots, DType.I32
         with kb.loop(0, b.mul(count, kb.i32(parts))) as j:  # j = local token * parts + part
             t, part = b.udiv(j, kb.i32(parts)), b.urem(j, kb.i32(parts))
@@ -387,6 +389,8 @@ class MoeGemv(Gemv):
             with self._vec_loop(kb, self.k) as i:
                 for c, v in enumerate(x_at(i)):
                     kb.store(xbuf, b.add(at, b.add(i, kb.i32(c))), v, F32)
+            if self.int8_dots:
+                self._quantize_row(kb, xbuf, qbuf, sbuf, j)
 
         def experts_of_pairs(visit: Callable[[ir.Value, ir.Value], None]) -> None:
             with kb.loop(0, b.mul(count, kb.i32(slots))) as pair:
@@ -412,10 +416,12 @@ class MoeGemv(Gemv):
             kb.store(starts, e, kb.load(starts, b.sub(e, kb.i32(1)), i32), i32)
         kb.store(starts, kb.i32(0), kb.i32(0), i32)
 
-    def _expert_pairs(self, kb: KernelBuilder, t0, e, p0, cnt, order, xbuf, n0, rows_here, sums) -> None:
+    def _expert_pairs(self, kb: KernelBuilder, t0, e, p0, cnt, order, buffers: tuple, n0, rows_here, sums) -> None:
         """The block's rows of expert e for its pairs order[p0:p0 + cnt] (cnt <= HOST_PAIRS):
-        code specialised per tile height, the last pair repeated to fill it (not stored)."""
+        code specialised per tile height, the last pair repeated to fill it (not stored). A
+        lone pair takes the int8 dots where the kernel has them (as Gemv's one-token tiles)."""
         b, low = kb.b, 0
+        xbuf, qbuf, sbuf = buffers
         for height in tile_heights(HOST_PAIRS):
             fits = b.and_(b.icmp_signed(">", cnt, kb.i32(low)), b.icmp_signed("<=", cnt, kb.i32(height)))
             with kb.when(fits):
@@ -428,10 +434,13 @@ class MoeGemv(Gemv):
                 with kb.loop(0, rows_here, chunk) as c:
                     ns = [b.add(b.add(n0, c), kb.i32(r)) for r in range(chunk)]
                     rows = [b.add(first, kb.imin(n, kb.i32(self.n - 1))) for n in ns]  # past n: not stored
-                    accs = self._tile_dots(kb, xbuf, x_offsets, rows)
-                    for j, pair in enumerate(pairs):
-                        with kb.when(b.icmp_signed("<", kb.i32(j), cnt)):
-                            self._pair_rows(kb, t0, pair, c, ns, [hsum(kb, acc[j]) for acc in accs], sums)
+                    if height == 1 and self.int8_dots:
+                        self._pair_rows(kb, t0, pairs[0], c, ns, self._int8_dots(kb, qbuf, sbuf, x_rows[0], rows), sums)
+                    else:
+                        accs = self._tile_dots(kb, xbuf, x_offsets, rows)
+                        for j, pair in enumerate(pairs):
+                            with kb.when(b.icmp_signed("<", kb.i32(j), cnt)):
+                                self._pair_rows(kb, t0, pair, c, ns, [hsum(kb, acc[j]) for acc in accs], sums)
             low = height
 
     def _pair_rows(self, kb: KernelBuilder, t0, pair, c, ns: list, totals: list, sums) -> None:
@@ -544,7 +553,8 @@ def lower_moe_gemv(m: Match, ctx: LowerContext) -> Launch:
                      prologue="none" if act is None else act.kind, rows_per_block=rows,
                      vec=vector_width(k, act_dtype, weight.type.dtype) if ctx.gpu_shapes else 1,
                      weight_format=weight.format, experts=moe.attrs["experts"], slots=slots, combine=combine,
-                     per_slot=per_slot, host_tiles=host_tiles, tokens_per_block=tokens)
+                     per_slot=per_slot, host_tiles=host_tiles, tokens_per_block=tokens,
+                     int8_dots=host_tiles and ctx.int8_activations and weight.format in INT8_DOT_FORMATS)
     args = {"x" if act is None else "gu": V(src), "route": V(route), "w": V(w), "y": V(moe.name),
             "num_rows": D(_rows(moe))}
     return ctx.kernel_launch(m, kernel, args, (moe.name,), {"num_rows": _rows(moe)})

@@ -16,10 +16,10 @@ from fusec.fusion.compiler import compile_kernel
 from fusec.fusion.dtypes import DType, from_storage
 from fusec.fusion.interpreter import Interpreter
 from fusec.fusion.ir import Graph
-from fusec.fusion.plan import PlanOptions, build_plan
+from fusec.fusion.plan import PlanOptions, build_plan, has_int8_dots
 from fusec.kernels.examples import Example, _act  # before moe_examples: it merges them after its helpers
 from fusec.kernels.moe_examples import EXPERT_SHAPES, expert_graph, route_graph
-from fusec.kernels.quant import FORMATS
+from fusec.kernels.quant import FORMATS, GROUP, dequantize, quantize_activations_reference
 from fusec.kernels.registry import default_registry
 from fusec.kernels.testing import check_pattern, random_weights, relative_error
 from test_patterns import cache, ptxas  # noqa: F401 (cache: the module's kernel cache fixture)
@@ -55,7 +55,8 @@ def run_fused(ex: Example, weights: dict[str, np.ndarray], cache, gpu_shapes: bo
 
     device = HostDevice(cache)
     executor = PlanExecutor(device, ex.graph, weights, REGISTRY,
-                            PlanOptions(HOST, 256, crossover, gpu_shapes=gpu_shapes), poison=True)
+                            PlanOptions(HOST, 256, crossover, gpu_shapes=gpu_shapes, int8_activations=False),
+                            poison=True)
     plan = executor.plan_for(ex.tokens)
     got = {name: from_storage(device.to_host(buf), ex.graph.node(plan.resolve(name)).type.dtype)
            for name, buf in executor.run(ex.inputs).items()}
@@ -262,3 +263,45 @@ def test_fused_router_with_private_sum_and_norm(dtype, cache):
     (launch,) = plan.launches
     assert launch.outputs == ("route",) and not launch.kernel.residual_out and not launch.kernel.normed_out
     check_pattern(REGISTRY, "add_rms_norm_moe_route", ex, dtype, cache)
+
+
+@pytest.mark.skipif(not has_int8_dots(HOST), reason="the CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("act,combine", [(None, False), ("silu_mul", True)], ids=["gate_up", "down"])
+def test_host_expert_tiles_take_int8_dots_for_lone_pairs(act, combine, fmt, cache):
+    """int8_dots in the expert GEMV: an expert with one (token, slot) pair in a tile dots
+    that pair's quantized prologue row with its bytes (as Gemv's one-token tiles); experts
+    with more pairs keep float activations. Outputs poisoned, against numpy."""
+    from fusec.kernels.moe import MoeGemv
+    from fusec.kernels.testing import random_blocks
+    from fusec.runtime.backends.cpu import HostDevice
+
+    rng = seeded("int8 pairs", act, fmt, combine)
+    t, k, n, experts, slots = 3, 4 * GROUP, 37, 6, 2
+    ids = np.array([[0, 1], [2, 1], [3, 4]])  # experts 0, 2, 3, 4: one pair each; expert 1: two
+    weights = 0.2 + rng.random((t, slots))
+    route = np.concatenate([ids, weights], axis=1).astype(np.float32)
+    w = random_blocks(rng, experts * n, k, FORMATS[fmt], std=1 / np.sqrt(k))
+    w_values = dequantize(w, FORMATS[fmt]).reshape(experts, n, k)
+    spec = MoeGemv(k=k, n=n, act=DType.F32, weight=DType.F32, out=DType.F32, prologue=act or "none",
+                   rows_per_block=16, weight_format=fmt, experts=experts, slots=slots, combine=combine,
+                   per_slot=act is not None, host_tiles=True, tokens_per_block=8, int8_dots=True)
+    if act is None:
+        x = rng.standard_normal((t, k)).astype(np.float32)
+        rows = np.repeat(x[:, None], slots, axis=1)  # [t, slot, k]: each slot reads the token's row
+        args = {"x": x}
+    else:
+        gu = rng.standard_normal((t, slots * 2 * k)).astype(np.float32)
+        halves = gu.reshape(t, slots, 2, k)
+        rows = (halves[:, :, 0] / (1 + np.exp(-halves[:, :, 0])) * halves[:, :, 1]).astype(np.float32)  # SiLU(gate) up
+        args = {"gu": gu}
+    lone = np.isin(ids, [0, 2, 3, 4])
+    rows = np.where(lone[..., None], quantize_activations_reference(rows), rows)
+    per_pair = np.einsum("tsk,tsnk->tsn", rows, w_values[ids])
+    want = (per_pair * weights[..., None]).sum(1) if combine else per_pair.reshape(t, slots * n)
+    y = np.full(want.shape, np.nan, np.float32)
+    device = HostDevice(cache)
+    args |= {"route": route, "w": w, "y": y}
+    device.launch_kernel(spec, [args[p.name] for p in spec.params()[:-1]] + [np.int32(t)], spec.grid({"num_rows": t}))
+    device.close()
+    assert np.isfinite(y).all() and relative_error(y, want) < 2e-6
