@@ -109,3 +109,12 @@ def test_int8_dots_on_one_token_tiles(kind, device):
         assert np.isfinite(y).all() and err < 2e-6, f"{kind}, {rows} rows: relative error {err:.3g}"
         if one:  # the float-activation result is outside that tolerance: the int8 path ran
             assert np.abs(y - (ops.matmul(x, w_values) + bias)).max() / np.abs(want).max() > 2e-6
+    # one NaN in a one-token tile's input row (from corrupt weights upstream) makes every
+    # output NaN, as in float: no prologue here, whose norm would spread it over the row first
+    plain = Gemv(k=k, n=N, act=DType.F32, weight=DType.F32, out=DType.F32, rows_per_block=16, weight_format=kind,
+                 tokens_per_block=TILE, int8_dots=True)
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    x[0, 40] = np.nan
+    y = np.zeros((1, N), np.float32)
+    device.launch_kernel(plain, [x, w, y, np.int32(1)], plain.grid({"num_rows": 1}))
+    assert np.isnan(y).all()

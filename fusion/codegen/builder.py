@@ -236,7 +236,7 @@ class KernelBuilder:
         if self.target.is_gpu:
             return
         at = self.b.gep(ptr, [self.wide(byte_offset)], source_etype=ir.IntType(8))
-        self._intrinsic("llvm.prefetch.p0", [at, self.i32(0), self.i32(3), self.i32(1)], ir.VoidType())
+        self.intrinsic("llvm.prefetch.p0", [at, self.i32(0), self.i32(3), self.i32(1)], ir.VoidType())
 
     def shared(self, n: int, name: str) -> ir.Value:
         """A per-block float array of n elements (shared memory on the GPU)."""
@@ -264,18 +264,19 @@ class KernelBuilder:
     def fmul(self, a: ir.Value, c: ir.Value) -> ir.Value:
         return self.b.fmul(a, c, flags=FAST)
 
-    def _intrinsic(self, name: str, args: Sequence[ir.Value], ret: ir.Type = F32) -> ir.Value:
+    def intrinsic(self, name: str, args: Sequence[ir.Value], ret: ir.Type = F32) -> ir.Value:
+        """A call of the LLVM intrinsic `name` (declared on first use) returning `ret`."""
         fn = self.module.globals.get(name)
         if fn is None:
             fn = ir.Function(self.module, ir.FunctionType(ret, [a.type for a in args]), name)
         return self.b.call(fn, list(args))
 
     def sqrt(self, x: ir.Value) -> ir.Value:
-        return self._intrinsic("llvm.sqrt.f32", [x])
+        return self.intrinsic("llvm.sqrt.f32", [x])
 
     def exp(self, x: ir.Value) -> ir.Value:
         if self.target.is_gpu:  # ex2.approx: about 2 ulp, no libm on the device
-            return self._intrinsic("llvm.nvvm.ex2.approx.ftz.f", [self.b.fmul(x, self.f32(math.log2(math.e)))])
+            return self.intrinsic("llvm.nvvm.ex2.approx.ftz.f", [self.b.fmul(x, self.f32(math.log2(math.e)))])
         return self._host_exp(x)
 
     def _host_exp(self, x: ir.Value) -> ir.Value:
@@ -286,7 +287,7 @@ class KernelBuilder:
         b = self.b
         lo, hi = -87.33654, 88.72284  # exp(lo) is the smallest normal float, exp(hi) near the largest
         xc = self.fmin(self.fmax(x, self.f32(lo)), self.f32(hi))
-        n = self._intrinsic("llvm.rint.f32", [b.fmul(xc, self.f32(math.log2(math.e)))])
+        n = self.intrinsic("llvm.rint.f32", [b.fmul(xc, self.f32(math.log2(math.e)))])
         # r = xc - n ln2, ln2 in two parts so r keeps its low bits
         r = b.fsub(b.fsub(xc, b.fmul(n, self.f32(0.693359375))), b.fmul(n, self.f32(-2.12194440e-4)))
         p = self.f32(1.9875691500e-4)
@@ -304,14 +305,14 @@ class KernelBuilder:
 
     def log(self, x: ir.Value) -> ir.Value:
         if self.target.is_gpu:  # lg2.approx: about 2 ulp
-            return self.b.fmul(self._intrinsic("llvm.nvvm.lg2.approx.f", [x]), self.f32(math.log(2.0)))
-        return self._intrinsic("llvm.log.f32", [x])
+            return self.b.fmul(self.intrinsic("llvm.nvvm.lg2.approx.f", [x]), self.f32(math.log(2.0)))
+        return self.intrinsic("llvm.log.f32", [x])
 
     def fmax(self, a: ir.Value, c: ir.Value) -> ir.Value:
-        return self._intrinsic("llvm.maxnum.f32", [a, c])
+        return self.intrinsic("llvm.maxnum.f32", [a, c])
 
     def fmin(self, a: ir.Value, c: ir.Value) -> ir.Value:
-        return self._intrinsic("llvm.minnum.f32", [a, c])
+        return self.intrinsic("llvm.minnum.f32", [a, c])
 
     def imin(self, a: ir.Value, c: ir.Value) -> ir.Value:
         return self.b.select(self.b.icmp_signed("<", a, c), a, c)
@@ -321,7 +322,7 @@ class KernelBuilder:
 
     # -- cross-lane -----------------------------------------------------------------
     def _shfl(self, v: ir.Value, offset: int) -> ir.Value:
-        return self._intrinsic("llvm.nvvm.shfl.sync.bfly.f32",
+        return self.intrinsic("llvm.nvvm.shfl.sync.bfly.f32",
                                [self.i32(-1), v, self.i32(offset), self.i32(WARP - 1)])
 
     def reduce(self, v: ir.Value, op: str = "add") -> ir.Value:
