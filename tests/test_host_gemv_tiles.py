@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from fusec.fusion import ops
+from fusec.fusion.codegen.target import HOST
 from fusec.fusion.dtypes import DType, from_storage, to_storage
+from fusec.fusion.plan import has_int8_dots
 from fusec.kernels.gemv import Gemv, host_rows_per_chunk
 from fusec.kernels.quant import FORMATS, GROUP, dequantize, quantize_activations_reference
 from fusec.kernels.testing import random_blocks
@@ -75,6 +77,7 @@ def test_rows_per_chunk_keep_the_accumulators_in_registers():
     assert host_rows_per_chunk(1, 12) == 4  # divides the block's rows
 
 
+@pytest.mark.skipif(not has_int8_dots(HOST), reason="the CPU has no AVX-512 VNNI")
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1"])
 def test_int8_dots_on_one_token_tiles(kind, device):
     """int8_dots: a one-token tile (decode at N=1) dots the weights' bytes with int8
