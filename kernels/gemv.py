@@ -303,12 +303,13 @@ class Gemv(Kernel):
             qx, qr = (b.load(b.gep(qbuf, [kb.wide(b.add(q_at, kb.i32(h)))], inbounds=True, source_etype=I8),
                              typ=I8X32, align=1) for h in (0, GROUP))
             dx, sx = (kb.load(sbuf, b.add(s_at, kb.i32(j)), DType.F32) for j in (0, 1))
-            x = ActivationGroup(qx, qr, kb.fmul(dx, kb.f32(1.0 / FINE)), sx)
+            x = ActivationGroup(qx, qr, dx, sx)
+            step = kb.fmul(dx, kb.f32(1.0 / FINE))  # byte_dot counts in qr's steps
             ahead = b.add(b.mul(kb.wide(g), kb.i64(fmt.nbytes)), kb.i64(distance))
             for acc, offset, w_row in zip(accs, offsets, w_rows):
                 kb.prefetch(kb["w"], b.add(w_row, ahead))
                 group = group_bytes(kb, fmt, kb["w"], w_row, g)
-                acc.set(kb.fadd(acc.get(), kb.fmul(byte_dot(kb, group.u, x), splat(kb, kb.fmul(group.d, x.dx), F32X8))))
+                acc.set(kb.fadd(acc.get(), kb.fmul(byte_dot(kb, group.u, x), splat(kb, kb.fmul(group.d, step), F32X8))))
                 offset.set(kb.fadd(offset.get(), kb.fmul(group.c, sx)))
         return [kb.fadd(hsum(kb, acc.get()), offset.get()) for acc, offset in zip(accs, offsets)]
 
