@@ -18,17 +18,13 @@ and .md. Usage:
 """
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from cpu_standard import RESULTS, fusec_commit, measure, peer_table, workload_parser
+from cpu_standard import measure, peer_table, save_run, workload_parser
 from fusec.models.loader import default_model_path
-from fusec.runtime.benchmark import machine_info
 from fusec.runtime.engine import EngineConfig
 
 # Qwen3-30B-A3B at a CPU's size: its experts' width (768; transformers' GGUF reader takes
@@ -146,34 +142,24 @@ def main() -> None:
         agree = greedy_agreement(path, [rng.integers(0, 49152, 16).tolist() for _ in range(4)], 32)
         print(f"  greedy tokens, fusec = HF: {agree[0]} of {agree[1]}", flush=True)
 
-    stamp = datetime.date.today().isoformat() + (f"-{args.label}" if args.label else "")
-    command = " ".join([".venv/bin/python", *sys.argv])
     gib = 2 ** 30
-    data = {"workload": {"model": path.name, "config": QWEN3_MOE_1B, "levels": levels, "input_len": args.input_len,
-                         "output_len": args.output_len, "prompts": "random token ids",
-                         "sampling": "greedy, ignore_eos"},
-            "machine": machine_info(), "command": command, "fusec_commit": fusec_commit(), "fusec": report.to_json(),
-            "hf_transformers_tok_s": hf, "llama_cpp_tok_s": lcpp,
-            "greedy_tokens_equal_hf": list(agree) if agree else None}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"cpu-moe-{stamp}.json").write_text(json.dumps(data, indent=2))
-    lines = [f"# CPU mixture-of-experts workload, {stamp}", "",
-             f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores. Command: `{command}` "
-             f"(fusec at {data['fusec_commit']})", "",
-             f"Model {path.name}: a Qwen3-MoE of random weights, {QWEN3_MOE_1B['layers']} layers, hidden "
-             f"{QWEN3_MOE_1B['hidden']}, {QWEN3_MOE_1B['experts']} experts of {QWEN3_MOE_1B['expert_ffn']}, top-"
-             f"{QWEN3_MOE_1B['top_k']}, Q8_0 (router f32). fusec weights {report.weights}; a decode step of one "
-             f"sequence reads {report.weights_read_bytes / gib:.3f} of {report.weights_total_bytes / gib:.3f} GiB "
-             f"of weights. Prompts of {args.input_len} random token ids, {args.output_len} output tokens, greedy, "
-             f"EOS ignored. fusec startup {report.startup_s:.1f} s.", "",
-             *peer_table(report, hf, lcpp)]
+    workload = {"model": path.name, "config": QWEN3_MOE_1B, "levels": levels, "input_len": args.input_len,
+                "output_len": args.output_len, "prompts": "random token ids", "sampling": "greedy, ignore_eos"}
+    body = [f"Model {path.name}: a Qwen3-MoE of random weights, {QWEN3_MOE_1B['layers']} layers, hidden "
+            f"{QWEN3_MOE_1B['hidden']}, {QWEN3_MOE_1B['experts']} experts of {QWEN3_MOE_1B['expert_ffn']}, top-"
+            f"{QWEN3_MOE_1B['top_k']}, Q8_0 (router f32). fusec weights {report.weights}; a decode step of one "
+            f"sequence reads {report.weights_read_bytes / gib:.3f} of {report.weights_total_bytes / gib:.3f} GiB "
+            f"of weights. Prompts of {args.input_len} random token ids, {args.output_len} output tokens, greedy, "
+            f"EOS ignored. fusec startup {report.startup_s:.1f} s.", "",
+            *peer_table(report, hf, lcpp)]
     if agree:
-        lines += ["", f"Greedy tokens (4 prompts x 32 tokens, each compared up to its first difference): fusec "
-                      f"equals HF transformers at {agree[0]} of {agree[1]} positions (HF runs the Q8_0 weights "
-                      f"dequantized to float32; fusec dots the blocks with float32 activations"
-                      f"{report.activations_note})."]
-    (RESULTS / f"cpu-moe-{stamp}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        body += ["", f"Greedy tokens (4 prompts x 32 tokens, each compared up to its first difference): fusec "
+                     f"equals HF transformers at {agree[0]} of {agree[1]} positions (HF runs the Q8_0 weights "
+                     f"dequantized to float32; fusec dots the blocks with float32 activations"
+                     f"{report.activations_note})."]
+    save_run("cpu-moe", "CPU mixture-of-experts workload", args.label, workload, report,
+             {"hf_transformers_tok_s": hf, "llama_cpp_tok_s": lcpp,
+              "greedy_tokens_equal_hf": list(agree) if agree else None}, body)
 
 
 if __name__ == "__main__":

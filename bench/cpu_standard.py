@@ -183,6 +183,24 @@ def peer_table(report: BenchReport, hf: dict[int, float], lcpp: dict[int, float]
     return lines
 
 
+def save_run(prefix: str, title: str, label: str, workload: dict, report: BenchReport, extra: dict,
+             body: list[str]) -> None:
+    """A run's record, bench/results/<prefix>-<date>[-<label>].json and .md: the workload, the
+    machine, the command, fusec's commit and report, `extra` (the peers'); the Markdown is
+    the title, the machine and command line, then `body`. Printed too."""
+    stamp = datetime.date.today().isoformat() + (f"-{label}" if label else "")
+    command = " ".join([".venv/bin/python", *sys.argv])
+    data = {"workload": workload, "machine": machine_info(), "command": command, "fusec_commit": fusec_commit(),
+            "fusec": report.to_json(), **extra}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{prefix}-{stamp}.json").write_text(json.dumps(data, indent=2))
+    lines = [f"# {title}, {stamp}", "",
+             f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores. Command: `{command}` "
+             f"(fusec at {data['fusec_commit']})", "", *body]
+    (RESULTS / f"{prefix}-{stamp}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = workload_parser()
     ap.add_argument("--quantization", default="auto", help="fusec's --quantization (none: the float32 path)")
@@ -192,27 +210,19 @@ def main() -> None:
                           quantization=args.quantization)
     report, hf, lcpp = measure(default_model_path(), config, args, levels)
 
-    stamp = datetime.date.today().isoformat() + (f"-{args.label}" if args.label else "")
-    command = " ".join([".venv/bin/python", *sys.argv])
-    data = {"workload": {"model": report.model, "levels": levels, "input_len": args.input_len,
-                         "output_len": args.output_len, "prompts": "random token ids", "sampling": "greedy, ignore_eos"},
-            "machine": machine_info(), "command": command, "fusec_commit": fusec_commit(), "fusec": report.to_json(),
-            "hf_transformers_tok_s": hf, "llama_cpp_tok_s": lcpp}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"cpu-{stamp}.json").write_text(json.dumps(data, indent=2))
-    lines = [f"# CPU standard workload, {stamp}", "",
-             f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} cores. Command: `{command}` "
-             f"(fusec at {data['fusec_commit']})", "",
-             f"Model {report.model} ({report.dtype} activations{report.activations_note}, weights {report.weights}, fused plans), prompts of "
-             f"{args.input_len} random token ids, {args.output_len} output tokens, greedy, EOS ignored. fusec startup "
-             f"{report.startup_s:.1f} s (model load + kernels from the cache).", "", *peer_table(report, hf, lcpp)]
     n1 = next(r for r in report.results if r.n == min(levels))
     top = max(report.results, key=lambda r: r.n)
-    lines += ["", f"Scaling: N={top.n} gives {top.output_tok_s / n1.output_tok_s:.1f}x the N={n1.n} throughput.",
+    workload = {"model": report.model, "levels": levels, "input_len": args.input_len, "output_len": args.output_len,
+                "prompts": "random token ids", "sampling": "greedy, ignore_eos"}
+    save_run("cpu", "CPU standard workload", args.label, workload, report,
+             {"hf_transformers_tok_s": hf, "llama_cpp_tok_s": lcpp},
+             [f"Model {report.model} ({report.dtype} activations{report.activations_note}, weights {report.weights}, "
+              f"fused plans), prompts of {args.input_len} random token ids, {args.output_len} output tokens, greedy, "
+              f"EOS ignored. fusec startup {report.startup_s:.1f} s (model load + kernels from the cache).", "",
+              *peer_table(report, hf, lcpp), "",
+              f"Scaling: N={top.n} gives {top.output_tok_s / n1.output_tok_s:.1f}x the N={n1.n} throughput.",
               "llama.cpp (native build, all cores) runs the GGUF's Q4_1/Q8_0 weights with its own kernels; "
-              "HF transformers runs them dequantized to float32."]
-    (RESULTS / f"cpu-{stamp}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+              "HF transformers runs them dequantized to float32."])
 
 
 if __name__ == "__main__":
