@@ -387,6 +387,57 @@ def byte_dot(kb: KernelBuilder, u: ir.Value, x: ActivationGroup) -> ir.Value:
     return b.sitofp(b.add(b.shl(dot(x.qx), fine), dot(x.qr)), F32X8)
 
 
+INT8_ROWS = 16  # weight rows a taller tile's int8 dots take together, one a lane of an <16 x i32>
+INT8_CHAINS = 8  # vpdpbusd chains in flight: its latency (4 cycles on Zen 4) x its throughput (2 a cycle)
+
+
+def transpose8(kb: KernelBuilder, rows: list[ir.Value]) -> list[ir.Value]:
+    """8 vectors <8 x i32> transposed: lane r of result j is lane j of rows[r] (AVX2's
+    three-stage unpack / unpack / permute, 24 one-uop shuffles)."""
+    b = kb.b
+
+    def mix(x: ir.Value, y: ir.Value, lanes: list[int]) -> ir.Value:
+        return b.shuffle_vector(x, y, ir.Constant(I32X8, lanes))
+    lo32, hi32 = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
+    lo64, hi64 = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+    low128, high128 = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+    pairs = [mix(rows[i], rows[i + 1], m) for i in range(0, 8, 2) for m in (lo32, hi32)]  # rows 0, 1 lo / hi; 2, 3 ..
+    quads = []  # lanes j, j + 4 of rows 0..3 (quads[j]) and of rows 4..7 (quads[4 + j])
+    for t in (pairs[:4], pairs[4:]):
+        quads += [mix(t[0], t[2], lo64), mix(t[0], t[2], hi64), mix(t[1], t[3], lo64), mix(t[1], t[3], hi64)]
+    return [mix(quads[j % 4], quads[4 + j % 4], low128 if j < 4 else high128) for j in range(8)]
+
+
+def transpose_rows(kb: KernelBuilder, rows: list[ir.Value]) -> list[ir.Value]:
+    """len(rows) (8 or 16) vectors <8 x i32> as 8 vectors of len(rows) lanes: lane r of
+    result j is lane j of rows[r]."""
+    halves = [transpose8(kb, rows[h:h + 8]) for h in range(0, len(rows), 8)]
+    if len(halves) == 1:
+        return halves[0]
+    return [kb.b.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 16), list(range(16))))
+            for lo, hi in zip(*halves)]
+
+
+def gather_lanes(kb: KernelBuilder, values: list[ir.Value]) -> ir.Value:
+    """Floats as one vector, a lane each."""
+    vec = ir.Constant(ir.VectorType(ir.FloatType(), len(values)), ir.Undefined)
+    for j, v in enumerate(values):
+        vec = kb.b.insert_element(vec, v, kb.i32(j))
+    return vec
+
+
+def sliced_dots(kb: KernelBuilder, slices: list[ir.Value], xs: list[list[ir.Value]]) -> list[ir.Value]:
+    """For each x of xs, sum_j slices[j] . x[j] in each lane: slices[j] holds 4 unsigned
+    bytes a lane, x[j] 4 signed bytes (an i32) for all lanes: one vpdpbusd each, the dots'
+    chains interleaved."""
+    typ = slices[0].type
+    accs = [ir.Constant(typ, [0] * typ.count) for _ in xs]
+    for j, s in enumerate(slices):
+        accs = [kb.intrinsic(f"llvm.x86.avx512.vpdpbusd.{32 * typ.count}", [acc, s, splat(kb, x[j], typ)], typ)
+                for acc, x in zip(accs, xs)]
+    return accs
+
+
 def quantize_activations_reference(x: np.ndarray) -> np.ndarray:
     """What a kernel with int8 activations multiplies by: each group of 32 of x's last
     axis quantized as quantize_activations does, back in float32 (the tests' oracle)."""

@@ -55,7 +55,7 @@ class BenchReport:
     executor: str
     startup_s: float
     weights: str = ""  # what the weights run as (Model.weight_types)
-    activations_note: str = ""  # ModelRunner.activations_note: int8 in decode GEMVs
+    activations_note: str = ""  # ModelRunner.activations_note: int8 in quantized GEMVs
     # bytes of weights one decode step of one sequence reads (routed experts: only its own), and in all
     weights_read_bytes: int = 0
     weights_total_bytes: int = 0

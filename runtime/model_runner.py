@@ -133,7 +133,7 @@ class ModelRunner:
         """What the startup line says after the activation dtype."""
         plans = getattr(self.executor, "plans", {})
         int8 = any(getattr(k, "int8_dots", False) for plan in plans.values() for k in plan.kernels())
-        return " (int8 in decode GEMVs)" if int8 else ""
+        return " (int8 in quantized GEMVs)" if int8 else ""
 
     @staticmethod
     def _tuning(device: Device, model: Model):

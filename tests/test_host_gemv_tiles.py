@@ -79,11 +79,11 @@ def test_rows_per_chunk_keep_the_accumulators_in_registers():
 
 @pytest.mark.skipif(not has_int8_dots(HOST), reason="the CPU has no AVX-512 VNNI")
 @pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1"])
-def test_int8_dots_on_one_token_tiles(kind, device):
-    """int8_dots: a one-token tile (decode at N=1) dots the weights' bytes with int8
-    activations (each group of 32 of the prologue row quantized, as
-    quantize_activations_reference: qx and the rounding error qr); taller tiles keep float
-    activations."""
+def test_int8_dots_on_every_tile_height(kind, device):
+    """int8_dots: the tile's prologue rows are quantized per group of 32, as
+    quantize_activations_reference (qx and the rounding error qr), and dotted with the
+    weights' bytes: a one-token tile (decode at N=1) row by row, taller tiles 16 weight rows
+    at a time with the rows in the lanes."""
     rng = np.random.default_rng(40 + len(kind))
     fmt = FORMATS[kind]
     k = K - 8
@@ -94,7 +94,7 @@ def test_int8_dots_on_one_token_tiles(kind, device):
                 int8_dots=True)
     norm_w = (1 + 0.3 * rng.standard_normal(k)).astype(np.float32)
     bias = rng.standard_normal(N).astype(np.float32)
-    for rows in (1, 2, TILE + 1):  # the last: a full tile, then a one-token tile
+    for rows in (1, 2, 3, 5, TILE, TILE + 1):  # the last: a full tile, then a one-token tile
         a, b = (rng.standard_normal((rows, k)).astype(np.float32) for _ in range(2))
         a[0, :GROUP] = -b[0, :GROUP]  # a group of zeros (dx = 0)
         y = np.full((rows, N), np.nan, np.float32)
@@ -104,14 +104,12 @@ def test_int8_dots_on_one_token_tiles(kind, device):
                              spec.grid({"num_rows": rows}))
         s = a + b
         x = ops.rms_norm(s, norm_w, eps=EPS)
-        one = rows % TILE == 1  # the rows of a one-token tile: the last
-        xq = np.concatenate([x[:rows - 1], quantize_activations_reference(x[rows - 1:])]) if one else x
-        want = ops.matmul(xq, w_values) + bias
+        want = ops.matmul(quantize_activations_reference(x), w_values) + bias
         np.testing.assert_array_equal(residual, s)
-        err = np.abs(y.astype(np.float64) - want).max() / np.abs(want).max()
-        assert np.isfinite(y).all() and err < 2e-6, f"{kind}, {rows} rows: relative error {err:.3g}"
-        if one:  # the float-activation result is outside that tolerance: the int8 path ran
-            assert np.abs(y - (ops.matmul(x, w_values) + bias)).max() / np.abs(want).max() > 2e-6
+        err = np.abs(y.astype(np.float64) - want).max(axis=1) / np.abs(want).max()
+        assert np.isfinite(y).all() and (err < 2e-6).all(), f"{kind}, {rows} rows: relative errors {err}"
+        # each row's float-activation result is outside that tolerance: the int8 path ran for every row
+        assert (np.abs(y - (ops.matmul(x, w_values) + bias)).max(axis=1) / np.abs(want).max() > 2e-6).all()
     # one NaN in a one-token tile's input row (from corrupt weights upstream) makes every
     # output NaN, as in float: no prologue here, whose norm would spread it over the row first
     plain = Gemv(k=k, n=N, act=DType.F32, weight=DType.F32, out=DType.F32, rows_per_block=16, weight_format=kind,

@@ -1,5 +1,5 @@
-"""int8 activations on the CPU (AVX-512 VNNI): a decode token's GEMVs over q8_0 / q4_0 /
-q4_1 weights quantize their input row per group of 32 and take integer dot products
+"""int8 activations on the CPU (AVX-512 VNNI): GEMVs over q8_0 / q4_0 / q4_1 weights
+quantize their input rows per group of 32 and take integer dot products
 (kernels/gemv.py `int8_dots`). That changes the arithmetic, so greedy equality with the
 reference no longer holds by construction; the bar instead: teacher-forced over a few
 hundred tokens of real text, the fused plans' top-1 token equals the reference
@@ -51,13 +51,16 @@ def test_teacher_forced_top1_agrees_with_the_reference():
     runner = ModelRunner(model, config, device, max_model_len=16 * config.num_kv_blocks)
     kernels = runner.executor.plans["gemv"].kernels()
     assert any(getattr(k, "int8_dots", False) for k in kernels)  # the path under test is on
-    assert runner.activations_note == " (int8 in decode GEMVs)" and reference.activations_note == ""
-    # token by token: each step a one-token tile, the int8 path
-    got = np.array([int(runner.execute([SequenceChunk([tok], i, table)])[0].argmax()) for i, tok in enumerate(ids)])
+    assert runner.activations_note == " (int8 in quantized GEMVs)" and reference.activations_note == ""
+    # the whole text as one prefill: tiles of 8 tokens, the int8 path's 16-row transposed dots
+    prefill = runner.execute([SequenceChunk(ids, 0, table, all_logits=True)]).argmax(axis=1)
+    # token by token: each step a one-token tile, the int8 path's row at a time
+    stepped = np.array([int(runner.execute([SequenceChunk([tok], i, table)])[0].argmax()) for i, tok in enumerate(ids)])
     runner.close()
     device.close()
-    agreement = float((got == want).mean())
-    assert agreement >= AGREEMENT, f"top-1 agreement {agreement:.3f} over {len(ids)} positions"
+    for how, got in (("prefill", prefill), ("one token a step", stepped)):
+        agreement = float((got == want).mean())
+        assert agreement >= AGREEMENT, f"{how}: top-1 agreement {agreement:.3f} over {len(ids)} positions"
 
 
 def test_int8_activations_where_the_cpu_lacks_vnni_is_refused(monkeypatch, tiny_checkpoints):
