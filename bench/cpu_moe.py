@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cpu_standard import measure, peer_table, save_run, workload_parser
+from cpu_standard import measure, peer_table, rounds_lines, save_run, workload_parser
 from fusec.models.loader import default_model_path
 from fusec.runtime.engine import EngineConfig
 
@@ -135,7 +135,7 @@ def main() -> None:
     path = model_path()
     config = EngineConfig(model=str(path), max_num_seqs=max(levels),
                           max_model_len=args.input_len + args.output_len + 16)
-    report, hf, lcpp = measure(path, config, args, levels)
+    report, hf, lcpp, rounds = measure(path, config, args, levels)
     agree = None
     if not args.no_peers:
         rng = np.random.default_rng(1)
@@ -151,14 +151,14 @@ def main() -> None:
             f"sequence reads {report.weights_read_bytes / gib:.3f} of {report.weights_total_bytes / gib:.3f} GiB "
             f"of weights. Prompts of {args.input_len} random token ids, {args.output_len} output tokens, greedy, "
             f"EOS ignored. fusec startup {report.startup_s:.1f} s.", "",
-            *peer_table(report, hf, lcpp)]
+            *peer_table(report, hf, lcpp), *rounds_lines(rounds)]
     if agree:
         body += ["", f"Greedy tokens (4 prompts x 32 tokens, each compared up to its first difference): fusec "
                      f"equals HF transformers at {agree[0]} of {agree[1]} positions (HF runs the Q8_0 weights "
                      f"dequantized to float32; fusec dots the blocks with float32 activations"
                      f"{report.activations_note})."]
     save_run("cpu-moe", "CPU mixture-of-experts workload", args.label, workload, report,
-             {"hf_transformers_tok_s": hf, "llama_cpp_tok_s": lcpp,
+             {"hf_transformers_tok_s": hf, "llama_cpp_tok_s": lcpp, "rounds": rounds,
               "greedy_tokens_equal_hf": list(agree) if agree else None}, body)
 
 

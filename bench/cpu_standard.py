@@ -9,14 +9,16 @@ Measured in the same process, one after another:
                      repository), on the same GGUF: llama-bench at N = 1,
                      llama-batched-bench at N > 1
 Writes bench/results/cpu-<date>[-<label>].json and .md. Usage:
-  .venv/bin/python bench/cpu_standard.py [--levels 1,8,32] [--output-len 128] [--no-peers] [--label L]
-                                         [--quantization auto|none] [--llama-cpp-build DIR]
+  .venv/bin/python bench/cpu_standard.py [--levels 1,8,32] [--output-len 128] [--no-peers] [--label L] [--rounds R]
+                                         [--quantization auto|none] [--kv-cache-dtype auto|float16]
+                                         [--llama-cpp-build DIR]
 --no-peers measures fusec alone (an A/B of two fusec versions: run this file with
 each version's interpreter and a label apiece).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -149,24 +151,51 @@ def workload_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-peers", action="store_true", help="fusec only: skip HF transformers and llama.cpp")
     ap.add_argument("--label", default="", help="suffix of the result files, e.g. the version measured")
     ap.add_argument("--llama-cpp-build", type=Path, default=None, help="a llama.cpp build dir (else built and cached)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="fusec and llama.cpp measured alternately this many times, each level's best kept (a "
+                         "shared machine's speed drifts within minutes; HF transformers runs once)")
     return ap
 
 
 def measure(path: Path, config: EngineConfig, args: argparse.Namespace, levels: list[int]
-            ) -> tuple[BenchReport, dict[int, float], dict[int, float]]:
+            ) -> tuple[BenchReport, dict[int, float], dict[int, float], dict[str, list[dict[int, float]]]]:
     """fusec's report on `config`, then (unless --no-peers) HF transformers' and
-    llama.cpp's output tok/s on the GGUF at `path`, by level."""
-    print("fusec ...", flush=True)
-    report = benchmark(config, levels, args.input_len, args.output_len, None)
-    for r in report.results:
-        print(f"  fusec N={r.n}: {r.output_tok_s:.1f} tok/s", flush=True)
-    hf, lcpp = {}, {}
-    if not args.no_peers:
-        print("HF transformers ...", flush=True)
-        hf = hf_generate(path, levels, args.input_len, args.output_len)
+    llama.cpp's output tok/s on the GGUF at `path`, by level; with --rounds R, fusec and
+    llama.cpp alternate R times and each level keeps its best run (the report: fusec's
+    best run's row per level). Also every round's tok/s: {"fusec": [...], "llama_cpp": [...]}."""
+    reports, lcpp_rounds, hf = [], [], {}
+    for i in range(args.rounds):
+        print(f"fusec ... (round {i + 1} of {args.rounds})", flush=True)
+        reports.append(benchmark(config, levels, args.input_len, args.output_len, None))
+        for r in reports[-1].results:
+            print(f"  fusec N={r.n}: {r.output_tok_s:.1f} tok/s", flush=True)
+        if args.no_peers:
+            continue
+        if i == 0:
+            print("HF transformers ...", flush=True)
+            hf = hf_generate(path, levels, args.input_len, args.output_len)
         print("llama.cpp ...", flush=True)
-        lcpp = llama_cpp(path, levels, args.input_len, args.output_len, args.llama_cpp_build)
-    return report, hf, lcpp
+        lcpp_rounds.append(llama_cpp(path, levels, args.input_len, args.output_len, args.llama_cpp_build))
+    best = {n: max((r for report in reports for r in report.results if r.n == n), key=lambda r: r.output_tok_s)
+            for n in levels}
+    report = dataclasses.replace(reports[0], results=[best[n] for n in levels])
+    lcpp = {n: max(run[n] for run in lcpp_rounds if n in run)
+            for n in levels if any(n in run for run in lcpp_rounds)}
+    rounds = {"fusec": [{r.n: r.output_tok_s for r in rep.results} for rep in reports], "llama_cpp": lcpp_rounds}
+    return report, hf, lcpp, rounds
+
+
+def rounds_lines(rounds: dict[str, list[dict[int, float]]]) -> list[str]:
+    """The results file's note on --rounds: every round's tok/s, side by side."""
+    if len(rounds["fusec"]) < 2:
+        return []
+    lines = ["", f"{len(rounds['fusec'])} rounds, fusec and llama.cpp alternated; the table keeps each level's "
+                 "best. Every round (tok/s, N in order):"]
+    for name, runs in (("fusec", rounds["fusec"]), ("llama.cpp", rounds["llama_cpp"])):
+        if runs:
+            lines.append(f"- {name}: " + "; ".join(" / ".join(f"{v:.1f}" for _, v in sorted(run.items()))
+                                                   for run in runs))
+    return lines
 
 
 def peer_table(report: BenchReport, hf: dict[int, float], lcpp: dict[int, float]) -> list[str]:
@@ -204,25 +233,26 @@ def save_run(prefix: str, title: str, label: str, workload: dict, report: BenchR
 def main() -> None:
     ap = workload_parser()
     ap.add_argument("--quantization", default="auto", help="fusec's --quantization (none: the float32 path)")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="fusec's --kv-cache-dtype (llama.cpp's KV cache: f16)")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     config = EngineConfig(max_num_seqs=max(levels), max_model_len=args.input_len + args.output_len + 16,
-                          quantization=args.quantization)
-    report, hf, lcpp = measure(default_model_path(), config, args, levels)
+                          quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
+    report, hf, lcpp, rounds = measure(default_model_path(), config, args, levels)
 
     n1 = next(r for r in report.results if r.n == min(levels))
     top = max(report.results, key=lambda r: r.n)
     workload = {"model": report.model, "levels": levels, "input_len": args.input_len, "output_len": args.output_len,
                 "prompts": "random token ids", "sampling": "greedy, ignore_eos"}
     save_run("cpu", "CPU standard workload", args.label, workload, report,
-             {"hf_transformers_tok_s": hf, "llama_cpp_tok_s": lcpp},
+             {"hf_transformers_tok_s": hf, "llama_cpp_tok_s": lcpp, "rounds": rounds},
              [f"Model {report.model} ({report.dtype} activations{report.activations_note}, weights {report.weights}, "
-              f"fused plans), prompts of {args.input_len} random token ids, {args.output_len} output tokens, greedy, "
+              f"KV cache {args.kv_cache_dtype}, fused plans), prompts of {args.input_len} random token ids, {args.output_len} output tokens, greedy, "
               f"EOS ignored. fusec startup {report.startup_s:.1f} s (model load + kernels from the cache).", "",
               *peer_table(report, hf, lcpp), "",
               f"Scaling: N={top.n} gives {top.output_tok_s / n1.output_tok_s:.1f}x the N={n1.n} throughput.",
               "llama.cpp (native build, all cores) runs the GGUF's Q4_1/Q8_0 weights with its own kernels; "
-              "HF transformers runs them dequantized to float32."])
+              "HF transformers runs them dequantized to float32.", *rounds_lines(rounds)])
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def _label(r) -> str:
 
 @click.command("bench")
 @engine_options("model", "dtype", "quantization", "load_format", "device", "executor", "max_num_seqs", "max_num_batched_tokens",
-                "max_model_len", "block_size", "kv_cache_gb", "num_kv_blocks", "gpu_memory_utilization",
+                "max_model_len", "block_size", "kv_cache_dtype", "kv_cache_gb", "num_kv_blocks", "gpu_memory_utilization",
                 "enable_prefix_caching", "enforce_eager", "crossover", "int8_activations", "seed", max_num_seqs=None)
 @click.option("--n", "levels", default="1,8,32", show_default=True, callback=lambda c, p, v: _levels(v),
               help="Concurrency levels (requests in flight), comma-separated.")
@@ -64,7 +64,8 @@ def bench_cmd(levels: list[int], num_prompts: int | None, input_len: int, output
         return tqdm(total=total, desc=f"N={n}", unit="tok", leave=False, disable=None)
 
     report = benchmark(config, levels, input_len, output_len, num_prompts, ignore_eos, seed, bar, structured)
-    click.echo(f"{report.model} ({report.dtype} activations{report.activations_note}, weights {report.weights}, {report.executor}); startup {report.startup_s:.2f}s; "
+    click.echo(f"{report.model} ({report.dtype} activations{report.activations_note}, weights {report.weights}, "
+               f"KV cache {report.kv_dtype}, {report.executor}); startup {report.startup_s:.2f}s; "
                f"input {input_len}, output {output_len} tokens")
     if report.weights_total_bytes:
         click.echo(f"a decode step of one sequence reads {describe(report.weights_read_bytes, report.weights_total_bytes)}")

@@ -8,14 +8,15 @@ import click
 from tqdm import tqdm
 
 from fusec.errors import FusecError
+from fusec.fusion.dtypes import DType
 from fusec.runtime.config import EngineConfig, engine_options
 
 
-def model_kernels(model, target, max_positions: int, block_size: int) -> tuple[dict, list]:
+def model_kernels(model, target, max_positions: int, block_size: int, kv_dtype: DType | None = None
+                  ) -> tuple[dict, list]:
     """A model's plans for a target, as a device of that target runs them (the same
     plan options), and the distinct kernels serving it needs: the plans', the
     sampler's, the host GEMMs' weight decoders, and (on a GPU) the dummy-weight fill."""
-    from fusec.fusion.dtypes import DType
     from fusec.fusion.plan import build_plans
     from fusec.kernels.random import FillRandom
     from fusec.kernels.registry import default_registry
@@ -23,7 +24,7 @@ def model_kernels(model, target, max_positions: int, block_size: int) -> tuple[d
     from fusec.runtime.sampler import KernelSampler
 
     options = plan_options(target, max_positions, gpu_shapes=target.is_gpu)
-    plans = build_plans(model.graph(block_size, max_positions), default_registry(), options)
+    plans = build_plans(model.graph(block_size, max_positions, kv_dtype), default_registry(), options)
     kernels = [k for plan in plans.values() for k in plan.kernels()]
     kernels += KernelSampler.kernel_specs(model.config.vocab_size)
     if not target.is_gpu:  # the host's GEMMs decode block-quantized and 16-bit weights with a kernel too
@@ -39,7 +40,7 @@ def model_kernels(model, target, max_positions: int, block_size: int) -> tuple[d
 
 
 @click.command("compile")
-@engine_options("model", "dtype", "quantization", "max_model_len", "block_size")
+@engine_options("model", "dtype", "quantization", "max_model_len", "block_size", "kv_cache_dtype")
 @click.option("--arch", default="sm_90", show_default=True, type=click.Choice(["sm_80", "sm_90", "host"]),
               help="host: what `serve --device cpu` runs; sm_*: what `serve --device cuda` runs on that GPU.")
 @click.option("--explain", is_flag=True, help="Per layer: the unfused ops, the matched patterns, the launches.")
@@ -62,7 +63,7 @@ def compile_cmd(arch: str, explain: bool, emit_dir: Path | None, **options) -> N
     max_model_len = config.resolved_max_model_len(m.config.max_position_embeddings)
     t0 = time.perf_counter()
     try:
-        plans, kernels = model_kernels(m, target, max_model_len, config.block_size)
+        plans, kernels = model_kernels(m, target, max_model_len, config.block_size, config.kv_dtype())
     except ValueError as e:  # e.g. an op no kernel covers on a GPU target
         raise FusecError(f"cannot compile {m.name} for {arch}: {e}") from None
     t_plan = time.perf_counter() - t0

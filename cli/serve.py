@@ -185,8 +185,9 @@ def serve_cmd(model_tag: str | None, host: str | None, port: int, served_names: 
         scheme = "https" if ssl_certfile else "http"
         click.echo(f"fusec serving {names[0]} ({engine.model.config.architecture}, {engine.model.dtype.value} "
                    f"activations{engine.runner.activations_note}, weights {engine.model.weight_types()}, "
-                   f"{engine.device} backend, fused plans, {engine.blocks.num_blocks} KV blocks, max_model_len "
-                   f"{engine.max_model_len}{_graphs_note(engine)}{_kernels_note(engine)}) on "
+                   f"{engine.device} backend, fused plans, {engine.blocks.num_blocks} KV blocks of "
+                   f"{engine.runner.kv_dtype.value}, max_model_len {engine.max_model_len}{_graphs_note(engine)}"
+                   f"{_kernels_note(engine)}) on "
                    f"{scheme}://{host}:{port}{root_path}/v1", err=True)
         # uvicorn drains on SIGINT / SIGTERM, then re-raises the signal to the handler it found:
         # make that a no-op so the process finishes its own shutdown and exits 0

@@ -7,7 +7,7 @@ import numpy as np
 
 from fusec.fusion.dtypes import DType, from_storage, round_to
 from fusec.fusion.ir import Graph, Node, bind_dims
-from fusec.fusion.ops import OPS
+from fusec.fusion.ops import IN_PLACE, OPS
 
 
 class Interpreter:
@@ -41,6 +41,11 @@ class Interpreter:
                 value = self.weights[node.name]
             elif node.kind == "state":
                 value = state[node.name]
+            elif node.kind in IN_PLACE:  # rows written into a state: round them, not the whole cache
+                state_at = IN_PLACE[node.kind]
+                args = [v if j == state_at or v.dtype.kind != "f" else round_to(v, node.type.dtype)
+                        for j, v in enumerate(values[i] for i in node.inputs)]
+                value = OPS[node.kind].reference(*args, **node.attrs)
             else:
                 spec = OPS[node.kind]
                 value = spec.reference(*(values[i] for i in node.inputs), **node.attrs)

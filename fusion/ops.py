@@ -311,6 +311,9 @@ def gather_rows(x: np.ndarray, indices: np.ndarray) -> np.ndarray:
     return x[indices]
 
 
+# An op whose output IS one of its inputs (at this position), updated in place: the KV cache.
+IN_PLACE = {"kv_write": 2, "latent_write": 2}
+
 OPS: dict[str, OpSpec] = _registry(
     OpSpec("embed", 2, embed, "rows of an embedding table: (ids[T], table[V, H]) -> [T, H]; attr scale"),
     OpSpec("add", 2, add, "elementwise sum", elementwise=True),

@@ -16,12 +16,11 @@ import numpy as np
 
 from fusec.fusion.codegen.target import Target
 from fusec.fusion.ir import Graph, Node
+from fusec.fusion.ops import IN_PLACE
 from fusec.fusion.patterns import BUCKETS, Match, Registry
 
 log = logging.getLogger(__name__)
 
-# An op whose output IS one of its inputs, updated in place (the KV cache).
-IN_PLACE = {"kv_write": 2, "latent_write": 2}
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,11 @@ class PagedAttention(Kernel):
     vec: int = 1  # elements per key load (head_dim must divide)
     heads_per_block: int = 0  # query heads a block serves (divides the group); 0: the group
     softcap: float = 0.0  # scores become softcap * tanh(score / softcap); 0: none
+    cache: DType | None = None  # the KV cache's dtype; None: act
+
+    @property
+    def kv(self) -> DType:
+        return self.cache or self.act
 
     def _score(self, kb: KernelBuilder, dot):
         return softcap(kb, dot, self.softcap) if self.softcap else dot
@@ -121,7 +126,7 @@ class PagedAttention(Kernel):
                 for g in range(group):
                     dot = kb.var(kb.f32(0.0))
                     with kb.loop(0, hd) as d:
-                        k = kb.load(kb["k_cache"], b.add(base, kb.wide(d)), self.act)
+                        k = kb.load(kb["k_cache"], b.add(base, kb.wide(d)), self.kv)
                         dot.set(kb.fadd(dot.get(), kb.fmul(kb.load(q_sh, b.add(d, kb.i32(g * hd)), DType.F32), k)))
                     kb.store(p_sh, b.add(jj, kb.i32(g * tile)), self._score(kb, dot.get()), DType.F32)
             for g in range(group):
@@ -147,7 +152,7 @@ class PagedAttention(Kernel):
                     p = kb.load(p_sh, b.add(jj, kb.i32(g * tile)), DType.F32)
                     with kb.loop(0, hd) as d:
                         at = b.add(d, kb.i32(g * hd))
-                        v = kb.load(kb["v_cache"], b.add(base, kb.wide(d)), self.act)
+                        v = kb.load(kb["v_cache"], b.add(base, kb.wide(d)), self.kv)
                         kb.store(acc_sh, at, kb.fadd(kb.load(acc_sh, at, DType.F32), kb.fmul(p, v)), DType.F32)
         return [s.get() for s in sums]
 
@@ -167,8 +172,8 @@ class PagedAttention(Kernel):
                 dots = [kb.var(kb.f32(0.0)) for _ in range(group)]
                 with kb.loop(0, hd, self.vec) as d:
                     at = b.add(base, kb.wide(d))
-                    ks = (kb.load_vector(kb["k_cache"], at, self.act, self.vec) if self.vec > 1
-                          else [kb.load(kb["k_cache"], at, self.act)])
+                    ks = (kb.load_vector(kb["k_cache"], at, self.kv, self.vec) if self.vec > 1
+                          else [kb.load(kb["k_cache"], at, self.kv)])
                     for g, dot in enumerate(dots):
                         total = dot.get()
                         for e, k in enumerate(ks):
@@ -187,7 +192,7 @@ class PagedAttention(Kernel):
                 accs = [kb.var(b.fmul(kb.load(acc_sh, b.add(d, kb.i32(g * hd)), DType.F32), alphas[g]))
                         for g in range(group)]
                 with kb.loop(0, count) as jj:
-                    v = kb.load(kb["v_cache"], b.add(kv_base(b.add(j0, jj)), kb.wide(d)), self.act)
+                    v = kb.load(kb["v_cache"], b.add(kv_base(b.add(j0, jj)), kb.wide(d)), self.kv)
                     for g, acc in enumerate(accs):
                         acc.set(kb.fadd(acc.get(), kb.fmul(kb.load(p_sh, b.add(jj, kb.i32(g * tile)), DType.F32), v)))
                 for g, acc in enumerate(accs):

@@ -113,6 +113,12 @@ def _paged_metadata(rng, s: dict, new: list[int], ctx: list[int], inputs: dict) 
     return num_blocks
 
 
+def _example_cache_dtype(size: int, dtype: DType) -> DType:
+    """The KV cache's dtype in the attention examples: 16 bits under float32 activations
+    in sizes 1 (bf16) and 2 (f16), as --kv-cache-dtype makes it on the CPU; else dtype."""
+    return {1: DType.BF16, 2: DType.F16}.get(size, dtype) if dtype is DType.F32 else dtype
+
+
 def _rope_kv(rng, size: int, dtype: DType, qk_norm: str = "") -> Example:
     s = SIZES[size]
     h, kv, hd, bs = s["h"], s["kv"], s["hd"], s["bs"]
@@ -148,9 +154,9 @@ def _rope_kv(rng, size: int, dtype: DType, qk_norm: str = "") -> Example:
              scale=scale, interleaved=interleaved)
     k = g.op("rope", [k, pos], ("T", kvs), dtype, name="k_rope", n_heads=kv, head_dim=hd, inv_freq=inv_freq,
              scale=scale, interleaved=interleaved)
-    cache = g.state("cache", (2, "NB", bs, kv, hd), dtype)
-    cache = g.op("kv_write", [k, v, cache, g.input("slot_mapping", ("T",))], (2, "NB", bs, kv, hd), dtype,
-                 name="kv_write")
+    cache = g.state("cache", (2, "NB", bs, kv, hd), _example_cache_dtype(size, dtype))
+    cache = g.op("kv_write", [k, v, cache, g.input("slot_mapping", ("T",))], (2, "NB", bs, kv, hd),
+                 _example_cache_dtype(size, dtype), name="kv_write")
     g.set_outputs(q, cache)
     return Example(g, inputs, {"NB": num_blocks})
 
@@ -165,7 +171,7 @@ def _attention(rng, size: int, dtype: DType) -> Example:
     g, inputs = Graph("example"), {}
     num_blocks = _paged_metadata(rng, s, new, ctx, inputs)
     q = _act(g, rng, "q", sum(new), h * hd, dtype, inputs)
-    cache = g.state("cache", (2, "NB", bs, kv, hd), dtype)
+    cache = g.state("cache", (2, "NB", bs, kv, hd), _example_cache_dtype(size, dtype))
     meta = [g.input("block_tables", ("S", "B")), g.input("context_lens", ("S",)), g.input("query_start_loc", ("S1",))]
     out = g.op("attention", [q, cache, *meta], ("T", h * hd), dtype, name="attn", n_heads=h, n_kv_heads=kv,
                head_dim=hd, scale=hd ** -0.5, sliding_window=window or None, softcap=cap or None)

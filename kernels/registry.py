@@ -196,13 +196,18 @@ def rope_kv_constraint(m: Match) -> bool:
           and rq.attrs.get("scale", 1.0) == rk.attrs.get("scale", 1.0)
           and rq.attrs.get("interleaved", False) == rk.attrs.get("interleaved", False)
           and sk.attrs["stop"] - sk.attrs["start"] == sv.attrs["stop"] - sv.attrs["start"]
-          and len({rq.type.dtype, rk.type.dtype, sv.type.dtype, m["kv_write"].type.dtype}) == 1)
+          and len({rq.type.dtype, rk.type.dtype, sv.type.dtype}) == 1)  # the cache's may differ
     if m.get("q_norm") is None:
         return ok
     nq, nk = m["q_norm"], m["k_norm"]
     return (ok and nq.attrs["eps"] == nk.attrs["eps"] and nq.attrs["head_dim"] == nk.attrs["head_dim"]
             == rq.attrs["head_dim"] and nq.type.dtype == nk.type.dtype == rq.type.dtype
             and _dtype(m, nq.inputs[1]) == _dtype(m, nk.inputs[1]))
+
+
+def _cache_dtype(cache: DType, act: DType) -> DType | None:
+    """A kernel's `cache` field: None where the KV cache is in the activation dtype."""
+    return None if cache is act else cache
 
 
 def lower_rope_kv(m: Match, ctx: LowerContext) -> Launch:
@@ -218,7 +223,8 @@ def lower_rope_kv(m: Match, ctx: LowerContext) -> Launch:
     kernel = RopeKVWrite(n_heads=rq.attrs["n_heads"], n_kv_heads=rk.attrs["n_heads"], head_dim=rq.attrs["head_dim"],
                          qkv_cols=m.graph.node(qkv).type.shape[1], q_offset=sq.attrs["start"],
                          k_offset=sk.attrs["start"], v_offset=sv.attrs["start"], act=rq.type.dtype,
-                         rotary_dim=2 * len(inv_freq), interleaved=rq.attrs.get("interleaved", False), **norm)
+                         rotary_dim=2 * len(inv_freq), interleaved=rq.attrs.get("interleaved", False),
+                         cache=_cache_dtype(kvw.type.dtype, rq.type.dtype), **norm)
     cache = kvw.inputs[2]
     args = {"qkv": V(qkv), "positions": V(rq.inputs[1]), "cos_sin": Arg("const", table),
             "slots": V(kvw.inputs[3]), "k_cache": Arg("k_cache", cache), "v_cache": Arg("v_cache", cache),
@@ -248,12 +254,13 @@ def lower_attention(m: Match, ctx: LowerContext) -> Launch:
     # Qwen2.5-7B at N=1, 27 us a layer on an H100): there a block per query head fills
     # the GPU and the extra K/V reads are a few KB
     grouped = not ctx.gpu_shapes or ctx.bucket != "gemv"
+    kv = m.graph.node(cache).type.dtype
     kernel = PagedAttention(n_heads=n_heads, n_kv_heads=n_kv_heads,
                             head_dim=head_dim, block_size=m.graph.node(cache).type.shape[2],
                             scale=a.attrs["scale"], sliding_window=a.attrs.get("sliding_window") or 0,
-                            act=a.type.dtype, vec=vector_width(head_dim, a.type.dtype) if ctx.gpu_shapes else 1,
+                            act=a.type.dtype, vec=vector_width(head_dim, a.type.dtype, kv) if ctx.gpu_shapes else 1,
                             heads_per_block=heads_per_block(n_heads // n_kv_heads) if grouped else 1,
-                            softcap=a.attrs.get("softcap") or 0.0)
+                            softcap=a.attrs.get("softcap") or 0.0, cache=_cache_dtype(kv, a.type.dtype))
     args = {"q": V(q), "k_cache": Arg("k_cache", cache), "v_cache": Arg("v_cache", cache),
             "block_tables": V(tables), "context_lens": V(ctx_lens), "query_start_loc": V(qstart), "out": V(a.name),
             "num_seqs": D(m.graph.node(ctx_lens).type.shape[0]), "table_width": D(m.graph.node(tables).type.shape[1])}
@@ -262,7 +269,7 @@ def lower_attention(m: Match, ctx: LowerContext) -> Launch:
 
 def attention_constraint(m: Match) -> bool:
     a = m["attention"]
-    return m.graph.node(a.inputs[0]).type.dtype == a.type.dtype == m.graph.node(a.inputs[1]).type.dtype
+    return m.graph.node(a.inputs[0]).type.dtype == a.type.dtype  # the cache may be in another float dtype
 
 
 def lower_embed(m: Match, ctx: LowerContext) -> Launch:

@@ -19,6 +19,7 @@ from typing import Mapping
 
 import numpy as np
 
+from fusec.errors import InputError
 from fusec.fusion.dtypes import DType
 from fusec.fusion.ir import Graph
 from fusec.models import moe
@@ -108,9 +109,12 @@ def latent_attention(g: Graph, cfg: ModelConfig, dtype: DType, w: Mapping[str, s
 
 def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size: int = 16,
                 formats: Mapping[str, str] | None = None, weight_dtype: DType | None = None,
-                rope_scale: float = 1.0) -> Graph:
+                rope_scale: float = 1.0, kv_dtype: DType | None = None) -> Graph:
     """As llama.build_graph: activations and the latent cache in `dtype`, weights in
     `weight_dtype` or the block format `formats` names."""
+    if kv_dtype not in (None, dtype):
+        raise InputError(f"--kv-cache-dtype {kv_dtype.value}: {cfg.architecture}'s latent cache (MLA) runs in the "
+                         f"activation dtype ({dtype.value}) only; use auto")
     g, inputs, w = new_graph(cfg, weight_shapes(cfg), dtype, formats, weight_dtype)
     h = cfg.hidden_size
 

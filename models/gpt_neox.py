@@ -36,8 +36,8 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size: int = 16,
                 formats: Mapping[str, str] | None = None, weight_dtype: DType | None = None,
-                rope_scale: float = 1.0) -> Graph:
-    """As llama.build_graph: activations and the KV cache in `dtype`, weights in
+                rope_scale: float = 1.0, kv_dtype: DType | None = None) -> Graph:
+    """As llama.build_graph: activations and the KV cache (unless kv_dtype) in `dtype`, weights in
     `weight_dtype` or the block format `formats` names."""
     g, inputs, w = new_graph(cfg, weight_shapes(cfg), dtype, formats, weight_dtype)
     h = cfg.hidden_size
@@ -54,7 +54,7 @@ def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         attn = attention_block(g, cfg, dtype, w, inputs, norm(x, p + "input_norm", layer=i), i, block_size,
-                               inv_freq, rope_scale)
+                               inv_freq, rope_scale, kv_dtype)
         o = linear(attn, p + "o", h, i)
         mlp_in = x if cfg.parallel_residual else g.op("add", [o, x], (T, h), dtype, name=p + "attn_residual", layer=i)
         up = linear(norm(mlp_in, p + "post_norm", layer=i), p + "up", cfg.intermediate_size, i)

@@ -93,9 +93,11 @@ def new_graph(cfg: ModelConfig, shapes: Mapping[str, tuple[int, ...]], dtype: DT
 
 
 def attention_block(g: Graph, cfg: ModelConfig, dtype: DType, w: Mapping[str, str], inputs: Mapping[str, str],
-                    x: str, i: int, block_size: int, inv_freq: np.ndarray, rope_scale: float) -> str:
+                    x: str, i: int, block_size: int, inv_freq: np.ndarray, rope_scale: float,
+                    kv_dtype: DType | None = None) -> str:
     """Layer i's attention of the normed input x up to the O projection: the q|k|v GEMV
-    [+ bias], [per-head q/k norms,] RoPE, the paged-cache write and paged attention."""
+    [+ bias], [per-head q/k norms,] RoPE, the paged-cache write (K and V rounded to
+    kv_dtype, default dtype) and paged attention."""
     p, hd = f"layers.{i}.", cfg.head_dim
     rope_freqs = tuple(float(f) for f in inv_freq)
     qkv_cols = cfg.q_size + 2 * cfg.kv_size
@@ -118,9 +120,9 @@ def attention_block(g: Graph, cfg: ModelConfig, dtype: DType, w: Mapping[str, st
              inv_freq=rope_freqs, scale=rope_scale, interleaved=cfg.interleaved_rope, layer=i)
     k = g.op("rope", [k, positions], (T, cfg.kv_size), dtype, name=p + "k_rope", n_heads=cfg.num_kv_heads,
              head_dim=hd, inv_freq=rope_freqs, scale=rope_scale, interleaved=cfg.interleaved_rope, layer=i)
-    cache = g.state(p + "kv_cache", kv_cache_shape(cfg, block_size), dtype)
-    cache = g.op("kv_write", [k, v, cache, inputs["slot_mapping"]], kv_cache_shape(cfg, block_size), dtype,
-                 name=p + "kv_write", layer=i)
+    cache = g.state(p + "kv_cache", kv_cache_shape(cfg, block_size), kv_dtype or dtype)
+    cache = g.op("kv_write", [k, v, cache, inputs["slot_mapping"]], kv_cache_shape(cfg, block_size),
+                 kv_dtype or dtype, name=p + "kv_write", layer=i)
     meta = [inputs[n] for n in ("block_tables", "context_lens", "query_start_loc")]
     return g.op("attention", [q, cache, *meta], (T, cfg.q_size), dtype,
                 name=p + "attention", n_heads=cfg.num_heads, n_kv_heads=cfg.num_kv_heads,
@@ -139,8 +141,8 @@ def dense_mlp(g: Graph, cfg: ModelConfig, dtype: DType, w: Mapping[str, str], x:
 
 def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size: int = 16,
                 formats: Mapping[str, str] | None = None, weight_dtype: DType | None = None,
-                rope_scale: float = 1.0) -> Graph:
-    """The model as a graph with activations (and the KV cache) in `dtype`; weights in
+                rope_scale: float = 1.0, kv_dtype: DType | None = None) -> Graph:
+    """The model as a graph with activations (and the KV cache, unless kv_dtype) in `dtype`; weights in
     `weight_dtype` (default: dtype), or in a block format where `formats` names one.
     RoPE turns 2 * len(inv_freq) dims of each head, with cos and sin times `rope_scale`."""
     g, inputs, w = new_graph(cfg, weight_shapes(cfg), dtype, formats, weight_dtype)
@@ -159,7 +161,7 @@ def build_graph(cfg: ModelConfig, dtype: DType, inv_freq: np.ndarray, block_size
         p = f"layers.{i}."
         residual = x
         attn = attention_block(g, cfg, dtype, w, inputs, norm(x, p + "input_norm", layer=i), i, block_size,
-                               inv_freq, rope_scale)
+                               inv_freq, rope_scale, kv_dtype)
         o = g.op("matmul", [attn, w[p + "o"]], (T, h), dtype, name=p + "o.out", layer=i)
         if cfg.o_bias:
             o = g.op("bias_add", [o, w[p + "o_bias"]], (T, h), dtype, name=p + "o_bias.out", layer=i)

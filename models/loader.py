@@ -58,12 +58,12 @@ class Model:
         inv_freq(self.config, self.rope_freq_factors)  # an unusable rope scaling fails at load, not later
         attention_factor(self.config)
 
-    def graph(self, block_size: int = 16, max_model_len: int | None = None) -> Graph:
+    def graph(self, block_size: int = 16, max_model_len: int | None = None, kv_dtype: DType | None = None) -> Graph:
         """The graph for contexts up to max_model_len (default: the model's limit), which
-        picks LongRoPE's factors."""
+        picks LongRoPE's factors, with the KV cache in kv_dtype (default: the activations')."""
         return builder(self.config).build_graph(
             self.config, self.dtype, inv_freq(self.config, self.rope_freq_factors, max_model_len), block_size,
-            self.formats, self.weight_dtype, attention_factor(self.config))
+            self.formats, self.weight_dtype, attention_factor(self.config), kv_dtype)
 
     def weight_types(self) -> str:
         """What the weights run as, e.g. "q4_1 x210, q8_0 x1, f32 x61"."""

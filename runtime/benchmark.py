@@ -56,6 +56,7 @@ class BenchReport:
     startup_s: float
     weights: str = ""  # what the weights run as (Model.weight_types)
     activations_note: str = ""  # ModelRunner.activations_note: int8 in quantized GEMVs
+    kv_dtype: str = ""  # the KV cache's element type
     # bytes of weights one decode step of one sequence reads (routed experts: only its own), and in all
     weights_read_bytes: int = 0
     weights_total_bytes: int = 0
@@ -156,6 +157,7 @@ def benchmark(config: EngineConfig, levels: list[int], input_len: int, output_le
     traffic = decode_traffic(engine)
     report = BenchReport(engine.model.name, engine.model.dtype.value, config.executor, startup,
                          weights=engine.model.weight_types(), activations_note=engine.runner.activations_note,
+                         kv_dtype=engine.runner.kv_dtype.value,
                          weights_read_bytes=traffic.read if traffic else 0,
                          weights_total_bytes=traffic.total if traffic else 0,
                          machine=machine_info(), command=" ".join(["fusec"] + sys.argv[1:]))

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from fusec.errors import InputError
-from fusec.fusion.dtypes import from_storage
+from fusec.fusion.dtypes import DType, from_storage
 from fusec.fusion.plan import has_int8_dots
 from fusec.models.llama import HIDDEN_ROWS
 from fusec.models.loader import Model
@@ -80,7 +80,7 @@ class ModelRunner:
         self.device = device
         self.vocab = model.config.vocab_size
         self.max_sample_rows = max(1, config.max_num_seqs)
-        graph = model.graph(config.block_size, max_model_len)
+        graph = model.graph(config.block_size, max_model_len, config.kv_dtype())
         (self.logits_name,) = graph.outputs
         self.hidden_dtype = graph.node(HIDDEN_ROWS).type.dtype
         memory: MemoryUse | None = None
@@ -127,6 +127,12 @@ class ModelRunner:
             self.graph_buckets = self.executor.capture_graphs(buckets)
             self.capture_s = time.perf_counter() - start
             log.info("decode graphs for batches %s captured in %.2fs", self.graph_buckets, self.capture_s)
+
+    @property
+    def kv_dtype(self) -> DType:
+        """The KV cache's element type (--kv-cache-dtype; auto: the activations')."""
+        caches = [n.type.dtype for n in self.executor.graph.nodes("state")]
+        return caches[0] if caches else self.hidden_dtype
 
     @property
     def activations_note(self) -> str:
