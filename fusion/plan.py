@@ -22,7 +22,6 @@ from fusec.fusion.patterns import BUCKETS, Match, Registry
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class Arg:
     """A launch argument: a value ("value"), the key or value half of a KV cache

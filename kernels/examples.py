@@ -154,9 +154,10 @@ def _rope_kv(rng, size: int, dtype: DType, qk_norm: str = "") -> Example:
              scale=scale, interleaved=interleaved)
     k = g.op("rope", [k, pos], ("T", kvs), dtype, name="k_rope", n_heads=kv, head_dim=hd, inv_freq=inv_freq,
              scale=scale, interleaved=interleaved)
-    cache = g.state("cache", (2, "NB", bs, kv, hd), _example_cache_dtype(size, dtype))
-    cache = g.op("kv_write", [k, v, cache, g.input("slot_mapping", ("T",))], (2, "NB", bs, kv, hd),
-                 _example_cache_dtype(size, dtype), name="kv_write")
+    cache_dtype = _example_cache_dtype(size, dtype)
+    cache = g.state("cache", (2, "NB", bs, kv, hd), cache_dtype)
+    cache = g.op("kv_write", [k, v, cache, g.input("slot_mapping", ("T",))], (2, "NB", bs, kv, hd), cache_dtype,
+                 name="kv_write")
     g.set_outputs(q, cache)
     return Example(g, inputs, {"NB": num_blocks})
 

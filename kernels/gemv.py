@@ -57,10 +57,9 @@ from llvmlite import ir
 from fusec.fusion.codegen.builder import KernelBuilder, Param
 from fusec.fusion.dtypes import DType
 from fusec.kernels.base import GATES, Kernel, cdiv, gelu, round_to, row_offset
-from fusec.kernels.quant import (F32X8, FINE, FORMATS, GROUP, HALF, I8, I8X32, I32, I32X8, INT8_DOT_FORMATS,
-                                 INT8_CHAINS, INT8_ROWS, ActivationGroup, byte_dot, gather_lanes, group_bytes,
-                                 group_term, group_values, hsum, pack, quantize_activations, sliced_dots, splat,
-                                 transpose_rows,
+from fusec.kernels.quant import (F32X8, FINE, FORMATS, GROUP, HALF, I8, I8X32, I32, I32X8, INT8_CHAINS,
+                                 INT8_DOT_FORMATS, INT8_ROWS, ActivationGroup, byte_dot, group_bytes, group_term,
+                                 group_values, hsum, pack, quantize_activations, sliced_dots, splat, transpose_rows,
                                  zero_vector)
 
 LAYER_NORMED = ("layer_norm", "add_layer_norm")  # prologues ending in a LayerNorm (with bias)
@@ -251,14 +250,13 @@ class Gemv(Kernel):
                 # rows past the tile's end repeat its last row and are not stored
                 last = b.sub(count, kb.i32(1))
                 tokens = [kb.imin(kb.i32(t), last) for t in range(height)]
+                stored = [b.icmp_signed("<", kb.i32(t), count) for t in range(height)]
                 if height == 1 and self.int8_dots:
                     self._host_int8_tile(kb, t0, qbuf, sbuf, n0)
                 elif self.int8_dots:
-                    self._host_int8_rows_tile(kb, t0, tokens, [b.icmp_signed("<", kb.i32(t), count)
-                                                               for t in range(height)], qbuf, sbuf, n0)
+                    self._host_int8_rows_tile(kb, t0, tokens, stored, qbuf, sbuf, n0)
                 else:
-                    self._host_tile(kb, t0, tokens, [b.icmp_signed("<", kb.i32(t), count) for t in range(height)],
-                                    xbuf, n0)
+                    self._host_tile(kb, t0, tokens, stored, xbuf, n0)
             low = height
 
     def _int8_buffers(self, kb: KernelBuilder, rows: int) -> tuple:
@@ -358,7 +356,7 @@ class Gemv(Kernel):
                 kb.prefetch(kb["w"], b.add(w_row, ahead))
                 weights.append(group_bytes(kb, fmt, kb["w"], w_row, g))
             slices = transpose_rows(kb, [b.bitcast(w.u, I32X8) for w in weights])
-            d, c = (gather_lanes(kb, [getattr(w, name) for w in weights]) for name in ("d", "c"))
+            d, c = (pack(kb, [getattr(w, name) for w in weights]) for name in ("d", "c"))
             # 4 tokens at a time, their 8 dependent chains of 8 vpdpbusd interleaved: the
             # instruction's latency (4 cycles on Zen 4) over its throughput (2 a cycle)
             for first in range(0, len(tokens), INT8_CHAINS // 2):

@@ -139,8 +139,8 @@ def _ints(values: list[int] | int) -> ir.Constant:
 
 
 def pack(kb: KernelBuilder, values: list[ir.Value]) -> ir.Value:
-    """16 floats as one vector (LLVM folds this back into the loads that made them)."""
-    vec = ir.Constant(F32V, ir.Undefined)
+    """Floats as one vector, a lane each (LLVM folds this back into the loads that made them)."""
+    vec = ir.Constant(ir.VectorType(ir.FloatType(), len(values)), ir.Undefined)
     for j, v in enumerate(values):
         vec = kb.b.insert_element(vec, v, kb.i32(j))
     return vec
@@ -416,14 +416,6 @@ def transpose_rows(kb: KernelBuilder, rows: list[ir.Value]) -> list[ir.Value]:
         return halves[0]
     return [kb.b.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 16), list(range(16))))
             for lo, hi in zip(*halves)]
-
-
-def gather_lanes(kb: KernelBuilder, values: list[ir.Value]) -> ir.Value:
-    """Floats as one vector, a lane each."""
-    vec = ir.Constant(ir.VectorType(ir.FloatType(), len(values)), ir.Undefined)
-    for j, v in enumerate(values):
-        vec = kb.b.insert_element(vec, v, kb.i32(j))
-    return vec
 
 
 def sliced_dots(kb: KernelBuilder, slices: list[ir.Value], xs: list[list[ir.Value]]) -> list[ir.Value]:

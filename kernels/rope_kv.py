@@ -37,6 +37,10 @@ class RopeKVWrite(Kernel):
     interleaved: bool = False  # GPT-J's pairs (2j, 2j + 1) (Cohere) instead of (j, j + rot_half)
     cache: DType | None = None  # the KV cache's dtype (K and V rounded to it); None: act
 
+    @property
+    def kv(self) -> DType:
+        return self.cache or self.act
+
     def params(self) -> list[Param]:
         names = ("qkv", "positions", "cos_sin", "slots", "k_cache", "v_cache", "q_out")
         if self.qk_norm:
@@ -115,15 +119,14 @@ class RopeKVWrite(Kernel):
                      lambda col, v: kb.store(kb["q_out"], b.add(q_row, kb.wide(col)), v, self.act), "q_norm_w")
         slot = kb.load(kb["slots"], t, DType.I32)
         kv_width = self.n_kv_heads * self.head_dim
-        cache = self.cache or self.act
         with kb.when(b.icmp_signed(">=", slot, kb.i32(0))):
             dst = row_offset(kb, slot, kv_width)
             self._rotate(kb, self.n_kv_heads, self.k_offset,
-                         lambda col, v: kb.store(kb["k_cache"], b.add(dst, kb.wide(col)), v, cache), "k_norm_w")
+                         lambda col, v: kb.store(kb["k_cache"], b.add(dst, kb.wide(col)), v, self.kv), "k_norm_w")
             src = row_offset(kb, t, self.qkv_cols)
             with kb.lane_loop(kv_width) as i:
                 v = kb.load(kb["qkv"], b.add(src, kb.wide(b.add(i, kb.i32(self.v_offset)))), self.act)
-                kb.store(kb["v_cache"], b.add(dst, kb.wide(i)), v, cache)
+                kb.store(kb["v_cache"], b.add(dst, kb.wide(i)), v, self.kv)
 
 
 def cos_sin_table(inv_freq, max_positions: int, scale: float = 1.0):
