@@ -27,8 +27,8 @@ def _label(r) -> str:
 
 @click.command("bench")
 @engine_options("model", "dtype", "quantization", "load_format", "device", "executor", "max_num_seqs", "max_num_batched_tokens",
-                "max_model_len", "block_size", "kv_cache_dtype", "kv_cache_gb", "num_kv_blocks", "gpu_memory_utilization",
-                "enable_prefix_caching", "enforce_eager", "crossover", "int8_activations", "seed", max_num_seqs=None)
+                "max_model_len", "block_size", "kv_cache_dtype", "kv_cache_gb", "num_kv_blocks",
+                "gpu_memory_utilization", "enable_prefix_caching", "enforce_eager", "crossover", "int8_activations", "seed", max_num_seqs=None)
 @click.option("--n", "levels", default="1,8,32", show_default=True, callback=lambda c, p, v: _levels(v),
               help="Concurrency levels (requests in flight), comma-separated.")
 @click.option("--num-prompts", type=click.IntRange(min=1), default=None, help="Requests per level [default: N].")

@@ -42,8 +42,8 @@ def cli(log_level: str) -> None:
 
 
 @cli.command()
-@engine_options("model", "dtype", "quantization", "load_format", "device", "executor", "max_model_len", "kv_cache_dtype",
-                "int8_activations")
+@engine_options("model", "dtype", "quantization", "load_format", "device", "executor", "max_model_len",
+                "kv_cache_dtype", "int8_activations")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeatable).")
 @click.option("--chat", is_flag=True, help="Wrap each prompt as a user message in the chat template.")
 @click.option("--max-tokens", default=64, show_default=True, type=click.IntRange(min=1))

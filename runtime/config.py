@@ -152,7 +152,7 @@ class EngineConfig:
                                  f"parallelism yet); use 1")
         if self.kv_cache_dtype.startswith("fp8"):
             raise InputError(f"--kv-cache-dtype {self.kv_cache_dtype}: fusec's attention kernels read a 16- or 32-bit "
-                             f"KV cache only (auto, float16, bfloat16)")
+                             f"KV cache only (auto, float16, bfloat16, float32)")
         if self.max_logprobs > MAX_TOP_LOGPROBS or self.max_logprobs < 0:
             raise InputError(f"max_logprobs must be in [0, {MAX_TOP_LOGPROBS}] (the sampler's top-logprobs width)")
         # the files and JSON the flags name, before any model loads
