@@ -37,7 +37,7 @@ def autotune_cmd(max_tokens: int, gemm_m: list[int], max_algos: int, repeats: in
 
     kind = resolve_device(options["device"])
     m = load_model(options["model"], dtype=options["dtype"], load_format=options["load_format"], device=kind,
-                   quantization=options["quantization"])
+                   quantization=options["quantization"], int8_bands=EngineConfig().int8_dots(kind))
     context = 64
     block_size = 16
     # graphs would fix each batch's plan: eager steps

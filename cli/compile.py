@@ -12,18 +12,24 @@ from fusec.fusion.dtypes import DType
 from fusec.runtime.config import EngineConfig, engine_options
 
 
-def model_kernels(model, target, max_positions: int, block_size: int, kv_dtype: DType | None = None
-                  ) -> tuple[dict, list]:
+def model_kernels(model, target, max_positions: int, block_size: int, kv_dtype: DType | None = None,
+                  int8_activations: bool | None = None) -> tuple[dict, list]:
     """A model's plans for a target, as a device of that target runs them (the same
-    plan options), and the distinct kernels serving it needs: the plans', the
-    sampler's, the host GEMMs' weight decoders, and (on a GPU) the dummy-weight fill."""
-    from fusec.fusion.plan import build_plans
+    plan options, the same weight layout), and the distinct kernels serving it needs: the
+    plans', the sampler's, the host GEMMs' weight decoders, and (on a GPU) the
+    dummy-weight fill."""
+    import dataclasses
+
+    from fusec.fusion.plan import build_plans, int8_dots_on
     from fusec.kernels.random import FillRandom
     from fusec.kernels.registry import default_registry
+    from fusec.models.loader import with_int8_bands
     from fusec.runtime.device import plan_options
     from fusec.runtime.sampler import KernelSampler
 
-    options = plan_options(target, max_positions, gpu_shapes=target.is_gpu)
+    options = dataclasses.replace(plan_options(target, max_positions, gpu_shapes=target.is_gpu),
+                                  int8_activations=int8_activations)
+    model = with_int8_bands(model, int8_dots_on(options))
     plans = build_plans(model.graph(block_size, max_positions, kv_dtype), default_registry(), options)
     kernels = [k for plan in plans.values() for k in plan.kernels()]
     kernels += KernelSampler.kernel_specs(model.config.vocab_size)
@@ -40,7 +46,7 @@ def model_kernels(model, target, max_positions: int, block_size: int, kv_dtype: 
 
 
 @click.command("compile")
-@engine_options("model", "dtype", "quantization", "max_model_len", "block_size", "kv_cache_dtype")
+@engine_options("model", "dtype", "quantization", "max_model_len", "block_size", "kv_cache_dtype", "int8_activations")
 @click.option("--arch", default="sm_90", show_default=True, type=click.Choice(["sm_80", "sm_90", "host"]),
               help="host: what `serve --device cpu` runs; sm_*: what `serve --device cuda` runs on that GPU.")
 @click.option("--explain", is_flag=True, help="Per layer: the unfused ops, the matched patterns, the launches.")
@@ -63,7 +69,8 @@ def compile_cmd(arch: str, explain: bool, emit_dir: Path | None, **options) -> N
     max_model_len = config.resolved_max_model_len(m.config.max_position_embeddings)
     t0 = time.perf_counter()
     try:
-        plans, kernels = model_kernels(m, target, max_model_len, config.block_size, config.kv_dtype())
+        plans, kernels = model_kernels(m, target, max_model_len, config.block_size, config.kv_dtype(),
+                                       config.int8_activations if not target.is_gpu else None)
     except ValueError as e:  # e.g. an op no kernel covers on a GPU target
         raise FusecError(f"cannot compile {m.name} for {arch}: {e}") from None
     t_plan = time.perf_counter() - t0

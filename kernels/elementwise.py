@@ -8,7 +8,7 @@ from typing import Mapping
 from fusec.fusion.codegen.builder import KernelBuilder, Param
 from fusec.fusion.dtypes import DType
 from fusec.kernels.base import GATES, Kernel, gelu, round_to, row_offset, softcap
-from fusec.kernels.quant import FORMATS, GROUP, HALF, group_values
+from fusec.kernels.quant import FORMATS, GROUP, HALF, row_group_values
 
 
 class RowKernel(Kernel):
@@ -77,9 +77,8 @@ class Embed(RowKernel):
 
     def _decode_row(self, kb: KernelBuilder, row, dst) -> None:
         b, fmt = kb.b, FORMATS[self.table_format]
-        src = row_offset(kb, row, fmt.row_bytes(self.cols))
         with kb.lane_loop(self.cols // GROUP) as g:
-            halves = group_values(kb, fmt, kb["table"], src, g)
+            halves = row_group_values(kb, fmt, kb["table"], row, self.cols, g)
             first = b.add(dst, b.mul(kb.wide(g), kb.i64(GROUP)))
             for h, half in enumerate(halves):
                 for j in range(HALF):

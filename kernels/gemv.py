@@ -38,13 +38,12 @@ hardware prefetcher follows a tile's 8 interleaved row streams poorly.
 Host `int8_dots` (q8_0 / q4_0 / q4_1 weights, CPUs with AVX-512 VNNI): the tile's
 prologue rows are also quantized per group of 32 into two int8 vectors (llama.cpp's q8_0
 activations and their rounding error: kernels/quant.py), dotted with the weights' bytes
-by VNNI instructions instead of decoding the weights to floats. A one-token tile (decode
-at N=1) takes a row at a time, two vpdpbusd a group (bench/results/cpu-int8-dots-2026-12-04.md);
-taller tiles take 16 weight rows at a time, transposed in registers so the rows sit in
-the lanes: one vpdpbusd then takes 4 bytes of a token against 16 rows, and a group's
-scales multiply 16 rows at once (with the rows along the vector the per-group scaling
-cost more than the float FMAs it saved). Per token, at two vpdpbusd a weight byte (qx and
-qr), that is up to twice the float FMAs' rate.
+by VNNI instructions instead of decoding the weights to floats. Weights in a banded form
+(q4_1x16 ..: 16 rows' groups stored together, the rows in the lanes) take a band of 16
+rows at a time for any tile height: one vpdpbusd takes 4 bytes of a token against the 16
+rows, and a group's scales multiply the 16 at once; a band is one sequential stream. A
+matrix in its GGUF form (rows not in whole bands; MoE experts) takes one-token tiles a
+row at a time, two vpdpbusd a group, and taller tiles in floats.
 """
 from __future__ import annotations
 
@@ -57,10 +56,10 @@ from llvmlite import ir
 from fusec.fusion.codegen.builder import KernelBuilder, Param
 from fusec.fusion.dtypes import DType
 from fusec.kernels.base import GATES, Kernel, cdiv, gelu, round_to, row_offset
-from fusec.kernels.quant import (F32X8, FINE, FORMATS, GROUP, HALF, I8, I8X32, I32, I32X8, INT8_CHAINS,
-                                 INT8_DOT_FORMATS, INT8_ROWS, ActivationGroup, byte_dot, group_bytes, group_term,
-                                 group_values, hsum, pack, quantize_activations, sliced_dots, splat, transpose_rows,
-                                 zero_vector)
+from fusec.kernels.quant import (BAND, BAND_F32, BAND_I32, F32X8, FINE, FORMATS, GROUP, HALF, I8, I8X32, I32,
+                                 INT8_CHAINS, INT8_DOT_FORMATS, ActivationGroup, band_group, band_group_at, band_start,
+                                 byte_dot, group_bytes, group_term, group_values, hsum, pack, quantize_activations,
+                                 sliced_dots, splat, zero_vector)
 
 LAYER_NORMED = ("layer_norm", "add_layer_norm")  # prologues ending in a LayerNorm (with bias)
 NORMED = ("rms_norm", "add_rms_norm", "rms_norm_add_rms_norm", *LAYER_NORMED)  # ... or in any norm
@@ -80,6 +79,10 @@ HOST_ACCUMULATORS = 16  # 16-wide accumulators a host tile keeps (of 32 AVX-512 
 # 12.6-15.7 ms on two; SmolLM2's Q4_1 step from 7.6-8.6 to 6.6 ms (bench/kernel_profile.py,
 # best of 5 batches, 2026-12-04, a noisier machine than the figures above).
 HOST_PREFETCH_BYTES = 2048
+# A banded matrix is one sequential stream a thread; prefetching 1 KiB ahead of it still
+# helped SmolLM2's Q4_1 decode step (one thread 3.4-3.8 vs 3.5-4.4 ms, four alternated
+# pairs; 2 and 4 KiB within noise of it; bench/kernel_profile.py, 2026-12-05).
+BAND_PREFETCH_BYTES = 1024
 CACHE_LINE = 64
 
 
@@ -103,12 +106,20 @@ class Gemv(Kernel):
     int8_dots: bool = False  # host: int8 activations dotted with the weights' bytes (VNNI)
 
     def __post_init__(self) -> None:
-        if self.int8_dots and self.weight_format not in INT8_DOT_FORMATS:
+        if self.int8_dots and not (self.weight_format in INT8_DOT_FORMATS or self.banded):
             raise ValueError(f"int8 dots read {', '.join(INT8_DOT_FORMATS)} weights, not {self.weight_format}")
+        if self.banded and not (self.int8_dots and self.n % BAND == 0 and self.rows_per_block % BAND == 0):
+            raise ValueError(f"{self.weight_format} weights are read by host int8 dots, {BAND} rows a band "
+                             f"(N = {self.n}, {self.rows_per_block} rows a block)")
         if self.weight_format is not None:
             FORMATS[self.weight_format].row_bytes(self.k)  # whole blocks per row, or ValueError
             if GROUP % self.vec:
                 raise ValueError(f"vec {self.vec} does not divide a group of {GROUP}")
+
+    @property
+    def banded(self) -> bool:
+        """Whether W is in a banded form (kernels/quant.py)."""
+        return self.weight_format is not None and FORMATS[self.weight_format].base is not None
 
     def params(self) -> list[Param]:
         p = ["gu"] if self.prologue in GATES else \
@@ -251,24 +262,24 @@ class Gemv(Kernel):
                 last = b.sub(count, kb.i32(1))
                 tokens = [kb.imin(kb.i32(t), last) for t in range(height)]
                 stored = [b.icmp_signed("<", kb.i32(t), count) for t in range(height)]
-                if height == 1 and self.int8_dots:
+                if self.banded:
+                    self._host_band_tile(kb, t0, tokens, stored, qbuf, sbuf, n0)
+                elif height == 1 and self.int8_dots:
                     self._host_int8_tile(kb, t0, qbuf, sbuf, n0)
-                elif self.int8_dots:
-                    self._host_int8_rows_tile(kb, t0, tokens, stored, qbuf, sbuf, n0)
                 else:
                     self._host_tile(kb, t0, tokens, stored, xbuf, n0)
             low = height
 
     def _int8_buffers(self, kb: KernelBuilder, rows: int) -> tuple:
         """With int8_dots, launch-scoped room for `rows` prologue rows quantized: their two
-        int8 vectors a group (4 bytes to a word) and each group's (dx, sx); else (None, None)."""
+        int8 vectors a group (4 bytes to a word) and each group's (dx / FINE, total); else (None, None)."""
         if not self.int8_dots:
             return None, None
         return kb.launch_local(DType.I32, rows * self.k // 2), kb.launch_local(DType.F32, rows * self.k // GROUP * 2)
 
     def _quantize_row(self, kb: KernelBuilder, xbuf, qbuf, sbuf, t) -> None:
         """Prologue row t of the tile (in xbuf) quantized per group: qx and qr into qbuf
-        (2 K bytes a row), (dx, sx) into sbuf."""
+        (2 K bytes a row), (dx / FINE, total) into sbuf: the dots count in qr's steps."""
         b, groups = kb.b, self.k // GROUP
         with kb.loop(0, groups) as g:
             at = b.add(b.mul(t, kb.i32(self.k)), b.mul(g, kb.i32(GROUP)))
@@ -279,8 +290,8 @@ class Gemv(Kernel):
                 b.store(q, b.gep(qbuf, [kb.wide(b.add(q_at, kb.i32(h * GROUP)))], inbounds=True, source_etype=I8),
                         align=1)
             s_at = b.mul(b.add(b.mul(t, kb.i32(groups)), g), kb.i32(2))
-            kb.store(sbuf, s_at, x.dx, DType.F32)
-            kb.store(sbuf, b.add(s_at, kb.i32(1)), x.sx, DType.F32)
+            kb.store(sbuf, s_at, kb.fmul(x.dx, kb.f32(1.0 / FINE)), DType.F32)
+            kb.store(sbuf, b.add(s_at, kb.i32(1)), x.total, DType.F32)
 
     def _host_int8_tile(self, kb: KernelBuilder, t0, qbuf, sbuf, n0) -> None:
         """A one-token tile's outputs from its int8 row (row 0 of qbuf / sbuf)."""
@@ -292,7 +303,7 @@ class Gemv(Kernel):
             self._store(kb, t0, ns, self._int8_dots(kb, qbuf, sbuf, kb.i32(0), [kb.imin(n, last) for n in ns]))
 
     def _int8_dots(self, kb: KernelBuilder, qbuf, sbuf, x_row, rows: list) -> list:
-        """W[rows] . x for the quantized prologue row x_row: per group d dx / FINE (FINE u . qx
+        """W[rows] . x for the quantized prologue row x_row: per group d (dx / FINE) (FINE u . qx
         + u . qr) + c sx, the byte dots summed in 8-wide float accumulators, the c sx terms in
         scalars."""
         b, fmt = kb.b, FORMATS[self.weight_format]
@@ -307,9 +318,8 @@ class Gemv(Kernel):
             q_at, s_at = b.add(q_row, b.mul(g, kb.i32(2 * GROUP))), b.add(s_row, b.mul(g, kb.i32(2)))
             qx, qr = (b.load(b.gep(qbuf, [kb.wide(b.add(q_at, kb.i32(h)))], inbounds=True, source_etype=I8),
                              typ=I8X32, align=1) for h in (0, GROUP))
-            dx, sx = (kb.load(sbuf, b.add(s_at, kb.i32(j)), DType.F32) for j in (0, 1))
-            x = ActivationGroup(qx, qr, dx, sx)
-            step = kb.fmul(dx, kb.f32(1.0 / FINE))  # byte_dot counts in qr's steps
+            step, total = (kb.load(sbuf, b.add(s_at, kb.i32(j)), DType.F32) for j in (0, 1))
+            x, sx = ActivationGroup(qx, qr, step, total), kb.fmul(step, total)
             ahead = b.add(b.mul(kb.wide(g), kb.i64(fmt.nbytes)), kb.i64(distance))
             for acc, offset, w_row in zip(accs, offsets, w_rows):
                 kb.prefetch(kb["w"], b.add(w_row, ahead))
@@ -318,60 +328,64 @@ class Gemv(Kernel):
                 offset.set(kb.fadd(offset.get(), kb.fmul(group.c, sx)))
         return [kb.fadd(hsum(kb, acc.get()), offset.get()) for acc, offset in zip(accs, offsets)]
 
-    def _host_int8_rows_tile(self, kb: KernelBuilder, t0, tokens: list, stored: list, qbuf, sbuf, n0) -> None:
-        """A taller tile's outputs from its int8 rows, INT8_ROWS weight rows at a time with
-        the rows in the lanes (`_int8_row_dots`)."""
+    def _host_band_tile(self, kb: KernelBuilder, t0, tokens: list, stored: list, qbuf, sbuf, n0) -> None:
+        """The block's outputs for tile rows `tokens` from their int8 rows, a band of
+        weight rows at a time (`_band_dots`)."""
         b = kb.b
-        chunk = math.gcd(INT8_ROWS, self.rows_per_block)
-        last = kb.i32(self.n - 1)
-        with kb.loop(0, kb.imin(kb.i32(self.rows_per_block), b.sub(kb.i32(self.n), n0)), chunk) as c:
-            ns = [b.add(b.add(n0, c), kb.i32(r)) for r in range(INT8_ROWS)]
-            sums = self._int8_row_dots(kb, qbuf, sbuf, tokens, [kb.imin(n, last) for n in ns])
+        with kb.loop(0, kb.imin(kb.i32(self.rows_per_block), b.sub(kb.i32(self.n), n0)), BAND) as c:
+            first = b.add(n0, c)
+            sums = self._band_dots(kb, qbuf, sbuf, tokens, first)
             for t, keep in enumerate(stored):
                 with kb.when(keep):
-                    self._store(kb, b.add(t0, tokens[t]), ns[:chunk],
-                                [b.extract_element(sums[t], kb.i32(r)) for r in range(chunk)])
+                    self._store_band(kb, b.add(t0, tokens[t]), first, sums[t])
 
-    def _int8_row_dots(self, kb: KernelBuilder, qbuf, sbuf, tokens: list, rows: list) -> list:
-        """W[rows] . x_t for INT8_ROWS weight rows and each tile row t: a vector per token,
-        lane r for rows[r]. Each group's bytes of the rows are transposed in registers
-        (lane r of vector j: row r's bytes 4j..4j+3), so one vpdpbusd takes a 4-byte slice
-        of x_t (broadcast) against all the rows, and the group's scales multiply them at
-        once: per token and group 16 vpdpbusd and 6 vector ops for 16 rows, where float
-        activations take 32 16-wide FMAs. The transpose and the decode are shared by the
-        tile's tokens. (SmolLM2's q4_1 gate|up, 8 tokens, one thread: 320 -> 229 us.)"""
+    def _band_dots(self, kb: KernelBuilder, qbuf, sbuf, tokens: list, first) -> list:
+        """W[first:first + BAND] . x_t for each tile row t, a vector each (lane r: row
+        first + r). Per group the band's rows come in a few vector loads with the rows in
+        the lanes (kernels/quant.py's banded forms), so one vpdpbusd takes a 4-byte slice
+        of x_t (broadcast) against all of them and the group's scales multiply them at
+        once: per token and group 16 vpdpbusd and a few vector ops for 16 rows, where
+        float activations take 32 16-wide FMAs."""
         b, fmt = kb.b, FORMATS[self.weight_format]
-        groups = self.k // GROUP
-        row_bytes = fmt.row_bytes(self.k)
-        w_rows = [row_offset(kb, r, row_bytes) for r in rows]
-        distance = self._prefetch_distance(row_bytes, len(rows))
-        lanes = ir.VectorType(ir.FloatType(), len(rows))
-        accs = [kb.var(ir.Constant(lanes, [0.0] * len(rows))) for _ in tokens]
-        words = self.k // 2  # a quantized prologue row in qbuf: qx and qr, 4 bytes to a word
-        fine = splat(kb, ir.Constant(I32, FINE.bit_length() - 1), ir.VectorType(I32, len(rows)))
+        groups, words = self.k // GROUP, self.k // 2  # a quantized row in qbuf: qx and qr, 4 bytes to a word
+        start = band_start(kb, fmt, first, self.k)
+        accs = [kb.var(ir.Constant(BAND_F32, [0.0] * BAND)) for _ in tokens]
+        fine = splat(kb, ir.Constant(I32, FINE.bit_length() - 1), BAND_I32)
         with kb.loop(0, groups) as g:
-            ahead = b.add(b.mul(kb.wide(g), kb.i64(fmt.nbytes)), kb.i64(distance))
-            weights = []
-            for w_row in w_rows:
-                kb.prefetch(kb["w"], b.add(w_row, ahead))
-                weights.append(group_bytes(kb, fmt, kb["w"], w_row, g))
-            slices = transpose_rows(kb, [b.bitcast(w.u, I32X8) for w in weights])
-            d, c = (pack(kb, [getattr(w, name) for w in weights]) for name in ("d", "c"))
-            # 4 tokens at a time, their 8 dependent chains of 8 vpdpbusd interleaved: the
-            # instruction's latency (4 cycles on Zen 4) over its throughput (2 a cycle)
-            for first in range(0, len(tokens), INT8_CHAINS // 2):
-                batch = list(zip(tokens, accs))[first:first + INT8_CHAINS // 2]
+            at = band_group_at(kb, fmt, start, g)
+            for line in range(0, BAND * fmt.nbytes, CACHE_LINE):
+                kb.prefetch(kb["w"], b.add(at, kb.i64(BAND_PREFETCH_BYTES + line)))
+            w = band_group(kb, fmt, kb["w"], at)
+            # 4 tokens at a time, their dots' chains interleaved: vpdpbusd's latency (4
+            # cycles on Zen 4) over its throughput (2 a cycle)
+            for head in range(0, len(tokens), INT8_CHAINS // 2):
+                batch = list(zip(tokens, accs))[head:head + INT8_CHAINS // 2]
                 q_ats = [b.add(b.mul(t, kb.i32(words)), b.mul(g, kb.i32(2 * GROUP // 4))) for t, _ in batch]
                 xs = [[kb.load(qbuf, b.add(q_at, kb.i32(h + j)), DType.I32) for j in range(GROUP // 4)]
                       for q_at in q_ats for h in (0, GROUP // 4)]  # each token's qx, then its qr
-                dots = sliced_dots(kb, slices, xs)
+                dots = sliced_dots(kb, w.words, xs)
                 for (t, acc), x_dot, r_dot in zip(batch, dots[::2], dots[1::2]):
                     s_at = b.mul(b.add(b.mul(t, kb.i32(groups)), g), kb.i32(2))
-                    dx, sx = (kb.load(sbuf, b.add(s_at, kb.i32(j)), DType.F32) for j in (0, 1))
-                    total = b.sitofp(b.add(b.shl(x_dot, fine), r_dot), lanes)
-                    scale = kb.fmul(d, splat(kb, kb.fmul(dx, kb.f32(1.0 / FINE)), lanes))
-                    acc.set(kb.fadd(kb.fadd(acc.get(), kb.fmul(total, scale)), kb.fmul(c, splat(kb, sx, lanes))))
+                    step, total = (kb.load(sbuf, b.add(s_at, kb.i32(j)), DType.F32) for j in (0, 1))
+                    exact = b.add(b.shl(x_dot, fine), r_dot)  # sum(u (FINE qx + qr))
+                    if w.m is None:  # c = zero d: the zero point's share subtracted in integers
+                        exact = b.add(exact, splat(kb, b.mul(b.fptosi(total, I32), kb.i32(w.zero)), BAND_I32))
+                    term = kb.fmul(w.d, kb.fmul(b.sitofp(exact, BAND_F32), splat(kb, step, BAND_F32)))
+                    if w.m is not None:
+                        term = kb.fadd(term, kb.fmul(w.m, splat(kb, kb.fmul(step, total), BAND_F32)))
+                    acc.set(kb.fadd(acc.get(), term))
         return [acc.get() for acc in accs]
+
+    def _store_band(self, kb: KernelBuilder, out_row, first, sums) -> None:
+        """A band's outputs of token row out_row (all below N): one vector store where
+        they need neither rounding nor a bias."""
+        b = kb.b
+        if self.out is not DType.F32 or self.bias:
+            self._store(kb, out_row, [b.add(first, kb.i32(r)) for r in range(BAND)],
+                        [b.extract_element(sums, kb.i32(r)) for r in range(BAND)])
+            return
+        at = b.add(row_offset(kb, out_row, self.n), kb.wide(first))
+        b.store(sums, b.gep(kb["y"], [at], inbounds=True, source_etype=ir.FloatType()), align=4)
 
     @staticmethod
     def _prefetch_distance(row_bytes: int, rows: int) -> int:

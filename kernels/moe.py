@@ -273,6 +273,8 @@ class MoeGemv(Gemv):
         if self.prologue not in ("none", *GATES) or self.bias or self.gather or self.residual_out \
                 or (self.tokens_per_block != 1 and not self.host_tiles) or (self.int8_dots and not self.host_tiles):
             raise ValueError(f"a MoE GEMV's prologue is none or one of {tuple(GATES)}; one token a block on a GPU")
+        if self.banded:
+            raise ValueError(f"expert weights are read in their GGUF form, not {self.weight_format}")
 
     @property
     def out_blocks(self) -> int:

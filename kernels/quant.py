@@ -25,6 +25,15 @@ Layouts (little-endian, llama.cpp's ggml-common.h):
           group g = 4 h + s: low bits (ql[64 h + 32 (s % 2) ..] >> 4 (s // 2)) & 15,
           high bits (qh[32 h ..] >> 2 s) & 3          w = d sc (q - 32)
 The numpy side (quantize, dequantize) is the `gguf` package's own: the tests' oracle.
+
+Banded forms (host only, for int8 dots: q8_0x16, q4_0x16, q4_1x16): the same blocks of
+16 consecutive rows (a *band*) regrouped so a kernel reads a group of all 16 rows with a
+few vector loads, the rows in the lanes (llama.cpp's q4_0x8 repacking, by 16): per band
+and group, 16 * nbytes bytes
+    d[16] (float16), m[16] (q4_1), then the quants as 4-byte words, word j of the 16
+    rows together (64 bytes): q4's packed bytes 4j..4j+3, q8_0's bytes 4j..4j+3 + 128
+so a band is one contiguous stream and each 64-byte word vector is 16 rows' bytes for
+one `vpdpbusd`. A banded matrix has as many bytes as its GGUF form (rows a multiple of 16).
 """
 from __future__ import annotations
 
@@ -48,6 +57,7 @@ class BlockFormat:
     has_min: bool  # w = q * d + m
     block: int = GROUP
     scale_at: tuple[int, ...] = (0,)  # byte offsets of the block's float16 scales (d, m / dmin)
+    base: str | None = None  # a banded form's GGUF format (module docstring)
 
     def row_bytes(self, k: int) -> int:
         if k % self.block:
@@ -55,10 +65,15 @@ class BlockFormat:
         return k // self.block * self.nbytes
 
     @property
+    def gguf_name(self) -> str:
+        """The GGUF format whose blocks this stores."""
+        return self.base or self.name
+
+    @property
     def ggml_type(self):
         from gguf import GGMLQuantizationType
 
-        return GGMLQuantizationType[self.name.upper()]
+        return GGMLQuantizationType[self.gguf_name.upper()]
 
 
 FORMATS = {f.name: f for f in (
@@ -70,8 +85,55 @@ FORMATS = {f.name: f for f in (
     BlockFormat("q4_k", 144, has_min=True, block=256, scale_at=(0, 2)),
     BlockFormat("q5_k", 176, has_min=True, block=256, scale_at=(0, 2)),
     BlockFormat("q6_k", 210, has_min=False, block=256, scale_at=(208,)),
+    BlockFormat("q8_0x16", 34, has_min=False, base="q8_0"),
+    BlockFormat("q4_0x16", 18, has_min=False, base="q4_0"),
+    BlockFormat("q4_1x16", 20, has_min=True, scale_at=(0, 2), base="q4_1"),
 )}
 QUANTIZABLE = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # gguf's numpy quantizer makes these
+BAND = 16  # rows a banded format interleaves
+BANDED = {f.base: f.name for f in FORMATS.values() if f.base}  # GGUF format -> its banded form
+GGUF_FORMATS = tuple(name for name, f in FORMATS.items() if not f.base)  # as files store them (and GPUs read)
+
+
+def bandable(fmt_name: str | None, shape: tuple[int, ...]) -> bool:
+    """Whether a matrix of `shape` in fmt_name has a banded form (rows in whole bands)."""
+    return fmt_name in BANDED and len(shape) == 2 and shape[0] % BAND == 0
+
+
+def _band_view(data: np.ndarray, fmt: BlockFormat) -> tuple[int, int]:
+    """(bytes of scales, bytes of quants) in a block of fmt; ValueError unless data holds whole bands."""
+    if data.ndim != 2 or data.shape[0] % BAND or data.shape[1] % fmt.nbytes:
+        raise ValueError(f"{fmt.name} holds bands of {BAND} rows of whole blocks, not shape {data.shape}")
+    scales = 2 * len(fmt.scale_at)
+    return scales, fmt.nbytes - scales
+
+
+def band(data: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+    """GGUF bytes [N, row_bytes] in fmt.base -> fmt's banded bytes, same shape."""
+    scales, quants = _band_view(data, fmt)
+    n, row_bytes = data.shape
+    blocks = np.ascontiguousarray(data, np.uint8).reshape(n // BAND, BAND, -1, fmt.nbytes).transpose(0, 2, 1, 3)
+    qs = blocks[..., scales:]  # [band, group, row, quants]
+    if fmt.base == "q8_0":
+        qs = qs ^ np.uint8(128)
+    words = qs.reshape(*qs.shape[:3], quants // 4, 4).transpose(0, 1, 3, 2, 4)  # [band, group, word, row, 4]
+    head = blocks[..., :scales].reshape(*blocks.shape[:3], -1, 2).transpose(0, 1, 3, 2, 4)  # [.., scale, row, 2]
+    out = np.concatenate([head.reshape(*head.shape[:2], -1), words.reshape(*words.shape[:2], -1)], axis=-1)
+    return out.reshape(n, row_bytes)
+
+
+def unband(data: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+    """fmt's banded bytes -> the GGUF bytes of fmt.base (band's inverse)."""
+    scales, quants = _band_view(data, fmt)
+    n, row_bytes = data.shape
+    groups = np.ascontiguousarray(data, np.uint8).reshape(n // BAND, row_bytes // fmt.nbytes, BAND * fmt.nbytes)
+    head = groups[..., :BAND * scales].reshape(*groups.shape[:2], -1, BAND, 2).transpose(0, 1, 3, 2, 4)
+    words = groups[..., BAND * scales:].reshape(*groups.shape[:2], quants // 4, BAND, 4).transpose(0, 1, 3, 2, 4)
+    qs = words.reshape(*words.shape[:3], quants)
+    if fmt.base == "q8_0":
+        qs = qs ^ np.uint8(128)
+    blocks = np.concatenate([head.reshape(*head.shape[:3], scales), qs], axis=-1)  # [band, group, row, nbytes]
+    return np.ascontiguousarray(blocks.transpose(0, 2, 1, 3)).reshape(n, row_bytes)
 
 
 def storage_shape(shape: tuple[int, ...], fmt: BlockFormat | None) -> tuple[int, ...]:
@@ -94,18 +156,21 @@ def quantize(w: np.ndarray, fmt: BlockFormat) -> np.ndarray:
     the legacy formats only: gguf has no numpy K-quant quantizer)."""
     from gguf.quants import quantize as gguf_quantize
 
-    if fmt.name not in QUANTIZABLE:
+    if fmt.gguf_name not in QUANTIZABLE:
         raise ValueError(f"cannot quantize to {fmt.name} here; expected one of {', '.join(QUANTIZABLE)}")
     w = np.ascontiguousarray(w, np.float32)
     fmt.row_bytes(w.shape[-1])
-    return gguf_quantize(w, fmt.ggml_type)
+    data = gguf_quantize(w, fmt.ggml_type)
+    return band(data, fmt) if fmt.base else data
 
 
 def dequantize(data: np.ndarray, fmt: BlockFormat) -> np.ndarray:
-    """The GGUF bytes [N, row_bytes] -> float32 [N, K] (gguf's reference decoder)."""
+    """The GGUF bytes [N, row_bytes] -> float32 [N, K] (gguf's reference decoder; a
+    banded form unbanded first)."""
     from gguf.quants import dequantize as gguf_dequantize
 
-    return np.asarray(gguf_dequantize(np.ascontiguousarray(data, np.uint8), fmt.ggml_type), np.float32)
+    data = unband(data, fmt) if fmt.base else np.ascontiguousarray(data, np.uint8)
+    return np.asarray(gguf_dequantize(data, fmt.ggml_type), np.float32)
 
 
 def _load(kb: KernelBuilder, ptr: ir.Value, offset: ir.Value, typ: ir.Type) -> ir.Value:
@@ -268,10 +333,45 @@ def group_quants(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, row: ir.Val
     return _k_group(kb, fmt, ptr, base, b.urem(g, kb.i32(per)))
 
 
+def banded_group(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, r: ir.Value, k: int, g: ir.Value) -> Group:
+    """Group `g` (i32) of row `r` (i32) of a banded [N, k] matrix (one row's bytes of the band)."""
+    b = kb.b
+    lane = b.urem(r, kb.i32(BAND))
+    at = band_group_at(kb, fmt, band_start(kb, fmt, b.sub(r, lane), k), g)
+    scales, quants = 2 * len(fmt.scale_at), fmt.nbytes - 2 * len(fmt.scale_at)
+
+    def scale(offset: int) -> ir.Value:  # the lane's float16 among the band's 16 at `offset`
+        return _f16(kb, ptr, b.add(at, kb.wide(b.add(b.mul(lane, kb.i32(2)), kb.i32(BAND * offset)))))
+    d, m = scale(0), (scale(2) if fmt.has_min else None)
+    words = ir.Constant(ir.VectorType(I32, quants // 4), ir.Undefined)
+    for j in range(quants // 4):
+        word_at = b.add(at, kb.wide(b.add(b.mul(lane, kb.i32(4)), kb.i32(BAND * (scales + 4 * j)))))
+        words = b.insert_element(words, _load(kb, ptr, word_at, I32), kb.i32(j))
+    qs = b.bitcast(words, ir.VectorType(I8, quants))
+    if fmt.gguf_name == "q8_0":
+        qs = b.xor(qs, _bytes(-128))
+        halves = [b.sext(b.shuffle_vector(qs, ir.Constant(qs.type, ir.Undefined), _ints(list(range(h, h + HALF)))),
+                         I32V) for h in (0, HALF)]
+        return Group(halves[0], halves[1], d)
+    packed = b.zext(qs, I32V)
+    return Group(b.and_(packed, _ints(15)), b.lshr(packed, _ints(4)), d, m=m, zero=0 if fmt.has_min else 8)
+
+
+def row_group_values(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, r: ir.Value, k: int, g: ir.Value
+                     ) -> tuple[ir.Value, ir.Value]:
+    """The 32 weights of group `g` of row `r` (i32) of a [N, k] matrix in fmt, decoded."""
+    if fmt.base:
+        return _values(kb, banded_group(kb, fmt, ptr, r, k, g))
+    return group_values(kb, fmt, ptr, kb.b.mul(kb.wide(r), kb.i64(fmt.row_bytes(k))), g)
+
+
 def group_values(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, row: ir.Value, g: ir.Value
                  ) -> tuple[ir.Value, ir.Value]:
-    """The 32 weights of group `g` of a row, decoded: two vectors of 16 floats."""
-    q = group_quants(kb, fmt, ptr, row, g)
+    """The 32 weights of group `g` of a row (starting at byte `row`), decoded: two vectors of 16 floats."""
+    return _values(kb, group_quants(kb, fmt, ptr, row, g))
+
+
+def _values(kb: KernelBuilder, q: Group) -> tuple[ir.Value, ir.Value]:
     q_lo, q_hi = q.floats(kb)
     values = [kb.fmul(splat(kb, d, F32V), v) for d, v in ((q.d, q_lo), (q.d_hi or q.d, q_hi))]
     if q.m is not None:
@@ -343,12 +443,13 @@ def group_bytes(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, row: ir.Valu
 
 @dataclass
 class ActivationGroup:
-    """32 activations quantized: x ~ dx * (qx + qr / FINE); sx the sum of that."""
+    """32 activations quantized: x ~ dx * (qx + qr / FINE); total = FINE sum(qx) + sum(qr)
+    (a float holding an integer exactly: |total| < 2**21), so sum(x) ~ dx / FINE * total."""
 
     qx: ir.Value  # <32 x i8>
     qr: ir.Value  # <32 x i8>
     dx: ir.Value
-    sx: ir.Value
+    total: ir.Value
 
 
 def quantize_activations(kb: KernelBuilder, x_lo: ir.Value, x_hi: ir.Value) -> ActivationGroup:
@@ -372,8 +473,7 @@ def quantize_activations(kb: KernelBuilder, x_lo: ir.Value, x_hi: ir.Value) -> A
     qr = nearest(b.fmul(rest, splat(kb, b.fmul(inverse, kb.f32(float(FINE))), f32x32)))
     total = b.add(b.mul(kb.intrinsic("llvm.vector.reduce.add.v32i32", [qx], I32), kb.i32(FINE)),
                   kb.intrinsic("llvm.vector.reduce.add.v32i32", [qr], I32))
-    sx = b.fmul(b.fdiv(dx, kb.f32(float(FINE))), b.sitofp(total, ir.FloatType()))
-    return ActivationGroup(b.trunc(qx, I8X32), b.trunc(qr, I8X32), dx, sx)
+    return ActivationGroup(b.trunc(qx, I8X32), b.trunc(qr, I8X32), dx, b.sitofp(total, ir.FloatType()))
 
 
 def byte_dot(kb: KernelBuilder, u: ir.Value, x: ActivationGroup) -> ir.Value:
@@ -387,47 +487,72 @@ def byte_dot(kb: KernelBuilder, u: ir.Value, x: ActivationGroup) -> ir.Value:
     return b.sitofp(b.add(b.shl(dot(x.qx), fine), dot(x.qr)), F32X8)
 
 
-INT8_ROWS = 16  # weight rows a taller tile's int8 dots take together, one a lane of an <16 x i32>
-INT8_CHAINS = 8  # vpdpbusd chains in flight: its latency (4 cycles on Zen 4) x its throughput (2 a cycle)
+def band_start(kb: KernelBuilder, fmt: BlockFormat, first_row: ir.Value, k: int) -> ir.Value:
+    """The byte (i64) where the band whose first row is first_row (i32, a multiple of BAND) starts."""
+    return kb.b.mul(kb.wide(first_row), kb.i64(fmt.row_bytes(k)))
 
 
-def transpose8(kb: KernelBuilder, rows: list[ir.Value]) -> list[ir.Value]:
-    """8 vectors <8 x i32> transposed: lane r of result j is lane j of rows[r] (AVX2's
-    three-stage unpack / unpack / permute, 24 one-uop shuffles)."""
+def band_group_at(kb: KernelBuilder, fmt: BlockFormat, start: ir.Value, g: ir.Value) -> ir.Value:
+    """The byte (i64) where group g (i32) of the band at `start` starts."""
+    return kb.b.add(start, kb.b.mul(kb.wide(g), kb.i64(BAND * fmt.nbytes)))
+
+
+BAND_F32, BAND_I32 = ir.VectorType(ir.FloatType(), BAND), ir.VectorType(I32, BAND)
+
+
+@dataclass
+class BandGroup:
+    """A group of a band's 16 rows, a row a lane: w = d * u + c."""
+
+    words: list[ir.Value]  # 8 <16 x i32>: word j holds each row's unsigned bytes 4j..4j+3 of the group
+    d: ir.Value  # <16 x float>
+    m: ir.Value | None  # <16 x float> (q4_1), else c = zero * d
+    zero: int  # c's multiple of d where there is no m: q8_0's -128, q4_0's -8
+
+
+def band_group(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, at: ir.Value) -> BandGroup:
+    """The band group at byte `at` (band_group_at) of a banded format: its scales with
+    one vector load each, its quants with four (q4: each word's low nibbles are bytes
+    4j..4j+3, high nibbles bytes 16 + 4j..) or eight (q8_0) 64-byte loads."""
     b = kb.b
+    half16 = ir.VectorType(ir.HalfType(), BAND)
+    scales = 2 * len(fmt.scale_at)
 
-    def mix(x: ir.Value, y: ir.Value, lanes: list[int]) -> ir.Value:
-        return b.shuffle_vector(x, y, ir.Constant(I32X8, lanes))
-    lo32, hi32 = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
-    lo64, hi64 = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
-    low128, high128 = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
-    pairs = [mix(rows[i], rows[i + 1], m) for i in range(0, 8, 2) for m in (lo32, hi32)]  # rows 0, 1 lo / hi; 2, 3 ..
-    quads = []  # lanes j, j + 4 of rows 0..3 (quads[j]) and of rows 4..7 (quads[4 + j])
-    for t in (pairs[:4], pairs[4:]):
-        quads += [mix(t[0], t[2], lo64), mix(t[0], t[2], hi64), mix(t[1], t[3], lo64), mix(t[1], t[3], hi64)]
-    return [mix(quads[j % 4], quads[4 + j % 4], low128 if j < 4 else high128) for j in range(8)]
+    def load(offset: int, typ: ir.Type) -> ir.Value:
+        return b.load(b.gep(ptr, [b.add(at, kb.i64(offset))], inbounds=True, source_etype=I8), typ=typ, align=2)
+    d = b.fpext(load(0, half16), BAND_F32)
+    m = b.fpext(load(2 * BAND, half16), BAND_F32) if fmt.has_min else None
+    raw = [load(BAND * (scales + 4 * j), BAND_I32) for j in range((fmt.nbytes - scales) // 4)]
+    if fmt.gguf_name == "q8_0":
+        return BandGroup(raw, d, None, -128)
+    nibbles = splat(kb, ir.Constant(I32, 0x0F0F0F0F), BAND_I32)
+    four = splat(kb, ir.Constant(I32, 4), BAND_I32)
+    words = [b.and_(w, nibbles) for w in raw] + [b.and_(b.lshr(w, four), nibbles) for w in raw]
+    return BandGroup(words, d, m, 0 if fmt.has_min else -8)
 
 
-def transpose_rows(kb: KernelBuilder, rows: list[ir.Value]) -> list[ir.Value]:
-    """len(rows) (8 or 16) vectors <8 x i32> as 8 vectors of len(rows) lanes: lane r of
-    result j is lane j of rows[r]."""
-    halves = [transpose8(kb, rows[h:h + 8]) for h in range(0, len(rows), 8)]
-    if len(halves) == 1:
-        return halves[0]
-    return [kb.b.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 16), list(range(16))))
-            for lo, hi in zip(*halves)]
+INT8_CHAINS = 8  # vpdpbusd chains in flight: its latency (4 cycles on Zen 4) x its throughput (2 a cycle)
 
 
 def sliced_dots(kb: KernelBuilder, slices: list[ir.Value], xs: list[list[ir.Value]]) -> list[ir.Value]:
     """For each x of xs, sum_j slices[j] . x[j] in each lane: slices[j] holds 4 unsigned
-    bytes a lane, x[j] 4 signed bytes (an i32) for all lanes: one vpdpbusd each, the dots'
-    chains interleaved."""
+    bytes a lane, x[j] 4 signed bytes (an i32) for all lanes: one vpdpbusd each. The dots'
+    chains are interleaved, and with fewer than INT8_CHAINS dots each is split into
+    several chains summed at the end."""
     typ = slices[0].type
-    accs = [ir.Constant(typ, [0] * typ.count) for _ in xs]
+    ways = max(1, min(len(slices), INT8_CHAINS // len(xs)))
+    accs = [[ir.Constant(typ, [0] * typ.count)] * ways for _ in xs]
     for j, s in enumerate(slices):
-        accs = [kb.intrinsic(f"llvm.x86.avx512.vpdpbusd.{32 * typ.count}", [acc, s, splat(kb, x[j], typ)], typ)
-                for acc, x in zip(accs, xs)]
-    return accs
+        for acc, x in zip(accs, xs):
+            acc[j % ways] = kb.intrinsic(f"llvm.x86.avx512.vpdpbusd.{32 * typ.count}",
+                                         [acc[j % ways], s, splat(kb, x[j], typ)], typ)
+    sums = []
+    for acc in accs:
+        total = acc[0]
+        for part in acc[1:]:
+            total = kb.b.add(total, part)
+        sums.append(total)
+    return sums
 
 
 def quantize_activations_reference(x: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from fusec.kernels.attention import PagedAttention, heads_per_block
 from fusec.kernels.base import cdiv
 from fusec.kernels.elementwise import Add, AddRmsNorm, BiasAdd, Embed, GatherRows, SiluMul, Unary
 from fusec.kernels.gemv import Gemv, vector_width
-from fusec.kernels.quant import INT8_DOT_FORMATS
+from fusec.kernels.quant import FORMATS, INT8_DOT_FORMATS
 from fusec.kernels.rope_kv import RopeKVWrite, cos_sin_table
 
 
@@ -127,8 +127,15 @@ def lower_gemv(m: Match, ctx: LowerContext) -> Launch:
                   rows_per_block=rows, weight_format=m.graph.node(mm.inputs[1]).format,
                   tokens_per_block=1 if ctx.target.is_gpu else HOST_TOKENS_PER_BLOCK,
                   vec=vector_width(k, act, weight) if ctx.gpu_shapes else 1,
-                  int8_dots=ctx.int8_activations and m.graph.node(mm.inputs[1]).format in INT8_DOT_FORMATS)
+                  int8_dots=_int8_dots(ctx, m.graph.node(mm.inputs[1]).format))
     return ctx.kernel_launch(m, kernel, args, tuple(outputs), {"num_rows": _rows(out)})
+
+
+def _int8_dots(ctx: LowerContext, weight_format: str | None) -> bool:
+    """Whether a GEMV over weights in weight_format takes int8 activations: a banded form
+    always (its only reader), a GGUF one where the plan quantizes activations."""
+    banded = weight_format is not None and FORMATS[weight_format].base is not None
+    return banded or (ctx.int8_activations and weight_format in INT8_DOT_FORMATS)
 
 
 ADD = PNode("add", "add")

@@ -32,7 +32,7 @@ def random_blocks(rng: np.random.Generator, rows: int, k: int, fmt: BlockFormat,
     """Test weights in `fmt` with roughly standard deviation `std`: gguf's quantizer where
     it has one, else random bytes (every quant and sub-scale value occurs) with the float16
     scales set so that the weights come out near `std`."""
-    if fmt.name in QUANTIZABLE:
+    if fmt.gguf_name in QUANTIZABLE:
         return quantize(rng.standard_normal((rows, k)).astype(np.float32) * std, fmt)
     data = rng.integers(0, 256, (rows, k // fmt.block, fmt.nbytes), dtype=np.uint8)
     # typical |sc * q| is ~ 32 * 8 for q4_k / q5_k (x2 for q5) and ~ 64 * 16 for q6_k

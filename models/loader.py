@@ -26,8 +26,9 @@ from fusec.models.families import builder, weight_shapes
 from fusec.models.rope import attention_factor, inv_freq
 from fusec.models.safetensors_file import SafetensorsFile
 from fusec.models.tokenizer import Tokenizer
-from fusec.models.weights import (DummyWeights, gguf_names, hf_fixup, hf_names, load_weights,
-                                  unpermute_llama_gguf, weight_formats, weight_nbytes)
+from fusec.kernels.quant import FORMATS, band, unband
+from fusec.models.weights import (DummyWeights, banded_formats, gguf_names, hf_fixup, hf_names, load_weights,
+                                  unbanded_formats, unpermute_llama_gguf, weight_formats, weight_nbytes)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,41 @@ class Model:
     def weight_bytes(self) -> dict[str, int]:
         """Each weight's bytes in its run form (a block format's, else weight_dtype's)."""
         return weight_nbytes(self.config, self.weight_dtype, self.formats)
+
+
+class RelaidWeights(Mapping[str, np.ndarray]):
+    """Another model's weights with some block-format matrices in another layout (banded
+    or GGUF form: kernels/quant.py), converted on first access."""
+
+    def __init__(self, weights: Mapping[str, np.ndarray], changed: Mapping[str, tuple[str, str]]) -> None:
+        self.source, self.changed = weights, dict(changed)  # name -> (its format there, here)
+        self._done: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.changed:
+            return self.source[name]
+        if name not in self._done:
+            old, new = (FORMATS[f] for f in self.changed[name])
+            data = self.source[name]
+            self._done[name] = band(data, new) if new.base else unband(data, old)
+        return self._done[name]
+
+    def __iter__(self):
+        return iter(self.source)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
+def with_int8_bands(model: Model, bands: bool) -> Model:
+    """The model with its q8_0 / q4_0 / q4_1 matrices banded (what the host's int8 dots
+    read: kernels/quant.py) or, with bands False, all in GGUF form; the model itself where
+    nothing changes. load_model(int8_bands=...) lays them out so as it reads them."""
+    formats = banded_formats(model.config, model.formats) if bands else unbanded_formats(model.formats)
+    changed = {name: (model.formats[name], f) for name, f in formats.items() if model.formats[name] != f}
+    if not changed:
+        return model
+    return dataclasses.replace(model, weights=RelaidWeights(model.weights, changed), formats=formats)
 
 
 def default_model_path() -> Path:
@@ -125,11 +161,11 @@ def run_dtypes(chosen: DType | None, device: str, checkpoint_dtype: object) -> t
 
 def load_model(model: str | None = None, dtype: str = "auto", load_format: str = "auto",
                seed: int = 0, with_weights: bool = True, device: str = "cpu",
-               quantization: str = "auto") -> Model:
+               quantization: str = "auto", int8_bands: bool = False) -> Model:
     """Load a model for a device kind ("cpu" or "cuda"; it decides what dtype "auto"
     means, and block-quantized weights run natively on the CPU only). Without weights
     (for compiling) only the config, rope frequencies, tokenizer and the weights' formats
-    are read."""
+    are read. int8_bands: the matrices host int8 dots read are banded as they are read."""
     if load_format not in LOAD_FORMATS:
         raise ModelLoadError(f"unknown load format {load_format!r}; expected one of {', '.join(LOAD_FORMATS)}")
     if quantization not in QUANTIZATIONS:
@@ -154,14 +190,15 @@ def load_model(model: str | None = None, dtype: str = "auto", load_format: str =
         if quantize_to:
             raise ModelLoadError(f"{path}: a GGUF file runs in its own types (--quantization auto) or dequantized "
                                  f"(none); --quantization {quantize_to} is for HF checkpoints")
-        return _load_gguf(path, name, *run_dtypes(dt, device, None), load_format, seed, with_weights, native)
+        return _load_gguf(path, name, *run_dtypes(dt, device, None), load_format, seed, with_weights, native,
+                          int8_bands)
     if load_format == "gguf":
         raise ModelLoadError(f"{path}: --load-format gguf needs a .gguf file")
-    return _load_hf_dir(path, name, dt, device, load_format, seed, with_weights, quantize_to)
+    return _load_hf_dir(path, name, dt, device, load_format, seed, with_weights, quantize_to, int8_bands)
 
 
 def _load_hf_dir(path: Path, name: str, dtype: DType | None, device: str, load_format: str, seed: int,
-                 with_weights: bool, quantize_to: str | None) -> Model:
+                 with_weights: bool, quantize_to: str | None, int8_bands: bool) -> Model:
     try:
         raw = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
@@ -172,6 +209,7 @@ def _load_hf_dir(path: Path, name: str, dtype: DType | None, device: str, load_f
     dtype, weight_dtype = run_dtypes(dtype, device, raw.get("torch_dtype") or raw.get("dtype"))
     tokenizer = Tokenizer.from_hf_dir(path) if (path / "tokenizer.json").exists() else None
     formats = weight_formats(config, None, hf_names, native=False, quantize_to=quantize_to)
+    formats = banded_formats(config, formats) if int8_bands else formats
     if not with_weights:
         weights = {}
     elif load_format == "dummy":
@@ -188,7 +226,7 @@ def _load_hf_dir(path: Path, name: str, dtype: DType | None, device: str, load_f
 
 
 def _load_gguf(path: Path, name: str, dtype: DType, weight_dtype: DType, load_format: str, seed: int,
-               with_weights: bool, native: bool) -> Model:
+               with_weights: bool, native: bool, int8_bands: bool) -> Model:
     f = GGUFFile(path)
     names = f.names()
     config = config_from_gguf(f.metadata, names, str(path))
@@ -199,6 +237,7 @@ def _load_gguf(path: Path, name: str, dtype: DType, weight_dtype: DType, load_fo
             **config.rope_scaling, "short_factor": f.get_f32("rope_factors_short.weight").tolist(),
             "long_factor": f.get_f32("rope_factors_long.weight").tolist()})
     formats = weight_formats(config, f, gguf_names, native=native, quantize_to=None)
+    formats = banded_formats(config, formats) if int8_bands else formats
     if not with_weights:
         weights = {}
     elif load_format == "dummy":

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from fusec.errors import ModelLoadError
 from fusec.fusion.dtypes import DType, to_storage
-from fusec.kernels.quant import FORMATS, BlockFormat, quantize, storage_shape
+from fusec.kernels.quant import BANDED, FORMATS, BlockFormat, band, bandable, quantize, storage_shape
 from fusec.kernels.random import fill_random_reference, weight_fill
 from fusec.models.config import ModelConfig
 from fusec.models.families import weight_shapes
@@ -336,6 +336,18 @@ def weight_formats(cfg: ModelConfig, source: TensorSource | None, naming: Naming
     return formats
 
 
+def banded_formats(cfg: ModelConfig, formats: Mapping[str, str]) -> dict[str, str]:
+    """formats with every matrix that has a banded form (kernels/quant.py: rows in whole
+    bands of a q8_0 / q4_0 / q4_1 matrix) in it: the layout the host's int8 dots read."""
+    shapes = weight_shapes(cfg)
+    return {name: BANDED[f] if bandable(f, shapes[name]) else f for name, f in formats.items()}
+
+
+def unbanded_formats(formats: Mapping[str, str]) -> dict[str, str]:
+    """formats with each banded form back in its GGUF format."""
+    return {name: FORMATS[f].gguf_name for name, f in formats.items()}
+
+
 UNALIGNED = "unaligned"  # a column cut of a block-format tensor that splits blocks
 
 
@@ -363,18 +375,20 @@ def load_weights(cfg: ModelConfig, source: TensorSource, available: set[str], na
             weights[name] = to_storage(np.zeros(shapes[name], np.float32), dtype)
             continue
         fmt = FORMATS[formats[name]] if name in formats else None
-        stored = fmt is not None and all(_stored_format(source, src) == fmt.name for src in sources)
+        # a banded form is read in its GGUF format's blocks, banded once whole
+        stored = FORMATS[fmt.gguf_name] if fmt is not None and all(
+            _stored_format(source, src) == fmt.gguf_name for src in sources) else None
         parts, read = [], {}  # read: each tensor once, however many parts it gives
         for src in sources:
             base = source_name(src)
             if base not in read:
                 t = source.get_blocks(base) if stored else source.get_f32(base)  # type: ignore[attr-defined]
-                _check_finite(base, t, fmt if stored else None)
+                _check_finite(base, t, stored)
                 read[base] = fixup(cfg, base, t) if fixup else t
-            parts.append(src.cut(read[base], fmt if stored else None) if isinstance(src, Part) else read[base])
+            parts.append(src.cut(read[base], stored) if isinstance(src, Part) else read[base])
         w = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         if stored:
-            weights[name] = w
+            weights[name] = band(w, fmt) if fmt.base else w
         elif fmt is not None:
             weights[name] = quantize(w, fmt)
         else:

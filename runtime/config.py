@@ -12,7 +12,9 @@ from typing import Any, Callable, Mapping
 import click
 
 from fusec.errors import InputError
+from fusec.fusion.codegen.target import HOST
 from fusec.fusion.dtypes import DType
+from fusec.fusion.plan import has_int8_dots
 from fusec.models.chat_template import load_chat_template
 from fusec.models.generation_config import check_generation_config
 from fusec.models.tokenizer import tokenizer_file
@@ -181,6 +183,13 @@ class EngineConfig:
     def kv_dtype(self) -> DType | None:
         """The KV cache's dtype; None: the activations' (auto)."""
         return KV_DTYPES.get(self.kv_cache_dtype)
+
+    def int8_dots(self, device_kind: str) -> bool:
+        """Whether the host GEMVs of an engine on device_kind take int8 activations
+        (--int8-activations; auto: on CPUs with AVX-512 VNNI)."""
+        if device_kind != "cpu":
+            return False
+        return has_int8_dots(HOST) if self.int8_activations is None else self.int8_activations
 
     def resolved_max_num_batched_tokens(self, max_model_len: int) -> int:
         """The step's token budget: --max-num-batched-tokens, else 1024, or (prompts not

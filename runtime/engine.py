@@ -83,8 +83,8 @@ class LLMEngine:
             kind = device.kind if device is not None else resolve_device(config.device)
         self.device = kind
         self.model = model or load_model(config.model, dtype=config.dtype, load_format=config.load_format,
-                                         quantization=config.quantization,
-                                         seed=config.seed, device=kind)
+                                         quantization=config.quantization, seed=config.seed, device=kind,
+                                         int8_bands=config.executor != "reference" and config.int8_dots(kind))
         cfg = self.model.config
         self.tokenizer = self._tokenizer(config)
         # what a request that leaves a sampling field unset gets (--generation-config)

@@ -11,9 +11,9 @@ import numpy as np
 
 from fusec.errors import InputError
 from fusec.fusion.dtypes import DType, from_storage
-from fusec.fusion.plan import has_int8_dots
+from fusec.fusion.plan import has_int8_dots, int8_dots_on
 from fusec.models.llama import HIDDEN_ROWS
-from fusec.models.loader import Model
+from fusec.models.loader import Model, with_int8_bands
 from fusec.runtime.config import EngineConfig
 from fusec.runtime.device import Device
 from fusec.runtime.executor import PlanExecutor, ReferenceExecutor
@@ -80,11 +80,9 @@ class ModelRunner:
         self.device = device
         self.vocab = model.config.vocab_size
         self.max_sample_rows = max(1, config.max_num_seqs)
-        graph = model.graph(config.block_size, max_model_len, config.kv_dtype())
-        (self.logits_name,) = graph.outputs
-        self.hidden_dtype = graph.node(HIDDEN_ROWS).type.dtype
         memory: MemoryUse | None = None
         if device is None:
+            graph = model.graph(config.block_size, max_model_len, config.kv_dtype())
             self.executor: PlanExecutor | ReferenceExecutor = ReferenceExecutor(graph, model.weights, (HIDDEN_ROWS,))
             self.sampler = None  # the reference samples with the kernels' numpy oracle
         else:
@@ -102,6 +100,10 @@ class ModelRunner:
                     raise InputError("--int8-activations needs a CPU with AVX-512 VNNI (it is the CPU's GEMV "
                                      "arithmetic; GPUs keep float activations)")
                 options = dataclasses.replace(options, int8_activations=config.int8_activations)
+            # the matrices int8 dots read banded, all in GGUF form without them (a model
+            # loaded for this engine already is: load_model(int8_bands=...))
+            model = self.model = with_int8_bands(model, int8_dots_on(options))
+            graph = model.graph(config.block_size, max_model_len, config.kv_dtype())
             self.executor = PlanExecutor(device, graph, model.weights, default_registry(), options,
                                          max_dims=max_dims(max_tokens, self.max_sample_rows, max_model_len,
                                                            config.block_size, PROMPT_LOGPROB_ROWS),
@@ -114,6 +116,8 @@ class ModelRunner:
             self.sampler = KernelSampler(device, self.vocab, self.max_sample_rows)
             device.sync()
             memory = MemoryUse(free_before, device.memory_info()[0], total)
+        (self.logits_name,) = graph.outputs
+        self.hidden_dtype = graph.node(HIDDEN_ROWS).type.dtype
         kind = device.kind if device is not None else "cpu"
         self.num_blocks = kv_cache_blocks(config, kind, memory, self.executor.kv_bytes_per_block(), max_model_len)
         self.executor.allocate_kv(self.num_blocks)

@@ -5,6 +5,8 @@ prologue (residual add + RMSNorm, the sum written out) with a bias, against nump
 outputs and the residual poisoned."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -78,44 +80,55 @@ def test_rows_per_chunk_keep_the_accumulators_in_registers():
 
 
 @pytest.mark.skipif(not has_int8_dots(HOST), reason="the CPU has no AVX-512 VNNI")
-@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1", "q8_0x16", "q4_0x16", "q4_1x16"])
 def test_int8_dots_on_every_tile_height(kind, device):
     """int8_dots: the tile's prologue rows are quantized per group of 32, as
     quantize_activations_reference (qx and the rounding error qr), and dotted with the
-    weights' bytes: a one-token tile (decode at N=1) row by row, taller tiles 16 weight rows
-    at a time with the rows in the lanes."""
+    weights' bytes: banded weights (80 rows: 5 bands) a band of 16 rows at a time for every
+    tile height; GGUF-form weights (75 rows) row by row in one-token tiles, taller tiles in
+    floats. Without a prologue the kernel quantizes the very floats the oracle does."""
     rng = np.random.default_rng(40 + len(kind))
     fmt = FORMATS[kind]
-    k = K - 8
-    w = random_blocks(rng, N, k, fmt, std=1 / np.sqrt(k))
+    k, n = K - 8, (80 if fmt.base else N)
+    w = random_blocks(rng, n, k, fmt, std=1 / np.sqrt(k))
     w_values = dequantize(w, fmt)
-    spec = Gemv(k=k, n=N, act=DType.F32, weight=DType.F32, out=DType.F32, prologue="add_rms_norm", bias=True,
+    spec = Gemv(k=k, n=n, act=DType.F32, weight=DType.F32, out=DType.F32, bias=True, rows_per_block=16,
+                weight_format=kind, tokens_per_block=TILE, int8_dots=True)
+    bias = rng.standard_normal(n).astype(np.float32)
+    for rows in (1, 2, 3, 5, TILE, TILE + 1):  # the last: a full tile, then a one-token tile
+        x = rng.standard_normal((rows, k)).astype(np.float32)
+        x[0, :GROUP] = 0  # a group of zeros (dx = 0)
+        y = np.full((rows, n), np.nan, np.float32)
+        device.launch_kernel(spec, [x, w, bias, y, np.int32(rows)], spec.grid({"num_rows": rows}))
+        in_float = ops.matmul(x, w_values) + bias
+        int8 = np.array([fmt.base is not None or (rows - r <= rows % TILE == 1) for r in range(rows)])
+        want = np.where(int8[:, None], ops.matmul(quantize_activations_reference(x), w_values) + bias, in_float)
+        err = np.abs(y.astype(np.float64) - want).max(axis=1) / np.abs(want).max()
+        assert np.isfinite(y).all() and (err < 2e-6).all(), f"{kind}, {rows} rows: relative errors {err}"
+        # each int8 row's float-activation result is outside that tolerance: the int8 path ran for it
+        assert (np.abs(y - in_float)[int8].max(axis=1) / np.abs(want).max() > 2e-6).all()
+    # the fullest prologue (residual add + RMSNorm, the sum written out): the kernel's norm
+    # may differ from numpy's in a last bit, which can move a quantized step (~1e-6 here)
+    full = Gemv(k=k, n=n, act=DType.F32, weight=DType.F32, out=DType.F32, prologue="add_rms_norm", bias=True,
                 residual_out=True, eps=EPS, rows_per_block=16, weight_format=kind, tokens_per_block=TILE,
                 int8_dots=True)
     norm_w = (1 + 0.3 * rng.standard_normal(k)).astype(np.float32)
-    bias = rng.standard_normal(N).astype(np.float32)
-    for rows in (1, 2, 3, 5, TILE, TILE + 1):  # the last: a full tile, then a one-token tile
-        a, b = (rng.standard_normal((rows, k)).astype(np.float32) for _ in range(2))
-        a[0, :GROUP] = -b[0, :GROUP]  # a group of zeros (dx = 0)
-        y = np.full((rows, N), np.nan, np.float32)
-        residual = np.full((rows, k), np.nan, np.float32)
-        by_name = {"a": a, "b": b, "norm_w": norm_w, "residual": residual, "w": w, "bias": bias, "y": y}
-        device.launch_kernel(spec, [by_name[p.name] for p in spec.params()[:-1]] + [np.int32(rows)],
-                             spec.grid({"num_rows": rows}))
-        s = a + b
-        x = ops.rms_norm(s, norm_w, eps=EPS)
-        want = ops.matmul(quantize_activations_reference(x), w_values) + bias
-        np.testing.assert_array_equal(residual, s)
-        err = np.abs(y.astype(np.float64) - want).max(axis=1) / np.abs(want).max()
-        assert np.isfinite(y).all() and (err < 2e-6).all(), f"{kind}, {rows} rows: relative errors {err}"
-        # each row's float-activation result is outside that tolerance: the int8 path ran for every row
-        assert (np.abs(y - (ops.matmul(x, w_values) + bias)).max(axis=1) / np.abs(want).max() > 2e-6).all()
+    rows = 2 if fmt.base else 1
+    a, b = (rng.standard_normal((rows, k)).astype(np.float32) for _ in range(2))
+    y = np.full((rows, n), np.nan, np.float32)
+    residual = np.full((rows, k), np.nan, np.float32)
+    by_name = {"a": a, "b": b, "norm_w": norm_w, "residual": residual, "w": w, "bias": bias, "y": y}
+    device.launch_kernel(full, [by_name[p.name] for p in full.params()[:-1]] + [np.int32(rows)],
+                         full.grid({"num_rows": rows}))
+    np.testing.assert_array_equal(residual, a + b)
+    want = ops.matmul(quantize_activations_reference(ops.rms_norm(a + b, norm_w, eps=EPS)), w_values) + bias
+    assert np.abs(y - want).max() / np.abs(want).max() < 2e-5
     # one NaN in a one-token tile's input row (from corrupt weights upstream) makes every
-    # output NaN, as in float: no prologue here, whose norm would spread it over the row first
-    plain = Gemv(k=k, n=N, act=DType.F32, weight=DType.F32, out=DType.F32, rows_per_block=16, weight_format=kind,
-                 tokens_per_block=TILE, int8_dots=True)
+    # output NaN, as in float: no prologue here, whose norm would spread it over the row
+    # first (and no bias: banded outputs then go out in one vector store a band)
+    plain = dataclasses.replace(spec, bias=False)
     x = rng.standard_normal((1, k)).astype(np.float32)
     x[0, 40] = np.nan
-    y = np.zeros((1, N), np.float32)
+    y = np.zeros((1, n), np.float32)
     device.launch_kernel(plain, [x, w, y, np.int32(1)], plain.grid({"num_rows": 1}))
     assert np.isnan(y).all()

@@ -19,7 +19,7 @@ from fusec.fusion.ir import Graph
 from fusec.fusion.plan import PlanOptions, build_plan, has_int8_dots
 from fusec.kernels.examples import Example, _act  # before moe_examples: it merges them after its helpers
 from fusec.kernels.moe_examples import EXPERT_SHAPES, expert_graph, route_graph
-from fusec.kernels.quant import FORMATS, GROUP, dequantize, quantize_activations_reference
+from fusec.kernels.quant import FORMATS, GGUF_FORMATS, GROUP, dequantize, quantize_activations_reference
 from fusec.kernels.registry import default_registry
 from fusec.kernels.testing import check_pattern, random_weights, relative_error
 from test_patterns import cache, ptxas  # noqa: F401 (cache: the module's kernel cache fixture)
@@ -68,7 +68,7 @@ def run_fused(ex: Example, weights: dict[str, np.ndarray], cache, gpu_shapes: bo
 @pytest.mark.parametrize("gpu_shapes", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("size", [0, 1, 2])
 @pytest.mark.parametrize("pattern", ["moe_gemv", "silu_mul_moe_gemv", "moe_gemm"])
-@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("fmt", sorted(GGUF_FORMATS))
 def test_quantized_expert_gemv_equals_dequantized_reference(fmt, pattern, size, gpu_shapes, cache):
     rng = seeded(fmt, pattern, size)
     ex = experts_example(rng, size, pattern, weight_format=fmt, k=format_k(fmt, size))
@@ -82,7 +82,7 @@ def test_quantized_expert_gemv_ptx_assembles(arch, cache, tmp_path):
         pytest.skip("ptxas not found")
     target = parse_arch(arch)
     # x shared and outputs side by side (gate|up), x per slot and combined (down)
-    for fmt in sorted(FORMATS):
+    for fmt in sorted(GGUF_FORMATS):
         for pattern, size in (("moe_gemv", 0), ("silu_mul_moe_gemv", 1)):
             ex = expert_graph(seeded(fmt), size, DType.F16, act_of(pattern), weight_format=fmt, k=format_k(fmt, 2))
             plan = build_plan(ex.graph, REGISTRY, PlanOptions(target, 256), ex.bucket())

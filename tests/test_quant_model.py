@@ -226,3 +226,25 @@ def engine_last_logits(model, ids: list[int]) -> np.ndarray:
     runner.close()
     device.close()
     return logits
+
+
+def test_int8_bands_are_the_gguf_blocks_regrouped():
+    """load_model(int8_bands=True) bands the q8_0 / q4_0 / q4_1 matrices as it reads them
+    (what the host's int8 dots read); with_int8_bands converts a loaded model either way;
+    both hold exactly the file's blocks (band / unband are a permutation of bytes)."""
+    from fusec.kernels.quant import band
+    from fusec.models.loader import with_int8_bands
+
+    plain = load_model(None)  # SmolLM2's Q4_1 GGUF: q4_1 matrices, a q8_0 embedding / LM head
+    banded = load_model(None, int8_bands=True)
+    assert set(banded.formats) == set(plain.formats)
+    assert {banded.formats[n] for n in plain.formats} == {"q4_1x16", "q8_0x16"}
+    assert with_int8_bands(banded, True) is banded and with_int8_bands(plain, False) is plain
+    relaid, back = with_int8_bands(plain, True), with_int8_bands(banded, False)
+    assert relaid.formats == banded.formats and back.formats == plain.formats
+    for name in ("embed_tokens", "layers.0.qkv", "layers.29.down"):
+        fmt = FORMATS[banded.formats[name]]
+        np.testing.assert_array_equal(banded.weights[name], band(plain.weights[name], fmt))
+        np.testing.assert_array_equal(relaid.weights[name], banded.weights[name])
+        np.testing.assert_array_equal(back.weights[name], plain.weights[name])
+        assert not np.array_equal(banded.weights[name], plain.weights[name])
