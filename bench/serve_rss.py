@@ -56,7 +56,7 @@ def main() -> None:
              f"Machine: {machine['cpu']}, {machine['cores']} cores. Command: `{command}`", "",
              "Measured from /proc once the server has answered one 16-token completion.", "",
              "| --quantization | weights | RSS MB | peak RSS MB | serve -> first answer |", "|---|---|---|---|---|"]
-    what = {"auto": "the GGUF's own blocks (Q4_1, Q8_0)", "none": "all expanded to float32"}
+    what = {"auto": "the GGUF's blocks (Q4_1, Q8_0; banded where int8 dots read them)", "none": "all expanded to float32"}
     for quantization, rss, hwm, seconds in rows:
         lines.append(f"| {quantization} | {what[quantization]} | {rss:.0f} | {hwm:.0f} | {seconds:.1f} s |")
     lines += ["", f"float32 / native: {rows[1][1] / rows[0][1]:.2f}x the resident memory."]

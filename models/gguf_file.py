@@ -71,7 +71,10 @@ class GGUFFile:
         except NotImplementedError:
             raise UnsupportedModelError(f"{self.path}: tensor {name} has type {t.tensor_type.name}, "
                                         "which the gguf package cannot decode") from None
-        return out.reshape(self.shape(name))
+        out = out.reshape(self.shape(name))
+        # a float32 tensor decodes to a view of the memory map: copied, so that a model
+        # that keeps no stored blocks (banded weights) holds no page of the file
+        return out.copy() if np.may_share_memory(out, self.reader.data) else out
 
 
 def _check_layout(tensors: list, file_size: int) -> None:
