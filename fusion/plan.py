@@ -121,9 +121,9 @@ def has_int8_dots(target: Target) -> bool:
     return target.has_feature("avx512vnni") and target.has_feature("avx512vl")
 
 
-def int8_dots_on(options: PlanOptions) -> bool:
-    """Whether plans built with these options quantize GEMV inputs (int8_activations, auto: where the CPU can)."""
-    return has_int8_dots(options.target) if options.int8_activations is None else options.int8_activations
+def int8_dots_on(target: Target, int8_activations: bool | None) -> bool:
+    """Whether plans for target quantize GEMV inputs (PlanOptions.int8_activations; None: where the CPU can)."""
+    return has_int8_dots(target) if int8_activations is None else int8_activations
 
 
 def dead_code_elimination(graph: Graph) -> set[str]:
@@ -175,7 +175,7 @@ def build_plan(graph: Graph, registry: Registry, options: PlanOptions, bucket: s
     if bucket not in BUCKETS:
         raise ValueError(f"unknown bucket {bucket!r}")
     gpu_shapes = options.target.is_gpu if options.gpu_shapes is None else options.gpu_shapes
-    int8 = int8_dots_on(options)
+    int8 = int8_dots_on(options.target, options.int8_activations)
     if int8 and not has_int8_dots(options.target):
         raise ValueError(f"int8 activations need a CPU with AVX-512 VNNI, not {options.target.arch}")
     ctx = LowerContext(graph, options.target, bucket, options.max_positions, gpu_shapes, int8)

@@ -42,8 +42,9 @@ class ChunkedRowKernel(RowKernel):
 
 @dataclass(frozen=True)
 class Embed(RowKernel):
-    """y[r] = table[ids[r]]: an embedding gather. With `table_format` (a GGUF block
-    format) the table stays in its stored blocks and only the rows read are decoded;
+    """y[r] = table[ids[r]]: an embedding gather. With `table_format` (a block format of
+    kernels/quant.py, GGUF's or a banded one) the table stays in its blocks and only the
+    rows read are decoded;
     the host's quantized GEMMs use the same kernel to decode weight tiles."""
 
     family = "embed"

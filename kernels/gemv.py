@@ -57,7 +57,7 @@ from fusec.fusion.codegen.builder import KernelBuilder, Param
 from fusec.fusion.dtypes import DType
 from fusec.kernels.base import GATES, Kernel, cdiv, gelu, round_to, row_offset
 from fusec.kernels.quant import (BAND, BAND_F32, BAND_I32, F32X8, FINE, FORMATS, GROUP, HALF, I8, I8X32, I32,
-                                 INT8_CHAINS, INT8_DOT_FORMATS, ActivationGroup, band_group, band_group_at, band_start,
+                                 INT8_CHAINS, INT8_DOT_FORMATS, band_group, band_group_at, band_start,
                                  byte_dot, group_bytes, group_term, group_values, hsum, pack, quantize_activations,
                                  sliced_dots, splat, zero_vector)
 
@@ -107,7 +107,8 @@ class Gemv(Kernel):
 
     def __post_init__(self) -> None:
         if self.int8_dots and not (self.weight_format in INT8_DOT_FORMATS or self.banded):
-            raise ValueError(f"int8 dots read {', '.join(INT8_DOT_FORMATS)} weights, not {self.weight_format}")
+            raise ValueError(f"int8 dots read {', '.join(INT8_DOT_FORMATS)} weights or their banded forms, "
+                             f"not {self.weight_format}")
         if self.banded and not (self.int8_dots and self.n % BAND == 0 and self.rows_per_block % BAND == 0):
             raise ValueError(f"{self.weight_format} weights are read by host int8 dots, {BAND} rows a band "
                              f"(N = {self.n}, {self.rows_per_block} rows a block)")
@@ -119,7 +120,7 @@ class Gemv(Kernel):
     @property
     def banded(self) -> bool:
         """Whether W is in a banded form (kernels/quant.py)."""
-        return self.weight_format is not None and FORMATS[self.weight_format].base is not None
+        return self.weight_format is not None and FORMATS[self.weight_format].banded
 
     def params(self) -> list[Param]:
         p = ["gu"] if self.prologue in GATES else \
@@ -250,8 +251,11 @@ class Gemv(Kernel):
                 with self._vec_loop(kb, self.k) as i:
                     for j, v in enumerate(x_at(i)):
                         kb.store(xbuf, b.add(at, b.add(i, kb.i32(j))), v, DType.F32)
-                if self.int8_dots:
+                if self.banded:
                     self._quantize_row(kb, xbuf, qbuf, sbuf, t)
+                elif self.int8_dots:  # GGUF-form weights take int8 in one-token tiles only
+                    with kb.when(b.icmp_signed("==", count, kb.i32(1))):
+                        self._quantize_row(kb, xbuf, qbuf, sbuf, t)
             kb.store(held, kb.i32(0), tile, DType.I32)
         n0 = b.mul(out_block, kb.i32(self.rows_per_block))
         low = 0
@@ -319,12 +323,13 @@ class Gemv(Kernel):
             qx, qr = (b.load(b.gep(qbuf, [kb.wide(b.add(q_at, kb.i32(h)))], inbounds=True, source_etype=I8),
                              typ=I8X32, align=1) for h in (0, GROUP))
             step, total = (kb.load(sbuf, b.add(s_at, kb.i32(j)), DType.F32) for j in (0, 1))
-            x, sx = ActivationGroup(qx, qr, step, total), kb.fmul(step, total)
+            sx = kb.fmul(step, total)
             ahead = b.add(b.mul(kb.wide(g), kb.i64(fmt.nbytes)), kb.i64(distance))
             for acc, offset, w_row in zip(accs, offsets, w_rows):
                 kb.prefetch(kb["w"], b.add(w_row, ahead))
                 group = group_bytes(kb, fmt, kb["w"], w_row, g)
-                acc.set(kb.fadd(acc.get(), kb.fmul(byte_dot(kb, group.u, x), splat(kb, kb.fmul(group.d, step), F32X8))))
+                dot = byte_dot(kb, group.u, qx, qr)
+                acc.set(kb.fadd(acc.get(), kb.fmul(dot, splat(kb, kb.fmul(group.d, step), F32X8))))
                 offset.set(kb.fadd(offset.get(), kb.fmul(group.c, sx)))
         return [kb.fadd(hsum(kb, acc.get()), offset.get()) for acc, offset in zip(accs, offsets)]
 
@@ -368,8 +373,8 @@ class Gemv(Kernel):
                     s_at = b.mul(b.add(b.mul(t, kb.i32(groups)), g), kb.i32(2))
                     step, total = (kb.load(sbuf, b.add(s_at, kb.i32(j)), DType.F32) for j in (0, 1))
                     exact = b.add(b.shl(x_dot, fine), r_dot)  # sum(u (FINE qx + qr))
-                    if w.m is None:  # c = zero d: the zero point's share subtracted in integers
-                        exact = b.add(exact, splat(kb, b.mul(b.fptosi(total, I32), kb.i32(w.zero)), BAND_I32))
+                    if w.m is None:  # c = shift d: the zero point's share taken in integers
+                        exact = b.add(exact, splat(kb, b.mul(b.fptosi(total, I32), kb.i32(w.shift)), BAND_I32))
                     term = kb.fmul(w.d, kb.fmul(b.sitofp(exact, BAND_F32), splat(kb, step, BAND_F32)))
                     if w.m is not None:
                         term = kb.fadd(term, kb.fmul(w.m, splat(kb, kb.fmul(step, total), BAND_F32)))

@@ -56,7 +56,9 @@ class BlockFormat:
     nbytes: int  # bytes per block of `block` weights
     has_min: bool  # w = q * d + m
     block: int = GROUP
-    scale_at: tuple[int, ...] = (0,)  # byte offsets of the block's float16 scales (d, m / dmin)
+    # byte offsets of a GGUF block's float16 scales (d, m / dmin); a banded form keeps its
+    # base's (their count is what it uses: its scales sit apart from the quants)
+    scale_at: tuple[int, ...] = (0,)
     base: str | None = None  # a banded form's GGUF format (module docstring)
 
     def row_bytes(self, k: int) -> int:
@@ -68,6 +70,10 @@ class BlockFormat:
     def gguf_name(self) -> str:
         """The GGUF format whose blocks this stores."""
         return self.base or self.name
+
+    @property
+    def banded(self) -> bool:
+        return self.base is not None
 
     @property
     def ggml_type(self):
@@ -91,8 +97,8 @@ FORMATS = {f.name: f for f in (
 )}
 QUANTIZABLE = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # gguf's numpy quantizer makes these
 BAND = 16  # rows a banded format interleaves
-BANDED = {f.base: f.name for f in FORMATS.values() if f.base}  # GGUF format -> its banded form
-GGUF_FORMATS = tuple(name for name, f in FORMATS.items() if not f.base)  # as files store them (and GPUs read)
+BANDED = {f.base: f.name for f in FORMATS.values() if f.banded}  # GGUF format -> its banded form
+GGUF_FORMATS = tuple(name for name, f in FORMATS.items() if not f.banded)  # as files store them (and GPUs read)
 
 
 def bandable(fmt_name: str | None, shape: tuple[int, ...]) -> bool:
@@ -100,7 +106,7 @@ def bandable(fmt_name: str | None, shape: tuple[int, ...]) -> bool:
     return fmt_name in BANDED and len(shape) == 2 and shape[0] % BAND == 0
 
 
-def _band_view(data: np.ndarray, fmt: BlockFormat) -> tuple[int, int]:
+def _band_parts(data: np.ndarray, fmt: BlockFormat) -> tuple[int, int]:
     """(bytes of scales, bytes of quants) in a block of fmt; ValueError unless data holds whole bands."""
     if data.ndim != 2 or data.shape[0] % BAND or data.shape[1] % fmt.nbytes:
         raise ValueError(f"{fmt.name} holds bands of {BAND} rows of whole blocks, not shape {data.shape}")
@@ -110,11 +116,11 @@ def _band_view(data: np.ndarray, fmt: BlockFormat) -> tuple[int, int]:
 
 def band(data: np.ndarray, fmt: BlockFormat) -> np.ndarray:
     """GGUF bytes [N, row_bytes] in fmt.base -> fmt's banded bytes, same shape."""
-    scales, quants = _band_view(data, fmt)
+    scales, quants = _band_parts(data, fmt)
     n, row_bytes = data.shape
     blocks = np.ascontiguousarray(data, np.uint8).reshape(n // BAND, BAND, -1, fmt.nbytes).transpose(0, 2, 1, 3)
     qs = blocks[..., scales:]  # [band, group, row, quants]
-    if fmt.base == "q8_0":
+    if fmt.gguf_name == "q8_0":
         qs = qs ^ np.uint8(128)
     words = qs.reshape(*qs.shape[:3], quants // 4, 4).transpose(0, 1, 3, 2, 4)  # [band, group, word, row, 4]
     head = blocks[..., :scales].reshape(*blocks.shape[:3], -1, 2).transpose(0, 1, 3, 2, 4)  # [.., scale, row, 2]
@@ -124,13 +130,13 @@ def band(data: np.ndarray, fmt: BlockFormat) -> np.ndarray:
 
 def unband(data: np.ndarray, fmt: BlockFormat) -> np.ndarray:
     """fmt's banded bytes -> the GGUF bytes of fmt.base (band's inverse)."""
-    scales, quants = _band_view(data, fmt)
+    scales, quants = _band_parts(data, fmt)
     n, row_bytes = data.shape
     groups = np.ascontiguousarray(data, np.uint8).reshape(n // BAND, row_bytes // fmt.nbytes, BAND * fmt.nbytes)
     head = groups[..., :BAND * scales].reshape(*groups.shape[:2], -1, BAND, 2).transpose(0, 1, 3, 2, 4)
     words = groups[..., BAND * scales:].reshape(*groups.shape[:2], quants // 4, BAND, 4).transpose(0, 1, 3, 2, 4)
     qs = words.reshape(*words.shape[:3], quants)
-    if fmt.base == "q8_0":
+    if fmt.gguf_name == "q8_0":
         qs = qs ^ np.uint8(128)
     blocks = np.concatenate([head.reshape(*head.shape[:3], scales), qs], axis=-1)  # [band, group, row, nbytes]
     return np.ascontiguousarray(blocks.transpose(0, 2, 1, 3)).reshape(n, row_bytes)
@@ -152,8 +158,8 @@ def checked_format(node, shape: tuple[int, ...]) -> BlockFormat | None:
 
 
 def quantize(w: np.ndarray, fmt: BlockFormat) -> np.ndarray:
-    """float32 [N, K] -> the GGUF bytes [N, row_bytes(K)] (gguf's reference quantizer;
-    the legacy formats only: gguf has no numpy K-quant quantizer)."""
+    """float32 [N, K] -> fmt's bytes [N, row_bytes(K)] (gguf's reference quantizer, then
+    banded for a banded form; the legacy formats only: gguf has no numpy K-quant quantizer)."""
     from gguf.quants import quantize as gguf_quantize
 
     if fmt.gguf_name not in QUANTIZABLE:
@@ -161,7 +167,7 @@ def quantize(w: np.ndarray, fmt: BlockFormat) -> np.ndarray:
     w = np.ascontiguousarray(w, np.float32)
     fmt.row_bytes(w.shape[-1])
     data = gguf_quantize(w, fmt.ggml_type)
-    return band(data, fmt) if fmt.base else data
+    return band(data, fmt) if fmt.banded else data
 
 
 def dequantize(data: np.ndarray, fmt: BlockFormat) -> np.ndarray:
@@ -169,7 +175,7 @@ def dequantize(data: np.ndarray, fmt: BlockFormat) -> np.ndarray:
     banded form unbanded first)."""
     from gguf.quants import dequantize as gguf_dequantize
 
-    data = unband(data, fmt) if fmt.base else np.ascontiguousarray(data, np.uint8)
+    data = unband(data, fmt) if fmt.banded else np.ascontiguousarray(data, np.uint8)
     return np.asarray(gguf_dequantize(data, fmt.ggml_type), np.float32)
 
 
@@ -324,7 +330,9 @@ def _k_group(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, base: ir.Value,
 
 
 def group_quants(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, row: ir.Value, g: ir.Value) -> Group:
-    """Group `g` (i32) of the row starting at byte `row` (i64)."""
+    """Group `g` (i32) of the row starting at byte `row` (i64), in a GGUF format."""
+    if fmt.banded:
+        raise ValueError(f"{fmt.name}'s rows are read a band at a time (band_group, banded_row_group)")
     b = kb.b
     if fmt.block == GROUP:
         return _legacy_group(kb, fmt, ptr, b.add(row, b.mul(kb.wide(g), kb.i64(fmt.nbytes))))
@@ -333,7 +341,8 @@ def group_quants(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, row: ir.Val
     return _k_group(kb, fmt, ptr, base, b.urem(g, kb.i32(per)))
 
 
-def banded_group(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, r: ir.Value, k: int, g: ir.Value) -> Group:
+def banded_row_group(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, r: ir.Value, k: int, g: ir.Value
+                     ) -> Group:
     """Group `g` (i32) of row `r` (i32) of a banded [N, k] matrix (one row's bytes of the band)."""
     b = kb.b
     lane = b.urem(r, kb.i32(BAND))
@@ -360,8 +369,8 @@ def banded_group(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, r: ir.Value
 def row_group_values(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, r: ir.Value, k: int, g: ir.Value
                      ) -> tuple[ir.Value, ir.Value]:
     """The 32 weights of group `g` of row `r` (i32) of a [N, k] matrix in fmt, decoded."""
-    if fmt.base:
-        return _values(kb, banded_group(kb, fmt, ptr, r, k, g))
+    if fmt.banded:
+        return _values(kb, banded_row_group(kb, fmt, ptr, r, k, g))
     return group_values(kb, fmt, ptr, kb.b.mul(kb.wide(r), kb.i64(fmt.row_bytes(k))), g)
 
 
@@ -427,6 +436,8 @@ class ByteGroup:
 
 def group_bytes(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, row: ir.Value, g: ir.Value) -> ByteGroup:
     """Group `g` (i32) of the row starting at byte `row` (i64), for INT8_DOT_FORMATS."""
+    if fmt.banded:
+        raise ValueError(f"{fmt.name}'s rows are read a band at a time (band_group)")
     b = kb.b
     offset = b.add(row, b.mul(kb.wide(g), kb.i64(fmt.nbytes)))
     at = lambda n: b.add(offset, kb.i64(n))  # noqa: E731
@@ -476,7 +487,7 @@ def quantize_activations(kb: KernelBuilder, x_lo: ir.Value, x_hi: ir.Value) -> A
     return ActivationGroup(b.trunc(qx, I8X32), b.trunc(qr, I8X32), dx, b.sitofp(total, ir.FloatType()))
 
 
-def byte_dot(kb: KernelBuilder, u: ir.Value, x: ActivationGroup) -> ir.Value:
+def byte_dot(kb: KernelBuilder, u: ir.Value, qx: ir.Value, qr: ir.Value) -> ir.Value:
     """FINE * (u . qx) + u . qr as 8 partial sums (<8 x float>): two AVX-512 VNNI vpdpbusd."""
     b = kb.b
 
@@ -484,7 +495,7 @@ def byte_dot(kb: KernelBuilder, u: ir.Value, x: ActivationGroup) -> ir.Value:
         return kb.intrinsic("llvm.x86.avx512.vpdpbusd.256",
                              [ir.Constant(I32X8, [0] * 8), b.bitcast(u, I32X8), b.bitcast(q, I32X8)], I32X8)
     fine = splat(kb, ir.Constant(I32, FINE.bit_length() - 1), I32X8)
-    return b.sitofp(b.add(b.shl(dot(x.qx), fine), dot(x.qr)), F32X8)
+    return b.sitofp(b.add(b.shl(dot(qx), fine), dot(qr)), F32X8)
 
 
 def band_start(kb: KernelBuilder, fmt: BlockFormat, first_row: ir.Value, k: int) -> ir.Value:
@@ -506,8 +517,8 @@ class BandGroup:
 
     words: list[ir.Value]  # 8 <16 x i32>: word j holds each row's unsigned bytes 4j..4j+3 of the group
     d: ir.Value  # <16 x float>
-    m: ir.Value | None  # <16 x float> (q4_1), else c = zero * d
-    zero: int  # c's multiple of d where there is no m: q8_0's -128, q4_0's -8
+    m: ir.Value | None  # <16 x float> (q4_1), else c = shift * d
+    shift: int  # c's multiple of d where there is no m: q8_0's -128, q4_0's -8
 
 
 def band_group(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, at: ir.Value) -> BandGroup:
@@ -524,11 +535,11 @@ def band_group(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, at: ir.Value)
     m = b.fpext(load(2 * BAND, half16), BAND_F32) if fmt.has_min else None
     raw = [load(BAND * (scales + 4 * j), BAND_I32) for j in range((fmt.nbytes - scales) // 4)]
     if fmt.gguf_name == "q8_0":
-        return BandGroup(raw, d, None, -128)
+        return BandGroup(raw, d, None, shift=-128)
     nibbles = splat(kb, ir.Constant(I32, 0x0F0F0F0F), BAND_I32)
     four = splat(kb, ir.Constant(I32, 4), BAND_I32)
     words = [b.and_(w, nibbles) for w in raw] + [b.and_(b.lshr(w, four), nibbles) for w in raw]
-    return BandGroup(words, d, m, 0 if fmt.has_min else -8)
+    return BandGroup(words, d, m, shift=0 if fmt.has_min else -8)
 
 
 INT8_CHAINS = 8  # vpdpbusd chains in flight: its latency (4 cycles on Zen 4) x its throughput (2 a cycle)

@@ -132,10 +132,15 @@ def lower_gemv(m: Match, ctx: LowerContext) -> Launch:
 
 
 def _int8_dots(ctx: LowerContext, weight_format: str | None) -> bool:
-    """Whether a GEMV over weights in weight_format takes int8 activations: a banded form
-    always (its only reader), a GGUF one where the plan quantizes activations."""
-    banded = weight_format is not None and FORMATS[weight_format].base is not None
-    return banded or (ctx.int8_activations and weight_format in INT8_DOT_FORMATS)
+    """Whether a GEMV over weights in weight_format takes int8 activations: where the plan
+    quantizes activations, over q8_0 / q4_0 / q4_1 and their banded forms (which nothing
+    else reads)."""
+    if weight_format is not None and FORMATS[weight_format].banded:
+        if not ctx.int8_activations:
+            raise ValueError(f"{weight_format} weights are read by int8 dots, off in this plan "
+                             f"(models/loader.with_int8_bands gives them their GGUF form)")
+        return True
+    return ctx.int8_activations and weight_format in INT8_DOT_FORMATS
 
 
 ADD = PNode("add", "add")

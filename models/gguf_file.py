@@ -45,11 +45,11 @@ class GGUFFile:
 
     def block_format(self, name: str) -> str | None:
         """The tensor's GGUF block format if kernels read it natively (kernels/quant.py)."""
-        from fusec.kernels.quant import FORMATS
+        from fusec.kernels.quant import GGUF_FORMATS
 
         t = self.tensors.get(name)
         kind = t.tensor_type.name.lower() if t is not None else None
-        return kind if kind in FORMATS else None
+        return kind if kind in GGUF_FORMATS else None
 
     def shape(self, name: str) -> tuple[int, ...]:
         """In numpy order (GGUF lists the innermost dimension first)."""
@@ -72,9 +72,10 @@ class GGUFFile:
             raise UnsupportedModelError(f"{self.path}: tensor {name} has type {t.tensor_type.name}, "
                                         "which the gguf package cannot decode") from None
         out = out.reshape(self.shape(name))
-        # a float32 tensor decodes to a view of the memory map: copied, so that a model
-        # that keeps no stored blocks (banded weights) holds no page of the file
-        return out.copy() if np.may_share_memory(out, self.reader.data) else out
+        # a float32 vector (a norm's weight, rope factors) decodes to a view of the memory
+        # map: copied, so that a model keeping no stored blocks (banded weights) holds no
+        # page of the file
+        return out.copy() if out.ndim == 1 and np.may_share_memory(out, self.reader.data) else out
 
 
 def _check_layout(tensors: list, file_size: int) -> None:

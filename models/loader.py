@@ -67,8 +67,10 @@ class Model:
             self.formats, self.weight_dtype, attention_factor(self.config), kv_dtype)
 
     def weight_types(self) -> str:
-        """What the weights run as, e.g. "q4_1 x210, q8_0 x1, f32 x61"."""
-        kinds = Counter(self.formats.get(name, self.weight_dtype.value) for name in weight_shapes(self.config))
+        """What the weights run as, e.g. "q4_1 x210, q8_0 x1, f32 x61" (a banded form by
+        its GGUF format's name: the same blocks)."""
+        kinds = Counter(FORMATS[self.formats[name]].gguf_name if name in self.formats else self.weight_dtype.value
+                        for name in weight_shapes(self.config))
         return ", ".join(f"{kind} x{count}" for kind, count in kinds.most_common())
 
     def weight_bytes(self) -> dict[str, int]:
@@ -103,7 +105,7 @@ class RelaidWeights(Mapping[str, np.ndarray]):
 def with_int8_bands(model: Model, bands: bool) -> Model:
     """The model with its q8_0 / q4_0 / q4_1 matrices banded (what the host's int8 dots
     read: kernels/quant.py) or, with bands False, all in GGUF form; the model itself where
-    nothing changes. load_model(int8_bands=...) lays them out so as it reads them."""
+    nothing changes. (load_model(int8_bands=True) bands them while it reads the file.)"""
     formats = banded_formats(model.config, model.formats) if bands else unbanded_formats(model.formats)
     changed = {name: (model.formats[name], f) for name, f in formats.items() if model.formats[name] != f}
     if not changed:

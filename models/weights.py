@@ -171,7 +171,8 @@ def _mla_hf_names(cfg: ModelConfig, p: str, part: str) -> list[Source]:
     }[part]()
 
 
-MOE_PARTS = ("router", "experts_gate_up", "experts_down")
+EXPERT_STACKS = ("experts_gate_up", "experts_down")  # a MoE layer's experts, one matrix each
+MOE_PARTS = ("router", *EXPERT_STACKS)
 MLA_PARTS = ("qkv", "q_a_kv_a", "q_a_norm", "q_b", "kv_a_norm", "w_uk", "w_uv")
 
 
@@ -337,10 +338,12 @@ def weight_formats(cfg: ModelConfig, source: TensorSource | None, naming: Naming
 
 
 def banded_formats(cfg: ModelConfig, formats: Mapping[str, str]) -> dict[str, str]:
-    """formats with every matrix that has a banded form (kernels/quant.py: rows in whole
-    bands of a q8_0 / q4_0 / q4_1 matrix) in it: the layout the host's int8 dots read."""
+    """formats with every dense matrix that has a banded form (kernels/quant.py: rows in
+    whole bands of a q8_0 / q4_0 / q4_1 matrix) in it: the layout the host's int8 dots
+    read. Expert stacks keep theirs (the MoE kernels read GGUF's)."""
     shapes = weight_shapes(cfg)
-    return {name: BANDED[f] if bandable(f, shapes[name]) else f for name, f in formats.items()}
+    return {name: BANDED[f] if bandable(f, shapes[name]) and not name.endswith(EXPERT_STACKS) else f
+            for name, f in formats.items()}
 
 
 def unbanded_formats(formats: Mapping[str, str]) -> dict[str, str]:
@@ -402,7 +405,7 @@ def _part_shapes(cfg: ModelConfig, name: str, shape: tuple[int, ...], parts: int
     if parts <= 1:  # no source: a weight the family defines as zeros (Cohere's norm biases)
         return [shape][:parts]
     part = name.rsplit(".", 1)[-1]
-    if part in ("experts_gate_up", "experts_down"):  # expert-sized pieces
+    if part in EXPERT_STACKS:  # expert-sized pieces
         return [(shape[0] // parts, *shape[1:])] * parts
     rows = {"qkv": (cfg.q_size, cfg.kv_size, cfg.kv_size), "qkv_bias": (cfg.q_size, cfg.kv_size, cfg.kv_size),
             "gate_up": (cfg.intermediate_size,) * 2, "router": (shape[0] - 1, 1)}.get(part)

@@ -12,9 +12,7 @@ from typing import Any, Callable, Mapping
 import click
 
 from fusec.errors import InputError
-from fusec.fusion.codegen.target import HOST
 from fusec.fusion.dtypes import DType
-from fusec.fusion.plan import has_int8_dots
 from fusec.models.chat_template import load_chat_template
 from fusec.models.generation_config import check_generation_config
 from fusec.models.tokenizer import tokenizer_file
@@ -142,9 +140,10 @@ class EngineConfig:
         "Largest batch (tokens) run through the fused-GEMV plan [default: `fusec autotune`'s choice for this "
         "device and model, else the device's default].", click.IntRange(min=1)))
     int8_activations: bool | None = field(default=None, metadata=_flag(
-        "CPU: GEMVs over Q8_0 / Q4_0 / Q4_1 weights quantize a decode token's activations to int8 per 32 "
-        "(llama.cpp's arithmetic) and take VNNI dot products [default: on CPUs with AVX-512 VNNI]; off: float "
-        "activations everywhere.", flag="--int8-activations/--no-int8-activations"))
+        "CPU: GEMVs over Q8_0 / Q4_0 / Q4_1 weights quantize their input rows to int8 per 32 (llama.cpp's "
+        "arithmetic, plus its rounding error) and take VNNI dot products over those weights, held in bands of 16 "
+        "rows [default: on CPUs with AVX-512 VNNI]; off: float activations everywhere, the weights as the GGUF "
+        "stores them.", flag="--int8-activations/--no-int8-activations"))
 
     def __post_init__(self) -> None:
         for flag, size in (("tensor", self.tensor_parallel_size), ("pipeline", self.pipeline_parallel_size),
@@ -186,10 +185,12 @@ class EngineConfig:
 
     def int8_dots(self, device_kind: str) -> bool:
         """Whether the host GEMVs of an engine on device_kind take int8 activations
-        (--int8-activations; auto: on CPUs with AVX-512 VNNI)."""
-        if device_kind != "cpu":
-            return False
-        return has_int8_dots(HOST) if self.int8_activations is None else self.int8_activations
+        (--int8-activations; auto: on CPUs with AVX-512 VNNI), so its model loads banded.
+        Forced on a CPU without VNNI: False here, and the model runner refuses it."""
+        from fusec.fusion.codegen.target import HOST  # the compiler's modules, only once a model loads
+        from fusec.fusion.plan import has_int8_dots, int8_dots_on
+
+        return device_kind == "cpu" and has_int8_dots(HOST) and int8_dots_on(HOST, self.int8_activations)
 
     def resolved_max_num_batched_tokens(self, max_model_len: int) -> int:
         """The step's token budget: --max-num-batched-tokens, else 1024, or (prompts not

@@ -45,7 +45,7 @@ class GemmShape:
     in_features: int  # K
     dtype: DType  # of x (and of w unless weight_dtype says otherwise)
     out_dtype: DType | None = None  # of y; None: dtype
-    weight_format: str | None = None  # w in a GGUF block format (kernels/quant.py), decoding to dtype
+    weight_format: str | None = None  # w in a block format (kernels/quant.py), decoding to dtype
     weight_dtype: DType | None = None  # of w's elements when not in a block format; None: dtype
 
     @property

@@ -102,7 +102,7 @@ class ModelRunner:
                 options = dataclasses.replace(options, int8_activations=config.int8_activations)
             # the matrices int8 dots read banded, all in GGUF form without them (a model
             # loaded for this engine already is: load_model(int8_bands=...))
-            model = self.model = with_int8_bands(model, int8_dots_on(options))
+            model = self.model = with_int8_bands(model, int8_dots_on(options.target, options.int8_activations))
             graph = model.graph(config.block_size, max_model_len, config.kv_dtype())
             self.executor = PlanExecutor(device, graph, model.weights, default_registry(), options,
                                          max_dims=max_dims(max_tokens, self.max_sample_rows, max_model_len,

@@ -11,6 +11,7 @@ from fusec.fusion.cache import KernelCache
 from fusec.fusion.dtypes import DType, from_storage
 from fusec.fusion.interpreter import Interpreter
 from fusec.kernels.examples import EXAMPLES
+from fusec.kernels.quant import GGUF_FORMATS
 from fusec.kernels.registry import default_registry
 from fusec.kernels.testing import TOLERANCE, random_state, random_weights, relative_error
 
@@ -132,6 +133,39 @@ def test_sampling_kernels_on_gpu_equal_reference():
     dev_logits = device.buffer(logits.shape, np.float32)
     device.upload(dev_logits, logits)
     check_against_reference(_Poisoned(device), logits, batch, 48, dev_logits)
+
+
+@pytest.mark.parametrize("fmt", GGUF_FORMATS)
+def test_quantized_gemv_on_gpu_equals_reference(fmt, gpu):
+    """GEMVs over GGUF's block formats on the device, one token a block (the GPU's GEMV
+    plan), against gguf's own dequantization (tests/test_quant_gemv.py's oracle): a fused
+    prologue, the gated one and a plain GEMV with a bias; the output poisoned."""
+    from dataclasses import replace
+
+    from test_quant_gemv import SIZES, inputs, kernel, reference
+
+    from fusec.kernels.quant import FORMATS, dequantize
+    from fusec.kernels.testing import random_blocks
+
+    k, n = SIZES[FORMATS[fmt].block][-1]
+    rows = 3
+    for prologue in ("add_rms_norm", "silu_mul", "none"):
+        rng = np.random.default_rng([len(fmt), len(prologue)])
+        packed = random_blocks(rng, n, k, FORMATS[fmt], std=1 / np.sqrt(k))
+        bias = rng.standard_normal(n).astype(np.float32) if prologue == "none" else None
+        host = {**inputs(prologue, rows, k, rng), "w": packed, "bias": bias,
+                "y": np.full((rows, n), np.nan, np.float32)}
+        want = reference(prologue, host, dequantize(packed, FORMATS[fmt]), bias)
+        spec = replace(kernel(fmt, prologue, k, n, bias=bias is not None), tokens_per_block=1, rows_per_block=4)
+        bufs = {}
+        for p in spec.params()[:-1]:
+            bufs[p.name] = gpu.buffer(host[p.name].shape, host[p.name].dtype)
+            gpu.upload(bufs[p.name], host[p.name])
+        gpu.launch_kernel(spec, [bufs[p.name] for p in spec.params()[:-1]] + [np.int32(rows)],
+                          spec.grid({"num_rows": rows}))
+        y = gpu.to_host(bufs["y"])
+        err = relative_error(y, want)
+        assert err < 2e-6, f"{fmt} {prologue}: relative error {err:.3g}"
 
 
 class _Poisoned:

@@ -89,7 +89,7 @@ def test_int8_dots_on_every_tile_height(kind, device):
     floats. Without a prologue the kernel quantizes the very floats the oracle does."""
     rng = np.random.default_rng(40 + len(kind))
     fmt = FORMATS[kind]
-    k, n = K - 8, (80 if fmt.base else N)
+    k, n = K - 8, (80 if fmt.banded else N)
     w = random_blocks(rng, n, k, fmt, std=1 / np.sqrt(k))
     w_values = dequantize(w, fmt)
     spec = Gemv(k=k, n=n, act=DType.F32, weight=DType.F32, out=DType.F32, bias=True, rows_per_block=16,
@@ -101,7 +101,7 @@ def test_int8_dots_on_every_tile_height(kind, device):
         y = np.full((rows, n), np.nan, np.float32)
         device.launch_kernel(spec, [x, w, bias, y, np.int32(rows)], spec.grid({"num_rows": rows}))
         in_float = ops.matmul(x, w_values) + bias
-        int8 = np.array([fmt.base is not None or (rows - r <= rows % TILE == 1) for r in range(rows)])
+        int8 = np.array([fmt.banded or (rows - r <= rows % TILE == 1) for r in range(rows)])
         want = np.where(int8[:, None], ops.matmul(quantize_activations_reference(x), w_values) + bias, in_float)
         err = np.abs(y.astype(np.float64) - want).max(axis=1) / np.abs(want).max()
         assert np.isfinite(y).all() and (err < 2e-6).all(), f"{kind}, {rows} rows: relative errors {err}"
@@ -113,7 +113,7 @@ def test_int8_dots_on_every_tile_height(kind, device):
                 residual_out=True, eps=EPS, rows_per_block=16, weight_format=kind, tokens_per_block=TILE,
                 int8_dots=True)
     norm_w = (1 + 0.3 * rng.standard_normal(k)).astype(np.float32)
-    rows = 2 if fmt.base else 1
+    rows = 2 if fmt.banded else 1
     a, b = (rng.standard_normal((rows, k)).astype(np.float32) for _ in range(2))
     y = np.full((rows, n), np.nan, np.float32)
     residual = np.full((rows, k), np.nan, np.float32)

@@ -12,7 +12,7 @@ import pytest
 
 from fusec.errors import UnsupportedModelError
 from fusec.fusion.codegen.target import HOST
-from fusec.fusion.plan import PlanOptions
+from fusec.fusion.plan import PlanOptions, has_int8_dots
 from fusec.fusion.traffic import weight_traffic
 from fusec.kernels.quant import FORMATS
 from fusec.kernels.registry import default_registry
@@ -214,6 +214,12 @@ def test_quantized_moe_gguf_runs_its_experts_in_blocks(tmp_path):
     ref = engine_generate(model, prompts, params, "reference")
     assert engine_generate(model, prompts, params, "fused") == ref
     assert len({t for seq in ref for t in seq}) > 3
+    if has_int8_dots(HOST):  # int8 dots: the dense q8_0 / q4 matrices banded, the expert stacks as stored
+        banded = load_model(str(tmp_path / "m.gguf"), int8_bands=True)
+        assert (banded.formats["layers.0.experts_down"], banded.formats["layers.0.experts_gate_up"]) == ("q8_0", "q4_k")
+        assert any(FORMATS[f].banded for f in banded.formats.values())
+        got = engine_generate(banded, prompts, params, "fused", int8_activations=True)
+        assert [len(seq) for seq in got] == [16] * len(prompts)
 
 
 def test_unsupported_moe_variants_are_refused(tiny_checkpoints, tmp_path):

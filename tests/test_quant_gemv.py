@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 from fusec.fusion import ops
-from fusec.fusion.codegen.target import parse_arch
+from fusec.fusion.codegen.target import HOST, parse_arch
 from fusec.fusion.compiler import compile_kernel
 from fusec.fusion.dtypes import DType, from_storage, round_to
+from fusec.fusion.plan import has_int8_dots
 from fusec.kernels.elementwise import Embed
 from fusec.kernels.gemv import PROLOGUES, Gemv, vector_width
 from fusec.kernels.quant import BAND, FORMATS, GGUF_FORMATS, dequantize, quantize_activations_reference
@@ -27,7 +28,11 @@ from test_patterns import cache, ptxas  # noqa: F401 (cache: the module's kernel
 # (K, N) per block size: one block, a few, a real model's width; N % 4 != 0 (banded: whole bands)
 SIZES = {32: [(32, 5), (96, 33), (576, 130)], 256: [(256, 5), (768, 33), (1536, 130)],
          "banded": [(32, BAND), (96, 3 * BAND), (576, 9 * BAND)]}
-CASES = [(fmt, k, n) for fmt, f in sorted(FORMATS.items()) for k, n in SIZES["banded" if f.base else f.block]]
+# banded forms run int8 dots: a CPU with AVX-512 VNNI
+needs_vnni = pytest.mark.skipif(not has_int8_dots(HOST), reason="the CPU has no AVX-512 VNNI")
+CASES = [pytest.param(fmt, k, n, marks=[needs_vnni] if f.banded else [])
+         for fmt, f in sorted(FORMATS.items()) for k, n in SIZES["banded" if f.banded else f.block]]
+ALL_FORMATS = [pytest.param(fmt, marks=[needs_vnni] if f.banded else []) for fmt, f in sorted(FORMATS.items())]
 EPS = 1e-5
 
 
@@ -90,7 +95,7 @@ def kernel(fmt: str, prologue: str, k: int, n: int, bias: bool = False) -> Gemv:
     # 24 rows a block: host chunks of 8 / 4 rows, the last block ragged for every N here
     # (banded: 32, two bands, the last block half empty where N is an odd number of bands);
     # host tiles of 4 token rows (the tests' 7 rows: a tile of 4, then one of 3)
-    banded = FORMATS[fmt].base is not None
+    banded = FORMATS[fmt].banded
     return Gemv(k=k, n=n, act=DType.F32, weight=DType.F32, out=DType.F32, prologue=prologue, bias=bias,
                 eps=EPS if "norm" in prologue else 0.0, vec=vector_width(k, DType.F32), weight_format=fmt,
                 rows_per_block=2 * BAND if banded else 24, tokens_per_block=4, int8_dots=banded)
@@ -105,7 +110,7 @@ def test_quantized_gemv_equals_dequantized_reference(fmt, prologue, k, n, device
     assert packed.shape == (n, FORMATS[fmt].row_bytes(k)) and packed.dtype == np.uint8
     bias = rng.standard_normal(n).astype(np.float32) if prologue == "none" else None
     args = inputs(prologue, rows, k, rng)
-    banded = FORMATS[fmt].base is not None
+    banded = FORMATS[fmt].banded
     want = reference(prologue, args, dequantize(packed, FORMATS[fmt]), bias, int8=banded)
     spec = kernel(fmt, prologue, k, n, bias=bias is not None)
     y = np.full((rows, n), np.nan, np.float32)  # poisoned: an unwritten element fails
@@ -122,18 +127,18 @@ def test_quantized_gemv_equals_dequantized_reference(fmt, prologue, k, n, device
     assert np.isfinite(y).all() and err < tolerance, f"{fmt} {prologue} {k}x{n}: relative error {err:.3g}"
 
 
-@pytest.mark.parametrize("fmt", sorted(FORMATS))
+@pytest.mark.parametrize("fmt", ALL_FORMATS)
 def test_each_weight_decodes_as_gguf_does(fmt, device):
     """Every quant value of every block position (not only their dot products): one-hot
     activations pick single weights, so a swapped nibble or a wrong high bit shows."""
-    k, n = 2 * FORMATS[fmt].block, (BAND if FORMATS[fmt].base else 4)
+    k, n = 2 * FORMATS[fmt].block, (BAND if FORMATS[fmt].banded else 4)
     rng = np.random.default_rng(7)
     packed = random_blocks(rng, n, k, FORMATS[fmt])
     spec = kernel(fmt, "none", k, n)
     eye = np.eye(k, dtype=np.float32)
     y = np.full((k, n), np.nan, np.float32)
     device.launch_kernel(spec, [eye, packed, y, np.int32(k)], spec.grid({"num_rows": k}))
-    if FORMATS[fmt].base:  # a one-hot row quantizes to 127 steps of 1 / 127: a last bit may move
+    if FORMATS[fmt].banded:  # a one-hot row quantizes to 127 steps of 1 / 127: a last bit may move
         np.testing.assert_allclose(y.T, dequantize(packed, FORMATS[fmt]), rtol=3e-7, atol=0)
     else:
         np.testing.assert_array_equal(y.T, dequantize(packed, FORMATS[fmt]))

@@ -248,3 +248,10 @@ def test_int8_bands_are_the_gguf_blocks_regrouped():
         np.testing.assert_array_equal(relaid.weights[name], banded.weights[name])
         np.testing.assert_array_equal(back.weights[name], plain.weights[name])
         assert not np.array_equal(banded.weights[name], plain.weights[name])
+    # banded weights have one reader, int8 dots: a plan without them says so
+    from fusec.fusion.codegen.target import HOST
+    from fusec.fusion.plan import PlanOptions, build_plan
+    from fusec.kernels.registry import default_registry
+
+    with pytest.raises(ValueError, match="off in this plan"):
+        build_plan(banded.graph(), default_registry(), PlanOptions(HOST, 64, int8_activations=False), "gemv")
