@@ -42,8 +42,8 @@ by VNNI instructions instead of decoding the weights to floats. Weights in a ban
 (q4_1x16 ..: 16 rows' groups stored together, the rows in the lanes) take a band of 16
 rows at a time for any tile height: one vpdpbusd takes 4 bytes of a token against the 16
 rows, and a group's scales multiply the 16 at once; a band is one sequential stream. A
-matrix in its GGUF form (rows not in whole bands; MoE experts) takes one-token tiles a
-row at a time, two vpdpbusd a group, and taller tiles in floats.
+matrix in its GGUF form (rows not in whole bands) takes one-token tiles a row at a time,
+two vpdpbusd a group, and taller tiles in floats.
 """
 from __future__ import annotations
 

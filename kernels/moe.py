@@ -39,7 +39,7 @@ from fusec.fusion.patterns import Match, Pattern, PNode
 from fusec.fusion.plan import Launch, LowerContext
 from fusec.kernels.base import GATES, cdiv, round_to, row_offset
 from fusec.kernels.gemv import Gemv, host_rows_per_chunk, tile_heights, vector_width
-from fusec.kernels.quant import FORMATS, INT8_DOT_FORMATS, hsum
+from fusec.kernels.quant import BAND, FORMATS, hsum, takes_int8_dots
 from fusec.kernels.registry import ADD, D, NORM_AFTER_ADD, V, _dtype, _rows
 
 F32 = DType.F32
@@ -259,7 +259,9 @@ class MoeGemv(Gemv):
     top-8 of 64 reads about 4x fewer expert bytes). A CPU thread groups a tile's pairs
     by expert (a counting sort) and computes their prologue rows once, in launch-scoped
     memory, for every block of the tile it runs; with `combine` a block sums each
-    token's slots in launch-scoped memory before storing its rows."""
+    token's slots in launch-scoped memory before storing its rows. With int8_dots over
+    banded experts (kernels/quant.py) every pair takes Gemv's band dots; over GGUF-form
+    ones a lone pair takes the row-at-a-time int8 dots, more pairs float tiles."""
 
     family = "moe_gemv"
     experts: int
@@ -273,8 +275,8 @@ class MoeGemv(Gemv):
         if self.prologue not in ("none", *GATES) or self.bias or self.gather or self.residual_out \
                 or (self.tokens_per_block != 1 and not self.host_tiles) or (self.int8_dots and not self.host_tiles):
             raise ValueError(f"a MoE GEMV's prologue is none or one of {tuple(GATES)}; one token a block on a GPU")
-        if self.banded:
-            raise ValueError(f"expert weights are read in their GGUF form, not {self.weight_format}")
+        if self.banded and not self.host_tiles:
+            raise ValueError(f"{self.weight_format} expert weights are read by the host's tiles")
 
     @property
     def out_blocks(self) -> int:
@@ -420,30 +422,55 @@ class MoeGemv(Gemv):
 
     def _expert_pairs(self, kb: KernelBuilder, t0, e, p0, cnt, order, buffers: tuple, n0, rows_here, sums) -> None:
         """The block's rows of expert e for its pairs order[p0:p0 + cnt] (cnt <= HOST_PAIRS):
-        code specialised per tile height, the last pair repeated to fill it (not stored). A
-        lone pair takes the int8 dots where the kernel has them (as Gemv's one-token tiles)."""
+        code specialised per tile height, the last pair repeated to fill it (not stored):
+        banded weights a band at a time (int8 dots, any height), GGUF-form a few rows at a time."""
         b, low = kb.b, 0
-        xbuf, qbuf, sbuf = buffers
+        _, qbuf, sbuf = buffers
         for height in tile_heights(HOST_PAIRS):
             fits = b.and_(b.icmp_signed(">", cnt, kb.i32(low)), b.icmp_signed("<=", cnt, kb.i32(height)))
             with kb.when(fits):
                 pairs = [kb.load(order, b.add(p0, kb.imin(kb.i32(j), b.sub(cnt, kb.i32(1)))), DType.I32)
                          for j in range(height)]
                 x_rows = pairs if self.per_slot else [b.udiv(p, kb.i32(self.slots)) for p in pairs]
-                x_offsets = [b.mul(r, kb.i32(self.k)) for r in x_rows]
-                chunk = host_rows_per_chunk(height, self.rows_per_block)
                 first = b.mul(e, kb.i32(self.n))
-                with kb.loop(0, rows_here, chunk) as c:
-                    ns = [b.add(b.add(n0, c), kb.i32(r)) for r in range(chunk)]
-                    rows = [b.add(first, kb.imin(n, kb.i32(self.n - 1))) for n in ns]  # past n: not stored
-                    if height == 1 and self.int8_dots:
-                        self._pair_rows(kb, t0, pairs[0], c, ns, self._int8_dots(kb, qbuf, sbuf, x_rows[0], rows), sums)
-                    else:
-                        accs = self._tile_dots(kb, xbuf, x_offsets, rows)
-                        for j, pair in enumerate(pairs):
-                            with kb.when(b.icmp_signed("<", kb.i32(j), cnt)):
-                                self._pair_rows(kb, t0, pair, c, ns, [hsum(kb, acc[j]) for acc in accs], sums)
+                if self.banded:  # every height: a band of the expert's rows at a time, int8 dots
+                    self._band_pairs(kb, t0, pairs, cnt, x_rows, b.add(first, n0), rows_here, qbuf, sbuf, n0, sums)
+                else:
+                    self._chunk_pairs(kb, t0, pairs, cnt, x_rows, first, rows_here, buffers, n0, sums)
             low = height
+
+    def _chunk_pairs(self, kb: KernelBuilder, t0, pairs: list, cnt, x_rows: list, first, rows_here, buffers: tuple,
+                     n0, sums) -> None:
+        """The block's rows of an expert (weight rows from `first`) for `pairs` (the first
+        cnt stored) in GGUF form, a few rows at a time: a lone pair with the int8 dots
+        where the kernel has them, more in floats."""
+        b = kb.b
+        xbuf, qbuf, sbuf = buffers
+        x_offsets = [b.mul(r, kb.i32(self.k)) for r in x_rows]
+        chunk = host_rows_per_chunk(len(pairs), self.rows_per_block)
+        with kb.loop(0, rows_here, chunk) as c:
+            ns = [b.add(b.add(n0, c), kb.i32(r)) for r in range(chunk)]
+            rows = [b.add(first, kb.imin(n, kb.i32(self.n - 1))) for n in ns]  # past n: not stored
+            if len(pairs) == 1 and self.int8_dots:
+                self._pair_rows(kb, t0, pairs[0], c, ns, self._int8_dots(kb, qbuf, sbuf, x_rows[0], rows), sums)
+            else:
+                accs = self._tile_dots(kb, xbuf, x_offsets, rows)
+                for j, pair in enumerate(pairs):
+                    with kb.when(b.icmp_signed("<", kb.i32(j), cnt)):
+                        self._pair_rows(kb, t0, pair, c, ns, [hsum(kb, acc[j]) for acc in accs], sums)
+
+    def _band_pairs(self, kb: KernelBuilder, t0, pairs: list, cnt, x_rows: list, first, rows_here, qbuf, sbuf, n0,
+                    sums) -> None:
+        """The block's rows of an expert (from weight row `first`) for `pairs` (the first
+        cnt stored), a band at a time with Gemv's band dots over the pairs' int8 rows."""
+        b = kb.b
+        with kb.loop(0, rows_here, BAND) as c:
+            dots = self._band_dots(kb, qbuf, sbuf, x_rows, b.add(first, c))
+            ns = [b.add(b.add(n0, c), kb.i32(r)) for r in range(BAND)]
+            for j, pair in enumerate(pairs):
+                with kb.when(b.icmp_signed("<", kb.i32(j), cnt)):
+                    self._pair_rows(kb, t0, pair, c, ns, [b.extract_element(dots[j], kb.i32(r)) for r in range(BAND)],
+                                    sums)
 
     def _pair_rows(self, kb: KernelBuilder, t0, pair, c, ns: list, totals: list, sums) -> None:
         """A pair's outputs ns: stored in its slot's columns, or (combine) weighted into
@@ -556,7 +583,7 @@ def lower_moe_gemv(m: Match, ctx: LowerContext) -> Launch:
                      vec=vector_width(k, act_dtype, weight.type.dtype) if ctx.gpu_shapes else 1,
                      weight_format=weight.format, experts=moe.attrs["experts"], slots=slots, combine=combine,
                      per_slot=per_slot, host_tiles=host_tiles, tokens_per_block=tokens,
-                     int8_dots=host_tiles and ctx.int8_activations and weight.format in INT8_DOT_FORMATS)
+                     int8_dots=host_tiles and takes_int8_dots(weight.format, ctx.int8_activations))
     args = {"x" if act is None else "gu": V(src), "route": V(route), "w": V(w), "y": V(moe.name),
             "num_rows": D(_rows(moe))}
     return ctx.kernel_launch(m, kernel, args, (moe.name,), {"num_rows": _rows(moe)})

@@ -101,9 +101,22 @@ BANDED = {f.base: f.name for f in FORMATS.values() if f.banded}  # GGUF format -
 GGUF_FORMATS = tuple(name for name, f in FORMATS.items() if not f.banded)  # as files store them (and GPUs read)
 
 
-def bandable(fmt_name: str | None, shape: tuple[int, ...]) -> bool:
-    """Whether a matrix of `shape` in fmt_name has a banded form (rows in whole bands)."""
-    return fmt_name in BANDED and len(shape) == 2 and shape[0] % BAND == 0
+def bandable(fmt_name: str | None, shape: tuple[int, ...], rows: int | None = None) -> bool:
+    """Whether a matrix of `shape` in fmt_name has a banded form: its rows (or each stacked
+    matrix's `rows`, an expert's) in whole bands."""
+    return fmt_name in BANDED and len(shape) == 2 and (shape[0] if rows is None else rows) % BAND == 0
+
+
+def takes_int8_dots(fmt_name: str | None, int8_activations: bool) -> bool:
+    """Whether a host GEMV over weights in fmt_name takes int8 activations: where the plan
+    quantizes activations, over q8_0 / q4_0 / q4_1 and their banded forms (which nothing
+    else reads: ValueError if the plan does not)."""
+    if fmt_name is not None and FORMATS[fmt_name].banded:
+        if not int8_activations:
+            raise ValueError(f"{fmt_name} weights are read by int8 dots, off in this plan "
+                             f"(models/loader.with_int8_bands gives them their GGUF form)")
+        return True
+    return int8_activations and fmt_name in INT8_DOT_FORMATS
 
 
 def _band_parts(data: np.ndarray, fmt: BlockFormat) -> tuple[int, int]:

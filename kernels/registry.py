@@ -16,7 +16,7 @@ from fusec.kernels.attention import PagedAttention, heads_per_block
 from fusec.kernels.base import cdiv
 from fusec.kernels.elementwise import Add, AddRmsNorm, BiasAdd, Embed, GatherRows, SiluMul, Unary
 from fusec.kernels.gemv import Gemv, vector_width
-from fusec.kernels.quant import FORMATS, INT8_DOT_FORMATS
+from fusec.kernels.quant import takes_int8_dots
 from fusec.kernels.rope_kv import RopeKVWrite, cos_sin_table
 
 
@@ -127,20 +127,8 @@ def lower_gemv(m: Match, ctx: LowerContext) -> Launch:
                   rows_per_block=rows, weight_format=m.graph.node(mm.inputs[1]).format,
                   tokens_per_block=1 if ctx.target.is_gpu else HOST_TOKENS_PER_BLOCK,
                   vec=vector_width(k, act, weight) if ctx.gpu_shapes else 1,
-                  int8_dots=_int8_dots(ctx, m.graph.node(mm.inputs[1]).format))
+                  int8_dots=takes_int8_dots(m.graph.node(mm.inputs[1]).format, ctx.int8_activations))
     return ctx.kernel_launch(m, kernel, args, tuple(outputs), {"num_rows": _rows(out)})
-
-
-def _int8_dots(ctx: LowerContext, weight_format: str | None) -> bool:
-    """Whether a GEMV over weights in weight_format takes int8 activations: where the plan
-    quantizes activations, over q8_0 / q4_0 / q4_1 and their banded forms (which nothing
-    else reads)."""
-    if weight_format is not None and FORMATS[weight_format].banded:
-        if not ctx.int8_activations:
-            raise ValueError(f"{weight_format} weights are read by int8 dots, off in this plan "
-                             f"(models/loader.with_int8_bands gives them their GGUF form)")
-        return True
-    return ctx.int8_activations and weight_format in INT8_DOT_FORMATS
 
 
 ADD = PNode("add", "add")

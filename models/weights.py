@@ -338,12 +338,14 @@ def weight_formats(cfg: ModelConfig, source: TensorSource | None, naming: Naming
 
 
 def banded_formats(cfg: ModelConfig, formats: Mapping[str, str]) -> dict[str, str]:
-    """formats with every dense matrix that has a banded form (kernels/quant.py: rows in
-    whole bands of a q8_0 / q4_0 / q4_1 matrix) in it: the layout the host's int8 dots
-    read. Expert stacks keep theirs (the MoE kernels read GGUF's)."""
+    """formats with every matrix that has a banded form (kernels/quant.py: a q8_0 / q4_0 /
+    q4_1 matrix's rows, or each expert's in a stack, in whole bands) in it: the layout the
+    host's int8 dots read."""
     shapes = weight_shapes(cfg)
-    return {name: BANDED[f] if bandable(f, shapes[name]) and not name.endswith(EXPERT_STACKS) else f
-            for name, f in formats.items()}
+
+    def rows(name: str) -> int | None:  # an expert's rows in a stack of them
+        return shapes[name][0] // (cfg.moe.experts + cfg.moe.shared) if name.endswith(EXPERT_STACKS) else None
+    return {name: BANDED[f] if bandable(f, shapes[name], rows(name)) else f for name, f in formats.items()}
 
 
 def unbanded_formats(formats: Mapping[str, str]) -> dict[str, str]:

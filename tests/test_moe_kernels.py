@@ -266,18 +266,20 @@ def test_fused_router_with_private_sum_and_norm(dtype, cache):
 
 
 @pytest.mark.skipif(not has_int8_dots(HOST), reason="the CPU has no AVX-512 VNNI")
-@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1", "q8_0x16", "q4_0x16", "q4_1x16"])
 @pytest.mark.parametrize("act,combine", [(None, False), ("silu_mul", True)], ids=["gate_up", "down"])
 def test_host_expert_tiles_take_int8_dots_for_lone_pairs(act, combine, fmt, cache):
-    """int8_dots in the expert GEMV: an expert with one (token, slot) pair in a tile dots
-    that pair's quantized prologue row with its bytes (as Gemv's one-token tiles); experts
-    with more pairs keep float activations. Outputs poisoned, against numpy."""
+    """int8_dots in the expert GEMV: over GGUF-form experts, an expert with one (token,
+    slot) pair in a tile dots that pair's quantized prologue row with its bytes (as Gemv's
+    one-token tiles) and experts with more pairs keep float activations; over banded ones
+    (48 rows an expert: 3 bands) every pair takes them, a band at a time. Outputs
+    poisoned, against numpy."""
     from fusec.kernels.moe import MoeGemv
     from fusec.kernels.testing import random_blocks
     from fusec.runtime.backends.cpu import HostDevice
 
     rng = seeded("int8 pairs", act, fmt, combine)
-    t, k, n, experts, slots = 3, 4 * GROUP, 37, 6, 2
+    t, k, n, experts, slots = 3, 4 * GROUP, (48 if FORMATS[fmt].banded else 37), 6, 2
     ids = np.array([[0, 1], [2, 1], [3, 4]])  # experts 0, 2, 3, 4: one pair each; expert 1: two
     weights = 0.2 + rng.random((t, slots))
     route = np.concatenate([ids, weights], axis=1).astype(np.float32)
@@ -295,7 +297,7 @@ def test_host_expert_tiles_take_int8_dots_for_lone_pairs(act, combine, fmt, cach
         halves = gu.reshape(t, slots, 2, k)
         rows = (halves[:, :, 0] / (1 + np.exp(-halves[:, :, 0])) * halves[:, :, 1]).astype(np.float32)  # SiLU(gate) up
         args = {"gu": gu}
-    lone = np.isin(ids, [0, 2, 3, 4])
+    lone = np.isin(ids, [0, 2, 3, 4]) | FORMATS[fmt].banded
     rows = np.where(lone[..., None], quantize_activations_reference(rows), rows)
     per_pair = np.einsum("tsk,tsnk->tsn", rows, w_values[ids])
     want = (per_pair * weights[..., None]).sum(1) if combine else per_pair.reshape(t, slots * n)
