@@ -92,7 +92,7 @@ class RelaidWeights(Mapping[str, np.ndarray]):
         if name not in self._done:
             old, new = (FORMATS[f] for f in self.changed[name])
             data = self.source[name]
-            self._done[name] = band(data, new) if new.base else unband(data, old)
+            self._done[name] = band(data, new) if new.banded else unband(data, old)
         return self._done[name]
 
     def __iter__(self):
