@@ -425,7 +425,6 @@ class MoeGemv(Gemv):
         code specialised per tile height, the last pair repeated to fill it (not stored):
         banded weights a band at a time (int8 dots, any height), GGUF-form a few rows at a time."""
         b, low = kb.b, 0
-        _, qbuf, sbuf = buffers
         for height in tile_heights(HOST_PAIRS):
             fits = b.and_(b.icmp_signed(">", cnt, kb.i32(low)), b.icmp_signed("<=", cnt, kb.i32(height)))
             with kb.when(fits):
@@ -434,7 +433,7 @@ class MoeGemv(Gemv):
                 x_rows = pairs if self.per_slot else [b.udiv(p, kb.i32(self.slots)) for p in pairs]
                 first = b.mul(e, kb.i32(self.n))
                 if self.banded:  # every height: a band of the expert's rows at a time, int8 dots
-                    self._band_pairs(kb, t0, pairs, cnt, x_rows, b.add(first, n0), rows_here, qbuf, sbuf, n0, sums)
+                    self._band_pairs(kb, t0, pairs, cnt, x_rows, b.add(first, n0), rows_here, buffers, n0, sums)
                 else:
                     self._chunk_pairs(kb, t0, pairs, cnt, x_rows, first, rows_here, buffers, n0, sums)
             low = height
@@ -459,11 +458,12 @@ class MoeGemv(Gemv):
                     with kb.when(b.icmp_signed("<", kb.i32(j), cnt)):
                         self._pair_rows(kb, t0, pair, c, ns, [hsum(kb, acc[j]) for acc in accs], sums)
 
-    def _band_pairs(self, kb: KernelBuilder, t0, pairs: list, cnt, x_rows: list, first, rows_here, qbuf, sbuf, n0,
-                    sums) -> None:
+    def _band_pairs(self, kb: KernelBuilder, t0, pairs: list, cnt, x_rows: list, first, rows_here, buffers: tuple,
+                    n0, sums) -> None:
         """The block's rows of an expert (from weight row `first`) for `pairs` (the first
         cnt stored), a band at a time with Gemv's band dots over the pairs' int8 rows."""
         b = kb.b
+        _, qbuf, sbuf = buffers
         with kb.loop(0, rows_here, BAND) as c:
             dots = self._band_dots(kb, qbuf, sbuf, x_rows, b.add(first, c))
             ns = [b.add(b.add(n0, c), kb.i32(r)) for r in range(BAND)]

@@ -270,14 +270,26 @@ def _halves(kb: KernelBuilder, ptr: ir.Value, offset: ir.Value) -> list[ir.Value
     return [kb.b.zext(_load(kb, ptr, kb.b.add(offset, kb.i64(h)), I8V), I32V) for h in (0, HALF)]
 
 
+def _signed_halves(kb: KernelBuilder, qs: ir.Value) -> list[ir.Value]:
+    """A q8_0 group's 32 signed bytes (<32 x i8>) as two vectors of 16 i32."""
+    b = kb.b
+    return [b.sext(b.shuffle_vector(qs, ir.Constant(qs.type, ir.Undefined), _ints(list(range(h, h + HALF)))), I32V)
+            for h in (0, HALF)]
+
+
+def _nibble_halves(kb: KernelBuilder, packed: ir.Value) -> list[ir.Value]:
+    """A q4 group's 16 packed bytes (<16 x i8>) as its two halves of 16 i32: the low
+    nibbles (weights 0..15), the high ones (16..31)."""
+    wide = kb.b.zext(packed, I32V)
+    return [kb.b.and_(wide, _ints(15)), kb.b.lshr(wide, _ints(4))]
+
+
 def _legacy_group(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, offset: ir.Value) -> Group:
     b = kb.b
     at = lambda n: b.add(offset, kb.i64(n))  # noqa: E731
     d = _f16(kb, ptr, offset)
     if fmt.name == "q8_0":
-        qs = _load(kb, ptr, at(2), ir.VectorType(I8, GROUP))
-        halves = [b.sext(b.shuffle_vector(qs, ir.Constant(qs.type, ir.Undefined), _ints(list(range(h, h + HALF)))),
-                         I32V) for h in (0, HALF)]
+        halves = _signed_halves(kb, _load(kb, ptr, at(2), ir.VectorType(I8, GROUP)))
         return Group(halves[0], halves[1], d)
     m = _f16(kb, ptr, at(2)) if fmt.has_min else None
     pos = 4 if fmt.has_min else 2
@@ -286,8 +298,7 @@ def _legacy_group(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, offset: ir
     if high_bits:
         qh = _load(kb, ptr, at(pos), I32)
         pos += 4
-    packed = b.zext(_load(kb, ptr, at(pos), I8V), I32V)
-    halves = [b.and_(packed, _ints(15)), b.lshr(packed, _ints(4))]
+    halves = _nibble_halves(kb, _load(kb, ptr, at(pos), I8V))
     if qh is not None:  # bit j of qh is bit 4 of weight j
         bits = splat(kb, qh, I32V)
         halves = [b.or_(q, b.shl(b.and_(b.lshr(bits, _ints(list(range(h, h + HALF)))), _ints(1)), _ints(4)))
@@ -371,12 +382,10 @@ def banded_row_group(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, r: ir.V
         words = b.insert_element(words, _load(kb, ptr, word_at, I32), kb.i32(j))
     qs = b.bitcast(words, ir.VectorType(I8, quants))
     if fmt.gguf_name == "q8_0":
-        qs = b.xor(qs, _bytes(-128))
-        halves = [b.sext(b.shuffle_vector(qs, ir.Constant(qs.type, ir.Undefined), _ints(list(range(h, h + HALF)))),
-                         I32V) for h in (0, HALF)]
+        halves = _signed_halves(kb, b.xor(qs, _bytes(-128)))  # stored + 128
         return Group(halves[0], halves[1], d)
-    packed = b.zext(qs, I32V)
-    return Group(b.and_(packed, _ints(15)), b.lshr(packed, _ints(4)), d, m=m, zero=0 if fmt.has_min else 8)
+    halves = _nibble_halves(kb, qs)
+    return Group(halves[0], halves[1], d, m=m, zero=0 if fmt.has_min else 8)
 
 
 def row_group_values(kb: KernelBuilder, fmt: BlockFormat, ptr: ir.Value, r: ir.Value, k: int, g: ir.Value

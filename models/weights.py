@@ -393,7 +393,7 @@ def load_weights(cfg: ModelConfig, source: TensorSource, available: set[str], na
             parts.append(src.cut(read[base], stored) if isinstance(src, Part) else read[base])
         w = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
         if stored:
-            weights[name] = band(w, fmt) if fmt.base else w
+            weights[name] = band(w, fmt) if fmt.banded else w
         elif fmt is not None:
             weights[name] = quantize(w, fmt)
         else:
